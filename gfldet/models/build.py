@@ -1,0 +1,35 @@
+"""The one place that turns model settings into modules (plain keyword arguments, no registry)."""
+
+from __future__ import annotations
+
+from gfldet.models.backbone import ResNetBackbone
+from gfldet.models.criterion import LossSettings
+from gfldet.models.detector import GFL, STRIDES
+from gfldet.models.fpn import FPN
+from gfldet.models.head import GFLHead
+from gfldet.postprocess import PostProcessSettings
+
+
+def build_gfl(
+    num_classes: int = 80,
+    depth: int = 50,
+    backbone_weights: str | None = None,
+    frozen_stages: int = 1,
+    norm_eval: bool = True,
+    fpn_channels: int = 256,
+    feat_channels: int = 256,
+    stacked_convs: int = 4,
+    norm: str = "gn",
+    reg_max: int = 16,
+    box_repr: str = "distribution",
+    octave_base_scale: int = 8,
+    loss: LossSettings | None = None,
+    test: PostProcessSettings | None = None,
+) -> GFL:
+    """A GFL detector; the defaults are the R-50-FPN recipe (backbone weights aside)."""
+    backbone = ResNetBackbone(depth, backbone_weights, frozen_stages, norm_eval)
+    neck = FPN(backbone.out_channels, fpn_channels)
+    head = GFLHead(
+        num_classes, fpn_channels, feat_channels, stacked_convs, reg_max, len(STRIDES), norm, box_repr
+    )
+    return GFL(backbone, neck, head, loss, test, octave_base_scale)

@@ -1,0 +1,90 @@
+"""The GFL detector: backbone -> FPN -> GFL head, with ATSS training targets and post-processing.
+
+Calling convention (torchvision's detection contract, with batching done by the data loader):
+- training: `model(images, targets)` with images [B, 3, H, W] (normalised, padded) and one dict
+  per image with `boxes` [G, 4] float xyxy pixels of the input and `labels` [G] int64 in [0, C)
+  (optionally `image_size` (h, w) of the unpadded image) -> dict of named scalar losses.
+- eval: `model(images)` or `model(images, targets)` -> one dict per image with `boxes` [N, 4],
+  `scores` [N], `labels` [N]. When the target dicts carry `image_size` and `orig_size` (h, w),
+  boxes are clipped to the former and rescaled to the latter; otherwise they are in input pixels.
+
+Shape legend: `B` images, `A` priors, `C` classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gfldet.models.criterion import LossSettings, gfl_loss, pad_targets
+from gfldet.models.head import GFLHead
+from gfldet.models.priors import Priors, make_priors, valid_prior_mask
+from gfldet.postprocess import PostProcessSettings, postprocess
+
+STRIDES = (8, 16, 32, 64, 128)  # P3-P7
+
+
+class GFL(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        head: GFLHead,
+        loss: LossSettings | None = None,
+        test: PostProcessSettings | None = None,
+        octave_base_scale: int = 8,
+        size_divisor: int = 32,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.loss_settings = loss or LossSettings()
+        self.test_settings = test or PostProcessSettings()
+        self.octave_base_scale = octave_base_scale
+        self.size_divisor = size_divisor
+        self._priors_cache: dict[tuple, Priors] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def priors_for(self, features: list[Tensor]) -> Priors:
+        """Priors of these feature maps, cached per (sizes, device): input sizes repeat."""
+        sizes = tuple(tuple(f.shape[-2:]) for f in features)
+        key = (sizes, features[0].device)
+        if key not in self._priors_cache:
+            if len(self._priors_cache) > 64:
+                self._priors_cache.clear()
+            self._priors_cache[key] = make_priors(list(sizes), list(STRIDES), self.octave_base_scale, features[0].device)
+        return self._priors_cache[key]
+
+    def forward(self, images: Tensor, targets: list[dict] | None = None):
+        features = self.neck(self.backbone(images))
+        assert len(features) == len(STRIDES), f"expected {len(STRIDES)} levels, got {len(features)}"
+        cls_logits, reg_logits = self.head(features)  # [B, A, C], [B, A, 4(R+1)]
+        priors = self.priors_for(features)
+        image_sizes = _sizes(targets, "image_size", images)
+        valid = valid_prior_mask(priors, image_sizes, self.size_divisor)  # [B, A]
+        distances = self.head.distances(reg_logits)  # [B, A, 4] stride units
+
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets (a dict with boxes and labels per image)")
+            gt_boxes, gt_labels, gt_mask = pad_targets(targets, images.device)
+            reg_max = self.head.reg_max if self.head.box_repr == "distribution" else None
+            return gfl_loss(
+                cls_logits, reg_logits, distances, priors, valid, gt_boxes, gt_labels, gt_mask,
+                self.loss_settings, reg_max,
+            )
+        orig_sizes = _sizes(targets, "orig_size", images) if _has(targets, "orig_size") else image_sizes
+        return postprocess(cls_logits, distances, priors, valid, image_sizes, orig_sizes, self.test_settings)
+
+
+def _has(targets: list[dict] | None, key: str) -> bool:
+    return targets is not None and all(key in t for t in targets)
+
+
+def _sizes(targets: list[dict] | None, key: str, images: Tensor) -> Tensor:
+    """[B, 2] (h, w) per image from the target dicts, or the padded input size."""
+    if _has(targets, key):
+        return torch.tensor([tuple(t[key]) for t in targets], device=images.device, dtype=torch.long)
+    return torch.tensor([images.shape[-2:]] * images.shape[0], device=images.device, dtype=torch.long)
