@@ -1,0 +1,448 @@
+"""Tests of gfldet.config: loading, inheritance, overrides, strict typing, validation, dump."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gfldet.config import (
+    Config,
+    ConfigError,
+    SyntheticConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+R50_1X = CONFIGS / "gfl_r50_fpn_1x_coco.yaml"
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ shipped configs
+
+
+def test_shipped_configs_exist():
+    names = {p.relative_to(CONFIGS).as_posix() for p in SHIPPED}
+    assert {
+        "gfl_r50_fpn_1x_coco.yaml",
+        "gfl_r50_fpn_ms_2x_coco.yaml",
+        "gfl_r101_fpn_ms_2x_coco.yaml",
+        "demo_synthetic_cpu.yaml",
+        "examples/my_dataset.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    cfg.validate()
+
+
+def test_1x_recipe_values():
+    cfg = load_config(R50_1X)
+    m, d, o, s = cfg.model, cfg.data, cfg.optim, cfg.schedule
+    assert m.num_classes == 80
+    assert (m.backbone.depth, m.backbone.weights) == (50, "torchvision")
+    assert (m.backbone.frozen_stages, m.backbone.norm_eval) == (1, True)
+    assert m.fpn.out_channels == 256
+    assert (m.head.feat_channels, m.head.stacked_convs, m.head.norm) == (256, 4, "gn")
+    assert (m.head.reg_max, m.head.octave_base_scale) == (16, 8)
+    assert m.assigner.topk == 9
+    assert (m.loss.cls_loss, m.loss.box_repr) == ("qfl", "distribution")
+    assert (m.loss.qfl_beta, m.loss.cls_weight) == (2.0, 1.0)
+    assert (m.loss.giou_weight, m.loss.dfl_weight) == (2.0, 0.25)
+    assert (m.test.score_thr, m.test.nms_pre, m.test.nms_iou, m.test.max_per_img) == (
+        0.05, 1000, 0.6, 100)
+    assert d.synthetic is None
+    assert (d.train_short_side, d.test_short_side, d.max_size) == ((800, 800), 800, 1333)
+    assert (d.flip_prob, d.batch_size, d.size_divisor) == (0.5, 2, 32)
+    assert (o.name, o.lr, o.reference_batch_size, o.scale_lr) == ("sgd", 0.01, 16, True)
+    assert (o.momentum, o.weight_decay, o.grad_clip) == (0.9, 1e-4, None)
+    assert (s.epochs, s.policy, s.milestones, s.gamma) == (12, "step", [8, 11], 0.1)
+    assert (s.warmup_iters, s.warmup_ratio) == (500, 0.001)
+    assert cfg.train.work_dir is None
+    # the 1x file spells out the schema defaults
+    assert cfg == Config()
+
+
+def test_1x_file_spells_out_every_key():
+    import yaml
+
+    written = yaml.safe_load(R50_1X.read_text())
+
+    def keys(tree, prefix=""):
+        out = set()
+        for k, v in tree.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    assert keys(written) == keys(config_to_dict(Config()))
+
+
+def test_ms_2x_and_r101_inherit():
+    ms = load_config(CONFIGS / "gfl_r50_fpn_ms_2x_coco.yaml")
+    assert ms.data.train_short_side == (480, 800)
+    assert (ms.schedule.epochs, ms.schedule.milestones) == (24, [16, 22])
+    assert ms.model.backbone.depth == 50
+    assert ms.optim.lr == 0.01 and ms.data.test_short_side == 800  # inherited
+    r101 = load_config(CONFIGS / "gfl_r101_fpn_ms_2x_coco.yaml")
+    assert r101.model.backbone.depth == 101
+    assert r101.model.backbone.frozen_stages == 1  # sibling key kept by the deep merge
+    assert r101.data.train_short_side == (480, 800)
+    assert r101.schedule.milestones == [16, 22]
+
+
+def test_demo_and_example_configs():
+    demo = load_config(CONFIGS / "demo_synthetic_cpu.yaml")
+    assert demo.model.num_classes == 6
+    assert demo.model.backbone.depth == 18 and demo.model.backbone.weights is None
+    assert demo.data.synthetic == SyntheticConfig(root="data/synthetic")
+    assert demo.model.head.feat_channels % 32 == 0
+    mine = load_config(CONFIGS / "examples" / "my_dataset.yaml")
+    assert mine.model.num_classes == 3
+    assert mine.data.train.annotations.endswith(".json")
+    assert mine.schedule.epochs == 12
+    assert len((CONFIGS / "examples" / "my_dataset.yaml").read_text().splitlines()) <= 6
+
+
+# ------------------------------------------------------------------ inheritance
+
+
+def test_base_chain_and_deep_merge(tmp_path):
+    write(tmp_path / "root.yaml", "model:\n  backbone: {depth: 101, frozen_stages: 2}\n"
+          "schedule: {epochs: 20, milestones: [5, 10, 15]}\n")
+    write(tmp_path / "sub" / "mid.yaml", "base: ../root.yaml\nmodel:\n  backbone: {depth: 34}\n")
+    leaf = write(tmp_path / "sub" / "leaf.yaml",
+                 "base: mid.yaml\nschedule: {milestones: [12]}\noptim: {lr: 0.02}\n")
+    cfg = load_config(leaf)
+    assert cfg.model.backbone.depth == 34  # child wins
+    assert cfg.model.backbone.frozen_stages == 2  # dicts merge recursively
+    assert cfg.schedule.milestones == [12]  # lists replace, not concatenate
+    assert cfg.schedule.epochs == 20
+    assert cfg.optim.lr == 0.02
+    assert cfg.model.num_classes == 80  # schema default
+
+
+def test_child_can_disable_a_mapping_with_null(tmp_path):
+    base = write(tmp_path / "b.yaml", "data: {synthetic: {num_train: 10}}\n")
+    assert load_config(base).data.synthetic == SyntheticConfig(num_train=10)
+    child = write(tmp_path / "c.yaml", "base: b.yaml\ndata: {synthetic: null}\n")
+    assert load_config(child).data.synthetic is None
+
+
+def test_base_cycle_names_the_files(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    msg = error_of(tmp_path / "a.yaml")
+    assert "cycle" in msg and "a.yaml" in msg and "b.yaml" in msg
+
+
+def test_self_base_is_a_cycle(tmp_path):
+    msg = error_of(write(tmp_path / "self.yaml", "base: self.yaml\n"))
+    assert "cycle" in msg and "self.yaml" in msg
+
+
+def test_missing_base_names_both_files(tmp_path):
+    msg = error_of(write(tmp_path / "child.yaml", "base: nowhere.yaml\n"))
+    assert "child.yaml" in msg and "nowhere.yaml" in msg
+
+
+def test_base_must_be_a_string(tmp_path):
+    msg = error_of(write(tmp_path / "x.yaml", "base: [a.yaml]\n"))
+    assert "base" in msg and "x.yaml" in msg
+
+
+def test_missing_config_file(tmp_path):
+    assert "not found" in error_of(tmp_path / "absent.yaml")
+
+
+# ------------------------------------------------------------------ strict keys and types
+
+
+def test_misspelt_key_in_file_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path / "typo.yaml", "base: " + str(R50_1X) + "\noptim:\n  lrr: 0.02\n")
+    msg = error_of(path)
+    assert "optim.lrr" in msg and "typo.yaml" in msg and "optim.lr'" in msg
+
+
+def test_misspelt_override_suggests_key():
+    msg = error_of(R50_1X, ["optim.lrr=0.1"])
+    assert "optim.lrr" in msg and "--cfg-options" in msg and "did you mean 'optim.lr'" in msg
+
+
+def test_misplaced_key_suggests_its_section():
+    msg = error_of(R50_1X, ["optim.epochs=3"])
+    assert "optim.epochs" in msg and "schedule.epochs" in msg
+
+
+def test_misspelt_top_level_key():
+    assert "did you mean 'optim'" in error_of(R50_1X, ["optimizer.lr=0.1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("optim.lr=abc", "optim.lr", "float"),
+        ("schedule.milestones=[a]", "schedule.milestones", "int"),
+        ("schedule.milestones=8", "schedule.milestones", "list[int]"),
+        ("train.ema=3", "train.ema", "bool"),
+        ("schedule.epochs=true", "schedule.epochs", "int"),  # a bool is not an int
+        ("schedule.epochs=12.5", "schedule.epochs", "int"),
+        ("data.train_short_side=[480]", "data.train_short_side", "tuple[int, int]"),
+        ("data.train_short_side=[480, 8.5]", "data.train_short_side", "int"),
+        ("model.head.norm=bn", "model.head.norm", "'gn', 'none'"),
+        ("train.amp=true", "train.amp", "'none', 'fp16', 'bf16'"),
+        ("optim.grad_clip=abc", "optim.grad_clip", "float or null"),
+        ("model.num_classes=null", "model.num_classes", "int"),
+        ("data.synthetic=3", "data.synthetic", "mapping"),
+        ("model.backbone=resnet", "model.backbone", "mapping"),
+        ("optim.lr=.nan", "optim.lr", "finite"),
+        ("train.device=1", "train.device", "str"),
+    ],
+)
+def test_wrong_types_name_key_and_expected_type(override, key, expected):
+    msg = error_of(R50_1X, [override])
+    assert key in msg and expected in msg and "--cfg-options" in msg
+
+
+def test_wrong_type_in_file_names_file(tmp_path):
+    msg = error_of(write(tmp_path / "t.yaml", "train:\n  ema: yes please\n"))
+    assert "train.ema" in msg and "t.yaml" in msg and "'yes please'" in msg
+
+
+def test_all_errors_reported_together():
+    msg = error_of(R50_1X, ["optim.lr=abc", "train.ema=3", "optim.lrr=1"])
+    assert "optim.lr:" in msg and "train.ema" in msg and "optim.lrr" in msg
+
+
+def test_coercions_that_are_allowed(tmp_path):
+    path = write(tmp_path / "ok.yaml",
+                 "optim: {lr: 1, weight_decay: 5e-4, grad_clip: 35}\n"
+                 "data: {train_short_side: [640, 800]}\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for float
+    assert cfg.optim.weight_decay == 5e-4  # YAML 1.2 style exponent without a dot
+    assert cfg.optim.grad_clip == 35.0
+    assert cfg.data.train_short_side == (640, 800)  # list -> tuple
+
+
+# ------------------------------------------------------------------ overrides
+
+
+def test_parse_overrides():
+    assert parse_overrides(["optim.lr=0.02", "schedule.milestones=[8, 11]",
+                            "train.work_dir=null", "data.train.images=a=b",
+                            "train.amp=bf16", "train.ema=true"]) == {
+        "optim": {"lr": 0.02},
+        "schedule": {"milestones": [8, 11]},
+        "train": {"work_dir": None, "amp": "bf16", "ema": True},
+        "data": {"train": {"images": "a=b"}},
+    }
+    assert parse_overrides([]) == {}
+    assert parse_overrides(["optim.lr=0.1", "optim.lr=0.2"]) == {"optim": {"lr": 0.2}}
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=1", "optim..lr=1", "optim.lr=[1"])
+def test_parse_overrides_rejects(bad):
+    with pytest.raises(ConfigError) as info:
+        parse_overrides([bad])
+    assert repr(bad) in str(info.value) or bad in str(info.value)
+
+
+def test_overrides_applied_and_typed():
+    cfg = load_config(R50_1X, ["optim.lr=0.02", "schedule.epochs=24",
+                               "schedule.milestones=[16, 22]", "data.train_short_side=[480, 800]",
+                               "model.backbone.weights=null", "train.ema=true",
+                               "optim.grad_clip=35", "train.work_dir=/tmp/run"])
+    assert cfg.optim.lr == 0.02
+    assert (cfg.schedule.epochs, cfg.schedule.milestones) == (24, [16, 22])
+    assert cfg.data.train_short_side == (480, 800)
+    assert cfg.model.backbone.weights is None
+    assert cfg.train.ema is True
+    assert cfg.optim.grad_clip == 35.0
+    assert cfg.train.work_dir == "/tmp/run"
+    assert cfg.model.backbone.depth == 50  # untouched siblings stay
+
+
+def test_override_enables_synthetic_with_defaults():
+    cfg = load_config(R50_1X, ["data.synthetic.num_train=50"])
+    assert cfg.data.synthetic == SyntheticConfig(num_train=50)
+
+
+def test_override_beats_file_and_base():
+    cfg = load_config(CONFIGS / "gfl_r101_fpn_ms_2x_coco.yaml", ["model.backbone.depth=50"])
+    assert cfg.model.backbone.depth == 50
+
+
+# ------------------------------------------------------------------ value validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["optim.lr=-0.01"], "optim.lr"),
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.momentum=1"], "optim.momentum"),
+        (["optim.weight_decay=-1"], "optim.weight_decay"),
+        (["optim.grad_clip=0"], "optim.grad_clip"),
+        (["schedule.milestones=[8, 12]"], "schedule.milestones"),  # 12 >= epochs
+        (["schedule.milestones=[11, 8]"], "schedule.milestones"),
+        (["schedule.epochs=0"], "schedule.epochs"),
+        (["schedule.warmup_ratio=0"], "schedule.warmup_ratio"),
+        (["model.backbone.depth=42"], "model.backbone.depth"),
+        (["model.backbone.frozen_stages=5"], "model.backbone.frozen_stages"),
+        (["model.num_classes=0"], "model.num_classes"),
+        (["model.head.reg_max=0"], "model.head.reg_max"),
+        (["model.head.feat_channels=48"], "model.head.feat_channels"),
+        (["model.test.score_thr=1"], "model.test.score_thr"),
+        (["model.test.nms_iou=0"], "model.test.nms_iou"),
+        (["model.loss.box_repr=dirac"], "model.loss.dfl_weight"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["data.train_short_side=[800, 480]"], "data.train_short_side"),
+        (["data.max_size=700"], "data.max_size"),
+        (["data.flip_prob=1.5"], "data.flip_prob"),
+        (["train.ema_decay=1"], "train.ema_decay"),
+        (["train.device=gpu"], "train.device"),
+        (["train.max_decode_failures=2"], "train.max_decode_failures"),
+    ],
+)
+def test_impossible_values_rejected(overrides, key):
+    msg = error_of(R50_1X, overrides)
+    assert key in msg and "must be" in msg
+
+
+def test_value_error_shows_value_and_allowed():
+    msg = error_of(R50_1X, ["model.backbone.depth=42"])
+    assert "model.backbone.depth=42" in msg and "18, 34, 50, 101" in msg
+
+
+def test_milestone_error_points_at_the_file_that_set_them():
+    msg = error_of(CONFIGS / "gfl_r50_fpn_ms_2x_coco.yaml", ["schedule.epochs=20"])
+    assert "schedule.milestones" in msg and "gfl_r50_fpn_ms_2x_coco.yaml" in msg
+
+
+def test_valid_edge_values_accepted():
+    cfg = load_config(R50_1X, ["model.head.norm=none", "model.head.feat_channels=48",
+                               "model.loss.box_repr=dirac", "model.loss.dfl_weight=0",
+                               "schedule.milestones=[]", "model.backbone.frozen_stages=-1",
+                               "train.device=cuda:1", "train.eval_interval=0"])
+    assert cfg.model.head.feat_channels == 48 and cfg.schedule.milestones == []
+
+
+def test_cosine_ignores_milestones():
+    cfg = load_config(R50_1X, ["schedule.policy=cosine", "schedule.epochs=5"])
+    assert cfg.schedule.policy == "cosine"
+
+
+def test_validate_on_python_objects():
+    cfg = Config()
+    cfg.validate()
+    cfg.optim.lr = -1.0
+    with pytest.raises(ConfigError, match="optim.lr"):
+        cfg.validate()
+    assert [key for key, _ in cfg.problems()] == ["optim.lr"]
+
+
+# ------------------------------------------------------------------ YAML safety and shape
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path / "broken.yaml", "optim:\n  lr: 0.01\n  momentum: [0.9\n")
+    msg = error_of(path)
+    assert "broken.yaml:" in msg and "line 3" in msg
+
+
+def test_malformed_yaml_bad_indent(tmp_path):
+    path = write(tmp_path / "indent.yaml", "optim:\n  lr: 0.01\n    momentum: 0.9\n")
+    msg = error_of(path)
+    assert "indent.yaml:3:" in msg
+
+
+def test_duplicate_key_rejected(tmp_path):
+    msg = error_of(write(tmp_path / "dup.yaml", "optim:\n  lr: 0.1\n  lr: 0.2\n"))
+    assert "dup.yaml:3" in msg and "duplicate key 'lr'" in msg
+
+
+@pytest.mark.parametrize("text", ["!!python/object/apply:os.system [\"touch {m}\"]\n",
+                                  "optim: {lr: !!python/object/apply:os.system [\"touch {m}\"]}\n"])
+def test_python_tags_refused_by_safe_loader(tmp_path, text):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path / "evil.yaml", text.replace("{m}", str(marker)))
+    msg = error_of(path)
+    assert "evil.yaml" in msg and "python" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "just a string\n", "42\n", ""])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    msg = error_of(write(tmp_path / "top.yaml", text))
+    assert "top.yaml" in msg and "mapping" in msg
+
+
+def test_empty_mapping_is_all_defaults(tmp_path):
+    assert load_config(write(tmp_path / "empty.yaml", "{}\n")) == Config()
+
+
+def test_non_string_key_rejected(tmp_path):
+    msg = error_of(write(tmp_path / "k.yaml", "schedule:\n  1: 2\n"))
+    assert "schedule.1" in msg and "string" in msg
+
+
+# ------------------------------------------------------------------ dict / dump round trip
+
+
+def test_config_to_dict_is_plain():
+    d = config_to_dict(Config())
+    assert d["data"]["train_short_side"] == [800, 800]
+    assert d["schedule"]["milestones"] == [8, 11]
+    assert d["data"]["synthetic"] is None
+    assert config_from_dict(d) == Config()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_dump_load_round_trip(tmp_path, path):
+    cfg = load_config(path, ["optim.grad_clip=35", "train.work_dir='1e5'"])
+    out = tmp_path / "dumped" / "config.yaml"
+    dump_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert "base:" not in out.read_text()
+
+
+def test_round_trip_keeps_every_non_default_value(tmp_path):
+    cfg = Config()
+    cfg.model.loss.cls_loss = "focal"
+    cfg.data.synthetic = SyntheticConfig(root="somewhere", num_train=7, num_val=3, seed=4)
+    cfg.data.train_short_side = (320, 640)
+    cfg.optim.weight_decay = 1e-10
+    cfg.schedule.milestones = []
+    cfg.train.amp = "bf16"
+    cfg.train.device = "cpu"
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert dataclasses.asdict(load_config(tmp_path / "c.yaml")) == dataclasses.asdict(cfg)
+
+
+def test_config_from_dict_is_strict():
+    with pytest.raises(ConfigError, match=r"model\.bogus"):
+        config_from_dict({"model": {"bogus": 1}}, source="checkpoint")
