@@ -1,0 +1,1 @@
+"""Training/evaluation engine: COCO evaluation and checkpoint I/O."""

@@ -1,0 +1,336 @@
+"""Safe, atomic checkpoint I/O: weights_only loading, RNG state capture, partial weight loading."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import pickletools
+import random
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+_EPOCH_RE = re.compile(r"epoch_(\d+)\.pth")
+_MAX_LISTED = 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be loaded (unsafe, corrupt, or incompatible with the model)."""
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the directory entry created by os.replace (no-op where dirs can't be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Atomically write ``state`` to ``path``; a crash mid-write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file in the same directory so os.replace is a same-filesystem atomic rename;
+    # the leading dot keeps it out of the epoch_*.pth / last.pth patterns.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file 0600; give checkpoints the usual 0644 like torch.save would.
+            with contextlib.suppress(AttributeError, OSError):
+                os.fchmod(f.fileno(), 0o644)
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _is_unsafe_global_refusal(err: BaseException) -> bool:
+    """True when weights_only rejected an import of a non-allowlisted global.
+
+    Code execution in a pickle needs a GLOBAL/STACK_GLOBAL import of a callable, so that is
+    what marks a file as unsafe; other weights_only failures (e.g. "Unsupported operand" from
+    random bytes) mean the stream is damaged.
+    """
+    msg = str(err).lower()
+    return "weights only load failed" in msg and "global" in msg
+
+
+def _short_reason(err: BaseException, limit: int = 200) -> str:
+    """The informative part of a torch.load error, without its "retry with
+    weights_only=False" boilerplate (bad advice for both unsafe and damaged files)."""
+    text = re.sub(r"Please file an issue with the following[^:]*:\s*", "", str(err))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    keep = [
+        ln
+        for ln in lines
+        if not ln.startswith(("Weights only load failed", "Check the documentation"))
+    ]
+    text = " ".join(keep or lines) or "no details"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _scan_pickle_globals(path: Path) -> list[str] | None:
+    """Statically list the globals a checkpoint's pickle imports (nothing is executed).
+
+    Returns None when the stream does not parse as a pickle, i.e. the file is damaged.
+    Used only after weights_only failed, to tell "valid pickle with code/objects the safe
+    loader will not run" from "corrupt bytes".
+    """
+    names: list[str] = []
+
+    def scan(stream: Any) -> None:
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                with zf.open(member) as f:
+                    scan(f)
+        else:
+            with path.open("rb") as f:
+                scan(f)  # plain pickle / first record of the legacy torch format
+    except Exception:
+        return None
+    return names
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; never executes pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"checkpoint not found: {path}"
+        if path.parent.is_dir():
+            others = sorted(p.name for p in path.parent.glob("*.pth") if p.is_file())
+            if others:
+                msg += f" (available in {path.parent}: {', '.join(others)})"
+        raise FileNotFoundError(msg)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _is_unsafe_global_refusal(e):
+            raise CheckpointError(
+                f"refused to load {path}: it contains non-tensor Python objects that a "
+                "weights_only load will not unpickle, so it was refused for safety (nothing in "
+                "it was executed). Only load checkpoints written by gfldet, or re-save the "
+                f"weights as a plain state dict in a trusted environment. ({_short_reason(e)})"
+            ) from e
+        globals_ = _scan_pickle_globals(path)
+        if globals_ is not None:
+            # Well-formed pickle the safe loader will not run (e.g. protocol-4 framing ahead
+            # of a code-executing global): still a refusal, not a damaged file.
+            foreign = [g for g in globals_ if not g.startswith(("torch.", "collections."))]
+            shown = ", ".join(dict.fromkeys(foreign[:5])) or "pickle opcodes"
+            raise CheckpointError(
+                f"refused to load {path}: it contains non-tensor Python objects that a "
+                "weights_only load will not unpickle, so it was refused for safety (nothing in "
+                f"it was executed). It references: {shown}. ({_short_reason(e)})"
+            ) from e
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}"
+        ) from e
+    except Exception as e:
+        # Truncated zip archives surface as RuntimeError from the stream reader, cut-short
+        # legacy pickles as EOFError, random bytes as decode errors of many kinds.
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or corrupt (was the write interrupted?): "
+            f"{type(e).__name__}: {_short_reason(e)}"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU + all CUDA), ``random`` and numpy, in weights_only-safe types."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [int(version), [int(v) for v in internal], gauss_next],
+        # numpy's state holds an ndarray (refused by weights_only): store plain Python types.
+        "numpy": {
+            "kind": str(kind),
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; absent entries are left untouched."""
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        # Resuming on a different GPU count: restore the devices both sides have.
+        for dev, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), dev)
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(
+            (
+                n["kind"],
+                np.asarray(n["keys"], dtype=np.uint32),
+                int(n["pos"]),
+                int(n["has_gauss"]),
+                float(n["cached_gaussian"]),
+            )
+        )
+
+
+# --------------------------------------------------------------------------- model weights
+
+
+def _shape(v: Any) -> tuple[int, ...] | None:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _fmt_list(title: str, items: list[str]) -> str:
+    shown = "\n".join(f"    {s}" for s in items[:_MAX_LISTED])
+    more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def load_model_weights(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True
+) -> dict[str, list[str]]:
+    """Load ``state_dict`` into ``model`` after checking keys and shapes.
+
+    strict=True raises :class:`CheckpointError` on any missing/unexpected/mismatched key.
+    strict=False loads only the tensors whose name and shape match and returns a report
+    ``{"loaded", "missing", "unexpected", "mismatched"}`` for the caller to log.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    model_sd = model.state_dict()
+    sd = dict(state_dict)
+    # DDP-saved state dicts prefix every key with "module."; our models never do.
+    if (
+        sd
+        and all(k.startswith("module.") for k in sd)
+        and not any(k.startswith("module.") for k in model_sd)
+    ):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    matched: dict[str, Any] = {}
+    mismatched: list[str] = []
+    for k, v in sd.items():
+        if k not in model_sd:
+            continue
+        ck_shape, m_shape = _shape(v), _shape(model_sd[k])
+        if ck_shape != m_shape:
+            mismatched.append(f"{k}: checkpoint {ck_shape} vs model {m_shape}")
+        else:
+            matched[k] = v
+
+    report = {
+        "loaded": list(matched),
+        "missing": missing,
+        "unexpected": unexpected,
+        "mismatched": mismatched,
+    }
+    if strict and (missing or unexpected or mismatched):
+        parts = ["state dict does not match the model:"]
+        if mismatched:
+            parts.append(_fmt_list("shape mismatches", mismatched))
+        if missing:
+            parts.append(_fmt_list("missing in checkpoint", missing))
+        if unexpected:
+            parts.append(_fmt_list("unexpected in checkpoint", unexpected))
+        if not matched and any(k in sd for k in ("model", "state_dict")):
+            parts.append(
+                "  hint: this looks like a full training checkpoint; pass checkpoint['model']."
+            )
+        parts.append(
+            "To load only the matching weights (e.g. fine-tuning with a different number of "
+            "classes) use --load-from, which calls load_model_weights(..., strict=False)."
+        )
+        raise CheckpointError("\n".join(parts))
+
+    # strict=False here is safe: we already filtered to the exact matching keys/shapes.
+    model.load_state_dict(matched, strict=False)
+    return report
+
+
+# --------------------------------------------------------------------------- work_dir helpers
+
+
+def _epoch_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every ``epoch_N.pth`` in ``work_dir``, sorted by epoch."""
+    if not work_dir.is_dir():
+        return []
+    found = []
+    for p in work_dir.glob("epoch_*.pth"):
+        m = _EPOCH_RE.fullmatch(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest_checkpoint(work_dir: str | Path) -> Path | None:
+    """``work_dir/last.pth`` if present, else the ``epoch_N.pth`` with the largest N."""
+    work_dir = Path(work_dir)
+    last = work_dir / "last.pth"
+    if last.is_file():
+        return last
+    epochs = _epoch_checkpoints(work_dir)
+    return epochs[-1][1] if epochs else None
+
+
+def prune_checkpoints(work_dir: str | Path, keep: int) -> list[Path]:
+    """Delete the oldest ``epoch_N.pth`` beyond the newest ``keep`` (keep<=0 keeps all).
+
+    ``last.pth`` and ``best.pth`` are never touched. Returns the deleted paths.
+    """
+    if keep <= 0:
+        return []
+    epochs = _epoch_checkpoints(Path(work_dir))
+    removed: list[Path] = []
+    for _, p in epochs[: max(0, len(epochs) - keep)]:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        removed.append(p)
+    return removed
