@@ -1,0 +1,45 @@
+"""Run a detector over a dataset and score it with COCO AP (gathered on rank 0 under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from gfldet.distributed import all_gather_objects, is_main_process
+from gfldet.engine.coco_eval import detections_to_coco, evaluate_coco, format_per_class_table
+
+log = logging.getLogger("gfldet")
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> list[dict]:
+    """COCO-format detections of this process's share of the loader's dataset."""
+    dataset = loader.dataset
+    model.eval()
+    detections: list[dict] = []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    for images, targets in loader:
+        with autocast:
+            results = model(images.to(device, non_blocking=True), targets)
+        results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()} for r in results]
+        detections += detections_to_coco(results, [t["image_id"] for t in targets], dataset.label_to_cat_id)
+    return detections
+
+
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict:
+    """COCO box AP of `model` on the loader's dataset. Every process predicts its share; rank 0
+    gathers, scores with pycocotools, prints the 12-line summary and the per-class table, and
+    returns the metrics (other ranks return {})."""
+    detections = predict_dataset(model, loader, device, amp_dtype)
+    gathered = all_gather_objects(detections)
+    if not is_main_process():
+        return {}
+    all_detections = [d for part in gathered for d in part]
+    dataset = loader.dataset
+    metrics = evaluate_coco(dataset.coco, all_detections, dataset.class_names, image_ids=list(dataset.image_ids))
+    log.info("per-class AP:\n%s", format_per_class_table(metrics["per_class"]))
+    metrics["detections"] = all_detections
+    return metrics

@@ -1,0 +1,66 @@
+"""Evaluate a checkpoint's COCO box AP on the config's val set.
+
+    python tools/eval.py CONFIG CHECKPOINT [--out DETECTIONS.json] [--cfg-options ...]
+    torchrun --nproc_per_node 8 tools/eval.py CONFIG CHECKPOINT
+
+Prints the 12-line COCO summary and a per-class AP table; writes the metrics as JSON beside
+the checkpoint (or to --metrics) and the detections in COCO result format to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gfldet.config import ConfigError, load_config
+from gfldet.data import build_dataloader
+from gfldet.distributed import is_distributed, is_main_process
+from gfldet.engine.build import build_dataset, build_model
+from gfldet.engine.checkpoint import load_checkpoint, load_model_weights
+from gfldet.engine.coco_eval import write_metrics_json
+from gfldet.engine.evaluator import evaluate
+from gfldet.engine.trainer import amp_dtype, init_distributed, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", help="write the detections (COCO result json) here")
+    parser.add_argument("--metrics", help="metrics json path (default: <checkpoint>.metrics.json)")
+    parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = init_distributed(cfg.train.device)
+    setup_logging(None)
+    dataset = build_dataset(cfg, "val")
+    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
+                              seed=cfg.train.seed, distributed=is_distributed(), size_divisor=cfg.data.size_divisor)
+    model = build_model(cfg.model)
+    state = load_checkpoint(args.checkpoint)
+    weights = state.get("model", state)
+    if state.get("ema") is not None and not args.no_ema:
+        # AveragedModel's state dict: "module." + the model's keys, plus its update counter.
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    load_model_weights(model, weights, strict=True)
+    metrics = evaluate(model.to(device), loader, device, amp_dtype(cfg, device))
+    if is_main_process():
+        detections = metrics.pop("detections")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(detections))
+        metrics_path = Path(args.metrics or f"{args.checkpoint}.metrics.json")
+        write_metrics_json(metrics, metrics_path)
+        print(f"bbox AP: {metrics['bbox_mAP']:.4f} (metrics in {metrics_path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Train a GFL detector from a YAML config.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--cfg-options a.b=c ...]
+    torchrun --nproc_per_node 8 tools/train.py CONFIG          # several GPUs (or CPU processes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gfldet.config import ConfigError, load_config
+from gfldet.engine.trainer import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--work-dir", help="run folder (default: train.work_dir or work_dirs/<config name>)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None,
+                        help="continue from CKPT, or from the run folder's latest checkpoint when no path is given")
+    parser.add_argument("--load-from", help="initialise from a checkpoint's weights where they match (fine-tuning)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. optim.lr=0.005 schedule.milestones=[16,22]")
+    return parser.parse_args(argv)
+
+
+def work_dir_for(config_path: str, cli_work_dir: str | None, cfg_work_dir: str | None) -> Path:
+    return Path(cli_work_dir or cfg_work_dir or Path("work_dirs") / Path(config_path).stem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = train(cfg, work_dir_for(args.config, args.work_dir, cfg.train.work_dir), args.resume, args.load_from)
+    if metrics:
+        print(f"final bbox AP: {metrics['bbox_mAP']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
