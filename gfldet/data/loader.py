@@ -1,0 +1,288 @@
+"""Batching: padding collate, aspect-ratio grouped (distributed) batch sampler, DataLoader factory.
+
+Shape legend: B = batch size, H/W = per-image size, Hp/Wp = padded batch size, G = boxes per image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
+
+
+def collate(
+    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int = 32
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Stack images [3, H_i, W_i] into [B, 3, Hp, Wp], zero-padded at the bottom/right.
+
+    Hp/Wp are the batch maxima rounded up to a multiple of ``size_divisor`` (so every FPN level
+    has an integer size). Zero padding happens after normalisation, like MMDetection, so the pad
+    equals the dataset mean. Targets are returned unchanged; ``image_size`` in each still gives
+    the valid (unpadded) region.
+    """
+    images = [img for img, _ in batch]
+    targets = [tgt for _, tgt in batch]
+    max_h = max(img.shape[1] for img in images)
+    max_w = max(img.shape[2] for img in images)
+    pad_h = int(math.ceil(max_h / size_divisor) * size_divisor)
+    pad_w = int(math.ceil(max_w / size_divisor) * size_divisor)
+    out = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
+    for i, img in enumerate(images):
+        out[i, :, : img.shape[1], : img.shape[2]] = img
+    return out, targets
+
+
+class SeededIndex(int):
+    """A dataset index that also carries the seed for that sample's random augmentation.
+
+    It *is* an int, so any dataset can use it as one; ``CocoDetection`` additionally reseeds its
+    transform from ``.seed``. This makes augmentation a pure function of (seed, epoch, index),
+    independent of the number of workers, of which worker gets the sample, and of resuming.
+    """
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> SeededIndex:
+        obj = super().__new__(cls, index)
+        obj.seed = seed
+        return obj
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:  # crosses the worker queue pickled
+        return (SeededIndex, (int(self), self.seed))
+
+
+def _dist_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled, aspect-ratio grouped, rank-sharded batch sampler for training.
+
+    Per epoch (fully determined by ``seed`` and ``epoch``):
+      1. one global permutation of all N indices (same on every rank);
+      2. walking the permutation, indices go to a bucket for their group (landscape w/h >= 1 vs
+         portrait w/h < 1); a batch is emitted whenever a bucket fills, as in MMDetection's
+         AspectRatioBatchSampler. Leftover buckets become smaller (still homogeneous) batches at
+         the end, or are dropped with ``drop_last``;
+      3. batches are dealt round-robin to ranks: rank r gets global batches r, r+R, r+2R, ...
+         So each rank sees a disjoint share and together they cover every index once.
+
+    Why not group on top of ``DistributedSampler``: grouping each rank's share separately gives
+    ranks different batch counts (their group sizes differ), and DDP deadlocks when one rank runs
+    an extra step. Here the global batch list is made divisible by R by splitting the largest
+    batches in two (keeps each index exactly once); only if that is impossible (fewer indices
+    than ranks) are batches repeated, like ``DistributedSampler``'s padding.
+
+    Each yielded index is a ``SeededIndex`` carrying a per-(seed, epoch, index) augmentation
+    seed. Call ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)`` (the DataLoader
+    draws the batch list when its iterator is created, also with persistent workers); iterations
+    then start at this rank's k-th batch of that epoch, until the next ``set_epoch``. k counts
+    optimizer steps already done in the epoch, so a resumed run continues at the exact batch.
+    ``len()`` is the full per-rank batch count of an epoch, independent of ``skip_batches``.
+    """
+
+    def __init__(
+        self,
+        aspect_ratios: Sequence[float],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_aspect: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        world, this_rank = _dist_world()
+        self.num_replicas = world if num_replicas is None else int(num_replicas)
+        self.rank = this_rank if rank is None else int(rank)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} not in [0, {self.num_replicas})")
+        ratios = np.asarray(aspect_ratios, dtype=np.float64)
+        self.group_ids = (
+            (ratios < 1.0).astype(np.int64) if group_by_aspect else np.zeros(len(ratios), np.int64)
+        )
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch for the next iteration and how many of its batches to skip."""
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        self.epoch = int(epoch)
+        self.skip_batches = int(skip_batches)
+
+    def _global_batch_count(self) -> int:
+        # Group sizes do not depend on the permutation, so neither does the batch count.
+        sizes = np.bincount(self.group_ids, minlength=1)
+        if self.drop_last:
+            return int(sum(s // self.batch_size for s in sizes))
+        return int(sum(-(-s // self.batch_size) for s in sizes))
+
+    def __len__(self) -> int:
+        total = self._global_batch_count()
+        if self.drop_last:
+            return total // self.num_replicas
+        return -(-total // self.num_replicas)
+
+    def global_batches(self, epoch: int) -> list[list[SeededIndex]]:
+        """All ranks' batches for ``epoch`` in step order (length divisible by num_replicas)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.group_ids)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        sample_seeds = rng.integers(0, 2**31 - 1, size=n)
+
+        batches: list[list[int]] = []
+        buckets: dict[int, list[int]] = {}
+        for idx in order.tolist():
+            bucket = buckets.setdefault(int(self.group_ids[idx]), [])
+            bucket.append(idx)
+            if len(bucket) == self.batch_size:
+                batches.append(bucket)
+                buckets[int(self.group_ids[idx])] = []
+        if not self.drop_last:
+            batches.extend(b for _, b in sorted(buckets.items()) if b)
+
+        batches = self._make_divisible(batches)
+        return [[SeededIndex(i, int(sample_seeds[i])) for i in b] for b in batches]
+
+    def _make_divisible(self, batches: list[list[int]]) -> list[list[int]]:
+        world = self.num_replicas
+        if world == 1 or len(batches) % world == 0:
+            return batches
+        if self.drop_last:
+            return batches[: len(batches) - len(batches) % world]
+        batches = list(batches)
+        while len(batches) % world:
+            largest = max(range(len(batches)), key=lambda j: len(batches[j]))
+            big = batches[largest]
+            if len(big) < 2:
+                break
+            half = (len(big) + 1) // 2
+            batches[largest : largest + 1] = [big[:half], big[half:]]
+        # Only reached with fewer indices than ranks: repeat batches, as DistributedSampler pads.
+        repeat = 0
+        while len(batches) % world:
+            batches.append(batches[repeat])
+            repeat += 1
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.global_batches(self.epoch)[self.rank :: self.num_replicas]
+        yield from mine[self.skip_batches :]
+
+
+class ShardSampler(Sampler[int]):
+    """Sequential sampler giving rank r the r-th contiguous slice of range(n) (no padding).
+
+    Shards differ in length by at most one and never repeat an index, so gathered predictions
+    are exactly the dataset once. Gathering them across ranks (e.g. all_gather_object) and
+    evaluating is the caller's job; concatenating in rank order restores dataset order.
+    """
+
+    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, this_rank = _dist_world()
+        self.num_replicas = world if num_replicas is None else int(num_replicas)
+        self.rank = this_rank if rank is None else int(rank)
+        self.start = n * self.rank // self.num_replicas
+        self.stop = n * (self.rank + 1) // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _worker_init(worker_id: int) -> None:
+    """Per-worker setup: seed the dataset's augmentation RNG.
+
+    Deliberately no ``cv2.setNumThreads`` here: with opencv's pthreads backend it deadlocks in a
+    forked child once the parent has used cv2's thread pool.
+    """
+    info = get_worker_info()
+    if info is None:
+        return
+    # DataLoader already seeds torch/random/numpy per worker from its generator; albumentations'
+    # Compose has a private RNG copied from the parent, so without this every worker would draw
+    # identical "random" augmentations for unseeded indices.
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    train: bool,
+    seed: int,
+    distributed: bool,
+    aspect_ratio_grouping: bool = True,
+    pin_memory: bool | None = None,
+    size_divisor: int = 32,
+    drop_last: bool = False,
+) -> DataLoader:
+    """DataLoader yielding ``(images [B, 3, Hp, Wp], targets list[dict])`` via ``collate``.
+
+    train: ``GroupedBatchSampler`` (shuffled per epoch, grouped by ``dataset.aspect_ratios`` when
+      ``aspect_ratio_grouping``). Before each epoch call
+      ``loader.batch_sampler.set_epoch(epoch, skip_batches=k)`` (k > 0 only when resuming).
+    val: sequential ``ShardSampler`` batches; when distributed each rank gets a disjoint,
+      unpadded contiguous part, and the caller gathers the per-rank results.
+    ``distributed=True`` reads rank/world size from the initialised default process group.
+    """
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
+    world, rank = _dist_world() if distributed else (1, 0)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+
+    batch_sampler: Sampler[list[int]]
+    if train:
+        if aspect_ratio_grouping:
+            ratios = getattr(dataset, "aspect_ratios", None)
+            if ratios is None:
+                raise ValueError("aspect_ratio_grouping needs dataset.aspect_ratios")
+        else:
+            ratios = [1.0] * len(dataset)  # type: ignore[arg-type]
+        batch_sampler = GroupedBatchSampler(
+            ratios,
+            batch_size,
+            seed=seed,
+            shuffle=True,
+            group_by_aspect=aspect_ratio_grouping,
+            num_replicas=world,
+            rank=rank,
+            drop_last=drop_last,
+        )
+    else:
+        shard = ShardSampler(len(dataset), num_replicas=world, rank=rank)  # type: ignore[arg-type]
+        batch_sampler = BatchSampler(shard, batch_size, drop_last=False)
+
+    # Worker base seeds come from this generator; offset by rank so ranks' workers differ.
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([int(seed), rank]).generate_state(1)[0]))
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate, size_divisor=size_divisor),
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
