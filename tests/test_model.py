@@ -205,3 +205,15 @@ def test_eval_output_contract_and_rescaling():
         assert (det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all() and (det["boxes"] >= 0).all()
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
     assert out[0]["boxes"][:, 2].max() > 96  # rescaled beyond the resized width
+
+
+def test_bf16_autocast_training_step_on_cpu():
+    # The GPU AMP path, exercised on CPU with bf16: losses stay fp32 and finite.
+    torch.manual_seed(0)
+    model = tiny_model(num_classes=2).train().to(memory_format=torch.channels_last)
+    images, targets = synthetic_pair()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images.contiguous(memory_format=torch.channels_last), targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -10,7 +10,6 @@ Shape legend: `A` priors over all levels, `B` images.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -80,9 +79,3 @@ def valid_prior_mask(priors: Priors, image_sizes: Tensor, size_divisor: int = 32
     return (priors.grid_xy[:, 0] < limit_w) & (priors.grid_xy[:, 1] < limit_h)
 
 
-def feature_size(image_size: int, num_downsamplings: int) -> int:
-    """Size of a feature map after `num_downsamplings` stride-2 convs with padding 1 (ceil)."""
-    size = image_size
-    for _ in range(num_downsamplings):
-        size = math.ceil(size / 2)
-    return size
