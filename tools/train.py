@@ -10,7 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from gfldet.config import ConfigError, load_config
+from gfldet.data.coco import DatasetError
+from gfldet.engine.checkpoint import CheckpointError
 from gfldet.engine.trainer import train
 
 
@@ -20,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="run folder (default: train.work_dir or work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="continue from CKPT, or from the run folder's latest checkpoint when no path is given")
+    parser.add_argument("--allow-schedule-change", action="store_true",
+                        help="with --resume: continue on the config's schedule even if it differs from the checkpoint's")
     parser.add_argument("--load-from", help="initialise from a checkpoint's weights where they match (fine-tuning)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. optim.lr=0.005 schedule.milestones=[16,22]")
@@ -30,6 +36,7 @@ def work_dir_for(config_path: str, cli_work_dir: str | None, cfg_work_dir: str |
     return Path(cli_work_dir or cfg_work_dir or Path("work_dirs") / Path(config_path).stem)
 
 
+@record  # under torchrun, the failing rank's traceback is the error shown
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -37,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = train(cfg, work_dir_for(args.config, args.work_dir, cfg.train.work_dir), args.resume, args.load_from)
+    work_dir = work_dir_for(args.config, args.work_dir, cfg.train.work_dir)
+    try:
+        metrics, run = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change)
+    except (ConfigError, DatasetError, CheckpointError) as err:  # bad input: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if run.stopped_by is not None:
+        return 128 + run.stopped_by  # the shell's convention for "ended by signal N"
     if metrics:
         print(f"final bbox AP: {metrics['bbox_mAP']:.4f}")
     return 0

@@ -81,11 +81,18 @@ def build_dataset(cfg: Config, split: str):
     train = split == "train"
     short_side = tuple(d.train_short_side) if train else d.test_short_side
     transform = build_transforms(train=train, short_side=short_side, max_size=d.max_size, flip_prob=d.flip_prob)
+    # Training data is checked before any compute is spent (every image decoded; fixable
+    # problems fixed and counted, fatal ones raise). Validation data is scored against its file
+    # as is, so it is not rewritten.
     dataset = CocoDetection(
         paths.images, paths.annotations, transform,
         filter_empty=d.filter_empty if train else False,
         min_size=d.min_size if train else 0,
+        check=train,
+        max_decode_failures=cfg.train.max_decode_failures,
     )
+    if train and dataset.check_report is not None:
+        log.info("dataset check of %s:\n%s", paths.annotations, dataset.check_report.summary())
     if dataset.num_classes != cfg.model.num_classes:
         from gfldet.config import ConfigError
 

@@ -24,8 +24,12 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
     for images, targets in loader:
         with autocast:
             results = model(images.to(device, non_blocking=True), targets)
-        results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()} for r in results]
-        detections += detections_to_coco(results, [t["image_id"] for t in targets], dataset.label_to_cat_id)
+        # An image that failed to decode was replaced by another one (logged by the dataset);
+        # its detections would count twice, so they are left out.
+        kept = [i for i, t in enumerate(targets) if not t.get("decode_failed")]
+        results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in results[i].items()}
+                   for i in kept]
+        detections += detections_to_coco(results, [targets[i]["image_id"] for i in kept], dataset.label_to_cat_id)
     return detections
 
 

@@ -7,12 +7,13 @@ TensorBoard events under `tb/`, `epoch_N.pth`, `last.pth`, `best.pth` and `metri
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,10 +23,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gfldet.config import Config, config_from_dict, config_to_dict, dump_config
+from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from gfldet.data import build_dataloader
-from gfldet.distributed import get_rank, get_world_size, is_distributed, is_main_process
+from gfldet.distributed import (
+    all_gather_objects,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+)
 from gfldet.engine.build import (
+    LrFactor,
     build_dataset,
     build_lr_scheduler,
     build_model,
@@ -139,9 +147,40 @@ class Progress:
         self.sums, self.count, self.tic = {}, 0, time.perf_counter()
 
 
-def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_from: str | None = None) -> dict:
+class StopRequested:
+    """Set by SIGTERM/SIGINT (a preempted job, Ctrl-C); the loop checkpoints and returns."""
+
+    signum: int | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        cls.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        if cls.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        cls.signum = signum
+        log.warning("received %s: stopping after this iteration with a checkpoint", signal.Signals(signum).name)
+
+
+@dataclass
+class RunState:
+    """Where a run is: `epoch` counts finished epochs, `batch` the batches done in the next one."""
+
+    epoch: int = 0
+    batch: int = 0
+    best_ap: float = -1.0
+    stopped_by: int | None = None  # signal number when the run stopped early
+
+
+def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_from: str | None = None,
+          allow_schedule_change: bool = False) -> tuple[dict, RunState]:
     """Train `cfg` into `work_dir`. `resume=True` continues from the folder's latest checkpoint,
-    a path from that checkpoint. Returns the last evaluation's metrics (rank 0)."""
+    a path from that checkpoint. Returns the last evaluation's metrics (rank 0) and where the
+    run stopped."""
     device = init_distributed(cfg.train.device)
     rank, world = get_rank(), get_world_size()
     setup_logging(work_dir)
@@ -184,22 +223,28 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
         )
 
-    start_epoch, best_ap = 0, -1.0
+    run = RunState()
     if resume:
         path = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {work_dir}; start without --resume")
         state = load_checkpoint(path)
-        check_resumable(cfg, state, path)
+        schedule_changed = check_resumable(cfg, state, path, allow_schedule_change)
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if schedule_changed:  # the saved lr function is the old schedule's: use the new one
+            scheduler.lr_lambdas[0] = LrFactor(cfg.schedule, iters_per_epoch)
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        restore_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        start_epoch, best_ap = state["epoch"], state.get("best_ap", -1.0)
-        log.info("resumed from %s at epoch %d (iteration %d)", path, start_epoch, state["iteration"])
+        rng = state["rng"]
+        restore_rng_state(rng[rank] if isinstance(rng, list) and rank < len(rng) else rng[0])
+        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0), best_ap=state.get("best_ap", -1.0))
+        log.info("resumed from %s at epoch %d, batch %d (iteration %d)", path, run.epoch, run.batch,
+                 state["iteration"])
 
     train_model: nn.Module = model
     if cfg.train.compile:
@@ -214,110 +259,172 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         writer = SummaryWriter(str(work_dir / "tb"))
     epochs = cfg.schedule.epochs
     progress = Progress(epochs * iters_per_epoch, cfg.train.log_interval, total_batch, writer)
+    loop = TrainLoop(train_model, ema, optimizer, scheduler, scaler, dtype, device, cfg, progress)
+
+    def checkpoint(names: list[str]) -> None:
+        rng_states = gather_rng_states()  # a collective: every rank calls it
+        if not is_main_process():
+            return
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": run.epoch,
+            "batch": run.batch,
+            "iteration": run.epoch * iters_per_epoch + run.batch,
+            "best_ap": run.best_ap,
+            "rng": rng_states,
+            "config": config_to_dict(cfg),
+        }
+        for name in names:
+            save_checkpoint(state, work_dir / name)
+        prune_checkpoints(work_dir, cfg.train.keep_checkpoints)
+
+    StopRequested.install()
     metrics: dict = {}
-    for epoch in range(start_epoch, epochs):
-        train_loader.batch_sampler.set_epoch(epoch)
-        train_one_epoch(train_model, ema, train_loader, optimizer, scheduler, scaler, dtype, device, cfg,
-                        epoch, progress)
-        eval_now = cfg.train.eval_interval and ((epoch + 1) % cfg.train.eval_interval == 0 or epoch + 1 == epochs)
+    while run.epoch < epochs:
+        train_loader.batch_sampler.set_epoch(run.epoch, skip_batches=run.batch)
+        run.batch = loop.run_epoch(train_loader, run.epoch, run.batch)
+        if run.batch < iters_per_epoch:  # stopped by a signal
+            run.stopped_by = StopRequested.signum
+            checkpoint(["last.pth"])
+            log.warning("stopped at epoch %d, batch %d: last.pth written; continue with --resume",
+                        run.epoch + 1, run.batch)
+            break
+        run.epoch, run.batch = run.epoch + 1, 0
+        eval_now = cfg.train.eval_interval and (run.epoch % cfg.train.eval_interval == 0 or run.epoch == epochs)
+        names = []
         if eval_now and val_loader is not None:
             metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype)
             metrics.pop("detections", None)
             if is_main_process():
-                write_metrics_json({"epoch": epoch + 1, **metrics}, work_dir / f"metrics_epoch_{epoch + 1}.json")
+                write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
                 for key in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"):
-                    writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
-                log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", epoch + 1, metrics["bbox_mAP"],
+                    writer.add_scalar(f"val/{key}", metrics[key], run.epoch)
+                log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch, metrics["bbox_mAP"],
                          metrics["bbox_mAP_50"], metrics["bbox_mAP_75"])
-        if is_main_process() and ((epoch + 1) % cfg.train.checkpoint_interval == 0 or epoch + 1 == epochs):
-            ap = metrics.get("bbox_mAP", -1.0) if eval_now else -1.0
-            state = {
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "iteration": (epoch + 1) * iters_per_epoch,
-                "best_ap": max(best_ap, ap),
-                "rng": gather_rng_states(),
-                "config": config_to_dict(cfg),
-            }
-            save_checkpoint(state, work_dir / f"epoch_{epoch + 1}.pth")
-            save_checkpoint(state, work_dir / "last.pth")
-            if eval_now and ap > best_ap:
-                best_ap = ap
-                save_checkpoint(state, work_dir / "best.pth")
-                log.info("new best bbox AP %.4f at epoch %d: best.pth", ap, epoch + 1)
-            prune_checkpoints(work_dir, cfg.train.keep_checkpoints)
-        elif is_distributed():
-            gather_rng_states()  # the collective needs every rank
+            ap = all_gather_objects(metrics.get("bbox_mAP", -1.0))[0]
+            if ap > run.best_ap:
+                run.best_ap = ap
+                names.append("best.pth")
+                log.info("new best bbox AP %.4f at epoch %d: best.pth", ap, run.epoch)
+        if run.epoch % cfg.train.checkpoint_interval == 0 or run.epoch == epochs:
+            names += [f"epoch_{run.epoch}.pth", "last.pth"]
+        if names:
+            checkpoint(names)
     if writer is not None:
         writer.close()
-    return metrics
+    return metrics, run
 
 
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG state (collective under torchrun), so that a resume restores each rank's."""
-    from gfldet.distributed import all_gather_objects
-
     return all_gather_objects(capture_rng_state())
 
 
-def check_resumable(cfg: Config, state: dict, path: Path) -> None:
-    """A resume must continue the same run: the model and schedule must match the checkpoint's."""
+def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change: bool) -> bool:
+    """A resume continues the same run: the model must match the checkpoint's, and a different
+    schedule is an error unless explicitly allowed (then logged). Returns whether it changed."""
     saved = config_from_dict(state["config"], str(path))
     if saved.model != cfg.model:
-        raise ValueError(f"{path} was trained with a different model config; resume with the same config")
-    if saved.schedule != cfg.schedule:
-        raise ValueError(
-            f"the schedule in the config differs from the one {path} was trained with "
-            f"({saved.schedule} vs {cfg.schedule}); resume with the same schedule"
+        raise ConfigError(f"{path} was trained with a different model config; resume with the same config")
+    if saved.schedule == cfg.schedule:
+        return False
+    changes = {
+        k: (getattr(saved.schedule, k), getattr(cfg.schedule, k))
+        for k in vars(cfg.schedule)
+        if getattr(saved.schedule, k) != getattr(cfg.schedule, k)
+    }
+    text = ", ".join(f"schedule.{k}: {old} -> {new}" for k, (old, new) in changes.items())
+    if not allow_schedule_change:
+        raise ConfigError(
+            f"the config's schedule differs from the one {path} was trained with ({text}). "
+            "Resume with the same schedule, or pass --allow-schedule-change to continue on the new one."
         )
+    log.warning("schedule changed on resume (--allow-schedule-change): %s", text)
+    return True
 
 
-def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, dtype, device, cfg: Config,
-                    epoch: int, progress: Progress) -> None:
-    model.train()
-    iters_per_epoch = len(loader.batch_sampler)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    bad_steps = 0
-    for batch, (images, targets) in enumerate(loader):
-        it = epoch * iters_per_epoch + batch
-        images = images.to(device, non_blocking=True)
+class TrainLoop:
+    """One optimisation step per batch, with the checks that keep a run alive."""
+
+    def __init__(self, model, ema, optimizer, scheduler, scaler, dtype, device, cfg: Config, progress: Progress):
+        self.model, self.ema, self.optimizer, self.scheduler = model, ema, optimizer, scheduler
+        self.scaler, self.dtype, self.device, self.cfg, self.progress = scaler, dtype, device, cfg, progress
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.bad_steps = 0
+
+    def run_epoch(self, loader, epoch: int, start_batch: int) -> int:
+        """Train from `start_batch` to the end of the epoch (or to a stop request); returns the
+        number of batches of this epoch done."""
+        self.model.train()
+        iters_per_epoch = len(loader.batch_sampler)
+        batch = start_batch
+        for images, targets in loader:
+            it = epoch * iters_per_epoch + batch
+            stop = self.step(images, targets, it)
+            batch += 1
+            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch - 1, iters_per_epoch,
+                                    self.optimizer.param_groups[0]["lr"], force=batch == iters_per_epoch)
+            if stop:
+                break
+        return batch
+
+    def step(self, images, targets, it: int) -> bool:
+        """One iteration; returns True when a stop was requested (on any process)."""
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+        targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         with autocast:
-            losses = model(images, targets)
+            losses = self.model(images, targets)
         loss = sum(losses.values())
-        # One host sync per step: a non-finite loss must not reach the weights.
-        if not math.isfinite(loss.item()):
-            bad_steps += 1
-            names = [k for k, v in losses.items() if not torch.isfinite(v)]
-            ids = [t["image_id"] for t in targets]
-            log.warning("iteration %d: non-finite %s on images %s; step skipped", it + 1, names, ids)
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise FloatingPointError(
-                    f"{bad_steps} consecutive non-finite steps (last: {names} at iteration {it + 1}, images {ids}); "
-                    "the last checkpoint is intact. Lower optim.lr or set optim.grad_clip."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            continue
-        bad_steps = 0
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # fp16: the scaler itself skips steps with inf grads
+        grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.optim.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
-        progress.update(losses)
-        progress.maybe_log(it, epoch, cfg.schedule.epochs, batch, iters_per_epoch, optimizer.param_groups[0]["lr"],
-                           force=batch + 1 == iters_per_epoch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        # The one host sync of a step: non-finite loss or gradient, and stop requests, agreed by
+        # every process so that all of them skip or stop together.
+        flags = torch.stack([
+            ~torch.isfinite(loss.detach()),
+            ~torch.isfinite(grad_norm) & torch.tensor(not self.scaler.is_enabled(), device=grad_norm.device),
+            torch.tensor(StopRequested.signum is not None, device=grad_norm.device),
+        ]).float()
+        if is_distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_loss, bad_grad, stop = (bool(f) for f in flags.tolist())
+        if bad_loss or bad_grad:
+            self.skip_step(losses, targets, it, "gradient" if not bad_loss else None)
+        else:
+            self.bad_steps = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model.module if isinstance(self.model, DistributedDataParallel)
+                                           else self.model)
+            self.progress.update(losses)
+        self.scheduler.step()
+        return stop
+
+    def skip_step(self, losses: dict, targets: list[dict], it: int, what: str | None) -> None:
+        self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        names = [k for k, v in losses.items() if not torch.isfinite(v)] or [what or "loss on another process"]
+        ids = [t["image_id"] for t in targets]
+        log.warning("iteration %d: non-finite %s on images %s; step skipped (%d in a row)",
+                    it + 1, names, ids, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_steps} consecutive non-finite steps: {names} at iteration {it + 1}, images {ids}. "
+                "The last checkpoint is intact; lower optim.lr, set optim.grad_clip, or check these images."
+            )

@@ -1,0 +1,558 @@
+"""Checks of a COCO-format dataset before training: find every problem at once, fix what is safe.
+
+``check_dataset(image_dir, ann_file)`` returns a ``DatasetReport``:
+
+fatal (training must not start; each message names the file / id and what to do)
+  - annotation file missing, not JSON (line and column given), or not a COCO mapping;
+  - required keys missing or of the wrong type: ``images``/``annotations``/``categories``
+    lists; per image ``id`` (int), ``file_name``, ``width``/``height`` (> 0); per annotation
+    ``id``, ``image_id``, ``category_id`` (ints) and ``bbox`` (4 finite numbers); per
+    category ``id`` and ``name``;
+  - duplicate image, annotation or category ids; annotations of an image id that is not in
+    ``images``; ``category_id`` not in ``categories`` (a silent drop could hide a wrong
+    categories list, and MMDetection / Detectron2 would crash later);
+  - recorded width/height that matches neither the file nor its EXIF-rotated view;
+  - images larger than ``max_image_pixels``;
+  - more missing / unreadable / truncated image files than ``max_bad_image_fraction`` allows.
+
+fixed in memory (``report.annotations`` is the fixed COCO dict that ``CocoDetection`` uses)
+  - boxes with zero or negative width/height: dropped;
+  - boxes partly outside the image: clipped; wholly outside: dropped;
+  - a few missing / unreadable images (at most ``max(1, fraction * N)``): dropped together with
+    their annotations, each file listed;
+  - recorded size equal to the *stored* pixels but not to the EXIF-rotated view the loader
+    produces (EXIF orientations 5-8): the boxes were drawn on the un-rotated pixels, so those
+    images are decoded without the rotation (``raw_orientation_ids``).
+
+With ``fix=False`` (strict: a curated benchmark set that must be used exactly as written) every
+fixable problem is fatal instead.
+
+Sizes are compared after EXIF orientation exactly as ``CocoDetection`` decodes
+(``ImageOps.exif_transpose``). Images are fully decoded in a thread pool (PIL releases the GIL
+while decoding); truncated files raise because ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import ImageFile
+
+from gfldet.data.coco import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DatasetError,
+    ImageTooLargeError,
+    exif_orientation,
+    open_image,
+    upright_size,
+)
+
+__all__ = ["DatasetError", "DatasetReport", "check_dataset"]
+
+MAX_LISTED = 20  # problems listed in an error before "... and N more"
+MAX_EXAMPLES = 5  # examples shown per kind of fix
+
+# Kinds of fix (keys of DatasetReport.fixed).
+FIX_EMPTY_BOX = "boxes with zero or negative width/height dropped"
+FIX_CLIPPED = "boxes partly outside the image clipped to it"
+FIX_OUTSIDE = "boxes wholly outside the image dropped"
+FIX_BAD_IMAGE = "missing or unreadable images dropped (with their annotations)"
+FIX_BAD_IMAGE_ANNS = "annotations of dropped images removed"
+FIX_RAW_ORIENTATION = "EXIF-rotated images decoded without rotation (boxes drawn on stored pixels)"
+
+# What each box fix repairs, for the fatal message when fix=False.
+_BOX_PROBLEM = {
+    FIX_EMPTY_BOX: "the box has zero or negative width/height",
+    FIX_CLIPPED: "the box extends outside the image",
+    FIX_OUTSIDE: "the box lies wholly outside the image",
+}
+
+# More than this share of boxes needing a fix suggests a wrong box format, e.g. [x1, y1, x2, y2].
+SUSPICIOUS_BOX_FIX_SHARE = 0.05
+
+_LOAD_TRUNCATED_LOCK = threading.Lock()
+
+
+@dataclass
+class DatasetReport:
+    """Outcome of ``check_dataset``. ``num_images`` / ``num_annotations`` count the file as given."""
+
+    ann_file: Path
+    image_dir: Path
+    fatal: list[str] = field(default_factory=list)
+    fixed: Counter[str] = field(default_factory=Counter)
+    fix_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    warnings: list[str] = field(default_factory=list)
+    num_images: int = 0
+    num_annotations: int = 0
+    images_decoded: int = 0
+    seconds: float = 0.0
+    categories: list[dict[str, Any]] = field(default_factory=list)
+    # The fixed COCO dict (None when there are fatal problems) and the image ids to decode
+    # without EXIF rotation; both are what CocoDetection(check=True) trains on.
+    annotations: dict[str, Any] | None = None
+    raw_orientation_ids: frozenset[int] = frozenset()
+
+    @property
+    def ok(self) -> bool:
+        return not self.fatal
+
+    def add_fix(self, kind: str, example: str, count: int = 1, examples: int = MAX_EXAMPLES) -> None:
+        self.fixed[kind] += count
+        if len(self.fix_examples[kind]) < examples:
+            self.fix_examples[kind].append(example)
+
+    def summary(self) -> str:
+        kept = ""
+        if self.annotations is not None:
+            kept = (f" -> {len(self.annotations['images'])} images, "
+                    f"{len(self.annotations['annotations'])} annotations after fixes")
+        decoded = (f"; {self.images_decoded} image files decoded" if self.images_decoded
+                   else "; image files not decoded")
+        lines = [
+            f"dataset {self.ann_file} (images in {self.image_dir}): {self.num_images} images, "
+            f"{self.num_annotations} annotations{kept}{decoded}; checked in {self.seconds:.1f} s"
+        ]
+        if self.fixed:
+            lines.append("fixed in memory (training uses the fixed data; the files are unchanged):")
+            for kind, count in self.fixed.items():
+                examples = "; ".join(self.fix_examples[kind])
+                more = ", ..." if count > len(self.fix_examples[kind]) else ""
+                lines.append(f"  - {count} {kind}: {examples}{more}")
+        if self.warnings:
+            lines.append("warnings:")
+            lines.extend(f"  - {w}" for w in self.warnings)
+        if self.fatal:
+            lines.append(f"FATAL ({len(self.fatal)} problems; training would not start):")
+            lines.extend(_listed(self.fatal))
+        lines.append("result: " + ("usable" if self.ok else "NOT usable - fix the problems above"))
+        return "\n".join(lines)
+
+    def raise_if_fatal(self) -> None:
+        if self.fatal:
+            raise DatasetError(
+                f"dataset {self.ann_file} (images in {self.image_dir}) has "
+                f"{len(self.fatal)} fatal problem(s); nothing was trained:\n"
+                + "\n".join(_listed(self.fatal))
+                + "\nRun tools/check_dataset.py CONFIG for the full report."
+            )
+
+
+def _listed(items: list[str]) -> list[str]:
+    lines = [f"  - {item}" for item in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+        lines.append(f"  ... and {len(items) - MAX_LISTED} more")
+    return lines
+
+
+def _ids(values: Iterable[Any], limit: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _positive_size(value: Any) -> bool:
+    # Some converters write 640.0; CocoDetection reads int(value), so integral floats are fine.
+    return _is_number(value) and value > 0 and float(value).is_integer()
+
+
+# ---------------------------------------------------------------------------- annotation file
+
+
+def _load_json(ann_file: Path, report: DatasetReport) -> dict[str, Any] | None:
+    if not ann_file.is_file():
+        report.fatal.append(f"{ann_file}: annotation file not found; check data.<split>.annotations")
+        return None
+    try:
+        with ann_file.open("rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        report.fatal.append(f"{ann_file}: invalid JSON at line {err.lineno}, column {err.colno}: "
+                            f"{err.msg}; fix the file there (was it cut short while copying?)")
+        return None
+    except UnicodeDecodeError as err:
+        report.fatal.append(f"{ann_file}: not UTF-8 text ({err}); save it as UTF-8 JSON")
+        return None
+    if not isinstance(data, dict):
+        report.fatal.append(f"{ann_file}: a COCO annotation file is a JSON object with images, "
+                            f"annotations and categories; got a {type(data).__name__}")
+        return None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        report.fatal.append(
+            f"{ann_file}: " + "; ".join(
+                f"'{k}' is missing" if k not in data else f"'{k}' must be a list, got "
+                f"{type(data[k]).__name__}" for k in missing)
+            + " (COCO needs the lists images, annotations and categories)")
+        return None
+    return data
+
+
+def _check_categories(cats: list[Any], ann_file: Path, report: DatasetReport) -> set[int]:
+    ids: Counter[int] = Counter()
+    for i, cat in enumerate(cats):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            report.fatal.append(f"{ann_file}: categories[{i}] = {_short(cat)} needs an integer "
+                                "'id' and a string 'name'")
+            continue
+        ids[cat["id"]] += 1
+    for cat_id, n in ids.items():
+        if n > 1:
+            report.fatal.append(f"{ann_file}: category id {cat_id} appears {n} times in "
+                                "categories; give each category its own id")
+    if not cats:
+        report.fatal.append(f"{ann_file}: 'categories' is empty; list the classes as "
+                            "{\"id\": int, \"name\": str}")
+    report.categories = [c for c in cats if isinstance(c, dict)]
+    return set(ids)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_images_json(images: list[Any], ann_file: Path, report: DatasetReport) -> dict[int, dict]:
+    """Valid image entries by id (duplicates excluded, reported)."""
+    by_id: dict[int, list[dict]] = defaultdict(list)
+    for i, im in enumerate(images):
+        if not isinstance(im, dict):
+            report.fatal.append(f"{ann_file}: images[{i}] is not an object: {_short(im)}")
+            continue
+        problems = []
+        if not _is_int(im.get("id")):
+            problems.append("'id' must be an integer")
+        if not isinstance(im.get("file_name"), str) or not im.get("file_name"):
+            problems.append("'file_name' must be a non-empty string")
+        for key in ("width", "height"):
+            if not _positive_size(im.get(key)):
+                problems.append(f"'{key}' must be a positive integer")
+        if problems:
+            name = f"image id {im['id']}" if _is_int(im.get("id")) else f"images[{i}]"
+            report.fatal.append(f"{ann_file}: {name} ({_short(im)}): {'; '.join(problems)}")
+            continue
+        by_id[im["id"]].append(im)
+    valid = {}
+    for image_id, entries in by_id.items():
+        if len(entries) > 1:
+            report.fatal.append(
+                f"{ann_file}: image id {image_id} appears {len(entries)} times in images "
+                f"(file_names {_ids(e['file_name'] for e in entries)}); ids must be unique")
+        else:
+            valid[image_id] = entries[0]
+    files: dict[str, list[int]] = defaultdict(list)
+    for image_id, im in valid.items():
+        files[im["file_name"]].append(image_id)
+    shared = {f: ids for f, ids in files.items() if len(ids) > 1}
+    if shared:
+        name, ids = next(iter(shared.items()))
+        report.warnings.append(f"{len(shared)} files are listed under several image ids "
+                               f"(e.g. {name}: ids {_ids(ids)}); each is trained on once per id")
+    return valid
+
+
+def _check_annotations_json(
+    anns: list[Any], image_ids: set[int], all_image_ids: set[int], cat_ids: set[int],
+    ann_file: Path, report: DatasetReport,
+) -> list[dict]:
+    """Structurally valid annotations (duplicates, orphans and unknown categories reported)."""
+    valid: list[dict] = []
+    ann_ids: Counter[int] = Counter()
+    orphans: dict[Any, list[Any]] = defaultdict(list)
+    unknown_cats: dict[Any, list[Any]] = defaultdict(list)
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            report.fatal.append(f"{ann_file}: annotations[{i}] is not an object: {_short(ann)}")
+            continue
+        problems = [f"'{k}' must be an integer" for k in ("id", "image_id", "category_id")
+                    if not _is_int(ann.get(k))]
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            problems.append(f"'bbox' must be [x, y, width, height] with 4 finite numbers, "
+                            f"got {_short(bbox)}")
+        if problems:
+            name = f"annotation id {ann['id']}" if _is_int(ann.get("id")) else f"annotations[{i}]"
+            report.fatal.append(f"{ann_file}: {name}: {'; '.join(problems)}")
+            continue
+        ann_ids[ann["id"]] += 1
+        if ann["image_id"] not in all_image_ids:
+            orphans[ann["image_id"]].append(ann["id"])
+            continue
+        if ann["category_id"] not in cat_ids:
+            unknown_cats[ann["category_id"]].append(ann["id"])
+            continue
+        if ann["image_id"] in image_ids:  # else: its image is invalid (already fatal)
+            valid.append(ann)
+    for ann_id, n in ann_ids.items():
+        if n > 1:
+            report.fatal.append(f"{ann_file}: annotation id {ann_id} appears {n} times; "
+                                "annotation ids must be unique (renumber them)")
+    for image_id, ids in orphans.items():
+        report.fatal.append(f"{ann_file}: {len(ids)} annotations (ids {_ids(ids)}) refer to "
+                            f"image id {image_id}, which is not in images; add the image or "
+                            "remove the annotations")
+    if unknown_cats:
+        known = _ids(sorted(cat_ids), limit=20)
+        for cat_id, ids in sorted(unknown_cats.items(), key=lambda kv: str(kv[0])):
+            report.fatal.append(
+                f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids "
+                f"{_ids(ids)}) but is not in categories (ids: {known}); add it to categories or "
+                "fix the annotations - is this the categories list the boxes were labelled with?")
+    return valid
+
+
+def _check_boxes(anns: list[dict], sizes: dict[int, tuple[int, int]], fix: bool,
+                 ann_file: Path, report: DatasetReport) -> list[dict]:
+    """Drop / clip boxes against the recorded image size (w, h); returns the kept annotations."""
+    kept = []
+    for ann in anns:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        width, height = sizes[ann["image_id"]]
+        where = f"annotation id {ann['id']} (image id {ann['image_id']}, bbox {ann['bbox']})"
+        if w <= 0 or h <= 0:
+            _fixable(report, fix, FIX_EMPTY_BOX, where, ann_file)
+            continue
+        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+        if x2 <= x1 or y2 <= y1:
+            _fixable(report, fix, FIX_OUTSIDE, f"{where} vs image {width}x{height}", ann_file)
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            _fixable(report, fix, FIX_CLIPPED, f"{where} vs image {width}x{height}", ann_file)
+            ann = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1]}  # a copy: the caller's dict stays
+        kept.append(ann)
+    box_fixes = sum(report.fixed[k] for k in (FIX_EMPTY_BOX, FIX_CLIPPED, FIX_OUTSIDE))
+    if anns and box_fixes > SUSPICIOUS_BOX_FIX_SHARE * len(anns):
+        report.warnings.append(
+            f"{box_fixes} of {len(anns)} boxes had to be dropped or clipped: COCO boxes are "
+            "[x, y, width, height] in pixels of the image as listed; if yours are [x1, y1, x2, y2] "
+            "or normalised, convert them")
+    return kept
+
+
+def _fixable(report: DatasetReport, fix: bool, kind: str, where: str, ann_file: Path) -> None:
+    if fix:
+        report.add_fix(kind, where)
+    else:
+        report.fatal.append(f"{ann_file}: {where}: {_BOX_PROBLEM[kind]} (fix=False makes "
+                            "fixable problems fatal; correct the box in the JSON)")
+
+
+# ---------------------------------------------------------------------------- image files
+
+
+@dataclass(frozen=True)
+class _Probe:
+    stored_size: tuple[int, int] | None = None  # (w, h) as stored in the file
+    orientation: int = 1
+    error: str = ""  # "" = decoded fine
+    missing: bool = False
+    too_large: bool = False
+
+
+def _probe(path: Path, decode: bool, max_pixels: int | None) -> _Probe:
+    if not decode:
+        return _Probe() if path.is_file() else _Probe(error="file not found", missing=True)
+    try:
+        with open_image(path, max_pixels) as img:
+            img.load()  # full decode: truncation and corrupt data raise here
+            return _Probe(stored_size=img.size, orientation=exif_orientation(img))
+    except FileNotFoundError:
+        return _Probe(error="file not found", missing=True)
+    except ImageTooLargeError as err:
+        return _Probe(error=str(err), too_large=True)
+    except Exception as err:
+        # Corrupt data surfaces as OSError, SyntaxError, ValueError, struct.error, zlib.error...
+        return _Probe(error=f"{type(err).__name__}: {err}")
+
+
+def _probe_all(paths: list[Path], decode: bool, max_pixels: int | None,
+               num_threads: int | None) -> list[_Probe]:
+    if not paths:
+        return []
+    threads = num_threads or min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda p: _probe(p, decode, max_pixels), paths))
+
+
+def _check_files(
+    images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
+    max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
+    ann_file: Path, report: DatasetReport,
+) -> tuple[set[int], set[int]]:
+    """Probe every image file. Returns (image ids to drop, image ids to decode un-rotated)."""
+    if not image_dir.is_dir():
+        report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
+        return set(), set()
+    files = sorted({im["file_name"] for im in images.values()})
+    if check_images:
+        # The flag is a PIL global; a library imported by the user may have set it, which would
+        # make truncated files decode silently (gray-filled). Hold it False while checking.
+        with _LOAD_TRUNCATED_LOCK:
+            was = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                probes = _probe_all([image_dir / f for f in files], True, max_pixels, num_threads)
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = was
+        if was:
+            report.warnings.append(
+                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True in this process (some imported code "
+                "set it); the check ignored it, but training would decode truncated files as "
+                "gray: find and remove the line that sets it")
+        report.images_decoded = len(files)
+    else:
+        probes = _probe_all([image_dir / f for f in files], False, max_pixels, num_threads)
+    by_file = dict(zip(files, probes, strict=True))
+
+    bad: dict[int, str] = {}
+    raw_orientation: set[int] = set()
+    flips = 0
+    for image_id, im in sorted(images.items()):
+        probe = by_file[im["file_name"]]
+        where = f"{image_dir / im['file_name']} (image id {image_id})"
+        if probe.too_large:
+            report.fatal.append(f"image id {image_id}: {probe.error}")
+            continue
+        if probe.error:
+            bad[image_id] = f"{where}: {probe.error}"
+            continue
+        if probe.stored_size is None:  # existence checked only
+            continue
+        recorded = (int(im["width"]), int(im["height"]))
+        upright = upright_size(probe.stored_size, probe.orientation)
+        if recorded == upright:
+            flips += probe.orientation in (2, 3, 4)
+            continue
+        w, h = probe.stored_size
+        if recorded == probe.stored_size:  # only a swap, explained by EXIF orientation 5..8
+            if fix:
+                raw_orientation.add(image_id)
+                report.add_fix(FIX_RAW_ORIENTATION, where)
+            else:
+                report.fatal.append(
+                    f"{where}: the JSON size {w}x{h} is the stored pixels', but EXIF orientation "
+                    f"{probe.orientation} makes the decoded image {upright[0]}x{upright[1]}: "
+                    "the boxes were probably drawn on the un-rotated pixels. Run with fix=True "
+                    "(gfldet then decodes it un-rotated) or rotate the image and its boxes")
+            continue
+        rotated = (f" (EXIF orientation {probe.orientation}: {upright[0]}x{upright[1]} as decoded)"
+                   if probe.orientation != 1 else "")
+        report.fatal.append(
+            f"{where}: the JSON says {recorded[0]}x{recorded[1]} (width x height) but the file is "
+            f"{w}x{h}{rotated}; were the images resized or replaced after annotation? Fix width/"
+            "height in the JSON and make sure the boxes refer to these pixels")
+    if raw_orientation:
+        report.warnings.append(
+            f"{len(raw_orientation)} images carry an EXIF rotation that their JSON width/height do "
+            "not reflect: the annotations were probably made on the stored pixels, so gfldet "
+            "decodes them without the rotation. If your tool showed the rotated view when "
+            "labelling, swap width/height in the JSON for these images instead "
+            f"(ids {_ids(sorted(raw_orientation))})")
+    if flips:
+        report.warnings.append(
+            f"{flips} images have an EXIF flip or 180-degree rotation (orientation 2-4), which "
+            "sizes cannot verify; gfldet applies it, so boxes must be drawn on the upright view")
+    dropped = bool(bad) and _judge_bad_images(bad, len(images), fix, max_bad_image_fraction,
+                                        image_dir, report)
+    return (set(bad) if dropped else set()), raw_orientation
+
+
+def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fraction: float,
+                      image_dir: Path, report: DatasetReport) -> bool:
+    """Drop a few bad files (each listed) and return True; more than the budget is fatal."""
+    allowed = max(1, math.floor(max_fraction * num_images)) if fix and max_fraction > 0 else 0
+    missing = sum("file not found" in msg for msg in bad.values())
+    if len(bad) <= allowed:
+        for msg in bad.values():
+            report.add_fix(FIX_BAD_IMAGE, msg, examples=MAX_LISTED)
+        return True
+    hint = ""
+    if missing == num_images:
+        hint = f" None of the files exists: is {image_dir} the right image folder?"
+    elif missing > len(bad) / 2:
+        hint = " Most are missing: was the image archive fully extracted?"
+    report.fatal.append(
+        f"{len(bad)} of {num_images} image files are missing or unreadable, more than "
+        f"{allowed} (max_decode_failures={max_fraction:g}{'' if fix else ', fix=False'})."
+        f"{hint} Restore or re-download them, or remove these images from the JSON; the first: "
+        + "; ".join(list(bad.values())[:MAX_LISTED]))
+    return False
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def check_dataset(
+    image_dir: str | Path,
+    ann_file: str | Path,
+    fix: bool = True,
+    check_images: bool = True,
+    *,
+    max_bad_image_fraction: float = 0.01,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    num_threads: int | None = None,
+) -> DatasetReport:
+    """Check a COCO-format dataset; see the module docstring for what is fatal and what is fixed.
+
+    ``check_images=False`` skips decoding (files are only checked to exist, and sizes are not
+    compared). ``max_bad_image_fraction`` (``train.max_decode_failures``) is the share of image
+    files that may be missing/unreadable and dropped; at least one is always tolerated unless it
+    is 0. Never raises for bad data: call ``raise_if_fatal()`` on the report.
+    """
+    start = time.perf_counter()
+    image_dir, ann_file = Path(image_dir), Path(ann_file)
+    report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
+    data = _load_json(ann_file, report)
+    if data is None:
+        report.seconds = time.perf_counter() - start
+        return report
+    report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
+
+    cat_ids = _check_categories(data["categories"], ann_file, report)
+    images = _check_images_json(data["images"], ann_file, report)
+    all_ids = {im["id"] for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))}
+    anns = _check_annotations_json(data["annotations"], set(images), all_ids, cat_ids, ann_file, report)
+    if not images and not report.fatal:
+        report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
+
+    drop, raw_orientation = _check_files(images, image_dir, check_images, fix, max_bad_image_fraction,
+                                         max_image_pixels, num_threads, ann_file, report)
+    # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
+    # every image that passed (un-rotated decoding keeps the recorded frame too).
+    sizes = {i: (int(im["width"]), int(im["height"])) for i, im in images.items()}
+    dropped_anns = [a for a in anns if a["image_id"] in drop]
+    if dropped_anns:
+        report.add_fix(FIX_BAD_IMAGE_ANNS, f"ids {_ids(a['id'] for a in dropped_anns)}",
+                       count=len(dropped_anns))
+    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], sizes, fix, ann_file, report)
+
+    if not report.fatal:
+        if not anns:
+            report.warnings.append("no usable annotations remain: a training split needs boxes")
+        report.annotations = {
+            **data,  # keeps info / licenses, which pycocotools and evaluation may read
+            "images": [im for im in data["images"] if im["id"] not in drop],
+            "annotations": anns,
+        }
+        report.raw_orientation_ids = frozenset(raw_orientation)
+    report.seconds = time.perf_counter() - start
+    return report
