@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_dataset(cfg, "val")
     loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
                               seed=cfg.train.seed, distributed=is_distributed(), size_divisor=cfg.data.size_divisor)
+    cfg.model.backbone.weights = None  # every weight comes from the checkpoint: no ImageNet download
     model = build_model(cfg.model)
     state = load_checkpoint(args.checkpoint)
     weights = state.get("model", state)

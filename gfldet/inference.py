@@ -1,0 +1,323 @@
+"""Run a trained detector on images: `Detector.from_checkpoint(path)(image)`, and draw the result.
+
+A `Detector` does the test-time pipeline of evaluation (gfldet.data's keep-ratio resize,
+ImageNet normalisation, zero padding to a multiple of 32) and returns detections in the pixels
+of the image it was given.
+
+Shape legend: `N` detections of one image, `H`, `W` the image's own size.
+Per image, `Detector` returns a dict:
+    boxes        float32 [N, 4]  xyxy, original image pixels
+    scores       float32 [N]     joint class-quality score, descending
+    labels       int64   [N]     class index in [0, C)
+    class_names  list[str] of N  name of each detection's class
+"""
+
+from __future__ import annotations
+
+import colorsys
+import copy
+import glob
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from gfldet.config import Config, ConfigError, config_from_dict, load_config
+from gfldet.data import build_transforms, collate, load_image_rgb, pil_to_rgb_array
+from gfldet.data.synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
+from gfldet.engine.build import build_model
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from gfldet.models.detector import GFL
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def model_weights(state: Mapping[str, Any], use_ema: bool = True, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The model state dict inside any gfldet checkpoint.
+
+    Training checkpoints hold `model` and `ema` (a `torch.optim.swa_utils.AveragedModel` state
+    dict: "module." + model keys, plus "n_averaged"); the EMA weights are the ones evaluated,
+    so they win when present and `use_ema`. Exported and converted files hold `model` only; a
+    bare state dict (tensors only) is accepted as is.
+    """
+    if use_ema and state.get("ema") is not None:
+        return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    if "model" in state:
+        return dict(state["model"])
+    if "state_dict" in state:
+        return dict(state["state_dict"])
+    if state and all(isinstance(v, Tensor) for v in state.values()):
+        return dict(state)
+    raise CheckpointError(
+        f"{source} holds no model weights (no 'model', 'ema' or 'state_dict' entry; keys: "
+        f"{sorted(state)[:10]}). Pass a checkpoint written by tools/train.py, tools/export.py "
+        "or tools/convert_mmdet.py."
+    )
+
+
+def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path | None, source: str) -> Config:
+    """`config` if given (a Config or a YAML path), else the config stored in the checkpoint."""
+    if isinstance(config, Config):
+        return config
+    if config is not None:
+        return load_config(config)
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(
+            f"{source} stores no config; pass one: Detector.from_checkpoint(path, config='configs/....yaml')"
+        )
+    return config_from_dict(state["config"], f"{source} (stored config)")
+
+
+def build_inference_model(cfg: Config) -> GFL:
+    """`build_model` without fetching ImageNet backbone weights (the checkpoint replaces them)."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.backbone.weights = None
+    return build_model(model_cfg).eval()
+
+
+def class_names_for(cfg: Config, state: Mapping[str, Any] | None = None) -> list[str]:
+    """Class names, first found of: the checkpoint's `meta.class_names`, the synthetic dataset's
+    categories, the categories of the config's val (then train) annotation file; else
+    "class_0", "class_1", ... Names are in label order (sorted category id, as CocoDetection)."""
+    num_classes = cfg.model.num_classes
+    meta = (state or {}).get("meta") or {}
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    if names is None and cfg.data.synthetic is not None:
+        names = [name for _, name in sorted(SYNTHETIC_CATEGORIES)]
+    if names is None:
+        for split in (cfg.data.val, cfg.data.train):
+            names = _category_names(Path(split.annotations))
+            if names is not None:
+                break
+    if names is None or len(names) != num_classes:
+        return [f"class_{i}" for i in range(num_classes)]
+    return [str(n) for n in names]
+
+
+def _category_names(ann_file: Path) -> list[str] | None:
+    if not ann_file.is_file():
+        return None
+    try:
+        categories = json.loads(ann_file.read_text()).get("categories", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["id"]))] or None
+
+
+# --------------------------------------------------------------------------- images
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """An image file, a folder (its images, not recursive) or a glob pattern -> image paths, sorted."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        return found
+    found = sorted(Path(p) for p in glob.glob(str(source), recursive=True))
+    found = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise FileNotFoundError(f"{source}: not an image file, a folder, or a glob matching images")
+    return found
+
+
+
+def to_rgb_array(image: ImageInput) -> np.ndarray:
+    """A path, PIL image or [H, W, 3] uint8 RGB array -> uint8 [H, W, 3] RGB array."""
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        return load_image_rgb(path)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb_array(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"a numpy image must be uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)} "
+                "(convert BGR from cv2 with image[..., ::-1])"
+            )
+        return np.ascontiguousarray(image)
+    raise TypeError(
+        f"expected an image path, a PIL image or a uint8 [H, W, 3] numpy array, got {type(image).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- detector
+
+
+def prepare_batch(
+    images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32
+) -> tuple[Tensor, list[dict[str, Any]]]:
+    """uint8 RGB arrays -> (normalised batch [B, 3, H', W'] zero-padded to `size_divisor`, one
+    target per image with `image_size` (resized, unpadded) and `orig_size`), exactly as the val
+    loader batches them. `transform` is `gfldet.data.build_transforms(train=False, ...)`."""
+    empty_boxes, empty_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    samples = []
+    for image in images:
+        tensor = transform(image=image, bboxes=empty_boxes, labels=empty_labels)["image"]
+        tensor = torch.as_tensor(tensor).float().contiguous()
+        samples.append((tensor, {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]}))
+    return collate(samples, size_divisor)
+
+
+class Detector:
+    """A GFL model with its test-time preprocessing; call it on one image or a list of images.
+
+    Args:
+        model: the detector (put in eval mode and moved to `device`).
+        short_side, max_size, size_divisor: the test-time resize and padding (config `data.*`).
+        class_names: one name per class; defaults to "class_<i>".
+        batch_size: images per forward pass. 1 reproduces evaluation exactly; larger batches pad
+            images to a common size, which changes features near the padding slightly.
+    """
+
+    def __init__(
+        self,
+        model: GFL,
+        short_side: int = 800,
+        max_size: int = 1333,
+        size_divisor: int = 32,
+        class_names: Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.size_divisor = size_divisor
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(model.num_classes)]
+        if len(self.class_names) != model.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for a model of {model.num_classes} classes")
+        self.batch_size = max(1, int(batch_size))
+        self.transform = build_transforms(train=False, short_side=short_side, max_size=max_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        config: Config | str | Path | None = None,
+        device: str | torch.device = "cpu",
+        score_thr: float | None = None,
+        use_ema: bool = True,
+        batch_size: int = 1,
+    ) -> Detector:
+        """Load any gfldet checkpoint (training, exported weights, converted MMDetection).
+
+        config: a Config or YAML path; by default the config stored in the checkpoint.
+        score_thr: keep detections scoring above this (default: the config's model.test.score_thr).
+        """
+        state = load_checkpoint(path)
+        cfg = config_for_checkpoint(state, config, str(path))
+        if score_thr is not None:
+            cfg = copy.deepcopy(cfg)
+            cfg.model.test.score_thr = float(score_thr)
+        model = build_inference_model(cfg)
+        load_model_weights(model, model_weights(state, use_ema, str(path)), strict=True)
+        return cls(
+            model, cfg.data.test_short_side, cfg.data.max_size, cfg.data.size_divisor,
+            class_names_for(cfg, state), device, batch_size,
+        )
+
+    @property
+    def score_thr(self) -> float:
+        return self.model.test_settings.score_thr
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Tensor, list[dict[str, Any]]]:
+        """RGB arrays -> a padded batch [B, 3, H', W'] and targets with image_size / orig_size."""
+        return prepare_batch(images, self.transform, self.size_divisor)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
+        """Detections of each image (see the module docstring for the dict)."""
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(images), self.batch_size):
+            arrays = [to_rgb_array(im) for im in images[start : start + self.batch_size]]
+            batch, targets = self.preprocess(arrays)
+            for det in self.model(batch.to(self.device), targets):
+                labels = det["labels"].cpu().numpy().astype(np.int64)
+                results.append({
+                    "boxes": det["boxes"].float().cpu().numpy(),
+                    "scores": det["scores"].float().cpu().numpy(),
+                    "labels": labels,
+                    "class_names": [self.class_names[int(i)] for i in labels],
+                })
+        return results
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any] | list[dict[str, Any]]:
+        """One image -> one dict; a list or tuple of images -> a list of dicts."""
+        if isinstance(images, list | tuple):
+            return self.predict(images)
+        return self.predict([images])[0]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def detections_to_json(det: Mapping[str, Any], decimals: int = 2) -> list[dict[str, Any]]:
+    """One image's detections as JSON-able dicts: box [x1, y1, x2, y2] pixels, score, label, class_name."""
+    return [
+        {
+            "box": [round(float(v), decimals) for v in box],
+            "score": round(float(score), 4),
+            "label": int(label),
+            "class_name": name,
+        }
+        for box, score, label, name in zip(det["boxes"], det["scores"], det["labels"], det["class_names"], strict=True)
+    ]
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A distinct, saturated RGB colour per class (hues spaced by the golden angle)."""
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(
+    image: ImageInput, det: Mapping[str, Any], class_names: Sequence[str] | None = None
+) -> Image.Image:
+    """A copy of `image` with each detection's box and "name score" label drawn (PIL only).
+
+    class_names: names by label; by default the detection dict's own `class_names`.
+    """
+    canvas = Image.fromarray(to_rgb_array(image))
+    draw = ImageDraw.Draw(canvas)
+    side = min(canvas.size)
+    width = max(1, round(side / 250))
+    font = _font(max(10, round(side / 45)))
+    boxes, scores, labels = np.asarray(det["boxes"]).reshape(-1, 4), det["scores"], det["labels"]
+    names = det.get("class_names") if class_names is None else [class_names[int(i)] for i in labels]
+    # Weakest first, so the strongest detections' labels end up on top.
+    for i in np.argsort(np.asarray(scores), kind="stable"):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        colour = class_colour(int(labels[i]))
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        name = names[i] if names is not None else str(int(labels[i]))
+        text = f"{name} {float(scores[i]):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        text_w, text_h = right - left, bottom - top
+        # Above the box when there is room, else just inside its top edge.
+        ty = y1 - text_h - 2 * width if y1 - text_h - 2 * width >= 0 else y1
+        tx = min(max(x1, 0), max(canvas.width - text_w - 2 * width, 0))
+        draw.rectangle([tx, ty, tx + text_w + 2 * width, ty + text_h + 2 * width], fill=colour)
+        draw.text((tx + width - left, ty + width - top), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, OSError):
+        return ImageFont.load_default()

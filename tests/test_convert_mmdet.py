@@ -1,0 +1,209 @@
+"""MMDetection GFL checkpoint -> gfldet: every key mapped both ways, loud failures otherwise.
+
+The MMDetection state dicts here are written from MMDetection's module layout (ResNet
+`conv1/bn1/layerN.i.convK/bnK/downsample`, FPN `lateral_convs/fpn_convs` ConvModules, GFLHead
+`cls_convs/reg_convs` ConvModules with GN, `gfl_cls`, `gfl_reg`, `scales.l.scale`,
+`integral.project`), not from gfldet's model, so the mapping is checked against an independent
+description.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export import load_tool
+
+from gfldet.convert_mmdet import ConversionError, convert_state_dict, infer_model_settings
+from gfldet.engine.checkpoint import load_checkpoint
+from gfldet.models import build_gfl
+
+STAGES = {18: ((2, 2, 2, 2), False), 50: ((3, 4, 6, 3), True)}
+
+
+def _bn(sd: dict, name: str, channels: int, tracked: bool = True) -> None:
+    sd[f"{name}.weight"] = torch.rand(channels) + 0.5
+    sd[f"{name}.bias"] = torch.randn(channels)
+    sd[f"{name}.running_mean"] = torch.randn(channels)
+    sd[f"{name}.running_var"] = torch.rand(channels) + 0.5
+    if tracked:
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(1234)
+
+
+def _conv(sd: dict, name: str, out: int, inp: int, k: int, bias: bool = False) -> None:
+    sd[f"{name}.weight"] = torch.randn(out, inp, k, k) * 0.05
+    if bias:
+        sd[f"{name}.bias"] = torch.randn(out) * 0.01
+
+
+def mmdet_gfl_state_dict(
+    depth: int = 50, num_classes: int = 80, fpn: int = 256, feat: int = 256, stacked: int = 4,
+    reg_max: int = 16, tracked: bool = True,
+) -> dict[str, torch.Tensor]:
+    """An MMDetection GFL (ResNet-`depth`, FPN start_level=1 with 2 extra convs, GN head) state dict."""
+    blocks, bottleneck = STAGES[depth]
+    expansion = 4 if bottleneck else 1
+    sd: dict[str, torch.Tensor] = {}
+    _conv(sd, "backbone.conv1", 64, 3, 7)
+    _bn(sd, "backbone.bn1", 64, tracked)
+    inp, stage_out = 64, []
+    for stage, (count, width) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True), start=1):
+        for i in range(count):
+            p = f"backbone.layer{stage}.{i}"
+            if bottleneck:
+                _conv(sd, f"{p}.conv1", width, inp, 1)
+                _conv(sd, f"{p}.conv2", width, width, 3)
+                _conv(sd, f"{p}.conv3", width * 4, width, 1)
+                for j, c in ((1, width), (2, width), (3, width * 4)):
+                    _bn(sd, f"{p}.bn{j}", c, tracked)
+            else:
+                _conv(sd, f"{p}.conv1", width, inp, 3)
+                _conv(sd, f"{p}.conv2", width, width, 3)
+                _bn(sd, f"{p}.bn1", width, tracked)
+                _bn(sd, f"{p}.bn2", width, tracked)
+            if i == 0 and (inp != width * expansion or stage > 1):
+                _conv(sd, f"{p}.downsample.0", width * expansion, inp, 1)
+                _bn(sd, f"{p}.downsample.1", width * expansion, tracked)
+            inp = width * expansion
+        stage_out.append(inp)
+    for i, c in enumerate(stage_out[1:]):  # start_level=1: C3, C4, C5
+        _conv(sd, f"neck.lateral_convs.{i}.conv", fpn, c, 1, bias=True)
+    for i in range(5):  # 3 output convs, then P6 and P7 (add_extra_convs='on_output')
+        _conv(sd, f"neck.fpn_convs.{i}.conv", fpn, fpn, 3, bias=True)
+    for tower in ("cls_convs", "reg_convs"):
+        for i in range(stacked):
+            _conv(sd, f"bbox_head.{tower}.{i}.conv", feat, fpn if i == 0 else feat, 3)  # no bias with GN
+            sd[f"bbox_head.{tower}.{i}.gn.weight"] = torch.rand(feat) + 0.5
+            sd[f"bbox_head.{tower}.{i}.gn.bias"] = torch.randn(feat)
+    _conv(sd, "bbox_head.gfl_cls", num_classes, feat, 3, bias=True)
+    _conv(sd, "bbox_head.gfl_reg", 4 * (reg_max + 1), feat, 3, bias=True)
+    for level in range(5):
+        sd[f"bbox_head.scales.{level}.scale"] = torch.tensor(1.0 + 0.1 * level)  # 0-dim, as mmcv's Scale
+    sd["bbox_head.integral.project"] = torch.linspace(0, reg_max, reg_max + 1)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def r50():
+    torch.manual_seed(0)
+    mmdet = mmdet_gfl_state_dict()
+    model = build_gfl(**infer_model_settings(mmdet)).eval()
+    return mmdet, model.state_dict(), model
+
+
+def test_r50_maps_every_key_both_ways(r50):
+    mmdet, target, _ = r50
+    settings = infer_model_settings(mmdet)
+    assert settings == {"num_classes": 80, "depth": 50, "fpn_channels": 256, "feat_channels": 256,
+                        "stacked_convs": 4, "norm": "gn", "reg_max": 16}
+    converted, report = convert_state_dict(mmdet, target)
+    assert set(converted) == set(target)  # none missing
+    assert all(converted[k].shape == target[k].shape for k in target)
+    assert report.dropped == ["bbox_head.integral.project"] and report.filled == []
+    # None left over: every other mmdet key is used once (the 5 scales become one tensor).
+    assert len(mmdet) - 1 == len(converted) + 4 == report.mapped + 4
+    # Keys whose shapes cannot tell them apart go where MMDetection's forward uses them.
+    pairs = {
+        "backbone.stem.0.weight": "backbone.conv1.weight",
+        "backbone.stem.1.running_var": "backbone.bn1.running_var",
+        "backbone.stem.1.num_batches_tracked": "backbone.bn1.num_batches_tracked",
+        "backbone.layer3.5.bn2.bias": "backbone.layer3.5.bn2.bias",
+        "backbone.layer2.0.downsample.1.running_mean": "backbone.layer2.0.downsample.1.running_mean",
+        "neck.lateral_convs.2.weight": "neck.lateral_convs.2.conv.weight",
+        "neck.output_convs.0.weight": "neck.fpn_convs.0.conv.weight",
+        "neck.output_convs.2.bias": "neck.fpn_convs.2.conv.bias",
+        "neck.p6.weight": "neck.fpn_convs.3.conv.weight",
+        "neck.p7.weight": "neck.fpn_convs.4.conv.weight",
+        "head.cls_tower.0.weight": "bbox_head.cls_convs.0.conv.weight",
+        "head.cls_tower.4.bias": "bbox_head.cls_convs.1.gn.bias",
+        "head.reg_tower.9.weight": "bbox_head.reg_convs.3.conv.weight",
+        "head.reg_tower.10.weight": "bbox_head.reg_convs.3.gn.weight",
+        "head.cls_out.bias": "bbox_head.gfl_cls.bias",
+        "head.reg_out.weight": "bbox_head.gfl_reg.weight",
+    }
+    for ours, theirs in pairs.items():
+        assert torch.equal(converted[ours], mmdet[theirs]), f"{ours} should come from {theirs}"
+    assert torch.allclose(converted["head.scales"], torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4]))
+
+
+def test_converted_weights_load_and_run(r50):
+    mmdet, target, model = r50
+    converted, _ = convert_state_dict(mmdet, target)
+    model.load_state_dict(converted, strict=True)
+    with torch.no_grad():
+        (det,) = model(torch.randn(1, 3, 64, 96))
+    assert det["boxes"].shape[1] == 4
+
+
+@pytest.mark.parametrize("key", ["neck.fpn_convs.4.conv.bias", "bbox_head.scales.2.scale",
+                                 "backbone.layer4.2.bn3.running_var"])
+def test_missing_key_is_refused(r50, key):
+    mmdet, target, _ = r50
+    broken = {k: v for k, v in mmdet.items() if k != key}
+    with pytest.raises(ConversionError, match="missing") as err:
+        convert_state_dict(broken, target)
+    expected = {"neck.fpn_convs.4.conv.bias": "neck.p7.bias", "bbox_head.scales.2.scale": "head.scales",
+                "backbone.layer4.2.bn3.running_var": "backbone.layer4.2.bn3.running_var"}[key]
+    assert expected in str(err.value)
+
+
+def test_reshaped_key_is_refused(r50):
+    mmdet, target, _ = r50
+    broken = dict(mmdet)
+    broken["backbone.layer2.0.conv2.weight"] = torch.zeros(128, 64, 3, 3)
+    with pytest.raises(ConversionError, match=r"reshaped") as err:
+        convert_state_dict(broken, target)
+    assert "backbone.layer2.0.conv2.weight [128, 64, 3, 3]" in str(err.value)
+    assert "[128, 128, 3, 3]" in str(err.value)
+
+
+def test_unknown_key_is_refused(r50):
+    mmdet, target, _ = r50
+    broken = {**mmdet, "backbone.layer2.0.conv2.conv_offset.weight": torch.zeros(27, 128, 3, 3)}
+    with pytest.raises(ConversionError, match="unmapped") as err:
+        convert_state_dict(broken, target)
+    assert "conv_offset" in str(err.value)
+    with pytest.raises(ConversionError, match="DCN"):
+        infer_model_settings(broken)
+
+
+def test_unexpected_project_bins_are_refused(r50):
+    mmdet, target, _ = r50
+    broken = {**mmdet, "bbox_head.integral.project": torch.linspace(0, 1, 17)}
+    with pytest.raises(ConversionError, match="project"):
+        convert_state_dict(broken, target)
+
+
+def test_checkpoint_without_bn_counters_is_filled():
+    mmdet = mmdet_gfl_state_dict(depth=18, num_classes=3, fpn=32, feat=64, stacked=1, tracked=False)
+    settings = infer_model_settings(mmdet)
+    assert settings["depth"] == 18 and settings["stacked_convs"] == 1
+    target = build_gfl(**settings).state_dict()
+    converted, report = convert_state_dict(mmdet, target)
+    assert report.filled and all(k.endswith("num_batches_tracked") for k in report.filled)
+    assert set(converted) == set(target)
+
+
+def test_cli_converts_a_wrapped_checkpoint_and_detector_loads_it(tmp_path, capsys):
+    from gfldet.inference import Detector
+
+    torch.manual_seed(1)
+    mmdet = mmdet_gfl_state_dict(depth=18, num_classes=3, fpn=32, feat=64, stacked=1)
+    src, out = tmp_path / "gfl_r18_mmdet.pth", tmp_path / "gfl_r18_gfldet.pth"
+    torch.save({"meta": {"mmdet_version": "2.3.0", "CLASSES": ("cat", "dog", "bird")},
+                "state_dict": mmdet}, src)
+    convert = load_tool("convert_mmdet")
+    assert convert.main([str(src), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ResNet-18" in text and "integral.project" in text
+    state = load_checkpoint(out)
+    assert state["meta"]["class_names"] == ["cat", "dog", "bird"]
+    detector = Detector.from_checkpoint(out)  # the config stored in the file describes the model
+    assert detector.class_names == ["cat", "dog", "bird"]
+    assert torch.equal(detector.model.state_dict()["neck.p7.weight"], mmdet["neck.fpn_convs.4.conv.weight"])
+
+    # A refused conversion writes nothing and names the key.
+    del mmdet["bbox_head.gfl_cls.bias"]
+    torch.save({"state_dict": mmdet}, src)
+    bad = tmp_path / "bad.pth"
+    assert convert.main([str(src), str(bad)]) == 1
+    assert "head.cls_out.bias" in capsys.readouterr().err and not bad.exists()

@@ -1,0 +1,91 @@
+"""Detector (the Python one-liner) and tools/predict.py on a folder of generated images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_export import load_tool, training_checkpoint
+
+from gfldet.config import config_to_dict
+from gfldet.data import CocoDetection, build_transforms, collate
+from gfldet.data.synthetic import CATEGORIES
+from gfldet.inference import Detector, draw_detections
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_coco):
+    """A tiny checkpoint and a config whose val split is the tiny dataset (for class names)."""
+    folder = tmp_path_factory.mktemp("predict")
+    cfg = config_to_dict(training_checkpoint(folder / "last.pth", num_classes=len(CATEGORIES)))
+    cfg["data"]["val"] = {"images": str(tiny_coco["val_images"]), "annotations": str(tiny_coco["val_ann"])}
+    config_path = folder / "tiny.yaml"
+    config_path.write_text(json.dumps(cfg))
+    return folder, config_path
+
+
+def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
+    folder, config_path = run
+    detector = Detector.from_checkpoint(folder / "last.pth", config=config_path, score_thr=0.2)
+    assert detector.class_names == [name for _, name in CATEGORIES]
+    dataset = CocoDetection(tiny_coco["val_images"], tiny_coco["val_ann"],
+                            build_transforms(train=False, short_side=128, max_size=192), filter_empty=False)
+    paths = [tiny_coco["val_images"] / dataset.coco.imgs[i]["file_name"] for i in dataset.image_ids]
+    got = detector(paths)
+    assert isinstance(got, list) and len(got) == len(paths)
+    with torch.no_grad():
+        for i, det in enumerate(got):
+            images, targets = collate([dataset[i]])
+            (ref,) = detector.model(images, targets)
+            assert np.allclose(det["boxes"], ref["boxes"].numpy()) and np.allclose(det["scores"], ref["scores"].numpy())
+            assert det["class_names"] == [detector.class_names[j] for j in det["labels"]]
+            h, w = dataset.coco.imgs[dataset.image_ids[i]]["height"], dataset.coco.imgs[dataset.image_ids[i]]["width"]
+            if len(det["boxes"]):  # original pixels: clipped to the original image, not the resized one
+                assert det["boxes"][:, [0, 2]].max() <= w and det["boxes"][:, [1, 3]].max() <= h
+    assert sum(len(d["scores"]) for d in got) > 0
+
+    # A path, a PIL image and an RGB array of the same picture give the same detections.
+    array = np.asarray(Image.open(paths[0]).convert("RGB"))
+    for same in (detector(Image.open(paths[0])), detector(array)):
+        assert np.array_equal(same["boxes"], got[0]["boxes"])
+    with pytest.raises(ValueError, match="uint8"):
+        detector(array.astype(np.float32))
+
+
+def test_draw_detections_draws_boxes():
+    image = np.full((100, 120, 3), 200, np.uint8)
+    det = {"boxes": np.array([[10, 20, 60, 80]], np.float32), "scores": np.array([0.9], np.float32),
+           "labels": np.array([1]), "class_names": ["square"]}
+    drawn = np.asarray(draw_detections(image, det))
+    assert drawn.shape == image.shape
+    assert (drawn[50, 10] != 200).any() and (drawn[50, 35] == 200).all()  # edge drawn, inside untouched
+    assert (drawn[:20, 10:60] != 200).any()  # the label sits above the box
+
+
+def test_predict_writes_drawn_images_and_json_for_a_folder(run, tiny_coco, tmp_path, capsys):
+    folder, config_path = run
+    out = tmp_path / "out"
+    code = load_tool("predict").main([str(config_path), str(folder / "last.pth"), str(tiny_coco["val_images"]),
+                                      "--out", str(out), "--score-thr", "0.3"])
+    assert code == 0
+    sources = sorted(tiny_coco["val_images"].iterdir())
+    assert "4 image(s)" in capsys.readouterr().out
+    for source in sources:
+        drawn, record = out / source.name, json.loads((out / f"{source.stem}.json").read_text())
+        with Image.open(source) as original, Image.open(drawn) as result:
+            assert result.size == original.size == (record["width"], record["height"])
+        assert record["image"] == str(source)
+        for d in record["detections"]:
+            assert d["score"] > 0.3 and d["class_name"] in {name for _, name in CATEGORIES}
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 < x2 <= record["width"] and 0 <= y1 < y2 <= record["height"]
+    assert any(json.loads(p.read_text())["detections"] for p in out.glob("*.json"))
+
+    # A glob works too, and an input matching nothing is a clear error.
+    code = load_tool("predict").main([str(config_path), str(folder / "last.pth"),
+                                      str(tiny_coco["val_images"] / "*.jpg"), "--out", str(tmp_path / "glob")])
+    assert code == 0 and len(list((tmp_path / "glob").glob("*.json"))) == len(sources)
+    assert load_tool("predict").main([str(config_path), str(folder / "last.pth"), str(tmp_path / "nothing*.png")]) == 2

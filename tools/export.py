@@ -1,0 +1,179 @@
+"""Export a trained GFL detector for deployment, and check the export against PyTorch.
+
+    python tools/export.py CONFIG CHECKPOINT --format weights      # inference-only .pth
+    python tools/export.py CONFIG CHECKPOINT --format onnx [--nms] [--dynamic] [--shape H W]
+    python tools/export.py CONFIG CHECKPOINT --format torchscript [--nms]
+
+weights: drops optimizer/scheduler/RNG state (EMA weights become the model when the run kept
+an EMA), writes NAME-<sha256[:8]>.pth and the config as NAME-<sha256[:8]>.yaml beside it.
+
+onnx / torchscript: the graph takes normalised, padded images [B, 3, H, W] and returns every
+prior's boxes [B, A, 4] (input pixels) and scores [B, A, C]; with --nms, padded detections
+boxes [B, K, 4], scores [B, K], labels [B, K] and num_dets [B]. Without --dynamic the ONNX graph
+has the fixed shape --shape (images are letterboxed into it). The export is run on real images
+(--verify-images, default the config's val images) and compared with PyTorch; it fails (exit 1)
+when the largest difference exceeds --rtol (scores) or --rtol x image side (boxes, pixels).
+ONNX needs the optional extra: pip install -e ".[export]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gfldet.config import Config, ConfigError, load_config
+from gfldet.data import build_transforms
+from gfldet.data.synthetic import SynthParams, render_image
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from gfldet.export import (
+    DEFAULT_OPSET,
+    ExportVerificationError,
+    export_onnx,
+    export_torchscript,
+    letterbox,
+    onnx_runner,
+    publish_weights,
+    torchscript_runner,
+    verify,
+)
+from gfldet.inference import (
+    build_inference_model,
+    list_images,
+    model_weights,
+    prepare_batch,
+    to_rgb_array,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config the checkpoint was trained with")
+    parser.add_argument("checkpoint", help="checkpoint written by tools/train.py (or an exported .pth)")
+    parser.add_argument("--format", required=True, choices=("weights", "onnx", "torchscript"))
+    parser.add_argument("--out", help="output file (default: beside the checkpoint, named after the config)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    parser.add_argument("--nms", action="store_true", help="onnx/torchscript: include post-processing and NMS")
+    parser.add_argument("--dynamic", action="store_true", help="onnx: free batch, height and width axes")
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"),
+                        help="fixed input shape, multiples of 32 (default: the largest landscape test "
+                             "input, data.test_short_side x data.max_size rounded up to 32)")
+    parser.add_argument("--verify-images", help="image file, folder or glob to verify on (default: config's val images)")
+    parser.add_argument("--num-verify", type=int, default=4, help="images to verify on")
+    parser.add_argument("--rtol", type=float, default=1e-4,
+                        help="tolerance: scores absolute, boxes relative to the largest input side")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--score-thr", type=float, help="--nms: score threshold baked into the graph "
+                        "(default: model.test.score_thr)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def default_output(args: argparse.Namespace) -> Path:
+    """Beside the checkpoint, named after the config (or the run folder for a run's config.yaml)."""
+    folder = Path(args.checkpoint).resolve().parent
+    name = Path(args.config).stem
+    base = folder / (folder.name if name == "config" else name)
+    if args.format == "weights":
+        return base.with_suffix(".pth")
+    tags = ("_nms" if args.nms else "") + ("_dynamic" if args.dynamic and args.format == "onnx" else "")
+    suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
+    return base.with_name(base.name + tags + suffix)
+
+
+def verification_images(cfg: Config, source: str | None, count: int) -> tuple[list[np.ndarray], str]:
+    """RGB images to verify on, and where they came from."""
+    if source is not None:
+        paths = list_images(source)[:count]
+        return [to_rgb_array(p) for p in paths], source
+    folders = [Path(cfg.data.synthetic.root) / "val"] if cfg.data.synthetic is not None else []
+    folders.append(Path(cfg.data.val.images))
+    for folder in folders:
+        if folder.is_dir():
+            try:
+                paths = list_images(folder)[:count]
+            except FileNotFoundError:
+                continue
+            return [to_rgb_array(p) for p in paths], str(folder)
+    # No dataset on this machine: synthetic scenes (shapes on textured backgrounds), as the
+    # bundled dataset renders them, at a few sizes and aspect ratios.
+    sizes = [(320, 416), (416, 320), (288, 288), (352, 480)]
+    images = [render_image(np.random.default_rng(i), *sizes[i % len(sizes)], SynthParams())[0] for i in range(count)]
+    return images, "generated synthetic scenes (no val images found)"
+
+
+def model_inputs(cfg: Config, images: list[np.ndarray], shape: tuple[int, int] | None) -> list[torch.Tensor]:
+    """[1, 3, H, W] inputs: letterboxed into `shape`, or each at its own test-time size."""
+    if shape is not None:
+        return [letterbox(im, *shape) for im in images]
+    transform = build_transforms(train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size)
+    return [prepare_batch([im], transform, cfg.data.size_divisor)[0] for im in images]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_output(args)
+    use_ema = not args.no_ema
+    try:
+        if args.format == "weights":
+            weights_path, config_path = publish_weights(args.checkpoint, cfg, out, use_ema)
+            print(f"weights: {weights_path}\nconfig:  {config_path}")
+            return 0
+        model = build_inference_model(cfg)
+        state = load_checkpoint(args.checkpoint)
+        load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    settings = None
+    if args.score_thr is not None:
+        settings = dataclasses.replace(model.test_settings, score_thr=args.score_thr)
+    shape = tuple(args.shape) if args.shape else None
+    if shape is None and args.format == "onnx" and not args.dynamic:
+        divisor = cfg.data.size_divisor
+        shape = (math.ceil(cfg.data.test_short_side / divisor) * divisor, math.ceil(cfg.data.max_size / divisor) * divisor)
+    if shape is not None and any(s % 32 for s in shape):
+        print(f"error: --shape {shape[0]} {shape[1]}: both sides must be multiples of 32", file=sys.stderr)
+        return 2
+    try:
+        images, origin = verification_images(cfg, args.verify_images, args.num_verify)
+    except FileNotFoundError as err:
+        print(f"error: --verify-images: {err}", file=sys.stderr)
+        return 2
+    inputs = model_inputs(cfg, images, shape)
+
+    try:
+        if args.format == "onnx":
+            export_onnx(model, out, inputs[0], args.nms, args.dynamic, settings, args.opset)
+            runner = onnx_runner(out)
+        else:
+            export_torchscript(model, out, inputs[0], args.nms, settings)
+            runner = torchscript_runner(out)
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    what = f"{args.format} export {out}"
+    print(f"wrote {out} (input {'dynamic' if args.dynamic and args.format == 'onnx' else list(inputs[0].shape)}"
+          f"{', with NMS' if args.nms else ''})")
+    try:
+        report = verify(runner, model, inputs, args.nms, settings, args.rtol, what)
+    except ExportVerificationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"verified against PyTorch on {len(inputs)} image(s) from {origin}: {report.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
