@@ -1,0 +1,156 @@
+"""Time and peak memory of `atss_assign` (batched over images and boxes) against a straightforward
+per-image, per-box loop, for 1 to 1000 boxes per image at 800x1344 (P3-P7 priors, 22,400 per
+image), batch 2, fp32, same threads.
+
+    python benchmarks/assigner.py [--boxes 1 10 100 1000] [--batch 2] [--repeats 5] [--threads N]
+
+Time: alternating runs in this process, medians. Peak memory: each (entrant, boxes) runs once
+more in a fresh subprocess, which builds its inputs, warms up on 1 box per image, then calls the
+entrant once; reported is the process's peak resident set (ru_maxrss) after the call minus its
+resident set just before it, i.e. the extra memory the call touched at its peak. It is an upper
+bound: a call needing less than the "floor" (the earlier peak left by imports and set-up above
+the resident set before the call) shows the floor. The "exp." columns are the log-log slopes
+d log(y) / d log(boxes) against the previous row: <= 1 means at most linear growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+from common import (
+    machine,
+    markdown_table,
+    peak_rss_mib,
+    random_boxes,
+    rss_mib,
+    set_threads,
+    time_alternating,
+)
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from gfldet.assigner import atss_assign
+from gfldet.models.priors import Priors, make_priors, valid_prior_mask
+
+LEVEL_SIZES = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]  # 800x1344 at strides 8..128
+STRIDES = [8, 16, 32, 64, 128]
+HEIGHT, WIDTH = 800, 1344
+
+
+def loop_assign(priors: Priors, gt_boxes: Tensor, topk: int = 9) -> Tensor:
+    """ATSS the obvious way (MMDetection's ATSSAssigner order): per image an [A, G] IoU matrix,
+    then per box its top-k nearest priors per level, mean + std threshold, centre inside."""
+    anchors, centers = priors.boxes, priors.centers
+    starts = [sum(priors.num_per_level[:i]) for i in range(len(priors.num_per_level))]
+    out = []
+    for boxes in gt_boxes:  # one image: [G, 4]
+        assigned = torch.full((anchors.shape[0],), -1, dtype=torch.long)
+        best = torch.full((anchors.shape[0],), -1.0)
+        ious = box_iou(anchors, boxes)  # [A, G]
+        for g, box in enumerate(boxes):
+            dist = (centers - (box[:2] + box[2:]) / 2).norm(dim=1)
+            cands = torch.cat([dist[s : s + n].topk(min(topk, n), largest=False).indices + s
+                               for s, n in zip(starts, priors.num_per_level, strict=True)])
+            cand_iou = ious[cands, g]
+            inside = torch.minimum(centers[cands] - box[:2], box[2:] - centers[cands]).amin(dim=1) > 0.01
+            # Strictly greater: on equal IoU the lower box index keeps the prior, like argmax.
+            wins = (cand_iou >= cand_iou.mean() + cand_iou.std()) & inside & (cand_iou > best[cands])
+            best[cands[wins]] = cand_iou[wins]
+            assigned[cands[wins]] = g
+        out.append(assigned)
+    return torch.stack(out)
+
+
+def make_inputs(batch: int, boxes: int) -> tuple[Priors, Tensor, Tensor, Tensor]:
+    priors = make_priors(LEVEL_SIZES, STRIDES)
+    gen = torch.Generator().manual_seed(boxes)
+    gt = torch.stack([random_boxes(boxes, HEIGHT, WIDTH, gen) for _ in range(batch)])  # [B, G, 4]
+    valid = valid_prior_mask(priors, torch.tensor([[HEIGHT, WIDTH]] * batch))  # all True here
+    return priors, gt, torch.ones(batch, boxes, dtype=torch.bool), valid
+
+
+def entrant(name: str, priors: Priors, gt: Tensor, mask: Tensor, valid: Tensor) -> Callable[[], Tensor]:
+    if name == "batched":
+        return lambda: atss_assign(priors.boxes, priors.num_per_level, gt, mask, 9, valid)
+    return lambda: loop_assign(priors, gt)
+
+
+def child(name: str, batch: int, boxes: int) -> None:
+    """Runs in a fresh process: prints the call's peak extra memory and the floor, in MiB."""
+    entrant(name, *make_inputs(batch, 1))()  # warm-up: kernels, thread pool, allocator
+    call = entrant(name, *make_inputs(batch, boxes))
+    before, floor = rss_mib(), peak_rss_mib()
+    call()
+    # ru_maxrss is updated lazily by the kernel and may trail the current RSS slightly: clamp.
+    print(json.dumps({"peak": max(peak_rss_mib() - before, 0.0), "floor": max(floor - before, 0.0)}))
+
+
+def peak_memory(name: str, batch: int, boxes: int, threads: int | None) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--boxes", str(boxes)]
+    cmd += ["--threads", str(threads)] if threads else []
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def exponents(xs: list[int], ys: list[float]) -> list[float]:
+    """log-log slope of each point against the previous one (nan for the first)."""
+    pairs = zip(xs[:-1], xs[1:], ys[:-1], ys[1:], strict=True)
+    return [math.nan] + [math.log(y / y0) / math.log(x / x0) for x0, x, y0, y in pairs]
+
+
+def mib(m: dict[str, float]) -> str:
+    return "-" if math.isnan(m["peak"]) else f"{m['peak']:.0f} (floor {m['floor']:.0f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--boxes", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-memory", action="store_true", help="time only (each memory run is a fresh process)")
+    parser.add_argument("--child", choices=["batched", "loop"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    if args.child:
+        child(args.child, args.batch, args.boxes[0])
+        return
+
+    times, mems, mismatches = [], [], []
+    for boxes in args.boxes:
+        inputs = make_inputs(args.batch, boxes)
+        batched, loop = entrant("batched", *inputs), entrant("loop", *inputs)
+        # The loop is the yardstick only if it computes the same assignment (float round-off in
+        # the IoUs may flip a prior sitting exactly at a threshold, hence a count, not an assert).
+        mismatches.append(int((batched() != loop()).sum()))
+        times.append(time_alternating({"batched": batched, "loop": loop}, repeats=args.repeats, warmup=1))
+        skipped = {"peak": math.nan, "floor": math.nan}
+        mems.append({name: skipped if args.skip_memory else peak_memory(name, args.batch, boxes, args.threads)
+                     for name in ("batched", "loop")})
+    time_exp = exponents(args.boxes, [t["batched"] for t in times])
+    # Below 1 MiB is noise: clamp so that the slope stays finite.
+    mem_exp = exponents(args.boxes, [max(m["batched"]["peak"], 1.0) for m in mems])
+    rows = [
+        [boxes, f"{t['batched'] * 1e3:.1f}", f"{t['loop'] * 1e3:.1f}", f"{t['loop'] / t['batched']:.1f}",
+         mib(m["batched"]), mib(m["loop"]), "" if math.isnan(te) else f"{te:.2f}", "" if math.isnan(me) else f"{me:.2f}"]
+        for boxes, t, m, te, me in zip(args.boxes, times, mems, time_exp, mem_exp, strict=True)
+    ]
+
+    num_priors = make_priors(LEVEL_SIZES, STRIDES).boxes.shape[0]
+    print(f"machine: {machine()}; batch {args.batch}, {HEIGHT}x{WIDTH}, {num_priors} priors per image")
+    print(markdown_table(["boxes/img", "batched ms", "loop ms", "loop/batched", "batched peak MiB",
+                          "loop peak MiB", "batched time exp.", "batched mem exp."], rows))
+    print(f"priors assigned differently by the loop: {mismatches} (of {args.batch * num_priors} per row)")
+    slopes = {name: max((e for e in col if not math.isnan(e)), default=math.nan)
+              for name, col in (("time", time_exp), ("memory", mem_exp))}
+    print(f"atss_assign, largest exponent: time {slopes['time']:.2f}, memory {slopes['memory']:.2f} "
+          "(<= 1: at most linear in the boxes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Shared helpers of the benchmarks: timing (alternating entrants, medians) and inputs."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def time_alternating(entrants: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each entrant, calls interleaved so machine noise hits all alike."""
+    for fn in entrants.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in entrants}
+    for _ in range(repeats):
+        for name, fn in entrants.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def random_boxes(num: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """`num` boxes inside an image, 8 px to half the image per side: [num, 4] xyxy."""
+    wh = 8 + torch.rand(num, 2, generator=generator) * torch.tensor([width / 2 - 8, height / 2 - 8])
+    xy = torch.rand(num, 2, generator=generator) * (torch.tensor([width, height]) - wh)
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def set_threads(threads: int | None) -> None:
+    """Same intra-op thread count for every entrant (None keeps torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def torchvision_detector(kind: str, num_classes: int = 91, trainable_layers: int = 3, **kwargs) -> nn.Module:
+    """torchvision FCOS / RetinaNet R-50-FPN as they are trained on COCO, with random weights.
+
+    `fcos_resnet50_fpn(weights_backbone=None)` silently switches to nn.BatchNorm2d and makes all
+    five ResNet stages trainable (`trainable_backbone_layers` is ignored without weights), which is
+    neither torchvision's COCO recipe nor comparable to gfldet's frozen_stages=1/norm_eval=True.
+    So we repeat the builder's body as it runs *with* ImageNet weights: FrozenBatchNorm2d, stem
+    and layer1 frozen (3 trainable stages), P3-P7 via LastLevelP6P7; 91 classes like their COCO
+    models. `kwargs` go to the FCOS/RetinaNet class (min_size, max_size, ...).
+    """
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    trunk = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(trunk, trainable_layers, returned_layers=[2, 3, 4],
+                                     extra_blocks=LastLevelP6P7(256, 256))
+    detector = {"fcos": FCOS, "retinanet": RetinaNet}[kind]
+    return detector(backbone, num_classes, **kwargs)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of the resident set size of this process (Linux: ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
