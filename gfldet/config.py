@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -63,6 +64,7 @@ __all__ = [
     "config_to_yaml",
     "dump_config",
     "load_config",
+    "load_config_or_exit",
     "parse_overrides",
 ]
 
@@ -527,6 +529,16 @@ def _load_tree(path: Path, display: str, chain: list[tuple[Path, str]],
         merged = _load_tree(base_path, base_display, [*chain, (resolved, display)], origins)
     _merge_into(merged, data, "", origins, display)
     return merged
+
+
+def load_config_or_exit(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """`load_config` for the command-line tools: a bad config prints its error and exits with
+    status 2 (the usual code for a usage error), before anything heavy is imported or built."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def parse_overrides(items: Iterable[str]) -> dict:

@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from gfldet.config import Config, ConfigError, load_config
+from gfldet.config import Config, load_config_or_exit
 
 if TYPE_CHECKING:
     from gfldet.data.checks import DatasetReport
@@ -60,11 +60,7 @@ def cross_checks(cfg: Config, reports: dict[str, DatasetReport]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.cfg_options)
     # Imported only now: these pull in torch (seconds), which a bad config need not wait for.
     from gfldet.data.checks import check_dataset
     from gfldet.engine.build import dataset_paths

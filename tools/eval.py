@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from gfldet.config import ConfigError, load_config
+from gfldet.config import load_config_or_exit
 from gfldet.data import build_dataloader
 from gfldet.distributed import is_distributed, is_main_process
 from gfldet.engine.build import build_dataset, build_model
@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.cfg_options)
     device = init_distributed(cfg.train.device)
     setup_logging(None)
     dataset = build_dataset(cfg, "val")

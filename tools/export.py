@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gfldet.config import Config, ConfigError, load_config
+from gfldet.config import Config, load_config_or_exit
 from gfldet.data import build_transforms
 from gfldet.data.synthetic import SynthParams, render_image
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
@@ -117,11 +117,7 @@ def model_inputs(cfg: Config, images: list[np.ndarray], shape: tuple[int, int] |
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.cfg_options)
     out = Path(args.out) if args.out else default_output(args)
     use_ema = not args.no_ema
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from gfldet.config import ConfigError, load_config
+from gfldet.config import ConfigError, load_config_or_exit
 from gfldet.data.coco import DatasetError
 from gfldet.engine.checkpoint import CheckpointError
 from gfldet.engine.trainer import train
@@ -39,11 +39,7 @@ def work_dir_for(config_path: str, cli_work_dir: str | None, cfg_work_dir: str |
 @record  # under torchrun, the failing rank's traceback is the error shown
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.cfg_options)
     work_dir = work_dir_for(args.config, args.work_dir, cfg.train.work_dir)
     try:
         metrics, run = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change)

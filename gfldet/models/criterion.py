@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from gfldet.assigner import atss_assign
 from gfldet.boxes import aligned_box_iou, boxes_to_ltrb, ltrb_to_boxes
@@ -46,17 +47,17 @@ class LossSettings:
 
 
 def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack per-image targets into padded tensors: boxes [B, G, 4], labels [B, G], mask [B, G]."""
-    counts = [len(t["boxes"]) for t in targets]
-    max_gts = max(max(counts, default=0), 1)  # one masked slot keeps gathers valid with no boxes
-    boxes = torch.zeros(len(targets), max_gts, 4, device=device)
-    labels = torch.zeros(len(targets), max_gts, dtype=torch.long, device=device)
-    mask = torch.zeros(len(targets), max_gts, dtype=torch.bool, device=device)
-    for i, (target, count) in enumerate(zip(targets, counts, strict=True)):
-        boxes[i, :count] = target["boxes"].to(device, torch.float32)
-        labels[i, :count] = target["labels"].to(device)
-        mask[i, :count] = True
-    return boxes, labels, mask
+    """Stack per-image targets into padded tensors: boxes [B, G, 4], labels [B, G], mask [B, G].
+
+    G is at least 1: one masked slot keeps the gathers of the loss valid when no image has boxes.
+    """
+    counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+    boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True).to(device)
+    labels = pad_sequence([t["labels"].long() for t in targets], batch_first=True).to(device)
+    if boxes.shape[1] == 0:
+        boxes, labels = boxes.new_zeros(len(targets), 1, 4), labels.new_zeros(len(targets), 1)
+    mask = torch.arange(boxes.shape[1], device=device) < counts[:, None]
+    return boxes.view(len(targets), -1, 4), labels, mask
 
 
 def gfl_loss(
