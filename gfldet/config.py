@@ -172,6 +172,7 @@ class SyntheticConfig:
     num_train: int = 2000  # training images
     num_val: int = 300  # validation images
     seed: int = 0  # generator seed (same seed -> same dataset)
+    min_object_size: float = 16.0  # px, sqrt(w*h) of the smallest shapes; lower makes the data harder
 
 
 def _val_split() -> DatasetConfig:

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint's COCO box AP on the config's val set.
 
-    python tools/eval.py CONFIG CHECKPOINT [--out DETECTIONS.json] [--cfg-options ...]
+    python tools/eval.py CONFIG CHECKPOINT [--out DETECTIONS.json] [--backend faster_coco_eval] [--cfg-options ...]
     torchrun --nproc_per_node 8 tools/eval.py CONFIG CHECKPOINT
 
 Prints the 12-line COCO summary and a per-class AP table; writes the metrics as JSON beside
@@ -30,9 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("--out", help="write the detections (COCO result json) here")
     parser.add_argument("--metrics", help="metrics json path (default: <checkpoint>.metrics.json)")
+    parser.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools",
+                        help="COCO scorer: pycocotools (default) or faster-coco-eval (pip install "
+                             "faster-coco-eval; same numbers, several times faster on COCO-sized sets)")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.backend == "faster_coco_eval":  # fail now, not after predicting the whole val set
+        try:
+            import faster_coco_eval  # noqa: F401
+        except ImportError:
+            parser.error("--backend faster_coco_eval needs the faster-coco-eval package: pip install faster-coco-eval")
     cfg = load_config_or_exit(args.config, args.cfg_options)
     device = init_distributed(cfg.train.device)
     setup_logging(None)
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         # AveragedModel's state dict: "module." + the model's keys, plus its update counter.
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
     load_model_weights(model, weights, strict=True)
-    metrics = evaluate(model.to(device), loader, device, amp_dtype(cfg, device))
+    metrics = evaluate(model.to(device), loader, device, amp_dtype(cfg, device), backend=args.backend)
     if is_main_process():
         detections = metrics.pop("detections")
         if args.out:

@@ -1,7 +1,7 @@
 """Synthetic COCO-format "shapes" detection dataset: hard enough to be a real benchmark, fast to make.
 
 Six classes of filled shapes (circle, square, triangle, star, cross, ring), stretched 1:3..3:1,
-often rotated, from ~10 px to ~60 % of the image side, on textured backgrounds with distractor
+often rotated, from ~16 px (``min_object_size``) to ~60 % of the image side, on textured backgrounds with distractor
 blobs/lines, mutual occlusion, blur and noise. Every annotation is the tight box of the *visible*
 pixels of its shape (like COCO's boxes of visible segments); an object is only drawn if it and
 every earlier object stay at least ``MIN_VISIBLE`` visible, so no annotated object is hidden.
@@ -55,7 +55,7 @@ class SynthParams:
     num_val: int = 300
     image_size: tuple[int, int] = (256, 384)  # each side drawn uniformly from this range
     objects_per_image: tuple[int, int] = (1, 10)
-    min_object_size: float = 10.0  # px, sqrt(w*h) of the unrotated shape
+    min_object_size: float = 16.0  # px, sqrt(w*h) of the unrotated shape
     max_object_frac: float = 0.6  # of the image's short side
     seed: int = 0
     image_format: str = "jpg"
@@ -500,7 +500,7 @@ def generate_synthetic_coco(
     image_size: tuple[int, int] = (256, 384),
     seed: int = 0,
     objects_per_image: tuple[int, int] = (1, 10),
-    min_object_size: float = 10.0,
+    min_object_size: float = 16.0,
     max_object_frac: float = 0.6,
     image_format: str = "jpg",
     jpeg_quality: int = 90,

@@ -67,6 +67,7 @@ def dataset_paths(cfg: DataConfig, split: str) -> SplitPaths:
             num_train=cfg.synthetic.num_train,
             num_val=cfg.synthetic.num_val,
             seed=cfg.synthetic.seed,
+            min_object_size=cfg.synthetic.min_object_size,
         )
         return SplitPaths(Path(paths[f"{split}_images"]), Path(paths[f"{split}_ann"]))
     split_cfg = getattr(cfg, split)

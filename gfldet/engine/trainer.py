@@ -177,10 +177,16 @@ class RunState:
 
 
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_from: str | None = None,
-          allow_schedule_change: bool = False) -> tuple[dict, RunState]:
+          allow_schedule_change: bool = False, model: nn.Module | None = None) -> tuple[dict, RunState]:
     """Train `cfg` into `work_dir`. `resume=True` continues from the folder's latest checkpoint,
     a path from that checkpoint. Returns the last evaluation's metrics (rank 0) and where the
-    run stopped."""
+    run stopped.
+
+    `model`: a pre-built detector following gfldet's calling convention (see
+    `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
+    from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
+    checkpoints. Build it after seeding if its initialisation should follow `train.seed`.
+    (benchmarks/accuracy.py uses it to train torchvision's detectors in this same loop.)"""
     device = init_distributed(cfg.train.device)
     rank, world = get_rank(), get_world_size()
     setup_logging(work_dir)
@@ -205,7 +211,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     iters_per_epoch = len(train_loader.batch_sampler)
     log.info("%d training images, %d iterations per epoch", len(train_set), iters_per_epoch)
 
-    model = build_model(cfg.model).to(device)
+    model = (build_model(cfg.model) if model is None else model).to(device)
     if load_from is not None:
         report = load_model_weights(model, load_checkpoint(load_from)["model"], strict=False)
         log.info("loaded %d tensors from %s; not loaded: %s", len(report["loaded"]), load_from,
