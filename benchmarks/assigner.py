@@ -6,10 +6,9 @@ image), batch 2, fp32, same threads.
 
 Time: alternating runs in this process, medians. Peak memory: each (entrant, boxes) runs once
 more in a fresh subprocess, which builds its inputs, warms up on 1 box per image, then calls the
-entrant once; reported is the process's peak resident set (ru_maxrss) after the call minus its
-resident set just before it, i.e. the extra memory the call touched at its peak. It is an upper
-bound: a call needing less than the "floor" (the earlier peak left by imports and set-up above
-the resident set before the call) shows the floor. The "exp." columns are the log-log slopes
+entrant once; reported is the process's peak resident set (VmHWM, reset just before the call)
+minus its resident set just before it, i.e. the extra memory the call touched at its peak. The
+"exp." columns are the log-log slopes
 d log(y) / d log(boxes) against the previous row: <= 1 means at most linear growth.
 """
 
@@ -28,6 +27,7 @@ from common import (
     markdown_table,
     peak_rss_mib,
     random_boxes,
+    reset_peak_rss,
     rss_mib,
     set_threads,
     time_alternating,
@@ -82,13 +82,13 @@ def entrant(name: str, priors: Priors, gt: Tensor, mask: Tensor, valid: Tensor) 
 
 
 def child(name: str, batch: int, boxes: int) -> None:
-    """Runs in a fresh process: prints the call's peak extra memory and the floor, in MiB."""
+    """Runs in a fresh process: prints the call's peak extra memory above its inputs, in MiB."""
     entrant(name, *make_inputs(batch, 1))()  # warm-up: kernels, thread pool, allocator
     call = entrant(name, *make_inputs(batch, boxes))
-    before, floor = rss_mib(), peak_rss_mib()
+    reset_peak_rss()
+    before = rss_mib()
     call()
-    # ru_maxrss is updated lazily by the kernel and may trail the current RSS slightly: clamp.
-    print(json.dumps({"peak": max(peak_rss_mib() - before, 0.0), "floor": max(floor - before, 0.0)}))
+    print(json.dumps({"peak": max(peak_rss_mib() - before, 0.0)}))
 
 
 def peak_memory(name: str, batch: int, boxes: int, threads: int | None) -> dict[str, float]:
@@ -104,7 +104,7 @@ def exponents(xs: list[int], ys: list[float]) -> list[float]:
 
 
 def mib(m: dict[str, float]) -> str:
-    return "-" if math.isnan(m["peak"]) else f"{m['peak']:.0f} (floor {m['floor']:.0f})"
+    return "-" if math.isnan(m["peak"]) else f"{m['peak']:.0f}"
 
 
 def main() -> None:
@@ -129,7 +129,7 @@ def main() -> None:
         # the IoUs may flip a prior sitting exactly at a threshold, hence a count, not an assert).
         mismatches.append(int((batched() != loop()).sum()))
         times.append(time_alternating({"batched": batched, "loop": loop}, repeats=args.repeats, warmup=1))
-        skipped = {"peak": math.nan, "floor": math.nan}
+        skipped = {"peak": math.nan}
         mems.append({name: skipped if args.skip_memory else peak_memory(name, args.batch, boxes, args.threads)
                      for name in ("batched", "loop")})
     time_exp = exponents(args.boxes, [t["batched"] for t in times])

@@ -78,6 +78,17 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's resident-set high-water mark to its current size (Linux >= 4.0:
+    "5" to /proc/self/clear_refs), so that `peak_rss_mib` measures what comes after."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_mib() -> float:
-    """High-water mark of the resident set size of this process (Linux: ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """High-water mark of this process's resident set size since start or `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")

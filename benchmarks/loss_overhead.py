@@ -3,16 +3,32 @@ backward, given the head outputs as fixed leaf tensors (no network). gfldet's GF
 against torchvision FCOS's and RetinaNet's `compute_loss` on their own head outputs for the same
 images and boxes, fp32, alternating runs, medians.
 
-    python benchmarks/loss_overhead.py [--repeats 7]
+    python benchmarks/loss_overhead.py [--repeats 7] [--threads N] [--skip-memory] [--case B SIZE BOXES ...]
+
+Peak memory: each (case, entrant) runs once more in a fresh process, which reports how far one
+loss + backward raises the resident set above the inputs (head outputs, priors, targets) already
+in memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import math
+import subprocess
+import sys
 
 import torch
-from common import machine, random_boxes, time_alternating
+from common import (
+    machine,
+    markdown_table,
+    peak_rss_mib,
+    random_boxes,
+    reset_peak_rss,
+    rss_mib,
+    set_threads,
+    time_alternating,
+)
 from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
 
 from gfldet.models.criterion import LossSettings, gfl_loss, pad_targets
@@ -45,7 +61,7 @@ def gfl_entrant(batch: int, size: int, targets: list[dict]):
     settings = LossSettings()
 
     def run() -> None:
-        losses = gfl_loss(cls, reg, integral(reg), priors, valid, *gt, settings, 16)
+        losses = gfl_loss(cls, reg, integral, priors, valid, *gt, settings, 16)
         sum(losses.values()).backward()
         cls.grad = reg.grad = None
 
@@ -55,17 +71,18 @@ def gfl_entrant(batch: int, size: int, targets: list[dict]):
 def torchvision_entrant(kind: str, batch: int, size: int, targets: list[dict]):
     build = fcos_resnet50_fpn if kind == "fcos" else retinanet_resnet50_fpn
     model = build(weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size)
-    images = torch.zeros(batch, 3, size, size)
-    with torch.no_grad():
-        image_list, _ = model.transform(list(images))
-        # Run the network once to get the anchors and the output shapes; then time the loss alone.
-        features = list(model.backbone(image_list.tensors).values())
-        head = model.head(features)
-        anchors = model.anchor_generator(image_list, features)
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in head.items()}
-    num_per_level = [f.shape[-2] * f.shape[-1] for f in features]
-    if kind == "retinanet":
-        num_per_level = [n * 9 for n in num_per_level]
+    image_list, _ = model.transform(list(torch.zeros(batch, 3, size, size)))
+    # The anchors depend only on the feature maps' shapes: one-channel stand-ins, no network run.
+    features = [torch.empty(batch, 1, h, w) for h, w in level_sizes(size)]
+    anchors = model.anchor_generator(image_list, features)
+    per_location = 1 if kind == "fcos" else 9
+    num_per_level = [h * w * per_location for h, w in level_sizes(size)]
+    total = sum(num_per_level)
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"cls_logits": 91, "bbox_regression": 4} | ({"bbox_ctrness": 1} if kind == "fcos" else {})
+    # Head outputs as fixed leaves, logits near the prior like gfldet's (bias -log(99)).
+    leaves = {name: (torch.randn(batch, total, width, generator=gen) * 0.5 - (4.0 if name == "cls_logits" else 0.0))
+              .requires_grad_() for name, width in shapes.items()}
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]  # 0 is background
 
     def run() -> None:
@@ -80,26 +97,68 @@ def torchvision_entrant(kind: str, batch: int, size: int, targets: list[dict]):
     return run, image_list.tensors.shape[-2:]
 
 
+CASES = [(2, 640, 20), (8, 640, 20), (8, 640, 100), (16, 800, 20)]  # (batch, size, boxes per image)
+ENTRANTS = ("gfl", "fcos", "retina")
+
+
+def make_case(batch: int, size: int, boxes: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    return [{"boxes": random_boxes(boxes, size, size, gen),
+             "labels": torch.randint(0, NUM_CLASSES, (boxes,), generator=gen)} for _ in range(batch)]
+
+
+def make_entrant(name: str, batch: int, size: int, boxes: int):
+    targets = make_case(batch, size, boxes)
+    if name == "gfl":
+        return gfl_entrant(batch, size, targets)[0]
+    run, tv_size = torchvision_entrant("fcos" if name == "fcos" else "retinanet", batch, size, targets)
+    if tuple(tv_size) != (size, size):
+        print(f"note: torchvision resized {size} to {tuple(tv_size)}")
+    return run
+
+
+def child(name: str, batch: int, size: int, boxes: int) -> None:
+    """In a fresh process: the peak memory one loss + backward adds above its inputs, in MiB."""
+    make_entrant(name, 1, 64, 1)()  # warm-up: kernels, thread pool, allocator
+    run = make_entrant(name, batch, size, boxes)
+    reset_peak_rss()
+    before = rss_mib()
+    run()
+    print(json.dumps({"peak": max(peak_rss_mib() - before, 0.0)}))
+
+
+def peak_memory(name: str, batch: int, size: int, boxes: int, threads: int | None) -> float:
+    cmd = [sys.executable, __file__, "--child", name, "--case", str(batch), str(size), str(boxes)]
+    cmd += ["--threads", str(threads)] if threads else []
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-memory", action="store_true", help="time only (each memory run is a fresh process)")
+    parser.add_argument("--case", type=int, nargs=3, action="append", metavar=("BATCH", "SIZE", "BOXES"),
+                        help="run only these cases (default: the four of the issue)")
+    parser.add_argument("--child", choices=ENTRANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_threads(args.threads)
+    cases = [tuple(c) for c in args.case] if args.case else CASES
+    if args.child:
+        child(args.child, *cases[0])
+        return
     print(f"machine: {machine()}")
-    print("| batch x size | boxes/img | gfldet ms | FCOS ms | RetinaNet ms | gfldet/FCOS | gfldet/RetinaNet |")
-    print("|---|---|---|---|---|---|---|")
-    for batch, size, boxes in [(2, 640, 20), (8, 640, 20), (8, 640, 100), (16, 800, 20)]:
-        gen = torch.Generator().manual_seed(0)
-        targets = [{"boxes": random_boxes(boxes, size, size, gen),
-                    "labels": torch.randint(0, NUM_CLASSES, (boxes,), generator=gen)} for _ in range(batch)]
-        gfl, _ = gfl_entrant(batch, size, targets)
-        fcos, tv_size = torchvision_entrant("fcos", batch, size, targets)
-        retina, _ = torchvision_entrant("retinanet", batch, size, targets)
-        if tuple(tv_size) != (size, size):
-            print(f"note: torchvision resized {size} to {tuple(tv_size)}")
-        t = time_alternating({"gfl": gfl, "fcos": fcos, "retina": retina}, repeats=args.repeats)
-        print(f"| {batch}x{size}² | {boxes} | {t['gfl'] * 1e3:.0f} | {t['fcos'] * 1e3:.0f} | {t['retina'] * 1e3:.0f} "
-              f"| {t['gfl'] / t['fcos']:.2f} | {t['gfl'] / t['retina']:.2f} |")
-    print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    rows = []
+    for batch, size, boxes in cases:
+        runs = {name: make_entrant(name, batch, size, boxes) for name in ENTRANTS}
+        t = time_alternating(runs, repeats=args.repeats)
+        mem = {name: math.nan if args.skip_memory else peak_memory(name, batch, size, boxes, args.threads)
+               for name in ENTRANTS}
+        rows.append([f"{batch}x{size}²", boxes, *(f"{t[n] * 1e3:.0f}" for n in ENTRANTS),
+                     f"{t['gfl'] / t['fcos']:.2f}", f"{t['gfl'] / t['retina']:.2f}",
+                     *("-" if math.isnan(mem[n]) else f"{mem[n]:.0f}" for n in ENTRANTS)])
+    print(markdown_table(["batch x size", "boxes/img", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet/FCOS",
+                          "gfldet/RetinaNet", "gfldet peak MiB", "FCOS peak MiB", "RetinaNet peak MiB"], rows))
 
 
 if __name__ == "__main__":

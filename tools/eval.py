@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from gfldet.config import load_config_or_exit
 from gfldet.data import build_dataloader
 from gfldet.distributed import is_distributed, is_main_process
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         # AveragedModel's state dict: "module." + the model's keys, plus its update counter.
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
     load_model_weights(model, weights, strict=True)
-    metrics = evaluate(model.to(device), loader, device, amp_dtype(cfg, device), backend=args.backend)
+    model = model.to(device)
+    if cfg.train.channels_last:  # the memory format training evaluated in: same bf16 round-off, same AP
+        model = model.to(memory_format=torch.channels_last)
+    metrics = evaluate(model, loader, device, amp_dtype(cfg, device), backend=args.backend,
+                       channels_last=cfg.train.channels_last)
     if is_main_process():
         detections = metrics.pop("detections")
         if args.out:

@@ -10,15 +10,19 @@ Follows the reference recipe (MMDetection `GFLHead.loss_by_feat`, GFL Eq. 8):
   clamped at 1). Boxes, distances and DFL targets are in stride units; DFL targets are clamped to
   [0, reg_max - 0.1] so that the right bin stays valid.
 
-Every loss is computed densely over all priors and masked, rather than gathered at the
-positives: this avoids a host-device sync (`nonzero`) per step, and the dense box terms cost less
-than the classification loss over B * A * C entries that has to be computed anyway.
+The classification loss covers every prior (B * A * C entries, the big term). The box terms
+(decoding, IoU quality, GIoU, DFL) only matter at the positives, which are a few percent of the
+priors: they are computed on a fixed-size gather of M slots per image that holds every positive,
+M = G * sum over levels of min(topk, priors on the level) (ATSS cannot select more), so there is
+no host-device sync (`nonzero`) and no dense pass over B * A * 4(R+1) logits. Non-positive slots
+are masked out.
 
 Shape legend: `B` images, `A` priors, `G` boxes per image (padded), `C` classes, `R` = reg_max.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +64,28 @@ def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tens
     return boxes.view(len(targets), -1, 4), labels, mask
 
 
+def positive_slots(positive: Tensor, num_per_level: list[int], num_boxes: int, topk: int) -> tuple[Tensor, Tensor]:
+    """M slots per image holding all of its positives: (prior index [B, M], is-positive [B, M]).
+
+    The positives fill the first slots in prior order; the remaining slots point at prior 0 and
+    are masked. M is ATSS's upper bound on positives, `num_boxes` * sum of min(topk, priors on
+    the level), capped at A: a shape known on the host, so no sync is needed to size the gather.
+    """
+    num_images, num_priors = positive.shape
+    cap = num_boxes * sum(min(topk, n) for n in num_per_level)
+    slots = min(num_priors, cap)
+    rank = positive.cumsum(dim=1) - 1  # slot of each positive
+    column = torch.where(positive, rank, slots)  # non-positives all go to a spare column, dropped
+    prior_index = torch.arange(num_priors, device=positive.device).expand(num_images, -1)
+    index = positive.new_zeros(num_images, slots + 1, dtype=torch.long).scatter_(1, column, prior_index)
+    is_positive = torch.arange(slots, device=positive.device) < positive.sum(dim=1, keepdim=True)
+    return index[:, :slots], is_positive
+
+
 def gfl_loss(
     cls_logits: Tensor,
     reg_logits: Tensor,
-    distances: Tensor,
+    decode: Callable[[Tensor], Tensor],
     priors: Priors,
     valid: Tensor,
     gt_boxes: Tensor,
@@ -77,7 +99,8 @@ def gfl_loss(
     Args:
         cls_logits: [B, A, C] joint class-quality logits.
         reg_logits: [B, A, 4(R+1)] distribution logits (or [B, A, 4] for Dirac).
-        distances: [B, A, 4] predicted (l, t, r, b) in stride units, decoded from reg_logits.
+        decode: reg logits [..., 4(R+1)] -> distances [..., 4] (l, t, r, b) in stride units
+            (`GFLHead.distances`); applied to the positives' slots only.
         priors: the batch's priors; valid: [B, A] bool, False in batch padding.
         gt_boxes: [B, G, 4] xyxy input pixels; gt_labels: [B, G]; gt_mask: [B, G] bool.
         reg_max: R for DFL, or None when the representation has no distribution (Dirac).
@@ -91,16 +114,20 @@ def gfl_loss(
     gt_index = assigned.clamp(min=0)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), num_classes)  # [B, A]
 
-    # Box targets and predictions in stride units (GFL regresses 0..R strides).
-    strides = priors.strides[:, None]  # [A, 1]
-    centers = priors.centers / strides  # [A, 2]
-    target_boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4)) / strides  # [B, A, 4]
-    pred_boxes = ltrb_to_boxes(centers, distances)  # [B, A, 4]
-    # Non-positives regress onto their own anchor box so that every dense term stays finite.
-    anchor_boxes = priors.boxes / strides
-    target_boxes = torch.where(positive[..., None], target_boxes, anchor_boxes)
+    # The box terms on M slots per image holding every positive: [B, M] below.
+    slots, slot_positive = positive_slots(positive, priors.num_per_level, gt_boxes.shape[1], settings.topk)
+    slot_gt = gt_index.gather(1, slots)
+    strides = priors.strides[slots][..., None]  # [B, M, 1]
+    centers = priors.centers[slots] / strides  # [B, M, 2] stride units (GFL regresses 0..R strides)
+    slot_reg = reg_logits.gather(1, slots[..., None].expand(-1, -1, reg_logits.shape[2]))  # [B, M, 4(R+1)]
+    pred_boxes = ltrb_to_boxes(centers, decode(slot_reg))  # [B, M, 4]
+    target_boxes = gt_boxes.gather(1, slot_gt[..., None].expand(-1, -1, 4)) / strides  # [B, M, 4]
+    # Non-positive slots regress onto their own anchor box so that every term stays finite.
+    target_boxes = torch.where(slot_positive[..., None], target_boxes, priors.boxes[slots] / strides)
 
-    quality = torch.where(positive, aligned_box_iou(pred_boxes.detach(), target_boxes), 0.0)  # [B, A]
+    slot_quality = torch.where(slot_positive, aligned_box_iou(pred_boxes.detach(), target_boxes), 0.0)
+    # scatter_add: masked slots repeat prior 0 with quality 0, which must not overwrite a positive.
+    quality = slot_quality.new_zeros(num_images, num_priors).scatter_add(1, slots, slot_quality)  # [B, A]
     flat_logits = cls_logits.reshape(-1, num_classes)
     if settings.cls_loss == "qfl":
         cls_per_prior = quality_focal_loss(flat_logits, labels.reshape(-1), quality.reshape(-1), settings.qfl_beta)
@@ -110,16 +137,17 @@ def gfl_loss(
 
     num_pos = positive.sum(dim=1).clamp(min=1).sum().float()  # each image counts at least once
     num_pos = reduce_mean(num_pos).clamp(min=1.0)
-    weight = torch.where(positive, cls_logits.detach().amax(dim=2).float().sigmoid(), 0.0)  # [B, A]
+    slot_scores = cls_logits.detach().gather(1, slots[..., None].expand(-1, -1, num_classes))  # [B, M, C]
+    weight = torch.where(slot_positive, slot_scores.amax(dim=2).float().sigmoid(), 0.0)  # [B, M]
     weight_sum = reduce_mean(weight.sum()).clamp(min=1.0)
 
     losses = {"loss_cls": settings.cls_weight * cls_per_prior.sum() / num_pos}
-    giou = giou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4)).view(num_images, num_priors)
+    giou = giou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4)).view_as(weight)
     losses["loss_bbox"] = settings.giou_weight * (weight * giou).sum() / weight_sum
 
     if reg_max is not None and settings.dfl_weight > 0:
-        target_ltrb = boxes_to_ltrb(centers, target_boxes).clamp(0, reg_max - 0.1)  # [B, A, 4]
-        dfl = distribution_focal_loss(reg_logits.reshape(-1, reg_max + 1), target_ltrb.reshape(-1))
-        dfl = dfl.view(num_images, num_priors, 4).mean(dim=2)
+        target_ltrb = boxes_to_ltrb(centers, target_boxes).clamp(0, reg_max - 0.1)  # [B, M, 4]
+        dfl = distribution_focal_loss(slot_reg.reshape(-1, reg_max + 1), target_ltrb.reshape(-1))
+        dfl = dfl.view(*weight.shape, 4).mean(dim=2)
         losses["loss_dfl"] = settings.dfl_weight * (weight * dfl).sum() / weight_sum
     return losses

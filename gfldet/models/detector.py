@@ -64,18 +64,18 @@ class GFL(nn.Module):
         priors = self.priors_for(features)
         image_sizes = _sizes(targets, "image_size", images)
         valid = valid_prior_mask(priors, image_sizes, self.size_divisor)  # [B, A]
-        distances = self.head.distances(reg_logits)  # [B, A, 4] stride units
-
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets (a dict with boxes and labels per image)")
             gt_boxes, gt_labels, gt_mask = pad_targets(targets, images.device)
             reg_max = self.head.reg_max if self.head.box_repr == "distribution" else None
+            # The loss decodes boxes at the positives only (no dense Integral in training).
             return gfl_loss(
-                cls_logits, reg_logits, distances, priors, valid, gt_boxes, gt_labels, gt_mask,
+                cls_logits, reg_logits, self.head.distances, priors, valid, gt_boxes, gt_labels, gt_mask,
                 self.loss_settings, reg_max,
             )
         orig_sizes = _sizes(targets, "orig_size", images) if _has(targets, "orig_size") else image_sizes
+        distances = self.head.distances(reg_logits)  # [B, A, 4] stride units
         return postprocess(cls_logits, distances, priors, valid, image_sizes, orig_sizes, self.test_settings)
 
 
