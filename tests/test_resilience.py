@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, tiny_overrides
-from test_train_cli import DEMO, TRAIN, run, trained_run  # noqa: F401  (fixture reused)
+from test_train_cli import DEMO, TRAIN, run, run_overrides, trained_run  # noqa: F401  (fixture reused; same overrides)
 
 from gfldet.config import Config
 from gfldet.engine.checkpoint import load_checkpoint
@@ -26,7 +26,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def start_training(work: Path, data, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), *extra, "--cfg-options", *tiny_overrides(data)]
+    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), *extra, "--cfg-options", *run_overrides(data)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -59,7 +59,7 @@ def test_sigkill_at_a_random_iteration_then_resume_matches(trained_run, tiny_coc
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (work / "epoch_1.pth").is_file() and not (work / "epoch_2.pth").exists()
-    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *tiny_overrides(tiny_coco))
+    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *run_overrides(tiny_coco))
     assert same_weights(reference / "last.pth", work / "last.pth")
 
 
@@ -74,7 +74,7 @@ def test_sigterm_writes_a_mid_epoch_checkpoint_and_resume_matches(trained_run, t
     state = load_checkpoint(work / "last.pth")
     assert state["epoch"] == 0 and state["batch"] >= 2, "the checkpoint is mid-epoch"
     assert "continue with --resume" in (work / "train.log").read_text()
-    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *tiny_overrides(tiny_coco))
+    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *run_overrides(tiny_coco))
     assert same_weights(reference / "last.pth", work / "last.pth")
 
 
@@ -83,7 +83,7 @@ def test_schedule_change_on_resume_must_be_explicit(trained_run, tiny_coco, tmp_
     work = tmp_path / "longer"
     work.mkdir()
     (work / "last.pth").write_bytes((reference / "last.pth").read_bytes())
-    longer = [*tiny_overrides(tiny_coco), "schedule.epochs=3"]
+    longer = [*run_overrides(tiny_coco), "schedule.epochs=3"]
     proc = run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *longer, check=False)
     assert proc.returncode == 2 and "schedule.epochs: 2 -> 3" in proc.stderr
     assert "--allow-schedule-change" in proc.stderr
