@@ -15,20 +15,16 @@ d log(y) / d log(boxes) against the previous row: <= 1 means at most linear grow
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
-import sys
 from collections.abc import Callable
 
 import torch
 from common import (
+    extra_peak_mib,
     machine,
     markdown_table,
-    peak_rss_mib,
+    peak_in_fresh_process,
     random_boxes,
-    reset_peak_rss,
-    rss_mib,
     set_threads,
     time_alternating,
 )
@@ -84,17 +80,12 @@ def entrant(name: str, priors: Priors, gt: Tensor, mask: Tensor, valid: Tensor) 
 def child(name: str, batch: int, boxes: int) -> None:
     """Runs in a fresh process: prints the call's peak extra memory above its inputs, in MiB."""
     entrant(name, *make_inputs(batch, 1))()  # warm-up: kernels, thread pool, allocator
-    call = entrant(name, *make_inputs(batch, boxes))
-    reset_peak_rss()
-    before = rss_mib()
-    call()
-    print(json.dumps({"peak": max(peak_rss_mib() - before, 0.0)}))
+    print(extra_peak_mib(entrant(name, *make_inputs(batch, boxes))))
 
 
 def peak_memory(name: str, batch: int, boxes: int, threads: int | None) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--boxes", str(boxes)]
-    cmd += ["--threads", str(threads)] if threads else []
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {"peak": peak_in_fresh_process(__file__, ["--child", name, "--batch", str(batch), "--boxes", str(boxes)],
+                                          threads)}
 
 
 def exponents(xs: list[int], ys: list[float]) -> list[float]:

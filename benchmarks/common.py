@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -13,7 +15,14 @@ from torch import nn
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """CPU model (from /proc/cpuinfo on Linux, else the architecture), threads, torch version."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def time_alternating(entrants: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
@@ -92,3 +101,18 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def extra_peak_mib(call: Callable[[], object]) -> float:
+    """How far one `call()` raises this process's resident set above its size just before, MiB."""
+    reset_peak_rss()
+    before = rss_mib()
+    call()
+    return max(peak_rss_mib() - before, 0.0)
+
+
+def peak_in_fresh_process(script: str, args: Sequence[str], threads: int | None) -> float:
+    """Run `script --child ... args` in a new interpreter; it prints its `extra_peak_mib` last."""
+    cmd = [sys.executable, script, *args] + (["--threads", str(threads)] if threads else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.splitlines()[-1])

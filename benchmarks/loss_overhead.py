@@ -13,19 +13,15 @@ in memory.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
-import sys
 
 import torch
 from common import (
+    extra_peak_mib,
     machine,
     markdown_table,
-    peak_rss_mib,
+    peak_in_fresh_process,
     random_boxes,
-    reset_peak_rss,
-    rss_mib,
     set_threads,
     time_alternating,
 )
@@ -65,7 +61,7 @@ def gfl_entrant(batch: int, size: int, targets: list[dict]):
         sum(losses.values()).backward()
         cls.grad = reg.grad = None
 
-    return run, num
+    return run
 
 
 def torchvision_entrant(kind: str, batch: int, size: int, targets: list[dict]):
@@ -83,7 +79,8 @@ def torchvision_entrant(kind: str, batch: int, size: int, targets: list[dict]):
     # Head outputs as fixed leaves, logits near the prior like gfldet's (bias -log(99)).
     leaves = {name: (torch.randn(batch, total, width, generator=gen) * 0.5 - (4.0 if name == "cls_logits" else 0.0))
               .requires_grad_() for name, width in shapes.items()}
-    tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]  # 0 is background
+    # torchvision's COCO models: 91 classes indexed by COCO category id (id 0 unused), hence + 1.
+    tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
 
     def run() -> None:
         if kind == "fcos":
@@ -110,7 +107,7 @@ def make_case(batch: int, size: int, boxes: int) -> list[dict]:
 def make_entrant(name: str, batch: int, size: int, boxes: int):
     targets = make_case(batch, size, boxes)
     if name == "gfl":
-        return gfl_entrant(batch, size, targets)[0]
+        return gfl_entrant(batch, size, targets)
     run, tv_size = torchvision_entrant("fcos" if name == "fcos" else "retinanet", batch, size, targets)
     if tuple(tv_size) != (size, size):
         print(f"note: torchvision resized {size} to {tuple(tv_size)}")
@@ -120,17 +117,11 @@ def make_entrant(name: str, batch: int, size: int, boxes: int):
 def child(name: str, batch: int, size: int, boxes: int) -> None:
     """In a fresh process: the peak memory one loss + backward adds above its inputs, in MiB."""
     make_entrant(name, 1, 64, 1)()  # warm-up: kernels, thread pool, allocator
-    run = make_entrant(name, batch, size, boxes)
-    reset_peak_rss()
-    before = rss_mib()
-    run()
-    print(json.dumps({"peak": max(peak_rss_mib() - before, 0.0)}))
+    print(extra_peak_mib(make_entrant(name, batch, size, boxes)))
 
 
 def peak_memory(name: str, batch: int, size: int, boxes: int, threads: int | None) -> float:
-    cmd = [sys.executable, __file__, "--child", name, "--case", str(batch), str(size), str(boxes)]
-    cmd += ["--threads", str(threads)] if threads else []
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak"]
+    return peak_in_fresh_process(__file__, ["--child", name, "--case", str(batch), str(size), str(boxes)], threads)
 
 
 def main() -> None:
@@ -144,6 +135,8 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     cases = [tuple(c) for c in args.case] if args.case else CASES
+    if any(size % 32 for _, size, _ in cases):
+        parser.error("--case SIZE must be a multiple of 32 (torchvision would resize and its strides change)")
     if args.child:
         child(args.child, *cases[0])
         return

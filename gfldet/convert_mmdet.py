@@ -93,13 +93,10 @@ def mapping_rules(norm: str = "gn") -> list[Rule]:
     return [
         _rule(r"backbone\.conv1\.weight", lambda m: Target("backbone.stem.0.weight"), "stem conv"),
         _rule(rf"backbone\.bn1\.{_BN_ENTRIES}", lambda m: Target(f"backbone.stem.1.{m[1]}"), "stem BN"),
-        _rule(
-            rf"backbone\.(layer[1-4]\.\d+\.(?:conv[1-3]\.weight|bn[1-3]\.{_BN_ENTRIES}))",
-            lambda m: Target(f"backbone.{m[1]}"), "residual block conv / BN",
-        ),
-        _rule(
-            rf"backbone\.(layer[1-4]\.\d+\.downsample\.(?:0\.weight|1\.{_BN_ENTRIES}))",
-            lambda m: Target(f"backbone.{m[1]}"), "residual shortcut conv / BN",
+        _rule(  # same names on both sides
+            rf"backbone\.(layer[1-4]\.\d+\.(?:conv[1-3]\.weight|bn[1-3]\.{_BN_ENTRIES}"
+            rf"|downsample\.(?:0\.weight|1\.{_BN_ENTRIES})))",
+            lambda m: Target(f"backbone.{m[1]}"), "residual block and shortcut conv / BN",
         ),
         _rule(r"backbone\.fc\.(weight|bias)", lambda m: None, "ImageNet classifier (dropped)"),
         _rule(

@@ -23,11 +23,10 @@ beyond `onnx` (the dynamo exporter needs `onnxscript` too).
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,23 +56,6 @@ class ExportVerificationError(RuntimeError):
 # --------------------------------------------------------------------------- graph wrappers
 
 
-class ExportIntegral(nn.Module):
-    """Expectation of each edge's distribution over the bins 0..R, as plain graph ops.
-
-    forward: [..., 4 * (R + 1)] logits -> [..., 4] distances in stride units. The leading dims
-    are kept (unflatten of the last dim only), so nothing in the graph reshapes to (-1, R + 1).
-    """
-
-    def __init__(self, reg_max: int) -> None:
-        super().__init__()
-        self.reg_max = reg_max
-        self.register_buffer("project", torch.arange(reg_max + 1, dtype=torch.float32), persistent=False)
-
-    def forward(self, logits: Tensor) -> Tensor:
-        probs = logits.unflatten(-1, (4, self.reg_max + 1)).softmax(dim=-1)  # [..., 4, R + 1]
-        return probs @ self.project  # MatMul with the fixed vector [0, 1, ..., R]
-
-
 class GFLDecode(nn.Module):
     """images [B, 3, H, W] -> boxes [B, A, 4] (xyxy input pixels, unclipped), scores [B, A, C].
 
@@ -86,7 +68,6 @@ class GFLDecode(nn.Module):
         super().__init__()
         self.backbone, self.neck, self.head = model.backbone, model.neck, model.head
         self.octave_base_scale = model.octave_base_scale
-        self.integral = ExportIntegral(model.head.reg_max) if model.head.box_repr == "distribution" else None
 
     def decode(self, images: Tensor) -> tuple[Tensor, Tensor, list]:
         """(boxes [B, A, 4], scores [B, A, C], priors per level [n_l]) of a batch."""
@@ -94,7 +75,7 @@ class GFLDecode(nn.Module):
         cls_logits, reg_logits = self.head(features)
         sizes = [f.shape[-2:] for f in features]  # traced as sizes, not constants
         priors = make_priors(sizes, _strides(len(features)), self.octave_base_scale, images.device)
-        distances = self.integral(reg_logits) if self.integral is not None else reg_logits.relu()  # dirac
+        distances = self.head.distances(reg_logits)  # the head's own Integral (or Dirac ReLU): plain graph ops
         boxes = ltrb_to_boxes(priors.centers, distances * priors.strides[:, None])
         return boxes, cls_logits.sigmoid(), priors.num_per_level
 
@@ -150,8 +131,9 @@ class GFLDecodeNMS(nn.Module):
         keep = (scores > s.score_thr) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
         # Class-aware NMS over the whole batch in one call: each (image, class) group is shifted
-        # to its own coordinate range so that groups never overlap (torchvision's batched_nms
-        # does the same when tracing; written out so eager and graph run identical ops).
+        # to its own coordinate range so that groups never overlap. Written out rather than
+        # torchvision's batched_nms, whose offset comes from the kept subset and whose Python
+        # empty-input branch tracing would freeze; here the offset is the max over all candidates.
         flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
         image_idx = torch.arange(num_images, device=boxes.device)[:, None].expand_as(labels)
         groups = (image_idx * num_classes + labels).reshape(-1)
@@ -345,7 +327,7 @@ class ParityReport:
     score_tol: float = 0.0
     num_inputs: int = 0
     num_dets: int = 0  # detections compared (NMS graphs)
-    mismatched: list[str] | None = None  # detections present on one side only (NMS graphs)
+    mismatched: list[str] = field(default_factory=list)  # detections present on one side only (NMS graphs)
 
     @property
     def ok(self) -> bool:
@@ -379,7 +361,7 @@ def verify(
 ) -> ParityReport:
     """Compare `runner` with PyTorch on each input batch; raise `ExportVerificationError` when a
     difference exceeds the tolerance, else return the report (largest differences seen)."""
-    report = ParityReport(score_tol=rtol, mismatched=[])
+    report = ParityReport(score_tol=rtol)
     for images in inputs:
         ref = reference_outputs(model, images, nms, settings)
         got = runner(images)
@@ -442,19 +424,10 @@ def _note_unpaired(
     weakest = float(side_scores.min()) if side_scores.size else 0.0
     if score - weakest <= 10 * score_tol:
         return
-    assert report.mismatched is not None
     report.mismatched.append(
         f"image {image}: {side} only: label {int(label)} score {float(score):.4f} box "
         f"{[round(float(v), 1) for v in box]}"
     )
-
-
-def pad_to_multiple(images: Tensor, divisor: int = 32) -> Tensor:
-    """[B, 3, H, W] -> zero-padded bottom/right to multiples of `divisor` (as gfldet's collate)."""
-    height, width = images.shape[-2:]
-    pad_h = math.ceil(height / divisor) * divisor - height
-    pad_w = math.ceil(width / divisor) * divisor - width
-    return torch.nn.functional.pad(images, (0, pad_w, 0, pad_h))
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> Tensor:

@@ -49,7 +49,8 @@ class _QualityFocalLoss(torch.autograd.Function):
         s = torch.sigmoid(x_pos)
         bce = F.binary_cross_entropy_with_logits(x_pos, y, reduction="none")
         d = s - y
-        pos_term = bce * d.abs().pow(beta)
+        d_abs_b = d.abs().pow(beta)  # |s - y|^b
+        pos_term = bce * d_abs_b
         neg_term_at_pos = F.softplus(x_pos) * s.pow(beta)
         loss = neg + torch.where(is_pos, pos_term - neg_term_at_pos, torch.zeros_like(neg))
 
@@ -59,7 +60,7 @@ class _QualityFocalLoss(torch.autograd.Function):
             grad = torch.add(sigma, grad, alpha=beta, out=grad).mul_(sigma_b)
             # The positive entry: L = bce(x, y) * |s - y|^b, dL/dx = (s - y)|s - y|^b
             #                                                + b * bce * sign(s - y)|s - y|^(b-1) * s(1 - s).
-            g_pos = d * d.abs().pow(beta)
+            g_pos = d * d_abs_b
             if beta != 0:
                 # sign(d)|d|^(b-1) is 0 at d = 0 for b > 1; guard b < 1, where the power diverges.
                 slope = torch.where(d == 0, torch.zeros_like(d), d.sign() * d.abs().pow(beta - 1))

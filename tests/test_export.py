@@ -17,7 +17,6 @@ from gfldet.data import build_transforms
 from gfldet.data.synthetic import SynthParams, render_image
 from gfldet.engine.checkpoint import load_checkpoint, save_checkpoint
 from gfldet.export import (
-    ExportIntegral,
     ExportVerificationError,
     export_onnx,
     export_torchscript,
@@ -27,7 +26,6 @@ from gfldet.export import (
     verify,
 )
 from gfldet.inference import Detector, build_inference_model, prepare_batch
-from gfldet.models.head import Integral
 from gfldet.postprocess import PostProcessSettings
 
 TINY = {
@@ -76,11 +74,6 @@ def inputs() -> list[torch.Tensor]:
     images = [render_image(np.random.default_rng(i), h, w, SynthParams())[0]
               for i, (h, w) in enumerate([(128, 160), (150, 120)])]
     return [prepare_batch([im], transform)[0] for im in images]
-
-
-def test_export_integral_is_the_head_integral():
-    logits = torch.randn(2, 7, 4 * 17) * 3
-    assert torch.allclose(ExportIntegral(16)(logits), Integral(16)(logits), atol=1e-6)
 
 
 def test_onnx_raw_outputs_match_pytorch_with_dynamic_axes(model, inputs, tmp_path):

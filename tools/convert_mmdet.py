@@ -2,8 +2,7 @@
 
     python tools/convert_mmdet.py gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth \\
         checkpoints/gfl_r50_fpn_1x_coco.pth [--config configs/gfl_r50_fpn_1x_coco.yaml]
-    python tools/eval.py configs/gfl_r50_fpn_1x_coco.yaml checkpoints/gfl_r50_fpn_1x_coco.pth \\
-        --cfg-options model.backbone.weights=null
+    python tools/eval.py configs/gfl_r50_fpn_1x_coco.yaml checkpoints/gfl_r50_fpn_1x_coco.pth
 
 Every MMDetection key must map onto exactly one gfldet key with the same shape (or be one of
 the keys dropped on purpose: the Integral's `project` bins, a classifier `fc`), and every gfldet

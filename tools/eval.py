@@ -19,11 +19,12 @@ import torch
 from gfldet.config import load_config_or_exit
 from gfldet.data import build_dataloader
 from gfldet.distributed import is_distributed, is_main_process
-from gfldet.engine.build import build_dataset, build_model
+from gfldet.engine.build import build_dataset
 from gfldet.engine.checkpoint import load_checkpoint, load_model_weights
-from gfldet.engine.coco_eval import write_metrics_json
+from gfldet.engine.coco_eval import check_backend, write_metrics_json
 from gfldet.engine.evaluator import evaluate
 from gfldet.engine.trainer import amp_dtype, init_distributed, setup_logging
+from gfldet.inference import build_inference_model, model_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,30 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    if args.backend == "faster_coco_eval":  # fail now, not after predicting the whole val set
-        try:
-            import faster_coco_eval  # noqa: F401
-        except ImportError:
-            parser.error("--backend faster_coco_eval needs the faster-coco-eval package: pip install faster-coco-eval")
+    try:  # fail now, not after predicting the whole val set
+        check_backend(args.backend)
+    except ImportError as err:
+        parser.error(str(err))
     cfg = load_config_or_exit(args.config, args.cfg_options)
     device = init_distributed(cfg.train.device)
     setup_logging(None)
     dataset = build_dataset(cfg, "val")
     loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
                               seed=cfg.train.seed, distributed=is_distributed(), size_divisor=cfg.data.size_divisor)
-    cfg.model.backbone.weights = None  # every weight comes from the checkpoint: no ImageNet download
-    model = build_model(cfg.model)
+    model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
     state = load_checkpoint(args.checkpoint)
-    weights = state.get("model", state)
-    if state.get("ema") is not None and not args.no_ema:
-        # AveragedModel's state dict: "module." + the model's keys, plus its update counter.
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
-    load_model_weights(model, weights, strict=True)
+    load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=args.checkpoint), strict=True)
     model = model.to(device)
-    if cfg.train.channels_last:  # the memory format training evaluated in: same bf16 round-off, same AP
+    if cfg.train.channels_last:  # the weights' format training evaluated with: same bf16 round-off, same AP
         model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, loader, device, amp_dtype(cfg, device), backend=args.backend,
-                       channels_last=cfg.train.channels_last)
+    metrics = evaluate(model, loader, device, amp_dtype(cfg, device), backend=args.backend)
     if is_main_process():
         detections = metrics.pop("detections")
         if args.out:

@@ -112,6 +112,11 @@ def _backend_classes(backend: str) -> tuple[type, type]:
     )
 
 
+def check_backend(backend: Backend) -> None:
+    """Raise (ImportError naming the pip package, or ValueError) unless `backend` can run here."""
+    _backend_classes(backend)
+
+
 def _per_class_ap(coco_eval: Any) -> list[float]:
     """AP@[.5:.95] per category (order of params.catIds), area all, maxDets 100."""
     precision = np.asarray(coco_eval.eval["precision"])  # [T, R, K, A, M]

@@ -20,21 +20,16 @@ log = logging.getLogger("gfldet")
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> list[dict]:
-    """COCO-format detections of this process's share of the loader's dataset. `channels_last`:
-    the model's weights are in that memory format (train.channels_last) and the images go in so
-    too; the format changes bf16 round-off, so training and tools/eval.py must agree on it."""
+def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> list[dict]:
+    """COCO-format detections of this process's share of the loader's dataset. The convolutions
+    follow the memory format of the model's weights (train.channels_last), whatever the images'."""
     dataset = loader.dataset
     model.eval()
     detections: list[dict] = []
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, targets in loader:
         with autocast:
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            results = model(images, targets)
+            results = model(images.to(device, non_blocking=True), targets)
         # An image that failed to decode was replaced by another one (logged by the dataset);
         # its detections would count twice, so they are left out.
         kept = [i for i, t in enumerate(targets) if not t.get("decode_failed")]
@@ -45,12 +40,12 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             backend: Backend = "pycocotools", channels_last: bool = False) -> dict:
+             backend: Backend = "pycocotools") -> dict:
     """COCO box AP of `model` on the loader's dataset. Every process predicts its share; rank 0
     gathers, scores with `backend` (pycocotools, or faster_coco_eval: same numbers, faster),
     prints the 12-line summary and the per-class table, and returns the metrics (other ranks
     return {})."""
-    detections = predict_dataset(model, loader, device, amp_dtype, channels_last)
+    detections = predict_dataset(model, loader, device, amp_dtype)
     gathered = all_gather_objects(detections)
     if not is_main_process():
         return {}

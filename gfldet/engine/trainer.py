@@ -303,8 +303,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         eval_now = cfg.train.eval_interval and (run.epoch % cfg.train.eval_interval == 0 or run.epoch == epochs)
         names = []
         if eval_now and val_loader is not None:
-            metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype,
-                               channels_last=cfg.train.channels_last)
+            metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype)
             metrics.pop("detections", None)
             if is_main_process():
                 write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
