@@ -17,6 +17,7 @@ import math
 
 import torch
 from common import (
+    TV_NUM_CLASSES,
     extra_peak_mib,
     machine,
     markdown_table,
@@ -66,7 +67,7 @@ def gfl_entrant(batch: int, size: int, targets: list[dict]):
 
 def torchvision_entrant(kind: str, batch: int, size: int, targets: list[dict]):
     build = fcos_resnet50_fpn if kind == "fcos" else retinanet_resnet50_fpn
-    model = build(weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size)
+    model = build(weights=None, weights_backbone=None, num_classes=TV_NUM_CLASSES, min_size=size, max_size=size)
     image_list, _ = model.transform(list(torch.zeros(batch, 3, size, size)))
     # The anchors depend only on the feature maps' shapes: one-channel stand-ins, no network run.
     features = [torch.empty(batch, 1, h, w) for h, w in level_sizes(size)]
@@ -75,11 +76,11 @@ def torchvision_entrant(kind: str, batch: int, size: int, targets: list[dict]):
     num_per_level = [h * w * per_location for h, w in level_sizes(size)]
     total = sum(num_per_level)
     gen = torch.Generator().manual_seed(1)
-    shapes = {"cls_logits": 91, "bbox_regression": 4} | ({"bbox_ctrness": 1} if kind == "fcos" else {})
+    shapes = {"cls_logits": TV_NUM_CLASSES, "bbox_regression": 4} | ({"bbox_ctrness": 1} if kind == "fcos" else {})
     # Head outputs as fixed leaves, logits near the prior like gfldet's (bias -log(99)).
     leaves = {name: (torch.randn(batch, total, width, generator=gen) * 0.5 - (4.0 if name == "cls_logits" else 0.0))
               .requires_grad_() for name, width in shapes.items()}
-    # torchvision's COCO models: 91 classes indexed by COCO category id (id 0 unused), hence + 1.
+    # torchvision's heads keep index 0 for the background, hence + 1 (TV_NUM_CLASSES).
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
 
     def run() -> None:

@@ -7,8 +7,8 @@ alternating runs in one process, medians.
 All three are built as they train on COCO, with random weights (nothing is downloaded):
 - gfldet: `build_gfl()` (80 classes, frozen_stages=1, norm_eval=True: stem and layer1 frozen,
   BatchNorm statistics fixed, BN affine parameters of layer2-4 still trained, as in MMDetection).
-- torchvision: `common.torchvision_detector` (FrozenBatchNorm2d, stem and layer1 frozen, 91
-  classes), because the public builders ignore `trainable_backbone_layers` and switch to
+- torchvision: `common.torchvision_detector` (FrozenBatchNorm2d, stem and layer1 frozen, the
+  same 80 classes), because the public builders ignore `trainable_backbone_layers` and switch to
   trainable BatchNorm2d when `weights_backbone=None`. `min_size=max_size=size`, so their
   transform does not resize; it still normalises and batches the images inside the timed step
   (the "tv transform" column; gfldet gets the normalised batch its data loader would give).

@@ -37,7 +37,7 @@ from torchvision.ops import nms
 from gfldet import __version__
 from gfldet.boxes import ltrb_to_boxes
 from gfldet.config import Config, config_to_dict, dump_config
-from gfldet.data import IMAGENET_MEAN, IMAGENET_STD
+from gfldet.data import normalize_batch
 from gfldet.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from gfldet.inference import build_inference_model, class_names_for, model_weights
 from gfldet.models.detector import GFL, STRIDES
@@ -438,11 +438,10 @@ def letterbox(image: np.ndarray, height: int, width: int) -> Tensor:
     new_h, new_w = min(height, max(1, int(h * scale + 0.5))), min(width, max(1, int(w * scale + 0.5)))
     import cv2  # albumentations' dependency; imported here as only letterboxing needs it
 
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    normalised = (resized - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-    out = torch.zeros(1, 3, height, width)
-    out[0, :, :new_h, :new_w] = torch.from_numpy(normalised).permute(2, 0, 1)
-    return out
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    out = torch.zeros(1, 3, height, width, dtype=torch.uint8)
+    out[0, :, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
+    return normalize_batch(out, [(new_h, new_w)])
 
 
 # --------------------------------------------------------------------------- publishing weights

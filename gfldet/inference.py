@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from gfldet.config import Config, ConfigError, config_from_dict, load_config
-from gfldet.data import build_transforms, collate, load_image_rgb, pil_to_rgb_array
+from gfldet.data import build_transforms, collate, load_image_rgb, normalize_batch, pil_to_rgb_array
 from gfldet.data.synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
 from gfldet.engine.build import build_model
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
@@ -150,7 +150,9 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
                 f"a numpy image must be uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)} "
                 "(convert BGR from cv2 with image[..., ::-1])"
             )
-        return np.ascontiguousarray(image)
+        # A read-only array (np.asarray of a PIL image, a memory map) would reach torch un-copied
+        # when no resize is needed; torch warns about non-writable tensors.
+        return np.ascontiguousarray(image) if image.flags.writeable else image.copy()
     raise TypeError(
         f"expected an image path, a PIL image or a uint8 [H, W, 3] numpy array, got {type(image).__name__}"
     )
@@ -160,18 +162,19 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
 
 
 def prepare_batch(
-    images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32
+    images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32, device: str | torch.device = "cpu"
 ) -> tuple[Tensor, list[dict[str, Any]]]:
-    """uint8 RGB arrays -> (normalised batch [B, 3, H', W'] zero-padded to `size_divisor`, one
-    target per image with `image_size` (resized, unpadded) and `orig_size`), exactly as the val
-    loader batches them. `transform` is `gfldet.data.build_transforms(train=False, ...)`."""
+    """uint8 RGB arrays -> (normalised batch [B, 3, H', W'] on `device`, zero-padded to
+    `size_divisor`, and one target per image with `image_size` (resized, unpadded) and
+    `orig_size`), exactly as the val loader and the evaluator batch them. `transform` is
+    `gfldet.data.build_transforms(train=False, ...)`."""
     empty_boxes, empty_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
     samples = []
     for image in images:
-        tensor = transform(image=image, bboxes=empty_boxes, labels=empty_labels)["image"]
-        tensor = torch.as_tensor(tensor).float().contiguous()
-        samples.append((tensor, {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]}))
-    return collate(samples, size_divisor)
+        tensor = torch.as_tensor(transform(image=image, bboxes=empty_boxes, labels=empty_labels)["image"])
+        samples.append((tensor.contiguous(), {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]}))
+    batch, targets = collate(samples, size_divisor)
+    return normalize_batch(batch.to(device), [t["image_size"] for t in targets]), targets
 
 
 class Detector:
@@ -236,8 +239,9 @@ class Detector:
         return self.model.test_settings.score_thr
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Tensor, list[dict[str, Any]]]:
-        """RGB arrays -> a padded batch [B, 3, H', W'] and targets with image_size / orig_size."""
-        return prepare_batch(images, self.transform, self.size_divisor)
+        """RGB arrays -> a normalised, padded batch [B, 3, H', W'] on the detector's device and
+        targets with image_size / orig_size."""
+        return prepare_batch(images, self.transform, self.size_divisor, self.device)
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
@@ -246,7 +250,7 @@ class Detector:
         for start in range(0, len(images), self.batch_size):
             arrays = [to_rgb_array(im) for im in images[start : start + self.batch_size]]
             batch, targets = self.preprocess(arrays)
-            for det in self.model(batch.to(self.device), targets):
+            for det in self.model(batch, targets):
                 labels = det["labels"].cpu().numpy().astype(np.int64)
                 results.append({
                     "boxes": det["boxes"].float().cpu().numpy(),

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 from gfldet.config import load_config
-from gfldet.data import build_dataloader, rescale_size
+from gfldet.data import build_dataloader, normalize_batch, rescale_size
 from gfldet.engine.build import build_dataset, build_model
 from gfldet.engine.checkpoint import load_checkpoint
 
@@ -44,6 +44,7 @@ def test_torchvision_transform_does_not_resize(tiny_cfg, kind):
     for split in ("train", "val"):
         images, targets = first_batch(tiny_cfg, split)
         sizes = [tuple(t["image_size"]) for t in targets]
+        images = normalize_batch(images, sizes)  # what the trainer hands the model
         crops = [img[:, :h, :w] for img, (h, w) in zip(images, sizes, strict=True)]
         transform.train(split == "train")
         batch, _ = transform(crops)

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from gfldet.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     CocoDetection,
     GroupedBatchSampler,
     KeepRatioResize,
@@ -24,6 +26,7 @@ from gfldet.data import (
     detection_bbox_params,
     generate_synthetic_coco,
     load_image_rgb,
+    normalize_batch,
     rescale_size,
 )
 
@@ -124,7 +127,7 @@ def test_xywh_to_xyxy_clipping_and_degenerate(tmp_path: Path) -> None:
         tmp_path / "images", _write_coco(tmp_path, [_image(1, 60, 100)], anns, CATS), None
     )
     image, target = ds[0]
-    assert image.shape == (3, 60, 100) and image.dtype == torch.float32
+    assert image.shape == (3, 60, 100) and image.dtype == torch.uint8
     expected = [[10.5, 20, 40.5, 60], [0, 0, 15, 5], [90, 50, 100, 60]]
     assert torch.allclose(target["boxes"], torch.tensor(expected))
     assert target["orig_size"] == (60, 100) and target["image_size"] == (60, 100)
@@ -204,7 +207,7 @@ def test_resize_transform_image_and_boxes_consistent() -> None:
     image = np.zeros((1000, 100, 3), np.uint8)
     image[100:300, 20:60] = 255
     out = t(image=image, bboxes=np.array([[20, 100, 60, 300]], np.float32), labels=np.array([2]))
-    assert out["image"].shape == (3, 1333, 133) and out["image"].dtype == torch.float32
+    assert out["image"].shape == (3, 1333, 133) and out["image"].dtype == torch.uint8
     x0, y0, x1, y1 = out["bboxes"][0]
     # The bright rectangle in the resized image sits where the box says.
     bright = (out["image"][0] > 0).nonzero()
@@ -219,10 +222,27 @@ def test_resize_transform_image_and_boxes_consistent() -> None:
     assert out["labels"].tolist() == [2]
 
 
-def test_normalize_uses_pixel_units() -> None:
-    t = build_transforms(False, 32, 64, 0.0, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 5.0))
-    out = t(image=np.full((32, 32, 3), 40, np.uint8), bboxes=np.zeros((0, 4)), labels=np.zeros(0))
-    assert torch.allclose(out["image"][:, 0, 0], torch.tensor([15.0, 5.0, 2.0]))
+def test_normalize_uses_pixel_units_and_zeroes_the_padding() -> None:
+    images = torch.full((2, 3, 4, 6), 40, dtype=torch.uint8)
+    out = normalize_batch(images, [(4, 6), (3, 2)], mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 5.0))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([15.0, 5.0, 2.0]))
+    assert torch.equal(out[0], out[0, :, :1, :1].expand(3, 4, 6))  # the full-size image: no padding
+    assert torch.allclose(out[1, :, :3, :2], out[0, :, :3, :2])
+    assert (out[1, :, 3:] == 0).all() and (out[1, :, :, 2:] == 0).all()  # padding = the mean pixel
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_batch(out)
+
+
+def test_normalize_is_bit_identical_to_albumentations() -> None:
+    """Normalising on the device reproduces albumentations' Normalize in the workers exactly,
+    so moving it changed no training result."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [128, 7, 250]]  # both ends of the range
+    reference = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0)(image=image)["image"]
+    got = normalize_batch(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous())
+    assert torch.equal(got[0], torch.from_numpy(reference).permute(2, 0, 1))
 
 
 def test_multiscale_short_side_sampled_in_range_and_seeded() -> None:

@@ -363,7 +363,7 @@ def test_exif_rotation_not_in_json_means_raw_pixels(tmp_path: Path) -> None:
     ds = CocoDetection(img_dir, ann_file, None, filter_empty=False, check=True)
     image, target = ds[0]
     assert image.shape == (3, 12, 30)  # decoded as stored: the boxes stay on their objects
-    assert image[:, :4, :10].mean() > 200
+    assert image[:, :4, :10].float().mean() > 200
     assert target["boxes"].tolist() == [[0, 0, 10, 4]]
     with pytest.warns(UserWarning, match="decoded size"):  # check=False: old behaviour
         assert CocoDetection(img_dir, ann_file, None, False)[0][0].shape == (3, 30, 12)

@@ -102,6 +102,73 @@ def test_backbone_freezing_and_norm_eval():
     assert backbone.out_channels == [128, 256, 512]
 
 
+def _torchvision_forward(backbone: ResNetBackbone, images: torch.Tensor) -> list[torch.Tensor]:
+    """The unfolded reference: torchvision's own module forwards (conv, then BatchNorm)."""
+    x = backbone.layer1(backbone.stem(images))
+    c3 = backbone.layer2(x)
+    c4 = backbone.layer3(c3)
+    return [c3, c4, backbone.layer4(c4)]
+
+
+def _randomise_batchnorm(backbone: nn.Module, generator: torch.Generator) -> None:
+    """Statistics and affine parameters away from their (0, 1) defaults, so a wrong fold shows."""
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=generator)
+                m.running_var.uniform_(0.2, 3.0, generator=generator)
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0, 0.3, generator=generator)
+
+
+def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5, msg: str = "") -> None:
+    """Equal up to float rounding relative to the tensor's scale (activations grow to ~1e3 over R-50);
+    rel=0: bit-identical."""
+    error, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= rel * scale, f"{msg}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("scratch", [False, True], ids=["recipe", "scratch"])
+def test_backbone_folds_frozen_batchnorm_into_convs(depth, scratch):
+    """Recipe (frozen stem + layer1, norm_eval): every BatchNorm is folded, and features, gradients
+    (conv weights and BN affine parameters) equal torchvision's unfolded forward up to rounding.
+    From scratch (BatchNorm in training mode): nothing is folded, so everything is bit-identical."""
+    generator = torch.Generator().manual_seed(depth)
+    torch.manual_seed(depth)
+    backbone = ResNetBackbone(depth=depth, frozen_stages=-1 if scratch else 1, norm_eval=not scratch).train()
+    _randomise_batchnorm(backbone, generator)
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    probes = [torch.randn(2, c, 64 // s, 96 // s, generator=generator)
+              for c, s in zip(backbone.out_channels, (8, 16, 32), strict=True)]
+
+    def run(forward):
+        backbone.zero_grad(set_to_none=True)
+        outputs = forward(backbone, images)
+        sum((o * p).sum() for o, p in zip(outputs, probes, strict=True)).backward()
+        grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+        return [o.detach() for o in outputs], grads
+
+    buffers = {n: b.clone() for n, b in backbone.named_buffers()}
+    folded, folded_grads = run(ResNetBackbone.forward)
+    stats_after_folded = {n: b.clone() for n, b in backbone.named_buffers()}
+    backbone.load_state_dict({**backbone.state_dict(), **buffers})  # a training-mode BN moved them
+    reference, reference_grads = run(_torchvision_forward)
+    rel = 0.0 if scratch else 1e-5
+    for got, want in zip(folded, reference, strict=True):
+        _assert_close_to_scale(got, want, rel, msg="features")
+    assert folded_grads.keys() == reference_grads.keys()
+    assert any(".bn" in n or "downsample.1" in n for n in folded_grads)  # BN affine params train
+    for name, grad in reference_grads.items():
+        _assert_close_to_scale(folded_grads[name], grad, rel, msg=name)
+    for name, value in backbone.named_buffers():  # running statistics move exactly as torchvision's
+        torch.testing.assert_close(stats_after_folded[name], value, msg=name)
+    backbone.eval()
+    with torch.no_grad():
+        for got, want in zip(backbone(images), _torchvision_forward(backbone, images), strict=True):
+            _assert_close_to_scale(got, want, msg="eval features")
+
+
 def test_backbone_weights_from_file(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "r18.pth"

@@ -11,7 +11,7 @@ from PIL import Image
 from test_export import load_tool, training_checkpoint
 
 from gfldet.config import config_to_dict
-from gfldet.data import CocoDetection, build_transforms, collate
+from gfldet.data import CocoDetection, build_transforms, collate, normalize_batch
 from gfldet.data.synthetic import CATEGORIES
 from gfldet.inference import Detector, draw_detections
 
@@ -39,7 +39,7 @@ def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
     with torch.no_grad():
         for i, det in enumerate(got):
             images, targets = collate([dataset[i]])
-            (ref,) = detector.model(images, targets)
+            (ref,) = detector.model(normalize_batch(images, [t["image_size"] for t in targets]), targets)
             assert np.allclose(det["boxes"], ref["boxes"].numpy()) and np.allclose(det["scores"], ref["scores"].numpy())
             assert det["class_names"] == [detector.class_names[j] for j in det["labels"]]
             h, w = dataset.coco.imgs[dataset.image_ids[i]]["height"], dataset.coco.imgs[dataset.image_ids[i]]["width"]

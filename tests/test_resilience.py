@@ -119,7 +119,9 @@ def make_loop(model: torch.nn.Module, max_bad_steps: int = 3) -> TrainLoop:
 
 
 def batch(image_id: int):
-    return torch.ones(1, 3, 4, 4), [{"image_id": image_id, "boxes": torch.zeros(0, 4)}]
+    """A loader batch: uint8 images and targets with their unpadded size."""
+    return torch.ones(1, 3, 4, 4, dtype=torch.uint8), [{"image_id": image_id, "boxes": torch.zeros(0, 4),
+                                                        "image_size": (4, 4)}]
 
 
 def test_non_finite_loss_skips_the_step(caplog):

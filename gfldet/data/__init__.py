@@ -18,6 +18,7 @@ from gfldet.data.transforms import (
     KeepRatioResize,
     build_transforms,
     detection_bbox_params,
+    normalize_batch,
     rescale_size,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "ensure_synthetic_coco",
     "generate_synthetic_coco",
     "load_image_rgb",
+    "normalize_batch",
     "pil_to_rgb_array",
     "rescale_size",
 ]

@@ -238,8 +238,8 @@ class CocoDetection(Dataset):
     """COCO-format detection dataset.
 
     ``dataset[i]`` -> ``(image, target)`` with
-      image: FloatTensor [3, H, W] (normalised if ``transform`` normalises; raw 0..255 floats when
-        ``transform`` is None), H/W after resizing, unpadded.
+      image: uint8 tensor [3, H, W] RGB, H/W after resizing, unpadded (normalised later, on the
+        training device, by ``gfldet.data.normalize_batch``).
       target: ``boxes`` FloatTensor [G, 4] xyxy in the transformed image's pixels, ``labels``
         LongTensor [G] in [0, C), ``image_id`` int, ``image_size`` (h, w) after transform,
         ``orig_size`` (h, w) as decoded. Only when the requested image failed to decode and was
@@ -247,8 +247,9 @@ class CocoDetection(Dataset):
         key then describes the replacement image, so image and target always agree).
 
     ``transform`` is called as ``transform(image=uint8 [H, W, 3], bboxes=float32 [G, 4] xyxy,
-    labels=int64 [G])`` and must return a dict with ``image``, ``bboxes`` and ``labels`` (the
-    albumentations calling convention; see ``gfldet.data.transforms.build_transforms``).
+    labels=int64 [G])`` and must return a dict with ``image`` (uint8 [3, H, W], as
+    ``ToTensorV2`` gives it), ``bboxes`` and ``labels`` (the albumentations calling
+    convention; see ``gfldet.data.transforms.build_transforms``).
 
     ``i`` may be a plain int or an int carrying a ``seed`` attribute (``SeededIndex`` from the
     loader); in the latter case the transform's RNG is reseeded first so that a sample's
@@ -442,14 +443,20 @@ class CocoDetection(Dataset):
             boxes, labels = clip_and_filter_boxes(boxes, labels, orig_h, orig_w)
 
         if self.transform is None:
-            tensor = torch.from_numpy(image).permute(2, 0, 1).float()
+            tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
         else:
             # A replacement keeps the requested slot's seed: still a pure function of the index.
             seed = getattr(index, "seed", None)
             if seed is not None and hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(int(seed))
             out = self.transform(image=image, bboxes=boxes.copy(), labels=labels.copy())
-            tensor = torch.as_tensor(out["image"]).float().contiguous()
+            tensor = torch.as_tensor(out["image"]).contiguous()
+            if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] != 3:
+                raise TypeError(
+                    f"the transform returned a {tensor.dtype} image of shape {list(tensor.shape)}; gfldet "
+                    "needs uint8 [3, H, W] (end the pipeline with ToTensorV2 and no Normalize: images "
+                    "are normalised on the device by gfldet.data.normalize_batch)"
+                )
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
 

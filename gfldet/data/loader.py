@@ -19,12 +19,12 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_wor
 def collate(
     batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int = 32
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Stack images [3, H_i, W_i] into [B, 3, Hp, Wp], zero-padded at the bottom/right.
+    """Stack images [3, H_i, W_i] (uint8) into [B, 3, Hp, Wp], zero-padded at the bottom/right.
 
     Hp/Wp are the batch maxima rounded up to a multiple of ``size_divisor`` (so every FPN level
-    has an integer size). Zero padding happens after normalisation, like MMDetection, so the pad
-    equals the dataset mean. Targets are returned unchanged; ``image_size`` in each still gives
-    the valid (unpadded) region.
+    has an integer size). Targets are returned unchanged; ``image_size`` in each still gives the
+    valid (unpadded) region, which ``normalize_batch`` uses to keep the padding 0 after
+    normalising (the pad equals the dataset mean, as in MMDetection).
     """
     images = [img for img, _ in batch]
     targets = [tgt for _, tgt in batch]

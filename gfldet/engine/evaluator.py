@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from gfldet.data import normalize_batch
 from gfldet.distributed import all_gather_objects, is_main_process
 from gfldet.engine.coco_eval import (
     Backend,
@@ -29,7 +30,8 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, targets in loader:
         with autocast:
-            results = model(images.to(device, non_blocking=True), targets)
+            images = normalize_batch(images.to(device, non_blocking=True), [t["image_size"] for t in targets])
+            results = model(images, targets)
         # An image that failed to decode was replaced by another one (logged by the dataset);
         # its detections would count twice, so they are left out.
         kept = [i for i, t in enumerate(targets) if not t.get("decode_failed")]

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
-from gfldet.data import build_dataloader
+from gfldet.data import build_dataloader, normalize_batch
 from gfldet.distributed import (
     all_gather_objects,
     get_rank,
@@ -381,7 +381,7 @@ class TrainLoop:
     def step(self, images, targets, it: int) -> bool:
         """One iteration; returns True when a stop was requested (on any process)."""
         cfg = self.cfg
-        images = images.to(self.device, non_blocking=True)
+        images = normalize_batch(images.to(self.device, non_blocking=True), [t["image_size"] for t in targets])
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}

@@ -4,6 +4,13 @@ As in the reference recipe (MMDetection `ResNet(depth=50, frozen_stages=1, norm_
 the stem and the first `frozen_stages` stages are frozen (no gradients, eval mode), and with
 `norm_eval` every BatchNorm keeps its ImageNet running statistics while its affine parameters
 still train. Both are switchable off for training from scratch.
+
+A BatchNorm in eval mode (frozen statistics: `norm_eval`, a frozen stage, or inference) is an
+affine map per channel, so the backbone folds it into the convolution before it
+(`conv_bn`): one convolution with a rescaled weight and a bias instead of a convolution plus two
+extra passes over the activation in forward and backward. The fold is recomputed from the
+parameters at every call, so the BatchNorm affine parameters still train and the state dict
+keeps torchvision's keys.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 _RESNETS = {
     18: (torchvision.models.resnet18, "ResNet18_Weights"),
@@ -67,11 +76,46 @@ class ResNetBackbone(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = self.layer1(self.stem(images))
-        c3 = self.layer2(x)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        conv, bn, _, maxpool = self.stem
+        x = maxpool(F.relu(conv_bn(conv, bn, images), inplace=True))
+        outputs = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = _residual_block(block, x)
+            outputs.append(x)
+        return outputs[1:]  # C3, C4, C5
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """`bn(conv(x))`; with `bn` in eval mode, one convolution with the BatchNorm folded in.
+
+    Eval-mode BatchNorm is y = (z - mean) * s + beta with s = gamma / sqrt(var + eps), so
+    y = conv(x, W * s) + (beta - mean * s) (+ conv.bias * s). Gradients reach W, gamma and beta
+    through the fold; the result equals the two-module path up to float rounding.
+    """
+    if bn.training:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _residual_block(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward, through `conv_bn`."""
+    if isinstance(block, Bottleneck):
+        out = F.relu(conv_bn(block.conv1, block.bn1, x), inplace=True)
+        out = F.relu(conv_bn(block.conv2, block.bn2, out), inplace=True)
+        out = conv_bn(block.conv3, block.bn3, out)
+    elif isinstance(block, BasicBlock):
+        out = F.relu(conv_bn(block.conv1, block.bn1, x), inplace=True)
+        out = conv_bn(block.conv2, block.bn2, out)
+    else:
+        raise TypeError(f"unexpected ResNet block {type(block).__name__}")
+    out += x if block.downsample is None else conv_bn(block.downsample[0], block.downsample[1], x)
+    return F.relu(out, inplace=True)
 
 
 def _last_conv(stage: nn.Sequential) -> nn.Conv2d:
