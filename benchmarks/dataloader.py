@@ -1,8 +1,10 @@
 """Images per second of gfldet's training input pipeline: JPEG decode + train augmentation at the
-recipe's resolution (keep-ratio resize to short side 800 / long side <= 1333, horizontal flip,
-normalise) + padding collate, through `build_dataloader` exactly as the trainer builds it, for
-0, 1 and 2 worker processes. Medians over passes; the first pass of each worker count is a
-warm-up (it also starts the persistent workers) and is not counted.
+recipe's resolution (keep-ratio resize to short side 800 / long side <= 1333, horizontal flip) +
+padding collate into a uint8 batch, through `build_dataloader` exactly as the trainer builds it,
+for 0, 1 and 2 worker processes. Medians over passes; the first pass of each worker count is a
+warm-up (it also starts the persistent workers) and is not counted. The normalisation that
+follows on the training device (`normalize_batch`) is not part of the loader; its CPU cost per
+batch is printed apart (on a GPU it is one elementwise kernel).
 
     python benchmarks/dataloader.py [--data DIR] [--images 300] [--workers 0 1 2] [--batch 2] [--passes 3]
 
@@ -21,9 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, markdown_table
+from common import machine, markdown_table, time_alternating
 
-from gfldet.data import CocoDetection, build_dataloader, build_transforms, generate_synthetic_coco
+from gfldet.data import (
+    CocoDetection,
+    build_dataloader,
+    build_transforms,
+    collate,
+    generate_synthetic_coco,
+    normalize_batch,
+)
 
 
 def pass_seconds(dataset: CocoDetection, workers: int, batch: int, passes: int) -> list[float]:
@@ -62,6 +71,9 @@ def main() -> None:
         dataset = CocoDetection(image_dir, ann_file, transform=transform, filter_empty=True)
 
         times = {w: pass_seconds(dataset, w, args.batch, args.passes) for w in args.workers}
+        images, targets = collate([dataset[i] for i in range(args.batch)])
+    sizes = [t["image_size"] for t in targets]
+    normalise = time_alternating({"normalize": lambda: normalize_batch(images, sizes)}, repeats=7)["normalize"]
     rates = {w: len(dataset) / statistics.median(t) for w, t in times.items()}
     base = rates[args.workers[0]]
     rows = [[w, f"{r:.1f}", f"{1e3 / r:.1f}", f"{min(times[w]):.2f}-{max(times[w]):.2f}", f"{r / base:.2f}"]
@@ -71,6 +83,8 @@ def main() -> None:
           f"train transform {args.short_side}/{args.max_size} + flip, batch {args.batch}")
     print(markdown_table(["workers", "images/s", "ms/image", "pass s (min-max)", f"vs {args.workers[0]} workers"],
                          rows))
+    print(f"normalize_batch on this CPU (main process, after the loader): {normalise * 1e3:.1f} ms per batch "
+          f"of {args.batch} ({tuple(images.shape)} uint8)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ SMOKE_ARGS = {
     "inference.py": ["--batch", "1", "--repeats", "1", "--height", "64", "--width", "96"],
     "assigner.py": ["--boxes", "1", "2", "--repeats", "1", "--skip-memory"],
     "dataloader.py": ["--images", "4", "--workers", "0", "--passes", "1", "--short-side", "64", "--max-size", "96"],
+    "bn_fold.py": ["--batch", "1", "--size", "64", "--boxes", "2", "--eval-size", "64", "96", "--repeats", "1"],
     "coco_eval.py": ["--images", "20", "--dets", "13", "--repeats", "1"],
 }
 
