@@ -171,6 +171,7 @@ def make_record(args: argparse.Namespace, cfg: Config, entrant: Entrant, seed: i
             "amp": cfg.train.amp,
         },
         "machine": machine(),
+        "commit": git_commit(),  # the code that trained it
         "date": datetime.now().isoformat(timespec="seconds"),
         "command": args.command,
         "run_dir": str(run_dir),
@@ -339,13 +340,18 @@ def report(records: Sequence[dict], epochs: int, results_path: str, date: str | 
     commands = sorted({f"`{r['command']}`" for r in records})
     machines = sorted({r["machine"] for r in records}) or [machine()]
     seeds = sorted({r["seed"] for r in records})
+    runs_per_commit: dict[str, int] = {}
+    for r in records:
+        key = r.get("commit") or "not recorded"
+        runs_per_commit[key] = runs_per_commit.get(key, 0) + 1
     lines = [
         "# Accuracy under one fixed budget",
         "",
         f"Written by `benchmarks/accuracy.py` on {date} from `{results_path}`; regenerate with "
         "`python benchmarks/accuracy.py --report-only` (same `--work-dir` and `--epochs`).",
         "",
-        *([f"- Commit: {commit}"] if commit else []),
+        *([f"- Report written at commit: {commit}"] if commit else []),
+        f"- Runs trained at commit(s): {'; '.join(f'{c} ({n} runs)' for c, n in runs_per_commit.items()) or 'none yet'}",
         f"- Command(s): {'; '.join(commands) or 'none yet'}",
         f"- Machine: {'; '.join(machines)}",
         f"- Config: {'; '.join(configs) or 'none yet'}",

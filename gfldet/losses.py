@@ -35,17 +35,31 @@ class _QualityFocalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, scores: Tensor, beta: float) -> Tensor:
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        num_classes = logits.shape[1]
+        num_rows, num_classes = logits.shape
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        needs_grad = ctx.needs_input_grad[0]
+        neg = torch.empty(num_rows, dtype=dtype, device=logits.device)
+        grad = torch.empty(logits.shape, dtype=dtype, device=logits.device) if needs_grad else None
+        # The [N, C] passes, a block of rows at a time so that the intermediates stay in cache.
+        block = _row_block(num_rows, num_classes, logits.device)
+        for first in range(0, num_rows, block):
+            rows = slice(first, first + block)
+            x = logits[rows].to(dtype)
+            sigma = torch.sigmoid(x)
+            softplus = F.softplus(x)
+            sigma_b = sigma.square() if beta == 2 else sigma.pow(beta)
+            # sum_c softplus * s^b without an [N, C] product
+            torch.linalg.vecdot(softplus, sigma_b, dim=1, out=neg[rows])
+            if grad is not None:
+                # d/dx [softplus(x) * s^b] = s^b * (s + b * softplus(x) * (1 - s)), s = sigmoid(x).
+                g = torch.addcmul(softplus, softplus, sigma, value=-1, out=grad[rows])  # softplus * (1 - s)
+                torch.add(sigma, g, alpha=beta, out=g).mul_(sigma_b)
+
+        # The positive entries (one per positive row): the correction to the all-negative term.
         is_pos = labels < num_classes
         col = labels.clamp(max=num_classes - 1)[:, None]
-        x_pos = logits.gather(1, col)[:, 0]  # [N], the entry whose target is the score
-        y = scores.to(logits.dtype)
-
-        sigma = torch.sigmoid(logits)
-        softplus = F.softplus(logits)
-        sigma_b = sigma.square() if beta == 2 else sigma.pow(beta)
-        neg = torch.linalg.vecdot(softplus, sigma_b, dim=1)  # [N]: sum_c softplus * s^b, no [N, C] product
+        x_pos = logits.gather(1, col)[:, 0].to(dtype)  # [N], the entry whose target is the score
+        y = scores.to(dtype)
         s = torch.sigmoid(x_pos)
         bce = F.binary_cross_entropy_with_logits(x_pos, y, reduction="none")
         d = s - y
@@ -54,10 +68,7 @@ class _QualityFocalLoss(torch.autograd.Function):
         neg_term_at_pos = F.softplus(x_pos) * s.pow(beta)
         loss = neg + torch.where(is_pos, pos_term - neg_term_at_pos, torch.zeros_like(neg))
 
-        if ctx.needs_input_grad[0]:
-            # d/dx [softplus(x) * s^b] = s^b * (s + b * softplus(x) * (1 - s)), s = sigmoid(x).
-            grad = torch.addcmul(softplus, softplus, sigma, value=-1)  # softplus * (1 - s)
-            grad = torch.add(sigma, grad, alpha=beta, out=grad).mul_(sigma_b)
+        if grad is not None:
             # The positive entry: L = bce(x, y) * |s - y|^b, dL/dx = (s - y)|s - y|^b
             #                                                + b * bce * sign(s - y)|s - y|^(b-1) * s(1 - s).
             g_pos = d * d_abs_b
@@ -75,6 +86,20 @@ class _QualityFocalLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss[:, None], None, None, None
+
+
+# Elements of one block of QFL rows (1 MiB of fp32 per intermediate). CPU: a block's
+# intermediates stay in cache, so the elementwise passes do not each go to memory; QFL forward +
+# backward on 8 x 8,525 priors x 80 classes took 24 ms against 35 ms unblocked, on 16 x 13,343
+# priors 95 ms against 162 ms (2 cores; 2**17-2**19 all within 10 %). GPU: one block; splitting
+# would only add kernel launches.
+CPU_BLOCK_ELEMENTS = 2**18
+
+
+def _row_block(num_rows: int, num_classes: int, device: torch.device) -> int:
+    if device.type == "cuda" or num_rows == 0:
+        return max(num_rows, 1)
+    return max(1, CPU_BLOCK_ELEMENTS // max(num_classes, 1))
 
 
 def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: float = 2.0) -> Tensor:

@@ -193,7 +193,10 @@ def test_report_mean_std_differences_and_missing_entrants():
         record("qfl_dirac", 0, 0.0, status="failed"),
         record("retinanet", 0, 0.50, epochs=1),  # another budget: not in this report
     ]
+    for r in records[:5]:
+        r["commit"] = "abc1234"
     text = accuracy.report(records, epochs=2, results_path="results.json")
+    assert "- Runs trained at commit(s): abc1234 (5 runs); not recorded (2 runs)" in text
 
     table = table_rows(text, "All entrants")  # entrant, what, n, AP, AP50, AP75, APs, APm, APl, min/run
     gfl = table["`gfl`"]

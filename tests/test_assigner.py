@@ -5,6 +5,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from gfldet import assigner
 from gfldet.assigner import atss_assign
 from gfldet.models.priors import make_priors, valid_prior_mask
 
@@ -85,7 +86,10 @@ def random_boxes(generator, count, height, width):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batched_equals_per_image_reference(seed):
+@pytest.mark.parametrize("one_box_blocks", [False, True], ids=["default-blocks", "one-box-blocks"])
+def test_batched_equals_per_image_reference(seed, one_box_blocks, monkeypatch):
+    if one_box_blocks:  # every level's distances one box at a time
+        monkeypatch.setattr(assigner, "CPU_BLOCK_ELEMENTS", 1)
     gen = torch.Generator().manual_seed(seed)
     # A 200x328 batch: P7 has 2x3 = 6 priors, fewer than top-k = 9.
     sizes = [(25, 41), (13, 21), (7, 11), (4, 6), (2, 3)]
@@ -126,6 +130,11 @@ def test_thousand_boxes_at_full_resolution():
     priors = make_priors(sizes, [8, 16, 32, 64, 128])
     gen = torch.Generator().manual_seed(0)
     gt = torch.stack([random_boxes(gen, 1000, 800, 1344) for _ in range(2)])
-    out = atss_assign(priors.boxes, priors.num_per_level, gt, torch.ones(2, 1000, dtype=torch.bool))
+    mask = torch.ones(2, 1000, dtype=torch.bool)
+    out = atss_assign(priors.boxes, priors.num_per_level, gt, mask)
     assert out.shape == (2, 22400)
     assert out.max() < 1000 and (out >= 0).sum() > 1000
+    assert assigner._box_block(2, 16800, torch.device("cpu")) < 1000  # P3's distances came in blocks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(assigner, "CPU_BLOCK_ELEMENTS", 2 * 1000 * 16800)  # one block per level
+        assert torch.equal(atss_assign(priors.boxes, priors.num_per_level, gt, mask), out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gfldet import losses
 from gfldet.losses import distribution_focal_loss, focal_loss, giou_loss, quality_focal_loss
 
 
@@ -72,7 +73,12 @@ def test_qfl_beta_zero_is_bce_and_binary_target_is_focal():
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 2.5])
-def test_qfl_closed_form_gradient_matches_autograd(beta):
+@pytest.mark.parametrize("rows_per_block", [None, 5], ids=["one-block", "blocks-of-5-rows"])
+def test_qfl_closed_form_gradient_matches_autograd(beta, rows_per_block, monkeypatch):
+    if rows_per_block is not None:  # 64 rows: 12 full blocks and a partial one
+        monkeypatch.setattr(losses, "CPU_BLOCK_ELEMENTS", 7 * rows_per_block)
+    else:
+        monkeypatch.setattr(losses, "CPU_BLOCK_ELEMENTS", 7 * 64)
     torch.manual_seed(1)
     x = torch.randn(64, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 8, (64,))
