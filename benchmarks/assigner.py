@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 from common import (
+    allocator_line,
     extra_peak_mib,
     machine,
     markdown_table,
@@ -27,6 +28,7 @@ from common import (
     random_boxes,
     set_threads,
     time_alternating,
+    use_retaining_malloc,
 )
 from torch import Tensor
 from torchvision.ops import box_iou
@@ -99,6 +101,7 @@ def mib(m: dict[str, float]) -> str:
 
 
 def main() -> None:
+    use_retaining_malloc()
     parser = argparse.ArgumentParser()
     parser.add_argument("--boxes", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--batch", type=int, default=2)
@@ -133,7 +136,7 @@ def main() -> None:
     ]
 
     num_priors = make_priors(LEVEL_SIZES, STRIDES).boxes.shape[0]
-    print(f"machine: {machine()}; batch {args.batch}, {HEIGHT}x{WIDTH}, {num_priors} priors per image")
+    print(f"machine: {machine()}; {allocator_line()}; batch {args.batch}, {HEIGHT}x{WIDTH}, {num_priors} priors per image")
     print(markdown_table(["boxes/img", "batched ms", "loop ms", "loop/batched", "batched peak MiB",
                           "loop peak MiB", "batched time exp.", "batched mem exp."], rows))
     print(f"priors assigned differently by the loop: {mismatches} (of {args.batch * num_priors} per row)")

@@ -16,7 +16,15 @@ import argparse
 import types
 
 import torch
-from common import machine, markdown_table, random_boxes, set_threads, time_alternating
+from common import (
+    allocator_line,
+    machine,
+    markdown_table,
+    random_boxes,
+    set_threads,
+    time_alternating,
+    use_retaining_malloc,
+)
 from torch import Tensor
 from train_step import train_step
 
@@ -44,6 +52,7 @@ def build_pair() -> dict[str, torch.nn.Module]:
 
 
 def main() -> None:
+    use_retaining_malloc()
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=640, help="square training images, a multiple of 32")
@@ -78,7 +87,7 @@ def main() -> None:
         return run
 
     eval_times = time_alternating({n: infer(m.eval()) for n, m in models.items()}, repeats=args.repeats)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; {allocator_line()}")
     rows = [[f"training step {args.batch}x{size}², {args.boxes} boxes", f"{train_times['folded'] * 1e3:.0f}",
              f"{train_times['unfolded'] * 1e3:.0f}", f"{train_times['folded'] / train_times['unfolded']:.3f}"],
             [f"inference 1x{height}x{width}", f"{eval_times['folded'] * 1e3:.0f}",

@@ -23,7 +23,15 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import machine, markdown_table, set_threads, time_alternating, torchvision_detector
+from common import (
+    allocator_line,
+    machine,
+    markdown_table,
+    set_threads,
+    time_alternating,
+    torchvision_detector,
+    use_retaining_malloc,
+)
 from torch import nn
 
 from gfldet.data import IMAGENET_MEAN, IMAGENET_STD
@@ -60,6 +68,7 @@ def measure(gfl: GFL, fcos: nn.Module, retina: nn.Module, batch: int, height: in
 
 
 def main() -> None:
+    use_retaining_malloc()
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
@@ -87,7 +96,7 @@ def main() -> None:
         rows.append([batch, f"{t['gfl'] * 1e3:.0f}", f"{t['fcos'] * 1e3:.0f}", f"{t['retina'] * 1e3:.0f}",
                      f"{batch / t['gfl']:.2f}", f"{t['gfl'] / t['fcos']:.2f}", f"{t['gfl'] / t['retina']:.2f}"])
 
-    print(f"machine: {machine()}; images {height}x{width} (padded {padded[0]}x{padded[1]}), scores: {args.scores}")
+    print(f"machine: {machine()}; {allocator_line()}; images {height}x{width} (padded {padded[0]}x{padded[1]}), scores: {args.scores}")
     print(markdown_table(["batch", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet img/s", "gfldet/FCOS",
                           "gfldet/RetinaNet"], rows))
     for batch, c in counts.items():

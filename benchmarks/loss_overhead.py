@@ -18,6 +18,7 @@ import math
 import torch
 from common import (
     TV_NUM_CLASSES,
+    allocator_line,
     extra_peak_mib,
     machine,
     markdown_table,
@@ -25,6 +26,7 @@ from common import (
     random_boxes,
     set_threads,
     time_alternating,
+    use_retaining_malloc,
 )
 from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
 
@@ -126,6 +128,7 @@ def peak_memory(name: str, batch: int, size: int, boxes: int, threads: int | Non
 
 
 def main() -> None:
+    use_retaining_malloc()
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
@@ -141,7 +144,7 @@ def main() -> None:
     if args.child:
         child(args.child, *cases[0])
         return
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; {allocator_line()}")
     rows = []
     for batch, size, boxes in cases:
         runs = {name: make_entrant(name, batch, size, boxes) for name in ENTRANTS}

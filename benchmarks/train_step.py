@@ -22,12 +22,14 @@ from collections.abc import Callable
 
 import torch
 from common import (
+    allocator_line,
     machine,
     markdown_table,
     random_boxes,
     set_threads,
     time_alternating,
     torchvision_detector,
+    use_retaining_malloc,
 )
 from torch import nn
 
@@ -61,6 +63,7 @@ def trainable_millions(model: nn.Module) -> float:
 
 
 def main() -> None:
+    use_retaining_malloc()
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=640, help="square images, a multiple of 32")
@@ -99,7 +102,7 @@ def main() -> None:
          "transform": lambda: fcos.transform(tv_images, tv_targets)},
         repeats=args.repeats,
     )
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; {allocator_line()}")
     print(markdown_table(
         ["batch x size", "boxes/img", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet/FCOS", "gfldet/RetinaNet",
          "tv transform ms"],
