@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
 from gfldet.config import Config, ConfigError, config_from_dict, load_config
@@ -143,7 +143,8 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
             raise FileNotFoundError(f"image not found: {path}")
         return load_image_rgb(path)
     if isinstance(image, Image.Image):
-        return pil_to_rgb_array(image)
+        # As for a path: pixels upright by the EXIF orientation (a no-op without the tag).
+        return pil_to_rgb_array(ImageOps.exif_transpose(image))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(

@@ -207,3 +207,13 @@ def test_cli_converts_a_wrapped_checkpoint_and_detector_loads_it(tmp_path, capsy
     bad = tmp_path / "bad.pth"
     assert convert.main([str(src), str(bad)]) == 1
     assert "head.cls_out.bias" in capsys.readouterr().err and not bad.exists()
+
+
+def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  num_clases: 3\n")  # misspelt key
+    convert = load_tool("convert_mmdet")
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(tmp_path / "any.pth"), str(tmp_path / "out.pth"), "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "num_clases" in capsys.readouterr().err

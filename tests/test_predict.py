@@ -13,7 +13,7 @@ from test_export import load_tool, training_checkpoint
 from gfldet.config import config_to_dict
 from gfldet.data import CocoDetection, build_transforms, collate, normalize_batch
 from gfldet.data.synthetic import CATEGORIES
-from gfldet.inference import Detector, draw_detections
+from gfldet.inference import Detector, draw_detections, to_rgb_array
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,17 @@ def test_predict_writes_drawn_images_and_json_for_a_folder(run, tiny_coco, tmp_p
                                       str(tiny_coco["val_images"] / "*.jpg"), "--out", str(tmp_path / "glob")])
     assert code == 0 and len(list((tmp_path / "glob").glob("*.json"))) == len(sources)
     assert load_tool("predict").main([str(config_path), str(folder / "last.pth"), str(tmp_path / "nothing*.png")]) == 2
+
+
+def test_pil_input_is_made_upright_by_its_exif_orientation_like_a_path(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:5, :10] = 255  # a bright corner shows where the top-left went
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    path = tmp_path / "rotated.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    from_path = to_rgb_array(path)
+    with Image.open(path) as pil:
+        from_pil = to_rgb_array(pil)
+    assert from_path.shape == (40, 20, 3)  # upright: the stored 20x40 turned on its side
+    assert np.array_equal(from_pil, from_path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gfldet.config import ConfigError, load_config
+from gfldet.config import load_config_or_exit
 from gfldet.convert_mmdet import ConversionError, convert_checkpoint
 from gfldet.engine.checkpoint import CheckpointError
 
@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="gfldet checkpoint to write (.pth)")
     parser.add_argument("--config", help="gfldet config describing the same model (default: inferred from the file)")
     args = parser.parse_args(argv)
+    cfg = load_config_or_exit(args.config) if args.config else None  # a bad config: status 2, like every tool
     try:
-        cfg = load_config(args.config) if args.config else None
         out, report, cfg = convert_checkpoint(args.mmdet_checkpoint, args.out, cfg)
-    except (ConfigError, ConversionError, CheckpointError, FileNotFoundError) as err:
+    except (ConversionError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     m = cfg.model
