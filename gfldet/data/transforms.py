@@ -164,9 +164,10 @@ def normalize_batch(
     out.sub_(torch.from_numpy(mean_f32).to(out.device).view(shape))
     out.mul_(torch.from_numpy(denominator).to(out.device).view(shape))
     if image_sizes is not None:
-        for i, (h, w) in enumerate(image_sizes):
-            out[i, :, int(h):].zero_()
-            out[i, :, :, int(w):].zero_()
+        sizes = torch.as_tensor(image_sizes, dtype=torch.long).to(out.device, non_blocking=True)  # [B, 2]
+        rows = torch.arange(out.shape[-2], device=out.device) >= sizes[:, 0, None]  # [B, Hp]
+        cols = torch.arange(out.shape[-1], device=out.device) >= sizes[:, 1, None]  # [B, Wp]
+        out.masked_fill_((rows[:, :, None] | cols[:, None, :])[:, None], 0.0)  # one pass, no per-image loop
     return out
 
 
