@@ -90,19 +90,19 @@ def torchvision_detector(kind: str, num_classes: int = TV_NUM_CLASSES, trainable
     `fcos_resnet50_fpn(weights_backbone=None)` silently switches to nn.BatchNorm2d and makes all
     five ResNet stages trainable (`trainable_backbone_layers` is ignored without weights), which is
     neither torchvision's COCO recipe nor comparable to gfldet's frozen_stages=1/norm_eval=True.
-    So we repeat the builder's body as it runs *with* ImageNet weights: FrozenBatchNorm2d, stem
-    and layer1 frozen (3 trainable stages), P3-P7 via LastLevelP6P7; gfldet's 80 classes (labels
-    1..80, see TV_NUM_CLASSES). `kwargs` go to the FCOS/RetinaNet class (min_size, max_size, ...).
+    So we build the backbone as the builder does *with* ImageNet weights, through the public
+    `resnet_fpn_backbone`: FrozenBatchNorm2d, stem and layer1 frozen (3 trainable stages), P3-P7
+    via LastLevelP6P7; gfldet's 80 classes (labels 1..80, see TV_NUM_CLASSES). `kwargs` go to
+    the FCOS/RetinaNet class (min_size, max_size, ...).
     """
-    from torchvision.models import resnet50
     from torchvision.models.detection import FCOS, RetinaNet
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    trunk = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    backbone = _resnet_fpn_extractor(trunk, trainable_layers, returned_layers=[2, 3, 4],
-                                     extra_blocks=LastLevelP6P7(256, 256))
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=trainable_layers, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(256, 256))
     detector = {"fcos": FCOS, "retinanet": RetinaNet}[kind]
     return detector(backbone, num_classes, **kwargs)
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, tiny_overrides
 
+from gfldet.data import checks
 from gfldet.models import build_gfl
 
 
@@ -91,3 +92,51 @@ def test_torchrun_two_cpu_processes_train(tiny_coco, tmp_path):
     iters = int(log.split(" iterations per epoch")[0].split()[-1])
     assert iters in (4, 5)
     assert (work / "last.pth").is_file() and "final bbox AP" in proc.stdout
+
+
+def _report_facts(report: checks.DatasetReport) -> dict:
+    return {"fatal": report.fatal, "fixed": dict(report.fixed), "examples": dict(report.fix_examples),
+            "warnings": report.warnings, "annotations": report.annotations,
+            "raw_orientation_ids": sorted(report.raw_orientation_ids), "decoded": report.images_decoded}
+
+
+def _check_worker(rank: int, world: int, port: int, image_dir: str, ann_file: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    probed: list[str] = []
+    real_probe = checks._probe
+
+    def counting_probe(path, decode, max_pixels):
+        probed.append(path.name)
+        return real_probe(path, decode, max_pixels)
+
+    checks._probe = counting_probe
+    from gfldet.distributed import all_gather_objects
+
+    shard = checks.ShardedCheck(rank, world, all_gather_objects)
+    report = checks.check_dataset(image_dir, ann_file, shard=shard)
+    torch.save({"facts": _report_facts(report), "probed": probed}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_dataset_check_is_shared_between_processes(tiny_coco, tmp_path):
+    """Under torchrun each process decodes half of the images, and both reach the report that one
+    process decoding everything reaches (a truncated file included)."""
+    image_dir = tmp_path / "images"
+    shutil.copytree(tiny_coco["train_images"], image_dir)
+    broken = sorted(image_dir.iterdir())[5]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    single = checks.check_dataset(image_dir, tiny_coco["train_ann"])
+    assert sum(broken.name in msg for msg in single.fix_examples[checks.FIX_BAD_IMAGE]) == 1
+
+    out = str(tmp_path / "report")
+    port = 29500 + (os.getpid() + 500) % 1000
+    mp.start_processes(_check_worker, args=(2, port, str(image_dir), str(tiny_coco["train_ann"]), out),
+                       nprocs=2, join=True, start_method="spawn")
+    results = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    for result in results:
+        assert result["facts"] == _report_facts(single)
+    probed = [set(r["probed"]) for r in results]
+    files = {p.name for p in image_dir.iterdir()}
+    assert probed[0].isdisjoint(probed[1]) and probed[0] | probed[1] == files
+    assert abs(len(probed[0]) - len(probed[1])) <= 1

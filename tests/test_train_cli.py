@@ -39,7 +39,7 @@ def trained_run(tiny_coco, tmp_path_factory):
     return work, proc
 
 
-def test_training_writes_checkpoints_log_tensorboard_and_config(trained_run):
+def test_training_writes_checkpoints_log_tensorboard_and_config(trained_run, tiny_coco):
     work, proc = trained_run
     for name in ("epoch_1.pth", "epoch_2.pth", "last.pth", "best.pth", "config.yaml", "train.log",
                  "metrics_epoch_2.json"):
@@ -51,10 +51,26 @@ def test_training_writes_checkpoints_log_tensorboard_and_config(trained_run):
     state = load_checkpoint(work / "last.pth")
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "iteration", "rng", "config"} <= set(state)
     assert state["epoch"] == 2 and state["config"]["schedule"]["epochs"] == 2
+    # Class names travel with the weights (label order = sorted category id), so a checkpoint
+    # still names its classes once the annotation files are gone.
+    categories = json.loads(tiny_coco["train_ann"].read_text())["categories"]
+    assert state["meta"]["class_names"] == [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
     # The resolved config is a complete, loadable config equal to what was trained.
     from gfldet.config import load_config
 
     assert load_config(work / "config.yaml").data.batch_size == 4
+
+
+def test_a_training_checkpoint_names_its_classes_without_the_annotation_files(trained_run, tmp_path):
+    from gfldet.engine.checkpoint import save_checkpoint
+    from gfldet.inference import Detector
+
+    work, _ = trained_run
+    state = load_checkpoint(work / "last.pth")
+    for split in ("train", "val"):  # the dataset moved away after training
+        state["config"]["data"][split]["annotations"] = str(tmp_path / "gone" / f"{split}.json")
+    moved = save_checkpoint(state, tmp_path / "moved.pth")
+    assert Detector.from_checkpoint(moved).class_names == state["meta"]["class_names"]
 
 
 def test_eval_reproduces_the_training_ap(trained_run, tiny_coco, tmp_path):

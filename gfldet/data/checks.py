@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,7 @@ from gfldet.data.coco import (
     upright_size,
 )
 
-__all__ = ["DatasetError", "DatasetReport", "check_dataset"]
+__all__ = ["DatasetError", "DatasetReport", "ShardedCheck", "check_dataset"]
 
 MAX_LISTED = 20  # problems listed in an error before "... and N more"
 MAX_EXAMPLES = 5  # examples shown per kind of fix
@@ -81,6 +81,22 @@ _BOX_PROBLEM = {
 SUSPICIOUS_BOX_FIX_SHARE = 0.05
 
 _LOAD_TRUNCATED_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ShardedCheck:
+    """Share the image decoding among the processes of a distributed job.
+
+    Process ``rank`` of ``world`` decodes every ``world``-th file (of the sorted file names);
+    ``all_gather`` (e.g. ``gfldet.distributed.all_gather_objects``: one object in, every rank's
+    object out, in rank order) pools the results, and every process then builds the same report.
+    Each process decodes 1/world of the images instead of all of them. Every rank must call
+    ``check_dataset`` with the same files.
+    """
+
+    rank: int
+    world: int
+    all_gather: Callable[[object], list[object]]
 
 
 @dataclass
@@ -393,10 +409,23 @@ def _probe_all(paths: list[Path], decode: bool, max_pixels: int | None,
         return list(pool.map(lambda p: _probe(p, decode, max_pixels), paths))
 
 
+def _probe_shared(paths: list[Path], decode: bool, max_pixels: int | None, num_threads: int | None,
+                  shard: ShardedCheck | None) -> list[_Probe]:
+    """`_probe_all`, with the paths dealt out round-robin over `shard`'s processes."""
+    if shard is None or shard.world == 1:
+        return _probe_all(paths, decode, max_pixels, num_threads)
+    mine = _probe_all(paths[shard.rank::shard.world], decode, max_pixels, num_threads)
+    per_rank = shard.all_gather(mine)
+    probes: list[_Probe] = [None] * len(paths)  # type: ignore[list-item]
+    for rank, got in enumerate(per_rank):
+        probes[rank::shard.world] = got
+    return probes
+
+
 def _check_files(
     images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
     max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
-    ann_file: Path, report: DatasetReport,
+    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None,
 ) -> tuple[set[int], set[int]]:
     """Probe every image file. Returns (image ids to drop, image ids to decode un-rotated)."""
     if not image_dir.is_dir():
@@ -410,7 +439,7 @@ def _check_files(
             was = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
-                probes = _probe_all([image_dir / f for f in files], True, max_pixels, num_threads)
+                probes = _probe_shared([image_dir / f for f in files], True, max_pixels, num_threads, shard)
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = was
         if was:
@@ -510,13 +539,15 @@ def check_dataset(
     max_bad_image_fraction: float = 0.01,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     num_threads: int | None = None,
+    shard: ShardedCheck | None = None,
 ) -> DatasetReport:
     """Check a COCO-format dataset; see the module docstring for what is fatal and what is fixed.
 
     ``check_images=False`` skips decoding (files are only checked to exist, and sizes are not
     compared). ``max_bad_image_fraction`` (``train.max_decode_failures``) is the share of image
     files that may be missing/unreadable and dropped; at least one is always tolerated unless it
-    is 0. Never raises for bad data: call ``raise_if_fatal()`` on the report.
+    is 0. ``shard`` splits the decoding among distributed processes (see ``ShardedCheck``).
+    Never raises for bad data: call ``raise_if_fatal()`` on the report.
     """
     start = time.perf_counter()
     image_dir, ann_file = Path(image_dir), Path(ann_file)
@@ -535,7 +566,7 @@ def check_dataset(
         report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
 
     drop, raw_orientation = _check_files(images, image_dir, check_images, fix, max_bad_image_fraction,
-                                         max_image_pixels, num_threads, ann_file, report)
+                                         max_image_pixels, num_threads, ann_file, report, shard)
     # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
     # every image that passed (un-rotated decoding keeps the recorded frame too).
     sizes = {i: (int(im["width"]), int(im["height"])) for i, im in images.items()}

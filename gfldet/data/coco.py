@@ -22,7 +22,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
-    from gfldet.data.checks import DatasetReport
+    from gfldet.data.checks import DatasetReport, ShardedCheck
 
 log = logging.getLogger("gfldet")
 
@@ -264,7 +264,8 @@ class CocoDetection(Dataset):
     problems raise ``DatasetError`` before any compute is spent, fixable ones (boxes outside the
     image, a few unreadable images, annotations made on un-rotated pixels) are fixed in memory,
     and the fixed annotations are what ``coco`` (the evaluation ground truth) holds. The report
-    is kept as ``check_report``.
+    is kept as ``check_report``. In a distributed job, ``check_shard`` splits the decoding among
+    the processes (each decodes 1/world of the images; see ``ShardedCheck``).
 
     Decode failures in ``__getitem__`` (a file deleted or corrupted after the check) are logged
     and the sample is replaced by the next image of the same orientation group, decoded with the
@@ -283,6 +284,7 @@ class CocoDetection(Dataset):
         check: bool = False,
         max_decode_failures: float = 0.01,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        check_shard: ShardedCheck | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -305,6 +307,7 @@ class CocoDetection(Dataset):
                 check_images=True,
                 max_bad_image_fraction=max_decode_failures,
                 max_image_pixels=max_image_pixels,
+                shard=check_shard,
             )
             # Fixes and warnings change what is trained on: make them visible at WARNING.
             level = logging.WARNING if (report.fixed or report.warnings) else logging.INFO

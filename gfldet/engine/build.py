@@ -76,6 +76,8 @@ def dataset_paths(cfg: DataConfig, split: str) -> SplitPaths:
 
 def build_dataset(cfg: Config, split: str):
     from gfldet.data import CocoDetection, build_transforms
+    from gfldet.data.checks import ShardedCheck
+    from gfldet.distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 
     d = cfg.data
     paths = dataset_paths(d, split)
@@ -91,6 +93,8 @@ def build_dataset(cfg: Config, split: str):
         min_size=d.min_size if train else 0,
         check=train,
         max_decode_failures=cfg.train.max_decode_failures,
+        # Under torchrun each process decodes its share of the images for the check.
+        check_shard=ShardedCheck(get_rank(), get_world_size(), all_gather_objects) if is_distributed() else None,
     )
     if train and dataset.check_report is not None:
         log.info("dataset check of %s:\n%s", paths.annotations, dataset.check_report.summary())

@@ -283,6 +283,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
             "best_ap": run.best_ap,
             "rng": rng_states,
             "config": config_to_dict(cfg),
+            # What the labels mean, so predict/export need not find the annotation file again.
+            "meta": {"class_names": list(train_set.class_names)},
         }
         for name in names:
             save_checkpoint(state, work_dir / name)
