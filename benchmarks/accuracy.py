@@ -73,6 +73,10 @@ ENTRANTS = {e.name: e for e in (
     Entrant("focal_dirac", "focal loss + Dirac boxes (ATSS baseline, no centerness)",
             ("model.loss.cls_loss=focal", *DIRAC)),
     Entrant("qfl_dirac", "QFL + Dirac boxes", ("model.loss.cls_loss=qfl", *DIRAC)),
+    # Does the Dirac baseline lose to the distribution only by where its boxes start (zero size,
+    # 40 % of the sides in the ReLU's dead zone), rather than by what it represents?
+    Entrant("focal_dirac_anchor", "focal_dirac with boxes starting at ATSS's 8-stride anchor",
+            ("model.loss.cls_loss=focal", *DIRAC, "model.loss.dirac_init_distance=4")),
     Entrant("focal_dfl", "focal loss + distribution + DFL",
             ("model.loss.cls_loss=focal", "model.loss.box_repr=distribution")),
     Entrant("qfl_nodfl", "QFL + distribution without DFL",

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from gfldet.config import (
     Config,
@@ -317,6 +318,9 @@ def test_override_beats_file_and_base():
         (["model.test.score_thr=1"], "model.test.score_thr"),
         (["model.test.nms_iou=0"], "model.test.nms_iou"),
         (["model.loss.box_repr=dirac"], "model.loss.dfl_weight"),
+        (["model.loss.dirac_init_distance=4"], "model.loss.dirac_init_distance"),
+        (["model.loss.box_repr=dirac", "model.loss.dfl_weight=0", "model.loss.dirac_init_distance=-1"],
+         "model.loss.dirac_init_distance"),
         (["data.batch_size=0"], "data.batch_size"),
         (["data.train_short_side=[800, 480]"], "data.train_short_side"),
         (["data.max_size=700"], "data.max_size"),
@@ -347,6 +351,15 @@ def test_valid_edge_values_accepted():
                                "schedule.milestones=[]", "model.backbone.frozen_stages=-1",
                                "train.device=cuda:1", "train.eval_interval=0"])
     assert cfg.model.head.feat_channels == 48 and cfg.schedule.milestones == []
+
+
+def test_dirac_init_distance_reaches_the_head():
+    from gfldet.engine.build import build_model
+
+    cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml", [
+        "model.loss.box_repr=dirac", "model.loss.dfl_weight=0", "model.loss.dirac_init_distance=4"])
+    head = build_model(cfg.model).head
+    assert head.box_repr == "dirac" and torch.equal(head.reg_out.bias, torch.full((4,), 4.0))
 
 
 def test_cosine_ignores_milestones():

@@ -44,6 +44,7 @@ def build_model(cfg: ModelConfig) -> GFL:
         norm=cfg.head.norm,
         reg_max=cfg.head.reg_max,
         box_repr=cfg.loss.box_repr,
+        dirac_init_distance=cfg.loss.dirac_init_distance,
         octave_base_scale=cfg.head.octave_base_scale,
         loss=loss,
         test=test,

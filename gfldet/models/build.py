@@ -22,6 +22,7 @@ def build_gfl(
     norm: str = "gn",
     reg_max: int = 16,
     box_repr: str = "distribution",
+    dirac_init_distance: float = 0.0,
     octave_base_scale: int = 8,
     loss: LossSettings | None = None,
     test: PostProcessSettings | None = None,
@@ -30,6 +31,7 @@ def build_gfl(
     backbone = ResNetBackbone(depth, backbone_weights, frozen_stages, norm_eval)
     neck = FPN(backbone.out_channels, fpn_channels)
     head = GFLHead(
-        num_classes, fpn_channels, feat_channels, stacked_convs, reg_max, len(STRIDES), norm, box_repr
+        num_classes, fpn_channels, feat_channels, stacked_convs, reg_max, len(STRIDES), norm, box_repr,
+        dirac_init_distance,
     )
     return GFL(backbone, neck, head, loss, test, octave_base_scale)
