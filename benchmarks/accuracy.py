@@ -17,7 +17,10 @@ load on the machine hits every entrant alike.
 Each finished run appends a record to `<work-dir>/results.json` (entrant, seed, epochs, overrides,
 budget, wall seconds, AP, AP50, AP75, APs, APm, APl); a rerun skips the (entrant, seed, epochs)
 combinations recorded there, and refuses to run if a recorded run's resolved config differs from
-the one it would get now (an edited config file, other --cfg-options). A run the trainer stops as
+the one it would get now (an edited config file, other --cfg-options). Several processes may
+train disjoint parts of the grid (other --entrants or --seeds) into one work-dir at once, e.g. two
+with OMP_NUM_THREADS=1 on a 2-core machine: records are appended under a file lock, and each
+process skips runs another has recorded. A run the trainer stops as
 diverged (train.max_bad_steps non-finite steps) is recorded as failed and shown as such; a run
 stopped by a signal is not recorded and starts over on the next invocation. Each run's folder `<work-dir>/<entrant>/seed<S>_ep<E>/` keeps
 `last.pth` (a wrapper state dict for fcos/retinanet, not loadable by tools/eval.py), `train.log`,
@@ -29,6 +32,7 @@ best.pth is last.pth). At the end (or with `--report-only`) the tables are print
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -194,6 +198,17 @@ def save_results(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def append_result(record: dict, path: Path) -> list[dict]:
+    """Add `record` to the file under an exclusive lock, re-reading it first: processes training
+    disjoint parts of the grid into one work-dir keep each other's records. Returns all records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        records = [*load_results(path), record]
+        save_results(records, path)
+    return records
+
+
 def prune_run_dir(run_dir: Path) -> None:
     """Keep last.pth only: the epoch checkpoints are intermediate, best.pth equals last.pth."""
     for path in [*run_dir.glob("epoch_*.pth"), run_dir / "best.pth"]:
@@ -219,10 +234,11 @@ def run_all(args: argparse.Namespace, epochs: int) -> int:
     results_path = work_dir / "results.json"
     records = load_results(results_path)
     check_recorded(args, records, epochs, results_path)  # before any training
-    finished = {(r["entrant"], r["seed"]) for r in records if r["epochs"] == epochs}
     plan = [(seed, name) for seed in args.seeds for name in args.entrants]
     for i, (seed, name) in enumerate(plan, start=1):
         step = f"[{i}/{len(plan)}] {name} seed {seed}, {epochs} epoch{'s' * (epochs != 1)}"
+        # Re-read: another process on this work-dir may have recorded it meanwhile.
+        finished = {(r["entrant"], r["seed"]) for r in load_results(results_path) if r["epochs"] == epochs}
         if (name, seed) in finished:
             print(f"{step}: recorded, skipped", flush=True)
             continue
@@ -235,8 +251,7 @@ def run_all(args: argparse.Namespace, epochs: int) -> int:
         except Stopped as stop:
             print(f"{step}: {stop}; not recorded (a rerun starts it over)", file=sys.stderr)
             return 128 + stop.signum  # the shell's convention for "ended by signal N"
-        records.append(make_record(args, cfg, entrant, seed, run_dir, metrics, wall, failure))
-        save_results(records, results_path)
+        append_result(make_record(args, cfg, entrant, seed, run_dir, metrics, wall, failure), results_path)
         prune_run_dir(run_dir)
         result = f"AP {100 * metrics['bbox_mAP']:.1f}" if metrics else failure
         print(f"{step}: {result}, {wall / 60:.1f} min", flush=True)

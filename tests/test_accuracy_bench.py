@@ -168,6 +168,26 @@ def test_fcos_trains_in_gfldet_trainer_and_is_recorded(tiny_coco, tmp_path, caps
     assert "trained with another config" in capsys.readouterr().err
 
 
+def _append_many(path, name: str, count: int) -> None:
+    for seed in range(count):
+        accuracy.append_result({"entrant": name, "seed": seed}, path)
+
+
+def test_processes_appending_to_one_results_file_keep_every_record(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "results.json"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_append_many, args=(path, name, 150)) for name in ("a", "b")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    records = json.loads(path.read_text())
+    assert sorted((r["entrant"], r["seed"]) for r in records) == [(n, s) for n in "ab" for s in range(150)]
+
+
 def record(entrant: str, seed: int, ap: float, status: str = "ok", epochs: int = 2) -> dict:
     metrics = dict.fromkeys(accuracy.METRICS, ap) | {"APl": -1.0}  # pycocotools' -1: no large objects
     return {"entrant": entrant, "seed": seed, "epochs": epochs, "status": status,
