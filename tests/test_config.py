@@ -353,13 +353,18 @@ def test_valid_edge_values_accepted():
     assert cfg.model.head.feat_channels == 48 and cfg.schedule.milestones == []
 
 
-def test_dirac_init_distance_reaches_the_head():
+@pytest.mark.parametrize(("options", "expected"), [
+    ([], 4.0),  # unset: half the ATSS anchor's side, octave_base_scale / 2
+    (["model.head.octave_base_scale=6"], 3.0),
+    (["model.loss.dirac_init_distance=0"], 0.0),
+])
+def test_dirac_init_distance_reaches_the_head(options, expected):
     from gfldet.engine.build import build_model
 
-    cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml", [
-        "model.loss.box_repr=dirac", "model.loss.dfl_weight=0", "model.loss.dirac_init_distance=4"])
+    cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml",
+                      ["model.loss.box_repr=dirac", "model.loss.dfl_weight=0", *options])
     head = build_model(cfg.model).head
-    assert head.box_repr == "dirac" and torch.equal(head.reg_out.bias, torch.full((4,), 4.0))
+    assert head.box_repr == "dirac" and torch.equal(head.reg_out.bias, torch.full((4,), expected))
 
 
 def test_cosine_ignores_milestones():

@@ -59,20 +59,21 @@ def test_head_output_shapes():
     assert head.distances(reg).shape == (2, num, 4)
 
 
-@pytest.mark.parametrize("init", [0.0, 4.0])
-def test_dirac_boxes_start_at_the_configured_distance(init):
+@pytest.mark.parametrize(("init", "expected"), [(None, 4.0), (0.0, 0.0), (2.5, 2.5)])
+def test_dirac_boxes_start_at_the_configured_distance(init, expected):
     torch.manual_seed(0)
     head = GFLHead(num_classes=3, in_channels=32, feat_channels=32, stacked_convs=1, box_repr="dirac",
                    dirac_init_distance=init)
     features = [torch.randn(1, 32, 16 // 2**i + 2, 16 // 2**i + 2) for i in range(5)]
     distances = head.distances(head(features)[1])
     assert distances.shape[-1] == 4
-    # The conv weights are N(0, 0.01): the bias sets where every box starts, in strides.
-    assert (distances - init).abs().mean() < 0.2
-    if init > 0:  # no side starts in the ReLU's dead zone
+    # The conv weights are N(0, 0.01): the bias sets where every box starts, in strides; by
+    # default at the ATSS anchor (8 strides wide: 4 per side).
+    assert (distances - expected).abs().mean() < 0.2
+    if expected > 0:  # no side starts in the ReLU's dead zone
         assert (distances > 0).all()
     with pytest.raises(ValueError, match="dirac_init_distance"):
-        GFLHead(num_classes=3, in_channels=32, feat_channels=32, dirac_init_distance=init or 1.0)
+        GFLHead(num_classes=3, in_channels=32, feat_channels=32, dirac_init_distance=expected)
 
 
 def test_integral_is_the_expectation():

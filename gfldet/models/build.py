@@ -22,12 +22,17 @@ def build_gfl(
     norm: str = "gn",
     reg_max: int = 16,
     box_repr: str = "distribution",
-    dirac_init_distance: float = 0.0,
+    dirac_init_distance: float | None = None,
     octave_base_scale: int = 8,
     loss: LossSettings | None = None,
     test: PostProcessSettings | None = None,
 ) -> GFL:
-    """A GFL detector; the defaults are the R-50-FPN recipe (backbone weights aside)."""
+    """A GFL detector; the defaults are the R-50-FPN recipe (backbone weights aside).
+
+    dirac_init_distance: box_repr "dirac" only; None starts every box at its ATSS anchor
+    (octave_base_scale / 2 strides per side)."""
+    if box_repr == "dirac" and dirac_init_distance is None:
+        dirac_init_distance = octave_base_scale / 2
     backbone = ResNetBackbone(depth, backbone_weights, frozen_stages, norm_eval)
     neck = FPN(backbone.out_channels, fpn_channels)
     head = GFLHead(

@@ -49,7 +49,8 @@ class GFLHead(nn.Module):
         box_repr: "distribution" (GFL: 4 x (R + 1) logits, Integral) or "dirac" (4 distances,
             ReLU, the ablation baseline of GFL Table 3).
         dirac_init_distance: "dirac" only, each side's initial distance in strides (the bias of
-            the 4 outputs); 0 starts every box at zero size, as torchvision's FCOS head does.
+            the 4 outputs). None: 4, half the side of ATSS's 8-stride anchor; 0 starts every box
+            at zero size, as torchvision's FCOS head does.
     """
 
     def __init__(
@@ -62,14 +63,14 @@ class GFLHead(nn.Module):
         num_levels: int = 5,
         norm: str = "gn",
         box_repr: str = "distribution",
-        dirac_init_distance: float = 0.0,
+        dirac_init_distance: float | None = None,
     ) -> None:
         super().__init__()
         if norm not in ("gn", "none"):
             raise ValueError(f"norm must be 'gn' or 'none', got {norm!r}")
         if box_repr not in ("distribution", "dirac"):
             raise ValueError(f"box_repr must be 'distribution' or 'dirac', got {box_repr!r}")
-        if dirac_init_distance and box_repr != "dirac":
+        if dirac_init_distance is not None and box_repr != "dirac":
             raise ValueError("dirac_init_distance applies to box_repr='dirac' only")
         self.num_classes = num_classes
         self.reg_max = reg_max
@@ -91,7 +92,7 @@ class GFLHead(nn.Module):
         # Prior probability 0.01 for every class at the start (RetinaNet Sec. 4.1): -log(99).
         nn.init.constant_(self.cls_out.bias, -math.log((1 - 0.01) / 0.01))
         if box_repr == "dirac":  # the per-level scales start at 1, so the bias is the distance
-            nn.init.constant_(self.reg_out.bias, dirac_init_distance)
+            nn.init.constant_(self.reg_out.bias, 4.0 if dirac_init_distance is None else dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)])."""
