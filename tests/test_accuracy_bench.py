@@ -126,8 +126,12 @@ def test_torchvision_entrants_share_the_gfl_trunk_initialisation(tiny_cfg):
     for ours, theirs in ((gfl.backbone, trunk.backbone), (gfl.neck, trunk.neck)):
         a, b = ours.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len(tv.detector.head.classification_head.conv) == tiny_cfg.model.head.stacked_convs
-    assert len(tv.detector.head.regression_head.conv) == tiny_cfg.model.head.stacked_convs
+    for tower in (tv.detector.head.classification_head, tv.detector.head.regression_head):
+        assert len(tower.conv) == tiny_cfg.model.head.stacked_convs
+        # Normalised towers (torchvision's v2 head): the v1 head's ReLUs all died on the demo budget.
+        assert sum(isinstance(m, torch.nn.GroupNorm) for m in tower.conv.modules()) == len(tower.conv)
+    assert tv.detector.head.regression_head._loss_type == "giou"
+    assert tv.detector.anchor_generator.num_anchors_per_location()[0] == 9  # the head's num_anchors
 
 
 @pytest.fixture
