@@ -206,15 +206,13 @@ def save_results(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def append_result(record: dict, path: Path) -> list[dict]:
+def append_result(record: dict, path: Path) -> None:
     """Add `record` to the file under an exclusive lock, re-reading it first: processes training
-    disjoint parts of the grid into one work-dir keep each other's records. Returns all records."""
+    disjoint parts of the grid into one work-dir keep each other's records."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".json.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        records = [*load_results(path), record]
-        save_results(records, path)
-    return records
+        save_results([*load_results(path), record], path)
 
 
 def prune_run_dir(run_dir: Path) -> None:

@@ -92,6 +92,8 @@ class GFLHead(nn.Module):
         # Prior probability 0.01 for every class at the start (RetinaNet Sec. 4.1): -log(99).
         nn.init.constant_(self.cls_out.bias, -math.log((1 - 0.01) / 0.01))
         if box_repr == "dirac":  # the per-level scales start at 1, so the bias is the distance
+            # None: the ATSS anchor at the recipe's octave_base_scale 8 (build_gfl passes the
+            # config's own octave_base_scale / 2).
             nn.init.constant_(self.reg_out.bias, 4.0 if dirac_init_distance is None else dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
