@@ -73,6 +73,7 @@ class Entrant:
     what: str  # one line for the tables
     overrides: tuple[str, ...] = ()  # --cfg-options of this entrant, applied after the user's
     torchvision: str | None = None  # "fcos" / "retinanet": torchvision's detector, gfldet's trunk
+    retinanet_anchors: str = "torchvision"  # see tv_detectors.build_torchvision_detector
 
 
 ENTRANTS = {e.name: e for e in (
@@ -92,6 +93,9 @@ ENTRANTS = {e.name: e for e in (
             ("model.loss.cls_loss=qfl", "model.loss.box_repr=distribution", "model.loss.dfl_weight=0")),
     Entrant("fcos", "torchvision FCOS on gfldet's backbone + FPN", torchvision="fcos"),
     Entrant("retinanet", "torchvision RetinaNet on gfldet's backbone + FPN", torchvision="retinanet"),
+    # Diagnostic: RetinaNet with one square anchor of 4 strides per location instead of 9.
+    Entrant("retinanet_one_anchor", "retinanet with 1 anchor per location (a square of 4 strides)",
+            torchvision="retinanet", retinanet_anchors="one_square"),
 )}
 # GFL paper Table 3 (QFL, DFL) rows with the paper's COCO AP / AP50 / AP75 (R-50, 1x), then the
 # extra distribution-without-DFL row, which Table 3 does not have.
@@ -145,7 +149,7 @@ def run_one(cfg: Config, entrant: Entrant, run_dir: Path) -> tuple[dict | None, 
     if entrant.torchvision is not None:
         # train() seeds exactly so before it builds a GFL model: same backbone + FPN init.
         torch.manual_seed(cfg.train.seed)
-        model = build_torchvision_detector(entrant.torchvision, cfg.model, cfg.data)
+        model = build_torchvision_detector(entrant.torchvision, cfg.model, cfg.data, entrant.retinanet_anchors)
     tic = time.perf_counter()
     try:
         metrics, state = train(cfg, run_dir, model=model)

@@ -36,6 +36,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -46,6 +47,7 @@ from gfldet.engine.build import build_model
 log = logging.getLogger("gfldet")
 
 TORCHVISION_KINDS = ("fcos", "retinanet")
+RETINANET_ANCHORS = ("torchvision", "one_square")
 
 
 class PyramidAdapter(nn.Module):
@@ -150,11 +152,18 @@ def check_no_resize(transform: GeneralizedRCNNTransform, sizes: Sequence[tuple[i
             )
 
 
-def build_torchvision_detector(kind: str, model_cfg: ModelConfig, data_cfg: DataConfig) -> TorchvisionDetector:
+def build_torchvision_detector(kind: str, model_cfg: ModelConfig, data_cfg: DataConfig,
+                               retinanet_anchors: str = "torchvision") -> TorchvisionDetector:
     """torchvision's `kind` ("fcos" or "retinanet") on the backbone + FPN that
-    `build_model(model_cfg)` builds, sized and set up as described in the module docstring."""
+    `build_model(model_cfg)` builds, sized and set up as described in the module docstring.
+
+    `retinanet_anchors`: "torchvision", its default 9 anchors per location (sizes 4, 5 and
+    6.3 strides x aspect ratios 0.5, 1, 2); "one_square", only the first of them, a square of 4
+    strides (a diagnostic: ATSS, Table 1 of its paper, compares RetinaNet with 1 and 9 anchors)."""
     if kind not in TORCHVISION_KINDS:
         raise ValueError(f"kind must be one of {TORCHVISION_KINDS}, got {kind!r}")
+    if retinanet_anchors not in RETINANET_ANCHORS:
+        raise ValueError(f"retinanet_anchors must be one of {RETINANET_ANCHORS}, got {retinanet_anchors!r}")
     gfl = build_model(model_cfg)  # first, so that a seed gives the GFL entrants' trunk weights
     pyramid = PyramidAdapter(gfl.backbone, gfl.neck)
     num_classes, convs, test = model_cfg.num_classes, model_cfg.head.stacked_convs, model_cfg.test
@@ -181,10 +190,14 @@ def build_torchvision_detector(kind: str, model_cfg: ModelConfig, data_cfg: Data
         # gfldet's heads have, and GIoU box loss. The v1 head has no normalisation, and on this
         # budget its towers died: after 1,500 iterations the FPN outputs had std 20-1,200, every
         # tower ReLU was 0 on every val image, and both seeds scored 0.0 AP.
-        num_anchors = 9  # torchvision's default anchors: 3 sizes x 3 aspect ratios per location
+        anchor_generator = None  # torchvision's default: 3 sizes x 3 aspect ratios per location
+        num_anchors = 9
+        if retinanet_anchors == "one_square":
+            anchor_generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((1.0,),) * 5)
+            num_anchors = 1
         head = RetinaNetHead(pyramid.out_channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"
-        detector = RetinaNet(pyramid, num_classes, head=head, **settings)
+        detector = RetinaNet(pyramid, num_classes, head=head, anchor_generator=anchor_generator, **settings)
         for tower in (detector.head.classification_head, detector.head.regression_head):
             tower.conv = tower.conv[:convs]  # torchvision fixes 4 blocks; keep gfldet's count
     detector.head.register_forward_hook(_fp32_outputs)

@@ -134,6 +134,23 @@ def test_torchvision_entrants_share_the_gfl_trunk_initialisation(tiny_cfg):
     assert tv.detector.anchor_generator.num_anchors_per_location()[0] == 9  # the head's num_anchors
 
 
+
+def test_retinanet_one_anchor_diagnostic_trains_with_one_square_anchor_per_location(tiny_cfg):
+    tv = build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data, retinanet_anchors="one_square")
+    generator = tv.detector.anchor_generator
+    assert generator.num_anchors_per_location() == [1] * 5
+    assert [sizes[0] for sizes in generator.sizes] == [32, 64, 128, 256, 512]  # 4 strides, P3-P7
+    assert generator.aspect_ratios == ((1.0,),) * 5
+    num_classes = tiny_cfg.model.num_classes
+    assert tv.detector.head.classification_head.cls_logits.out_channels == num_classes  # 1 anchor x C
+    images, targets = first_batch(tiny_cfg, "train")
+    sizes = [tuple(t["image_size"]) for t in targets]
+    losses = tv.train()(normalize_batch(images, sizes), targets)
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    with pytest.raises(ValueError, match="retinanet_anchors"):
+        build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data, retinanet_anchors="nine")
+
 @pytest.fixture
 def restore_process_state():
     """train() installs SIGTERM/SIGINT handlers; put the test process's back."""
