@@ -104,6 +104,7 @@ ABLATION = (("focal_dirac", "", "", "39.2 / 57.4 / 42.2"), ("qfl_dirac", "✓", 
             ("qfl_nodfl", "✓", "no (distribution, DFL weight 0)", "–"))
 VERSUS = (("gfl", "fcos"), ("gfl", "retinanet"))
 DIRAC_INIT = (("focal_dirac", "focal_dirac_zero_init"), ("qfl_dirac", "qfl_dirac_zero_init"))
+RETINANET_ANCHORS = (("retinanet_one_anchor", "retinanet"),)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -419,6 +420,15 @@ def report(records: Sequence[dict], epochs: int, results_path: str, date: str | 
         "differences, AP points.",
         "",
         versus_table(records, DIRAC_INIT),
+        "",
+        "## RetinaNet's anchors (diagnostic)",
+        "",
+        "torchvision's RetinaNet labels each of its 9 anchors per location (sizes 4, 5 and 6.3 "
+        "strides × aspect ratios 0.5, 1, 2) by IoU with the boxes: ≥ 0.5 positive, < 0.4 "
+        "background, plus each box's best anchors. `retinanet_one_anchor` keeps only the square "
+        "of 4 strides. Per-seed differences, AP points.",
+        "",
+        versus_table(records, RETINANET_ANCHORS),
         "",
     ]
     return "\n".join(lines)

@@ -259,3 +259,9 @@ def test_report_mean_std_differences_and_missing_entrants():
     assert ablation["`focal_dfl`"][:4] == ["", "✓", "`focal_dfl`", "not run"]
     assert ablation["`gfl`"][:5] == ["✓", "✓", "`gfl`", "3", "12.0 ± 2.0"]
     assert "500 iterations × 8 images (4,000 images)" in text and "Seeds: 0 1 2" in text
+
+    anchors = table_rows(text, "RetinaNet's anchors")  # paired by seed, this budget only
+    assert anchors["`retinanet_one_anchor` − `retinanet`"][1] == "not run"
+    more = [record("retinanet", 0, 0.06), record("retinanet", 1, 0.05), record("retinanet_one_anchor", 1, 0.25)]
+    anchors = table_rows(accuracy.report(records + more, epochs=2, results_path="results.json"), "RetinaNet's anchors")
+    assert anchors["`retinanet_one_anchor` − `retinanet`"][1:3] == ["1", "+20.0"]
