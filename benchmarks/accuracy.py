@@ -104,7 +104,7 @@ ABLATION = (("focal_dirac", "", "", "39.2 / 57.4 / 42.2"), ("qfl_dirac", "✓", 
             ("qfl_nodfl", "✓", "no (distribution, DFL weight 0)", "–"))
 VERSUS = (("gfl", "fcos"), ("gfl", "retinanet"))
 DIRAC_INIT = (("focal_dirac", "focal_dirac_zero_init"), ("qfl_dirac", "qfl_dirac_zero_init"))
-RETINANET_ANCHORS = (("retinanet_one_anchor", "retinanet"),)
+ONE_ANCHOR_DIAGNOSTIC = (("retinanet_one_anchor", "retinanet"),)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -428,7 +428,7 @@ def report(records: Sequence[dict], epochs: int, results_path: str, date: str | 
         "background, plus each box's best anchors. `retinanet_one_anchor` keeps only the square "
         "of 4 strides. Per-seed differences, AP points.",
         "",
-        versus_table(records, RETINANET_ANCHORS),
+        versus_table(records, ONE_ANCHOR_DIAGNOSTIC),
         "",
     ]
     return "\n".join(lines)
