@@ -134,7 +134,6 @@ def test_torchvision_entrants_share_the_gfl_trunk_initialisation(tiny_cfg):
     assert tv.detector.anchor_generator.num_anchors_per_location()[0] == 9  # the head's num_anchors
 
 
-
 def test_retinanet_one_anchor_diagnostic_trains_with_one_square_anchor_per_location(tiny_cfg):
     tv = build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data, retinanet_anchors="one_square")
     generator = tv.detector.anchor_generator
@@ -150,6 +149,7 @@ def test_retinanet_one_anchor_diagnostic_trains_with_one_square_anchor_per_locat
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     with pytest.raises(ValueError, match="retinanet_anchors"):
         build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data, retinanet_anchors="nine")
+
 
 @pytest.fixture
 def restore_process_state():
