@@ -243,7 +243,10 @@ class TrainConfig:
 
     seed: int = 0  # global random seed
     deterministic: bool = False  # deterministic cuDNN / algorithms (slower)
-    amp: Literal["none", "fp16", "bf16"] = "none"  # mixed precision
+    # Mixed precision. auto: bf16 on a CPU with native bf16 (AVX512-BF16/AMX) and on GPUs that
+    # support it, fp16 (with gradient scaling) on other GPUs, fp32 on other CPUs, where bf16 is
+    # emulated and far slower. none = fp32. The COCO recipe trains in fp32, as MMDetection's.
+    amp: Literal["auto", "none", "fp16", "bf16"] = "none"
     channels_last: bool = False  # channels_last memory format
     compile: bool = False  # torch.compile the model
     ema: bool = False  # keep an exponential moving average of the weights
@@ -818,14 +821,16 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     return _to_config(data, origins, display, default_source="")
 
 
-def config_from_dict(data: dict, source: str = "<dict>") -> Config:
-    """Strictly convert and validate a plain mapping (e.g. one stored in a checkpoint).
-    Missing keys take their defaults; ``base`` is not followed."""
+def config_from_dict(data: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
+    """Strictly convert and validate a plain mapping (e.g. one stored in a checkpoint), with
+    ``a.b.c=value`` overrides merged on top. Missing keys take their defaults; ``base`` is not
+    followed."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a config must be a mapping, got {type(data).__name__}")
     origins: dict[str, str] = {}
     merged: dict = {}
     _merge_into(merged, data, "", origins, source)
+    _merge_into(merged, parse_overrides(overrides), "", origins, OVERRIDE_SOURCE)
     return _to_config(merged, origins, source, default_source="")
 
 

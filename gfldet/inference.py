@@ -63,17 +63,42 @@ def model_weights(state: Mapping[str, Any], use_ema: bool = True, source: str = 
     )
 
 
-def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path | None, source: str) -> Config:
-    """`config` if given (a Config or a YAML path), else the config stored in the checkpoint."""
+def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path | None, source: str,
+                          overrides: Sequence[str] = ()) -> Config:
+    """`config` if given (a Config, or a YAML path), else the config stored in the checkpoint;
+    `overrides` (``a.b=c``, as --cfg-options) are merged onto a YAML or stored config."""
     if isinstance(config, Config):
         return config
     if config is not None:
-        return load_config(config)
+        return load_config(config, overrides)
     if not isinstance(state.get("config"), dict):
         raise ConfigError(
-            f"{source} stores no config; pass one: Detector.from_checkpoint(path, config='configs/....yaml')"
+            f"{source} stores no config; pass the YAML config it was trained with "
+            "(tools: before the checkpoint; Python: Detector.from_checkpoint(path, config='configs/....yaml'))"
         )
-    return config_from_dict(state["config"], f"{source} (stored config)")
+    return config_from_dict(state["config"], f"{source} (stored config)", overrides)
+
+
+def split_config_argument(positionals: Sequence[str], names: Sequence[str]) -> tuple[str | None, list[str]]:
+    """A tool's positional arguments `[CONFIG] NAMES...`: the config is optional (the checkpoint
+    stores one), so one extra leading argument is the config. Returns (config or None, the rest).
+    Raises ValueError with the usage when the count is wrong."""
+    if len(positionals) == len(names):
+        if Path(positionals[0]).suffix.lower() in (".yaml", ".yml"):
+            raise ValueError(f"{positionals[0]} is a YAML config, so expected {' '.join(['CONFIG', *names])}; "
+                             f"got only {len(positionals)} argument(s)")
+        return None, list(positionals)
+    if len(positionals) == len(names) + 1:
+        return positionals[0], list(positionals[1:])
+    usage = " ".join(["[CONFIG]", *names])
+    raise ValueError(f"expected {usage}, got {len(positionals)} argument(s): {' '.join(positionals) or '(none)'}")
+
+
+def default_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when CUDA is available, else "cpu"; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def build_inference_model(cfg: Config) -> GFL:
@@ -217,14 +242,16 @@ class Detector:
         score_thr: float | None = None,
         use_ema: bool = True,
         batch_size: int = 1,
+        overrides: Sequence[str] = (),
     ) -> Detector:
         """Load any gfldet checkpoint (training, exported weights, converted MMDetection).
 
         config: a Config or YAML path; by default the config stored in the checkpoint.
         score_thr: keep detections scoring above this (default: the config's model.test.score_thr).
+        overrides: ``a.b=c`` items merged onto the YAML or stored config (as --cfg-options).
         """
         state = load_checkpoint(path)
-        cfg = config_for_checkpoint(state, config, str(path))
+        cfg = config_for_checkpoint(state, config, str(path), overrides)
         if score_thr is not None:
             cfg = copy.deepcopy(cfg)
             cfg.model.test.score_thr = float(score_thr)

@@ -212,7 +212,7 @@ def test_misspelt_top_level_key():
         ("data.train_short_side=[480]", "data.train_short_side", "tuple[int, int]"),
         ("data.train_short_side=[480, 8.5]", "data.train_short_side", "int"),
         ("model.head.norm=bn", "model.head.norm", "'gn', 'none'"),
-        ("train.amp=true", "train.amp", "'none', 'fp16', 'bf16'"),
+        ("train.amp=true", "train.amp", "'auto', 'none', 'fp16', 'bf16'"),
         ("optim.grad_clip=abc", "optim.grad_clip", "float or null"),
         ("model.num_classes=null", "model.num_classes", "int"),
         ("data.synthetic=3", "data.synthetic", "mapping"),

@@ -1,5 +1,6 @@
 """The GFL model: priors, shapes, backbone freezing and weights, a training step, overfitting."""
 
+import copy
 import math
 
 import pytest
@@ -148,9 +149,16 @@ def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float = 1
 @pytest.mark.parametrize("depth", [18, 50])
 @pytest.mark.parametrize("scratch", [False, True], ids=["recipe", "scratch"])
 def test_backbone_folds_frozen_batchnorm_into_convs(depth, scratch):
-    """Recipe (frozen stem + layer1, norm_eval): every BatchNorm is folded, and features, gradients
-    (conv weights and BN affine parameters) equal torchvision's unfolded forward up to rounding.
-    From scratch (BatchNorm in training mode): nothing is folded, so everything is bit-identical."""
+    """Recipe (frozen stem + layer1, norm_eval): every BatchNorm is folded, and features and
+    gradients (conv weights and BN affine parameters) equal torchvision's unfolded forward: to
+    1e-10 of their scale in float64, which only a correct fold gives, and the features to 1e-5 in
+    float32. From scratch (BatchNorm in training mode): nothing is folded, so everything is
+    bit-identical in float32.
+
+    float32 gradients are not compared for the folded R-50: with these random weights they are
+    ill-conditioned, and their error depends on the summation order. On an AVX2 CPU,
+    layer3.5.bn3.bias is 2 % of its scale off float64 in the folded float32 backward, and so is
+    torchvision's own unfolded float32 backward under ATEN_CPU_CAPABILITY=default."""
     generator = torch.Generator().manual_seed(depth)
     torch.manual_seed(depth)
     backbone = ResNetBackbone(depth=depth, frozen_stages=-1 if scratch else 1, norm_eval=not scratch).train()
@@ -158,32 +166,35 @@ def test_backbone_folds_frozen_batchnorm_into_convs(depth, scratch):
     images = torch.randn(2, 3, 64, 96, generator=generator)
     probes = [torch.randn(2, c, 64 // s, 96 // s, generator=generator)
               for c, s in zip(backbone.out_channels, (8, 16, 32), strict=True)]
+    buffers = {n: b.clone() for n, b in backbone.named_buffers()}
 
-    def run(forward):
-        backbone.zero_grad(set_to_none=True)
-        outputs = forward(backbone, images)
-        sum((o * p).sum() for o, p in zip(outputs, probes, strict=True)).backward()
-        grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+    def run(model, forward, dtype):
+        model.zero_grad(set_to_none=True)
+        outputs = forward(model, images.to(dtype))
+        sum((o * p.to(dtype)).sum() for o, p in zip(outputs, probes, strict=True)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return [o.detach() for o in outputs], grads
 
-    buffers = {n: b.clone() for n, b in backbone.named_buffers()}
-    folded, folded_grads = run(ResNetBackbone.forward)
-    stats_after_folded = {n: b.clone() for n, b in backbone.named_buffers()}
-    backbone.load_state_dict({**backbone.state_dict(), **buffers})  # a training-mode BN moved them
-    reference, reference_grads = run(_torchvision_forward)
-    rel = 0.0 if scratch else 1e-5
-    for got, want in zip(folded, reference, strict=True):
-        _assert_close_to_scale(got, want, rel, msg="features")
-    assert folded_grads.keys() == reference_grads.keys()
-    assert any(".bn" in n or "downsample.1" in n for n in folded_grads)  # BN affine params train
-    for name, grad in reference_grads.items():
-        _assert_close_to_scale(folded_grads[name], grad, rel, msg=name)
-    for name, value in backbone.named_buffers():  # running statistics move exactly as torchvision's
-        torch.testing.assert_close(stats_after_folded[name], value, msg=name)
-    backbone.eval()
-    with torch.no_grad():
-        for got, want in zip(backbone(images), _torchvision_forward(backbone, images), strict=True):
-            _assert_close_to_scale(got, want, msg="eval features")
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(backbone).to(dtype)
+        folded, folded_grads = run(model, ResNetBackbone.forward, dtype)
+        stats_after_folded = {n: b.clone() for n, b in model.named_buffers()}
+        model.load_state_dict({**model.state_dict(), **{n: b.to(dtype) for n, b in buffers.items()}})
+        reference, reference_grads = run(model, _torchvision_forward, dtype)
+        rel = 0.0 if scratch else (1e-5 if dtype == torch.float32 else 1e-10)
+        for got, want in zip(folded, reference, strict=True):
+            _assert_close_to_scale(got, want, rel, msg=f"features {dtype}")
+        assert folded_grads.keys() == reference_grads.keys()
+        assert any(".bn" in n or "downsample.1" in n for n in folded_grads)  # BN affine params train
+        if scratch or dtype == torch.float64:
+            for name, grad in reference_grads.items():
+                _assert_close_to_scale(folded_grads[name], grad, rel, msg=f"{name} {dtype}")
+        for name, value in model.named_buffers():  # running statistics move exactly as torchvision's
+            torch.testing.assert_close(stats_after_folded[name], value, msg=name)
+        model.eval()
+        with torch.no_grad():
+            for got, want in zip(model(images.to(dtype)), _torchvision_forward(model, images.to(dtype)), strict=True):
+                _assert_close_to_scale(got, want, 1e-5 if dtype == torch.float32 else 1e-10, msg="eval features")
 
 
 def test_backbone_weights_from_file(tmp_path):

@@ -17,7 +17,8 @@ from test_train_cli import DEMO, TRAIN, run, run_overrides, trained_run  # noqa:
 
 from gfldet.config import Config
 from gfldet.engine.checkpoint import load_checkpoint
-from gfldet.engine.trainer import Progress, StopRequested, TrainLoop
+from gfldet.engine.progress import Progress
+from gfldet.engine.trainer import StopRequested, TrainLoop
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -114,7 +115,7 @@ def make_loop(model: torch.nn.Module, max_bad_steps: int = 3) -> TrainLoop:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    progress = Progress(100, 10, 1, writer=None)
+    progress = Progress(100, 10, 1, torch.device("cpu"), scalars=None, bar=False)
     return TrainLoop(model, None, opt, sched, scaler, None, torch.device("cpu"), cfg, progress)
 
 

@@ -1,10 +1,13 @@
-"""Evaluate a checkpoint's COCO box AP on the config's val set.
+"""Evaluate a checkpoint's COCO box AP on its config's val set.
 
-    python tools/eval.py CONFIG CHECKPOINT [--out DETECTIONS.json] [--backend faster_coco_eval] [--cfg-options ...]
-    torchrun --nproc_per_node 8 tools/eval.py CONFIG CHECKPOINT
+    python tools/eval.py CHECKPOINT [--out DETECTIONS.json] [--backend faster_coco_eval] [--cfg-options ...]
+    python tools/eval.py CONFIG CHECKPOINT          # a YAML config instead of the checkpoint's own
+    torchrun --nproc_per_node 8 tools/eval.py CHECKPOINT
 
-Prints the 12-line COCO summary and a per-class AP table; writes the metrics as JSON beside
-the checkpoint (or to --metrics) and the detections in COCO result format to --out.
+A training checkpoint stores the config it was trained with; that config is used unless a YAML
+CONFIG is given before the checkpoint. --cfg-options apply to either. Prints the 12-line COCO
+summary and a per-class AP table; writes the metrics as JSON beside the checkpoint (or to
+--metrics) and the detections in COCO result format to --out.
 """
 
 from __future__ import annotations
@@ -16,52 +19,72 @@ from pathlib import Path
 
 import torch
 
-from gfldet.config import load_config_or_exit
+from gfldet.config import ConfigError
 from gfldet.data import build_dataloader
+from gfldet.data.coco import DatasetError
 from gfldet.distributed import is_distributed, is_main_process
 from gfldet.engine.build import build_dataset
-from gfldet.engine.checkpoint import load_checkpoint, load_model_weights
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from gfldet.engine.coco_eval import check_backend, write_metrics_json
 from gfldet.engine.evaluator import evaluate
-from gfldet.engine.trainer import amp_dtype, init_distributed, setup_logging
-from gfldet.inference import build_inference_model, model_weights
+from gfldet.engine.trainer import init_distributed, log, run_precision, setup_logging
+from gfldet.inference import (
+    build_inference_model,
+    config_for_checkpoint,
+    model_weights,
+    split_config_argument,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("checkpoint")
+    parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT",
+                        help="a checkpoint, optionally preceded by a YAML config to use instead of its own")
     parser.add_argument("--out", help="write the detections (COCO result json) here")
     parser.add_argument("--metrics", help="metrics json path (default: <checkpoint>.metrics.json)")
     parser.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools",
                         help="COCO scorer: pycocotools (default) or faster-coco-eval (pip install "
                              "faster-coco-eval; same numbers, several times faster on COCO-sized sets)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:  # fail now, not after predicting the whole val set
-        check_backend(args.backend)
-    except ImportError as err:
+    try:
+        config_path, (checkpoint,) = split_config_argument(args.paths, ["CHECKPOINT"])
+        check_backend(args.backend)  # fail now, not after predicting the whole val set
+    except (ValueError, ImportError) as err:
         parser.error(str(err))
-    cfg = load_config_or_exit(args.config, args.cfg_options)
-    device = init_distributed(cfg.train.device)
-    setup_logging(None)
-    dataset = build_dataset(cfg, "val")
+    try:
+        state = load_checkpoint(checkpoint)
+        cfg = config_for_checkpoint(state, config_path, checkpoint, args.cfg_options)
+        try:
+            device = init_distributed(args.device)
+        except RuntimeError as err:  # e.g. --device cuda without CUDA
+            raise ConfigError(f"--device {args.device}: {err}") from None
+        setup_logging(None)
+        precision = run_precision(cfg, device)
+        log.info("config: %s; precision: %s (%s)", config_path or f"{checkpoint} (stored config)",
+                 precision.name, precision.reason)
+        if precision.warning:
+            log.warning("%s", precision.warning)
+        dataset = build_dataset(cfg, "val")
+        model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
+        load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=checkpoint), strict=True)
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
                               seed=cfg.train.seed, distributed=is_distributed(), size_divisor=cfg.data.size_divisor)
-    model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
-    state = load_checkpoint(args.checkpoint)
-    load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=args.checkpoint), strict=True)
     model = model.to(device)
     if cfg.train.channels_last:  # the weights' format training evaluated with: same bf16 round-off, same AP
         model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, loader, device, amp_dtype(cfg, device), backend=args.backend)
+    metrics = evaluate(model, loader, device, precision.dtype, backend=args.backend)
     if is_main_process():
         detections = metrics.pop("detections")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(detections))
-        metrics_path = Path(args.metrics or f"{args.checkpoint}.metrics.json")
+        metrics_path = Path(args.metrics or f"{checkpoint}.metrics.json")
         write_metrics_json(metrics, metrics_path)
         print(f"bbox AP: {metrics['bbox_mAP']:.4f} (metrics in {metrics_path})")
     return 0

@@ -1,8 +1,12 @@
 """Export a trained GFL detector for deployment, and check the export against PyTorch.
 
-    python tools/export.py CONFIG CHECKPOINT --format weights      # inference-only .pth
-    python tools/export.py CONFIG CHECKPOINT --format onnx [--nms] [--dynamic] [--shape H W]
-    python tools/export.py CONFIG CHECKPOINT --format torchscript [--nms]
+    python tools/export.py CHECKPOINT --format weights      # inference-only .pth
+    python tools/export.py CHECKPOINT --format onnx [--nms] [--dynamic] [--shape H W]
+    python tools/export.py CHECKPOINT --format torchscript [--nms]
+    python tools/export.py CONFIG CHECKPOINT --format ...   # a YAML config instead of the checkpoint's own
+
+The checkpoint's stored config is used unless a YAML CONFIG is given before it; --cfg-options
+apply to either. Export runs on the CPU (graphs traced there run anywhere).
 
 weights: drops optimizer/scheduler/RNG state (EMA weights become the model when the run kept
 an EMA), writes NAME-<sha256[:8]>.pth and the config as NAME-<sha256[:8]>.yaml beside it.
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gfldet.config import Config, load_config_or_exit
+from gfldet.config import Config, ConfigError
 from gfldet.data import build_transforms
 from gfldet.data.synthetic import SynthParams, render_image
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
@@ -44,17 +48,20 @@ from gfldet.export import (
 )
 from gfldet.inference import (
     build_inference_model,
+    config_for_checkpoint,
     list_images,
     model_weights,
     prepare_batch,
+    split_config_argument,
     to_rgb_array,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config the checkpoint was trained with")
-    parser.add_argument("checkpoint", help="checkpoint written by tools/train.py (or an exported .pth)")
+    parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT",
+                        help="checkpoint written by tools/train.py (or an exported .pth), optionally preceded "
+                             "by a YAML config to use instead of its own")
     parser.add_argument("--format", required=True, choices=("weights", "onnx", "torchscript"))
     parser.add_argument("--out", help="output file (default: beside the checkpoint, named after the config)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
@@ -71,13 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-thr", type=float, help="--nms: score threshold baked into the graph "
                         "(default: model.test.score_thr)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.config, (args.checkpoint,) = split_config_argument(args.paths, ["CHECKPOINT"])
+    except ValueError as err:
+        parser.error(str(err))
+    return args
 
 
 def default_output(args: argparse.Namespace) -> Path:
     """Beside the checkpoint, named after the config (or the run folder for a run's config.yaml)."""
     folder = Path(args.checkpoint).resolve().parent
-    name = Path(args.config).stem
+    name = Path(args.config).stem if args.config else "config"
     base = folder / (folder.name if name == "config" else name)
     if args.format == "weights":
         return base.with_suffix(".pth")
@@ -117,18 +129,18 @@ def model_inputs(cfg: Config, images: list[np.ndarray], shape: tuple[int, int] |
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config_or_exit(args.config, args.cfg_options)
     out = Path(args.out) if args.out else default_output(args)
     use_ema = not args.no_ema
     try:
+        state = load_checkpoint(args.checkpoint)
+        cfg = config_for_checkpoint(state, args.config, args.checkpoint, args.cfg_options)
         if args.format == "weights":
             weights_path, config_path = publish_weights(args.checkpoint, cfg, out, use_ema)
             print(f"weights: {weights_path}\nconfig:  {config_path}")
             return 0
         model = build_inference_model(cfg)
-        state = load_checkpoint(args.checkpoint)
         load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

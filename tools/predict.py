@@ -1,7 +1,8 @@
 """Detect objects in an image, a folder of images or a glob; draw them and write them as JSON.
 
-    python tools/predict.py CONFIG CHECKPOINT INPUT [--out DIR] [--score-thr 0.3]
-    python tools/predict.py configs/demo_synthetic_cpu.yaml work_dirs/demo/best.pth "data/synthetic/val/*.jpg"
+    python tools/predict.py CHECKPOINT INPUT [--out DIR] [--score-thr 0.3]
+    python tools/predict.py work_dirs/demo_synthetic_cpu/best.pth "data/synthetic/val/*.jpg"
+    python tools/predict.py CONFIG CHECKPOINT INPUT      # a YAML config instead of the checkpoint's own
 
 For each image NAME.ext, writes DIR/NAME.ext (boxes, class names and scores drawn) and
 DIR/NAME.json: {"image", "width", "height", "detections": [{"box": [x1, y1, x2, y2] (pixels
@@ -16,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from gfldet.config import ConfigError, load_config
+from gfldet.config import ConfigError
 from gfldet.engine.checkpoint import CheckpointError
 from gfldet.inference import (
     Detector,
+    default_device,
     detections_to_json,
     draw_detections,
     list_images,
+    split_config_argument,
     to_rgb_array,
 )
 
@@ -40,20 +43,25 @@ def output_names(paths: list[Path]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config of the model")
-    parser.add_argument("checkpoint", help="gfldet checkpoint (training, exported or converted)")
-    parser.add_argument("input", help="an image, a folder of images, or a glob such as 'photos/*.jpg' (quoted)")
+    parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT INPUT",
+                        help="a gfldet checkpoint (training, exported or converted), optionally preceded by a "
+                             "YAML config to use instead of its own, then an image, a folder of images, or a "
+                             "glob such as 'photos/*.jpg' (quoted)")
     parser.add_argument("--out", default="outputs/predict", help="output folder (default: outputs/predict)")
     parser.add_argument("--score-thr", type=float, default=0.3, help="draw and keep detections above this score")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.cfg_options)
-        paths = list_images(args.input)
+        config, (checkpoint, source) = split_config_argument(args.paths, ["CHECKPOINT", "INPUT"])
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        paths = list_images(source)
         detector = Detector.from_checkpoint(
-            args.checkpoint, cfg, device=args.device, score_thr=args.score_thr, use_ema=not args.no_ema
+            checkpoint, config, device=default_device(args.device), score_thr=args.score_thr,
+            use_ema=not args.no_ema, overrides=args.cfg_options,
         )
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """Train a GFL detector from a YAML config.
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--cfg-options a.b=c ...]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT] | --overwrite] [--cfg-options a.b=c ...]
+
+The run folder (default work_dirs/<config name>) must not hold another run: continue one with
+--resume, or delete its outputs and start again with --overwrite.
     torchrun --nproc_per_node 8 tools/train.py CONFIG          # several GPUs (or CPU processes)
 """
 
@@ -15,6 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from gfldet.config import ConfigError, load_config_or_exit
 from gfldet.data.coco import DatasetError
 from gfldet.engine.checkpoint import CheckpointError
+from gfldet.engine.run_dir import RunDirError
 from gfldet.engine.trainer import train
 
 
@@ -24,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="run folder (default: train.work_dir or work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="continue from CKPT, or from the run folder's latest checkpoint when no path is given")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the run folder holds an earlier run: delete that run's outputs (checkpoints, logs, "
+                             "scalars, metrics) and start again. Without it such a folder is refused")
     parser.add_argument("--allow-schedule-change", action="store_true",
                         help="with --resume: continue on the config's schedule even if it differs from the checkpoint's")
     parser.add_argument("--load-from", help="initialise from a checkpoint's weights where they match (fine-tuning)")
@@ -42,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_or_exit(args.config, args.cfg_options)
     work_dir = work_dir_for(args.config, args.work_dir, cfg.train.work_dir)
     try:
-        metrics, run = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change)
-    except (ConfigError, DatasetError, CheckpointError) as err:  # bad input: a message, not a traceback
+        metrics, run = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change,
+                             overwrite=args.overwrite)
+    except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:  # bad input: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if run.stopped_by is not None:

@@ -97,8 +97,6 @@ def build_dataset(cfg: Config, split: str):
         # Under torchrun each process decodes its share of the images for the check.
         check_shard=ShardedCheck(get_rank(), get_world_size(), all_gather_objects) if is_distributed() else None,
     )
-    if train and dataset.check_report is not None:
-        log.info("dataset check of %s:\n%s", paths.annotations, dataset.check_report.summary())
     if dataset.num_classes != cfg.model.num_classes:
         from gfldet.config import ConfigError
 

@@ -1,7 +1,9 @@
 """The training loop: one process per device, DDP under torchrun, checkpoints and evaluation.
 
 Reads a resolved `Config`; writes into the run folder (rank 0 only): `config.yaml`, `train.log`,
-TensorBoard events under `tb/`, `epoch_N.pth`, `last.pth`, `best.pth` and `metrics_epoch_N.json`.
+`scalars.jsonl` and TensorBoard events under `tb/` (the same values), `epoch_N.pth`, `last.pth`,
+`best.pth` and `metrics_epoch_N.json`. A folder that holds an earlier run is refused unless the
+run resumes it or overwrites it (`gfldet.engine.run_dir`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from gfldet.data import build_dataloader, normalize_batch
@@ -51,6 +54,9 @@ from gfldet.engine.checkpoint import (
 )
 from gfldet.engine.coco_eval import write_metrics_json
 from gfldet.engine.evaluator import evaluate
+from gfldet.engine.precision import Precision, resolve_precision
+from gfldet.engine.progress import Progress, ScalarLog
+from gfldet.engine.run_dir import RunDirError, check_run_dir, remove_stale_temporaries
 
 log = logging.getLogger("gfldet")
 
@@ -99,52 +105,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    if cfg.train.amp == "none":
-        return None
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise RuntimeError("train.amp: fp16 needs a CUDA device; use bf16 on CPU or none")
-    return torch.float16 if cfg.train.amp == "fp16" else torch.bfloat16
-
-
-class Progress:
-    """Log lines every `interval` iterations with losses, lr, images/s and ETA; the loss values
-    are summed on the device and read only then, so the loop has no per-step host sync for logs."""
-
-    def __init__(self, total_iters: int, interval: int, images_per_iter: int, writer) -> None:
-        self.total_iters, self.interval, self.images_per_iter = total_iters, interval, images_per_iter
-        self.writer = writer
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.tic = time.perf_counter()
-
-    def update(self, losses: dict[str, torch.Tensor]) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach()
-        self.count += 1
-
-    def maybe_log(self, it: int, epoch: int, epochs: int, batch: int, batches: int, lr: float, force: bool = False) -> None:
-        if not force and (it + 1) % self.interval:
-            return
-        if self.count == 0:
-            return
-        elapsed = time.perf_counter() - self.tic
-        sec_per_iter = elapsed / self.count
-        means = {k: (v / self.count).item() for k, v in self.sums.items()}
-        total = sum(means.values())
-        eta = timedelta(seconds=int(sec_per_iter * (self.total_iters - it - 1)))
-        parts = " ".join(f"{k}: {v:.4f}" for k, v in means.items())
-        log.info(
-            "epoch [%d/%d][%d/%d] lr: %.3e %s loss: %.4f  %.1f img/s  eta: %s",
-            epoch + 1, epochs, batch + 1, batches, lr, parts, total,
-            self.images_per_iter / sec_per_iter, eta,
-        )
-        if self.writer is not None:
-            for k, v in means.items():
-                self.writer.add_scalar(f"train/{k}", v, it + 1)
-            self.writer.add_scalar("train/loss", total, it + 1)
-            self.writer.add_scalar("train/lr", lr, it + 1)
-        self.sums, self.count, self.tic = {}, 0, time.perf_counter()
+def run_precision(cfg: Config, device: torch.device) -> Precision:
+    """`train.amp` resolved for `device` (see `gfldet.engine.precision`); a bad choice is a ConfigError."""
+    try:
+        return resolve_precision(cfg.train.amp, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 class StopRequested:
@@ -177,10 +143,12 @@ class RunState:
 
 
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_from: str | None = None,
-          allow_schedule_change: bool = False, model: nn.Module | None = None) -> tuple[dict, RunState]:
+          allow_schedule_change: bool = False, model: nn.Module | None = None,
+          overwrite: bool = False) -> tuple[dict, RunState]:
     """Train `cfg` into `work_dir`. `resume=True` continues from the folder's latest checkpoint,
-    a path from that checkpoint. Returns the last evaluation's metrics (rank 0) and where the
-    run stopped.
+    a path from that checkpoint. A `work_dir` that holds an earlier run raises `RunDirError`
+    unless `resume`, or `overwrite` (which deletes that run's outputs first). Returns the last
+    evaluation's metrics (rank 0) and where the run stopped.
 
     `model`: a pre-built detector following gfldet's calling convention (see
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
@@ -189,11 +157,22 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     (benchmarks/accuracy.py uses it to train torchvision's detectors in this same loop.)"""
     device = init_distributed(cfg.train.device)
     rank, world = get_rank(), get_world_size()
+    work_dir = Path(work_dir)
+    folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
     if is_main_process():
         dump_config(cfg, work_dir / "config.yaml")
     log.info("work dir %s, device %s, %d process(es)", work_dir, device, world)
+    if folder_note:
+        log.info("%s", folder_note)
+    for path in stale:
+        log.info("removed %s, left by a process that stopped while saving a checkpoint", path.name)
+    precision = run_precision(cfg, device)
+    log.info("precision: %s (%s)", precision.name, precision.reason)
+    if precision.warning:
+        log.warning("%s", precision.warning)
+    dtype = precision.dtype
 
     train_set = build_dataset(cfg, "train")
     val_set = build_dataset(cfg, "val") if cfg.train.eval_interval > 0 else None
@@ -221,7 +200,6 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     total_batch = d.batch_size * world
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, total_batch))
     scheduler = build_lr_scheduler(optimizer, cfg.schedule, iters_per_epoch)
-    dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = None
     if cfg.train.ema:
@@ -258,13 +236,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     if is_distributed():
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    writer = None
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(work_dir / "tb"))
+    scalars = ScalarLog(work_dir) if is_main_process() else None
     epochs = cfg.schedule.epochs
-    progress = Progress(epochs * iters_per_epoch, cfg.train.log_interval, total_batch, writer)
+    progress = Progress(epochs * iters_per_epoch, cfg.train.log_interval, total_batch, device, scalars,
+                        start_iter=run.epoch * iters_per_epoch + run.batch)
     loop = TrainLoop(train_model, ema, optimizer, scheduler, scaler, dtype, device, cfg, progress)
 
     def checkpoint(names: list[str]) -> None:
@@ -291,6 +266,38 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         prune_checkpoints(work_dir, cfg.train.keep_checkpoints)
 
     StopRequested.install()
+    try:
+        with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
+            metrics = run_epochs(cfg, work_dir, run, loop, train_loader, val_loader, model, ema, dtype,
+                                 device, scalars, checkpoint, iters_per_epoch)
+    finally:
+        progress.close()
+        if scalars is not None:
+            scalars.close()
+    return metrics, run
+
+
+def prepare_work_dir(work_dir: Path, resume: bool, overwrite: bool) -> tuple[str | None, list[Path]]:
+    """Rank 0 checks the run folder (`check_run_dir`) and removes stale temporary files; every
+    process gets the same outcome, so all of them stop together on a refusal."""
+    outcome: tuple[str, str | None, list[Path]] = ("ok", None, [])
+    if is_main_process():
+        try:
+            note = check_run_dir(work_dir, resume, overwrite)
+            outcome = ("ok", note, remove_stale_temporaries(work_dir))
+        except RunDirError as err:
+            outcome = ("refused", str(err), [])
+    status, text, stale = all_gather_objects(outcome)[0]
+    if status == "refused":
+        raise RunDirError(text)
+    return text, stale
+
+
+def run_epochs(cfg: Config, work_dir: Path, run: RunState, loop: TrainLoop, train_loader, val_loader, model: nn.Module,
+               ema, dtype: torch.dtype | None, device: torch.device, scalars: ScalarLog | None,
+               checkpoint, iters_per_epoch: int) -> dict:
+    """The epochs from `run.epoch` on: train, evaluate every `eval_interval`, checkpoint."""
+    epochs = cfg.schedule.epochs
     metrics: dict = {}
     while run.epoch < epochs:
         train_loader.batch_sampler.set_epoch(run.epoch, skip_batches=run.batch)
@@ -309,8 +316,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
             metrics.pop("detections", None)
             if is_main_process():
                 write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
-                for key in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"):
-                    writer.add_scalar(f"val/{key}", metrics[key], run.epoch)
+                keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+                scalars.write(run.epoch * iters_per_epoch, run.epoch, {f"val/{k}": metrics[k] for k in keys})
                 log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch, metrics["bbox_mAP"],
                          metrics["bbox_mAP_50"], metrics["bbox_mAP_75"])
             ap = all_gather_objects(metrics.get("bbox_mAP", -1.0))[0]
@@ -322,9 +329,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
             names += [f"epoch_{run.epoch}.pth", "last.pth"]
         if names:
             checkpoint(names)
-    if writer is not None:
-        writer.close()
-    return metrics, run
+    return metrics
 
 
 def gather_rng_states() -> list[dict]:
@@ -370,7 +375,9 @@ class TrainLoop:
         self.model.train()
         iters_per_epoch = len(loader.batch_sampler)
         batch = start_batch
+        tic = time.perf_counter()
         for images, targets in loader:
+            self.progress.record_data_time(time.perf_counter() - tic)
             it = epoch * iters_per_epoch + batch
             stop = self.step(images, targets, it)
             batch += 1
@@ -378,6 +385,7 @@ class TrainLoop:
                                     self.optimizer.param_groups[0]["lr"], force=batch == iters_per_epoch)
             if stop:
                 break
+            tic = time.perf_counter()
         return batch
 
     def step(self, images, targets, it: int) -> bool:
@@ -413,6 +421,7 @@ class TrainLoop:
         bad_loss, bad_grad, stop = (bool(f) for f in flags.tolist())
         if bad_loss or bad_grad:
             self.skip_step(losses, targets, it, "gradient" if not bad_loss else None)
+            self.progress.update(None, None)
         else:
             self.bad_steps = 0
             self.scaler.step(self.optimizer)
@@ -420,7 +429,7 @@ class TrainLoop:
             if self.ema is not None:
                 self.ema.update_parameters(self.model.module if isinstance(self.model, DistributedDataParallel)
                                            else self.model)
-            self.progress.update(losses)
+            self.progress.update(losses, grad_norm)
         self.scheduler.step()
         return stop
 

@@ -1,0 +1,139 @@
+"""What a run reports while it trains: log lines, a progress bar, TensorBoard and `scalars.jsonl`.
+
+Every value that is logged goes through one `ScalarLog.write`, which gives TensorBoard and the
+JSON lines file the very same numbers. `scalars.jsonl` holds one JSON object per log line and per
+evaluation, e.g.
+    {"step": 25, "epoch": 1, "train/loss": 1.93, "train/lr": 0.0009, "train/time": 0.61, ...}
+    {"step": 250, "epoch": 1, "val/bbox_mAP": 0.312, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("gfldet")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far: max allocated on CUDA, peak resident set (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class ScalarLog:
+    """TensorBoard events under `work_dir/tb` and `work_dir/scalars.jsonl`, written together."""
+
+    def __init__(self, work_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(work_dir / "tb"))
+        self.path = work_dir / "scalars.jsonl"
+        self.file = self.path.open("a", encoding="utf-8")
+
+    def write(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.file.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.file.close()
+
+
+class Progress:
+    """Log lines after the first iteration and then every `interval`, with losses, lr, seconds
+    per iteration, data-loading time, ETA, peak memory and gradient norm; a tqdm bar on a terminal.
+
+    Loss values and gradient norms are summed on the device and read only at a log line, so
+    the loop has no per-step host sync for logging."""
+
+    def __init__(self, total_iters: int, interval: int, images_per_iter: int, device: torch.device,
+                 scalars: ScalarLog | None, start_iter: int = 0, bar: bool | None = None) -> None:
+        self.total_iters, self.interval, self.images_per_iter = total_iters, interval, images_per_iter
+        self.device, self.scalars = device, scalars
+        self.sums: dict[str, torch.Tensor] = {}
+        self.grad_norm_sum: torch.Tensor | float = 0.0
+        self.count = 0  # steps taken since the last log line (skipped ones excluded)
+        self.iters = 0  # iterations since the last log line
+        self.data_time = 0.0
+        self.tic = time.perf_counter()
+        self.bar = None
+        if bar is None:
+            bar = scalars is not None and sys.stdout.isatty()
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def record_data_time(self, seconds: float) -> None:
+        self.data_time += seconds
+
+    def update(self, losses: dict[str, torch.Tensor] | None, grad_norm: torch.Tensor | None) -> None:
+        """Count one iteration; `losses` and `grad_norm` are None for a skipped step."""
+        self.iters += 1
+        if losses is not None:
+            for name, value in losses.items():
+                self.sums[name] = self.sums.get(name, 0) + value.detach()
+            self.grad_norm_sum = self.grad_norm_sum + grad_norm.detach().float()
+            self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            seconds = (time.perf_counter() - self.tic) / self.iters
+            self.bar.set_postfix_str(f"eta {self._eta(seconds, self.bar.n)}", refresh=False)
+
+    def _eta(self, sec_per_iter: float, done_iters: int) -> timedelta:
+        return timedelta(seconds=int(sec_per_iter * max(self.total_iters - done_iters, 0)))
+
+    def maybe_log(self, it: int, epoch: int, epochs: int, batch: int, batches: int, lr: float,
+                  force: bool = False) -> dict[str, float] | None:
+        """Log after iteration `it` (0-based) if it is the first, a multiple of the interval, or
+        `force`d; returns the logged scalars."""
+        if not force and it > 0 and (it + 1) % self.interval:
+            return None
+        if self.iters == 0:
+            return None
+        elapsed = time.perf_counter() - self.tic
+        sec_per_iter = elapsed / self.iters
+        scalars: dict[str, float] = {}
+        if self.count:
+            means = {k: (v / self.count).item() for k, v in self.sums.items()}
+            scalars.update({f"train/{k}": v for k, v in means.items()})
+            scalars["train/loss"] = sum(means.values())
+            scalars["train/grad_norm"] = float(self.grad_norm_sum / self.count)
+        scalars.update({
+            "train/lr": lr,
+            "train/time": sec_per_iter,
+            "train/data_time": self.data_time / self.iters,
+            "train/images_per_s": self.images_per_iter / sec_per_iter,
+            "train/memory_mib": peak_memory_mib(self.device),
+        })
+        eta = self._eta(sec_per_iter, it + 1)
+        losses = " ".join(f"{k.removeprefix('train/')}: {v:.4f}" for k, v in scalars.items()
+                          if k.startswith("train/loss"))
+        grad = f" grad_norm: {scalars['train/grad_norm']:.3f}" if "train/grad_norm" in scalars else ""
+        log.info(
+            "epoch [%d/%d][%d/%d] lr: %.3e %s%s  time: %.3f s/it (data %.3f)  %.1f img/s  eta: %s  mem: %.0f MiB",
+            epoch + 1, epochs, batch + 1, batches, lr, losses or "(every step skipped)", grad,
+            sec_per_iter, scalars["train/data_time"], scalars["train/images_per_s"], eta, scalars["train/memory_mib"],
+        )
+        if self.scalars is not None:
+            self.scalars.write(it + 1, epoch + 1, scalars)
+        self.sums, self.grad_norm_sum, self.count, self.iters, self.data_time = {}, 0.0, 0, 0, 0.0
+        self.tic = time.perf_counter()
+        return scalars
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

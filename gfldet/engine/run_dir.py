@@ -1,0 +1,87 @@
+"""The run folder's contract: a run never writes over another run's results.
+
+A folder "holds a run" once a run has logged a step in it or written a checkpoint. Training
+into such a folder needs `--resume` (continue it) or `--overwrite` (delete that run's outputs
+first and start again); otherwise it stops with a message before anything is written. Files in
+the folder that a run does not write are never touched.
+
+A checkpoint is written to a hidden temporary file and then renamed (`save_checkpoint`); a
+process killed mid-save leaves that temporary file behind, and the next start removes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("gfldet")
+
+# What a training run writes into its folder (glob patterns); `--overwrite` deletes these only.
+RUN_OUTPUTS = ("*.pth", "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json", "tb")
+# Signs that a run trained here: a checkpoint, a logged step, or an evaluation.
+_RUN_EVIDENCE = ("*.pth", "scalars.jsonl", "metrics_epoch_*.json")
+# Temporary files of `save_checkpoint` (".NAME.XXXX.tmp") and of `publish_weights`.
+_STALE_PATTERNS = (".*.tmp", ".*.unhashed.pth")
+
+
+class RunDirError(RuntimeError):
+    """The run folder holds an earlier run, and neither --resume nor --overwrite was given."""
+
+
+def earlier_run_files(work_dir: Path) -> list[Path]:
+    """The files that show `work_dir` holds a run (empty for a new or unused folder)."""
+    if not work_dir.is_dir():
+        return []
+    found = {p for pattern in _RUN_EVIDENCE for p in work_dir.glob(pattern) if p.is_file()}
+    scalars = work_dir / "scalars.jsonl"
+    if scalars in found and scalars.stat().st_size == 0:
+        found.discard(scalars)
+    return sorted(found)
+
+
+def remove_stale_temporaries(work_dir: Path) -> list[Path]:
+    """Delete the temporary files a process killed mid-save left in `work_dir`; returns them."""
+    if not work_dir.is_dir():
+        return []
+    stale = sorted(p for pattern in _STALE_PATTERNS for p in work_dir.glob(pattern) if p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def remove_run_outputs(work_dir: Path) -> list[Path]:
+    """Delete what a run wrote into `work_dir` (RUN_OUTPUTS), nothing else; returns what went."""
+    removed = sorted({p for pattern in RUN_OUTPUTS for p in work_dir.glob(pattern)})
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """Refuse to start a new run over an earlier one; with `overwrite`, clear the earlier run.
+
+    Returns a message describing what `overwrite` removed (None if nothing). Raises
+    `RunDirError` naming the files found, `--resume` and `--overwrite`."""
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: continue the run, or start it again")
+    if resume:
+        return None
+    found = earlier_run_files(work_dir)
+    if not found:
+        return None
+    if overwrite:
+        removed = remove_run_outputs(work_dir)
+        return f"--overwrite: removed the earlier run's {len(removed)} outputs in {work_dir}: " + ", ".join(
+            p.name for p in removed)
+    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    has_checkpoint = any(p.suffix == ".pth" for p in found)
+    resume_hint = "continue it with --resume, " if has_checkpoint else ""
+    raise RunDirError(
+        f"{work_dir} already holds a run ({names}); nothing was changed. To keep it, "
+        f"{resume_hint}or give this run its own folder with --work-dir DIR; to delete that run's "
+        "outputs and start again in the same folder, pass --overwrite."
+    )

@@ -1,0 +1,266 @@
+"""Everyday paths of a run: precision chosen by the hardware, progress from the first step,
+`scalars.jsonl`, run folders that are never overwritten, and tools that need only the checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_overrides
+
+from gfldet.engine.precision import cpu_bf16_support, resolve_precision
+from gfldet.engine.progress import Progress, ScalarLog
+from gfldet.engine.run_dir import RunDirError, check_run_dir
+
+TRAIN = str(ROOT / "tools" / "train.py")
+EVAL = str(ROOT / "tools" / "eval.py")
+PREDICT = str(ROOT / "tools" / "predict.py")
+EXPORT = str(ROOT / "tools" / "export.py")
+DEMO = str(ROOT / "configs" / "demo_synthetic_cpu.yaml")
+CPU = torch.device("cpu")
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def fake_cpu(monkeypatch, capability: str, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    fake_cpu(monkeypatch, "AVX2", avx512_bf16=False, amx=False)
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.dtype is None and chosen.name == "fp32" and chosen.warning is None
+    assert "no native bf16" in chosen.reason and "AVX2" in chosen.reason
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "named"), [(True, False, "AVX512-BF16"), (False, True, "AMX")])
+def test_auto_is_bf16_on_a_cpu_with_native_bf16(monkeypatch, avx512_bf16, amx, named):
+    fake_cpu(monkeypatch, "AVX512", avx512_bf16=avx512_bf16, amx=amx)
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.dtype == torch.bfloat16 and chosen.name == "bf16"
+    assert named in chosen.reason
+
+
+def test_the_avx2_imitation_counts_as_no_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: its kernels cannot use bf16."""
+    fake_cpu(monkeypatch, "AVX512", avx512_bf16=True, amx=True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_bf16_support()[0] is False and resolve_precision("auto", CPU).dtype is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_bf16_support()[0] is True
+    fake_cpu(monkeypatch, "AVX2", avx512_bf16=True, amx=True)  # ATEN_CPU_CAPABILITY=avx2
+    assert cpu_bf16_support()[0] is False
+
+
+def test_explicit_bf16_without_native_support_runs_with_a_warning(monkeypatch):
+    fake_cpu(monkeypatch, "AVX2", avx512_bf16=False, amx=False)
+    chosen = resolve_precision("bf16", CPU)
+    assert chosen.dtype == torch.bfloat16
+    assert "emulated" in chosen.warning and "slower" in chosen.warning and "auto" in chosen.warning
+    fake_cpu(monkeypatch, "AVX512", avx512_bf16=True, amx=False)
+    assert resolve_precision("bf16", CPU).warning is None
+
+
+def test_cuda_auto_is_bf16_where_supported_else_fp16(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    chosen = resolve_precision("auto", cuda)
+    assert chosen.dtype == torch.float16 and "scaler" in chosen.reason
+    assert resolve_precision("none", cuda).dtype is None
+
+
+def test_fp16_off_cuda_is_refused():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", CPU)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_logs_after_the_first_iteration_then_every_interval(tmp_path, caplog):
+    scalars = ScalarLog(tmp_path)
+    progress = Progress(total_iters=10, interval=4, images_per_iter=2, device=CPU, scalars=scalars, bar=False)
+    logged = []
+    with caplog.at_level(logging.INFO, logger="gfldet"):
+        for it in range(10):
+            progress.record_data_time(0.01)
+            progress.update({"loss_a": torch.tensor(float(it)), "loss_b": torch.tensor(1.0)}, torch.tensor(2.0 * it))
+            if progress.maybe_log(it, 0, 1, it, 10, lr=0.1, force=it == 9) is not None:
+                logged.append(it + 1)
+    scalars.close()
+    assert logged == [1, 4, 8, 10]
+    lines = [r.getMessage() for r in caplog.records if "epoch [1/1]" in r.getMessage()]
+    records = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == logged
+    # Iterations 2-4: loss_a 1, 2, 3 (mean 2), loss_b 1, grad norm 2, 4, 6 (mean 4).
+    second = records[1]
+    assert second["train/loss_a"] == pytest.approx(2.0) and second["train/loss"] == pytest.approx(3.0)
+    assert second["train/grad_norm"] == pytest.approx(4.0)
+    assert second["train/data_time"] == pytest.approx(0.01)
+    assert second["train/memory_mib"] > 1
+    for line, record in zip(lines, records, strict=True):  # the log line shows the record's values
+        assert f"loss: {record['train/loss']:.4f}" in line
+        assert f"grad_norm: {record['train/grad_norm']:.3f}" in line
+        assert f"time: {record['train/time']:.3f} s/it (data {record['train/data_time']:.3f})" in line
+        assert f"mem: {record['train/memory_mib']:.0f} MiB" in line and "eta: " in line
+
+
+# --------------------------------------------------------------------------- a tiny run
+
+
+def tiny_args(data, work: Path, *extra: str) -> list[str]:
+    return [TRAIN, DEMO, "--work-dir", str(work), *extra, "--cfg-options", *tiny_overrides(data),
+            "train.log_interval=50", "train.amp=auto", "model.test.score_thr=0.0"]  # AP > 0 when barely trained
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_coco, tmp_path_factory):
+    work = tmp_path_factory.mktemp("usability") / "run"
+    proc = run(*tiny_args(tiny_coco, work))
+    return work, proc
+
+
+def iterations_per_epoch(log: str) -> int:
+    return int(re.search(r"(\d+) iterations per epoch", log).group(1))
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_log_names_the_precision_and_the_first_iteration(tiny_run):
+    work, proc = tiny_run
+    log = (work / "train.log").read_text()
+    head = log.splitlines()[:3]
+    assert any("precision: " in line and "train.amp is auto" in line for line in head), head
+    # A few iterations per epoch, log_interval 50: a line after iteration 1 all the same.
+    per_epoch = iterations_per_epoch(log)
+    first = next(line for line in log.splitlines() if "epoch [1/2]" in line)
+    assert f"epoch [1/2][1/{per_epoch}]" in first and "s/it" in first and "mem:" in first and "grad_norm" in first
+    # The dataset check's summary is logged once.
+    assert log.count("result: usable") == 1
+
+
+def test_scalars_jsonl_holds_the_log_lines_values(tiny_run):
+    work, _ = tiny_run
+    lines = [line for line in (work / "train.log").read_text().splitlines() if "] lr: " in line]
+    records = [json.loads(r) for r in (work / "scalars.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train/loss" in r]
+    per_epoch = iterations_per_epoch((work / "train.log").read_text())
+    assert [r["step"] for r in train_records] == [1, per_epoch, 2 * per_epoch]  # first iteration, epoch ends
+    for line, record in zip(lines, train_records, strict=True):
+        for name in ("loss_cls", "loss_bbox", "loss_dfl"):
+            assert f"{name}: {record[f'train/{name}']:.4f}" in line
+        assert f"lr: {record['train/lr']:.3e}" in line
+    evals = [r for r in records if "val/bbox_mAP" in r]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    metrics = json.loads((work / "metrics_epoch_2.json").read_text())
+    assert evals[-1]["val/bbox_mAP"] == metrics["bbox_mAP"]
+
+
+def test_rerunning_into_a_used_folder_changes_no_byte(tiny_run, tiny_coco):
+    work, _ = tiny_run
+    before = digests(work)
+    assert any(name.endswith(".pth") for name in before)
+    proc = run(*tiny_args(tiny_coco, work), check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--resume" in proc.stderr and "--overwrite" in proc.stderr and str(work) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert digests(work) == before
+
+
+def test_overwrite_deletes_only_the_earlier_runs_outputs(tiny_coco, tmp_path):
+    work = tmp_path / "run"
+    run(*tiny_args(tiny_coco, work), "schedule.epochs=1", "schedule.milestones=[]")
+    (work / "notes.txt").write_text("mine")
+    old_last = digests(work)["last.pth"]
+    proc = run(*tiny_args(tiny_coco, work, "--overwrite"), "schedule.epochs=1", "schedule.milestones=[]",
+               "train.seed=1")
+    assert (work / "notes.txt").read_text() == "mine"
+    assert digests(work)["last.pth"] != old_last
+    log = (work / "train.log").read_text()
+    assert "--overwrite: removed" in log and log.count("precision: ") == 1  # a fresh log
+    assert "final bbox AP" in proc.stdout
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    with pytest.raises(RunDirError, match="contradict"):
+        check_run_dir(tmp_path, resume=True, overwrite=True)
+
+
+def test_a_stale_tmp_file_is_removed_at_the_next_start(tiny_run, tiny_coco, tmp_path):
+    work, _ = tiny_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pth").write_bytes((work / "epoch_1.pth").read_bytes())
+    stale = resumed / ".last.pth.k3x9q2.tmp"  # what save_checkpoint leaves when killed mid-write
+    stale.write_bytes(b"half a checkpoint")
+    (resumed / "keep.tmp").write_text("not ours")  # no leading dot: not a checkpoint temporary
+    run(*tiny_args(tiny_coco, resumed, "--resume"))
+    assert not stale.exists() and (resumed / "keep.tmp").exists()
+    assert f"removed {stale.name}" in (resumed / "train.log").read_text()
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_eval_from_the_checkpoint_alone_matches_training(tiny_run, tmp_path):
+    work, _ = tiny_run
+    proc = run(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m.json"))
+    assert "stored config" in proc.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    trained = json.loads((work / "metrics_epoch_2.json").read_text())
+    assert trained["bbox_mAP"] > 0
+    for key in ("bbox_mAP", "bbox_mAP_50", "AR_100"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-9), key
+    # A YAML config before the checkpoint still wins, and --cfg-options apply to the stored one.
+    run(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m2.json"), "--out", str(tmp_path / "d.json"),
+        "--cfg-options", "model.test.max_per_img=1")
+    detections = json.loads((tmp_path / "d.json").read_text())
+    per_image = [d["image_id"] for d in detections]
+    assert detections and all(per_image.count(i) == 1 for i in per_image)
+    proc = run(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--metrics", str(tmp_path / "m3.json"))
+    assert json.loads((tmp_path / "m3.json").read_text())["bbox_mAP"] == pytest.approx(trained["bbox_mAP"], abs=1e-9)
+
+
+def test_predict_and_export_from_the_checkpoint_alone(tiny_run, tiny_coco, tmp_path):
+    work, _ = tiny_run
+    out = tmp_path / "pred"
+    proc = run(PREDICT, str(work / "last.pth"), str(tiny_coco["val_images"]), "--out", str(out),
+               "--score-thr", "0.0")
+    assert "image(s)" in proc.stdout
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(records) == 4 and all(r["detections"] for r in records)
+    proc = run(EXPORT, str(work / "last.pth"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
+               "--verify-images", str(tiny_coco["val_images"]), "--num-verify", "1")
+    assert "verified against PyTorch" in proc.stdout and (tmp_path / "m.pt").is_file()
+    proc = run(EXPORT, str(work / "last.pth"), "--format", "weights", "--out", str(tmp_path / "w.pth"))
+    assert re.search(r"w-[0-9a-f]{8}\.pth", proc.stdout)
+
+
+def test_a_config_given_where_the_checkpoint_belongs_is_a_usage_error(tiny_run, tiny_coco):
+    work, _ = tiny_run
+    proc = run(PREDICT, str(work / "config.yaml"), str(work / "last.pth"), check=False)
+    assert proc.returncode == 2 and "YAML config" in proc.stderr and "Traceback" not in proc.stderr
