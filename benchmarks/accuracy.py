@@ -2,7 +2,7 @@
 and torchvision's FCOS and RetinaNet, each trained by gfldet's trainer on the bundled synthetic
 dataset and scored with COCO box AP on its val split, over several seeds.
 
-    python benchmarks/accuracy.py [--config configs/demo_synthetic_cpu.yaml] [--entrants gfl fcos ...]
+    python benchmarks/accuracy.py [--config configs/synthetic_accuracy.yaml] [--entrants gfl fcos ...]
         [--seeds 0 1 2] [--epochs N] [--work-dir work_dirs/accuracy] [--report-only]
         [--results-md benchmarks/RESULTS.md] [--cfg-options KEY=VALUE ...]
 
@@ -109,7 +109,7 @@ ONE_ANCHOR_DIAGNOSTIC = (("retinanet_one_anchor", "retinanet"),)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo_synthetic_cpu.yaml")
+    parser.add_argument("--config", default="configs/synthetic_accuracy.yaml")
     parser.add_argument("--entrants", nargs="+", choices=list(ENTRANTS), default=list(ENTRANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None,
