@@ -79,7 +79,7 @@ def test_torchrun_two_cpu_processes_train(tiny_coco, tmp_path):
     cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--nproc_per_node", "2", "--master_port",
            str(30500 + os.getpid() % 1000), str(ROOT / "tools" / "train.py"),
            str(ROOT / "configs" / "demo_synthetic_cpu.yaml"), "--work-dir", str(work),
-           "--cfg-options", *tiny_overrides(tiny_coco, epochs=1), "data.batch_size=2"]
+           "--cfg-options", *tiny_overrides(tiny_coco, epochs=1), "data.batch_size=2", "optim.reference_batch_size=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

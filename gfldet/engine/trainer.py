@@ -266,10 +266,39 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         prune_checkpoints(work_dir, cfg.train.keep_checkpoints)
 
     StopRequested.install()
+    metrics: dict = {}
     try:
         with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
-            metrics = run_epochs(cfg, work_dir, run, loop, train_loader, val_loader, model, ema, dtype,
-                                 device, scalars, checkpoint, iters_per_epoch)
+            while run.epoch < epochs:
+                train_loader.batch_sampler.set_epoch(run.epoch, skip_batches=run.batch)
+                run.batch = loop.run_epoch(train_loader, run.epoch, run.batch)
+                if run.batch < iters_per_epoch:  # stopped by a signal
+                    run.stopped_by = StopRequested.signum
+                    checkpoint(["last.pth"])
+                    log.warning("stopped at epoch %d, batch %d: last.pth written; continue with --resume",
+                                run.epoch + 1, run.batch)
+                    break
+                run.epoch, run.batch = run.epoch + 1, 0
+                eval_now = cfg.train.eval_interval and (run.epoch % cfg.train.eval_interval == 0 or run.epoch == epochs)
+                names = []
+                if eval_now and val_loader is not None:
+                    metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype)
+                    metrics.pop("detections", None)
+                    if is_main_process():
+                        write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
+                        keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+                        scalars.write(run.epoch * iters_per_epoch, run.epoch, {f"val/{k}": metrics[k] for k in keys})
+                        log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch, metrics["bbox_mAP"],
+                                 metrics["bbox_mAP_50"], metrics["bbox_mAP_75"])
+                    ap = all_gather_objects(metrics.get("bbox_mAP", -1.0))[0]
+                    if ap > run.best_ap:
+                        run.best_ap = ap
+                        names.append("best.pth")
+                        log.info("new best bbox AP %.4f at epoch %d: best.pth", ap, run.epoch)
+                if run.epoch % cfg.train.checkpoint_interval == 0 or run.epoch == epochs:
+                    names += [f"epoch_{run.epoch}.pth", "last.pth"]
+                if names:
+                    checkpoint(names)
     finally:
         progress.close()
         if scalars is not None:
@@ -291,45 +320,6 @@ def prepare_work_dir(work_dir: Path, resume: bool, overwrite: bool) -> tuple[str
     if status == "refused":
         raise RunDirError(text)
     return text, stale
-
-
-def run_epochs(cfg: Config, work_dir: Path, run: RunState, loop: TrainLoop, train_loader, val_loader, model: nn.Module,
-               ema, dtype: torch.dtype | None, device: torch.device, scalars: ScalarLog | None,
-               checkpoint, iters_per_epoch: int) -> dict:
-    """The epochs from `run.epoch` on: train, evaluate every `eval_interval`, checkpoint."""
-    epochs = cfg.schedule.epochs
-    metrics: dict = {}
-    while run.epoch < epochs:
-        train_loader.batch_sampler.set_epoch(run.epoch, skip_batches=run.batch)
-        run.batch = loop.run_epoch(train_loader, run.epoch, run.batch)
-        if run.batch < iters_per_epoch:  # stopped by a signal
-            run.stopped_by = StopRequested.signum
-            checkpoint(["last.pth"])
-            log.warning("stopped at epoch %d, batch %d: last.pth written; continue with --resume",
-                        run.epoch + 1, run.batch)
-            break
-        run.epoch, run.batch = run.epoch + 1, 0
-        eval_now = cfg.train.eval_interval and (run.epoch % cfg.train.eval_interval == 0 or run.epoch == epochs)
-        names = []
-        if eval_now and val_loader is not None:
-            metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype)
-            metrics.pop("detections", None)
-            if is_main_process():
-                write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
-                keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
-                scalars.write(run.epoch * iters_per_epoch, run.epoch, {f"val/{k}": metrics[k] for k in keys})
-                log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch, metrics["bbox_mAP"],
-                         metrics["bbox_mAP_50"], metrics["bbox_mAP_75"])
-            ap = all_gather_objects(metrics.get("bbox_mAP", -1.0))[0]
-            if ap > run.best_ap:
-                run.best_ap = ap
-                names.append("best.pth")
-                log.info("new best bbox AP %.4f at epoch %d: best.pth", ap, run.epoch)
-        if run.epoch % cfg.train.checkpoint_interval == 0 or run.epoch == epochs:
-            names += [f"epoch_{run.epoch}.pth", "last.pth"]
-        if names:
-            checkpoint(names)
-    return metrics
 
 
 def gather_rng_states() -> list[dict]:
