@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -51,3 +52,17 @@ def tiny_overrides(data: dict[str, Path], epochs: int = 2) -> list[str]:
         "train.deterministic=true",
         "train.amp=none",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _gfldet_logger_as_before():
+    """`train()` run in-process sets up the "gfldet" logger (its own handlers, no propagation);
+    put it back after each test so that later tests' caplog sees its records."""
+    logger = logging.getLogger("gfldet")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    yield
+    for handler in logger.handlers:
+        if handler not in handlers:
+            handler.close()
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level
