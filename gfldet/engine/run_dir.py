@@ -11,16 +11,14 @@ process killed mid-save leaves that temporary file behind, and the next start re
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
-log = logging.getLogger("gfldet")
-
 # What a training run writes into its folder (glob patterns); `--overwrite` deletes these only.
-RUN_OUTPUTS = ("*.pth", "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json", "tb")
+_CHECKPOINTS = ("epoch_*.pth", "last.pth", "best.pth")  # other .pth files (exports, a user's) stay
+RUN_OUTPUTS = (*_CHECKPOINTS, "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json", "tb")
 # Signs that a run trained here: a checkpoint, a logged step, or an evaluation.
-_RUN_EVIDENCE = ("*.pth", "scalars.jsonl", "metrics_epoch_*.json")
+_RUN_EVIDENCE = (*_CHECKPOINTS, "scalars.jsonl", "metrics_epoch_*.json")
 # Temporary files of `save_checkpoint` (".NAME.XXXX.tmp") and of `publish_weights`.
 _STALE_PATTERNS = (".*.tmp", ".*.unhashed.pth")
 
