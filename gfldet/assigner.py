@@ -23,9 +23,8 @@ from gfldet.boxes import aligned_box_iou, box_centers
 
 INSIDE_MARGIN = 0.01  # a candidate's centre must be > 0.01 px inside every edge (ATSS, mmdet)
 # Elements of one [B, g, n] distance block. CPU: small enough for the distance passes and topk to
-# run from cache (benchmarks/assigner.py, 1,000 boxes on 2 x 800x1344: a single block made the
-# P3 distances + topk 2.2x slower than blocks of 16 boxes, and time grew faster than the box
-# count). GPU: only a memory bound; blocks there would just add kernel launches.
+# run from cache (measured by benchmarks/assigner.py; benchmarks/README.md, "Last measured", item 4).
+# GPU: only a memory bound; blocks there would just add kernel launches.
 CPU_BLOCK_ELEMENTS = 2**19  # 2 MiB of float32
 GPU_BLOCK_ELEMENTS = 2**28  # 1 GiB of float32
 

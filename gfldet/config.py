@@ -70,6 +70,9 @@ __all__ = [
 
 OVERRIDE_SOURCE = "--cfg-options"
 GN_GROUPS = 32  # GroupNorm groups used by the head when norm == "gn"
+# The largest FPN stride (P7), gfldet.models.detector.STRIDES[-1] (a test checks; not imported:
+# the config is read before torch is).
+TOP_STRIDE = 128
 RESNET_DEPTHS = (18, 34, 50, 101)
 
 
@@ -221,6 +224,13 @@ class OptimConfig:
     scale_lr: bool = True  # scale lr by total_batch / reference_batch_size
     momentum: float = 0.9  # SGD momentum (AdamW: beta1)
     weight_decay: float = 0.0001  # L2 / decoupled weight decay
+    # Parameter groups, as MMEngine's paramwise_cfg (and the official GFocal's): the weight and
+    # bias of every norm layer (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) take
+    # norm_weight_decay; the bias of every other layer takes bias_weight_decay and
+    # bias_lr_factor x the lr; the rest, the head's per-level scales included, lr and weight_decay.
+    norm_weight_decay: float | None = None  # null = weight_decay; Detectron2 recipes often use 0
+    bias_weight_decay: float | None = None  # null = weight_decay; official GFocal: 0
+    bias_lr_factor: float = 1.0  # lr multiplier of the non-norm biases; official GFocal: 2
     grad_clip: float | None = None  # max global grad norm, null = off
 
 
@@ -250,7 +260,10 @@ class TrainConfig:
     channels_last: bool = False  # channels_last memory format
     compile: bool = False  # torch.compile the model
     ema: bool = False  # keep an exponential moving average of the weights
-    ema_decay: float = 0.9998  # EMA decay per iteration
+    ema_decay: float = 0.9998  # EMA decay per iteration, once ramped up
+    # The t-th EMA update decays by ema_decay * (1 - exp(-t / ema_warmup_iters)), the ramp of
+    # YOLOX and MMDetection's ExpMomentumEMA (2000 there); 0 = constant ema_decay from the start.
+    ema_warmup_iters: int = 2000
     log_interval: int = 20  # iterations between log lines
     eval_interval: int = 1  # epochs between evaluations; 0 = never
     checkpoint_interval: int = 1  # epochs between checkpoints
@@ -338,11 +351,16 @@ class Config:
         c.at_least("data.batch_size", d.batch_size, 1)
         c.at_least("data.val_batch_size", d.val_batch_size, 1)
         c.at_least("data.num_workers", d.num_workers, 0)
+        self._check_groupnorm_groups(c)
 
         c.greater("optim.lr", o.lr, 0)
         c.at_least("optim.reference_batch_size", o.reference_batch_size, 1)
         c.half_open("optim.momentum", o.momentum, 0, 1)
         c.at_least("optim.weight_decay", o.weight_decay, 0)
+        for key in ("norm_weight_decay", "bias_weight_decay"):
+            if getattr(o, key) is not None:
+                c.at_least(f"optim.{key}", getattr(o, key), 0, extra=" or null (= optim.weight_decay)")
+        c.greater("optim.bias_lr_factor", o.bias_lr_factor, 0)
         if o.grad_clip is not None:
             c.greater("optim.grad_clip", o.grad_clip, 0, extra=" or null (off)")
 
@@ -362,6 +380,7 @@ class Config:
 
         c.at_least("train.seed", t.seed, 0)
         c.open_interval("train.ema_decay", t.ema_decay, 0, 1)
+        c.at_least("train.ema_warmup_iters", t.ema_warmup_iters, 0, extra=" (0 = no warmup)")
         c.at_least("train.log_interval", t.log_interval, 1)
         c.at_least("train.eval_interval", t.eval_interval, 0, extra=" (0 = never)")
         c.at_least("train.checkpoint_interval", t.checkpoint_interval, 1)
@@ -373,6 +392,32 @@ class Config:
         if t.work_dir is not None:
             c.non_empty("train.work_dir", t.work_dir, "a directory path or null")
         return c.problems
+
+    def _check_groupnorm_groups(self, c: _Checker) -> None:
+        """A GroupNorm group must hold more than one value at every level.
+
+        A group holds feat_channels / 32 channels times the level's H x W. P7 (stride 128) is
+        ceil(side / 128) on each side, so an image resized to 128 x 128 px or less (a square image
+        at a short side <= 128) has a 1 x 1 P7: with feat_channels 32 each group then holds a
+        single value, normalised to a constant, and torch refuses a batch of one such image
+        ("Expected more than 1 value per channel"; predict, the last evaluation batch and
+        val_batch_size 1 are batches of one). Any short side above 128, or 64+ channels, works.
+        """
+        head, d = self.model.head, self.data
+        if not (head.norm == "gn" and head.stacked_convs > 0 and head.feat_channels == GN_GROUPS):
+            return
+        small = [f"{key}={_show(value)}" for key, value, side in (
+            ("data.test_short_side", d.test_short_side, d.test_short_side),
+            ("data.train_short_side", list(d.train_short_side), d.train_short_side[0]),
+        ) if side <= TOP_STRIDE]
+        if small:
+            c.add("model.head.feat_channels", head.feat_channels,
+                  f"at least {2 * GN_GROUPS} with {' and '.join(small)}: GroupNorm({GN_GROUPS}) then has "
+                  f"one channel per group, and an image resized to {TOP_STRIDE}x{TOP_STRIDE} px or less "
+                  f"has a 1x1 P7 (stride {TOP_STRIDE}), where a group holds a single value (constant "
+                  "features; torch stops on a batch of one such image: 'Expected more than 1 value per "
+                  f"channel'). Set model.head.feat_channels: {2 * GN_GROUPS}, or the short sides above "
+                  f"{TOP_STRIDE}, or model.head.norm: none")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every value problem (see :meth:`problems`)."""

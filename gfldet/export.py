@@ -1,19 +1,24 @@
-"""Deployable forms of a GFL detector: ONNX and TorchScript graphs, checked against PyTorch.
+"""Deployable forms of a GFL detector: ONNX and TorchScript graphs, checked against evaluation.
 
-Two graph wrappers share the model's own backbone, FPN, head and priors:
+Two graph wrappers trace the model's own code: `GFL.head_outputs`, then gfldet's post-processing
+functions (`gfldet.postprocess`), the same calls evaluation and `Detector` make:
 
-- `GFLDecode`: images -> every prior's decoded box and score ("raw" outputs, no NMS). The
-  distribution decoding (softmax over the R + 1 bins and the expectation) is inside the graph.
-- `GFLDecodeNMS`: the same, then gfldet's post-processing in graph form (score threshold, top
-  `nms_pre` per level, clip, class-aware NMS, best `max_per_img`), with fixed-size padded outputs
-  so that a batch has one shape.
+- `GFLDecode` (raw): every prior's box and class scores (`dense_detections`): the distribution
+  decoding, per-image prior mask, clipping to each image and rescaling to the original image.
+- `GFLDecodeNMS`: the same, then the selection (`select_detections`: score threshold, top
+  `nms_pre` per level, class-aware NMS, best `max_per_img`) with fixed-size padded outputs.
 
-Graph inputs are what the model sees: float images normalised with the ImageNet mean/std
-(0-255 pixel units) and padded bottom/right to a multiple of 32 (`gfldet.inference` prepares
-them). Boxes are xyxy pixels of that input; rescaling to the original image is the caller's job.
+Graph inputs (`GRAPH_INPUTS`; `graph_inputs` prepares them from images and the run's config):
+- images [B, 3, H, W] float32: RGB normalised with the ImageNet mean/std (0-255 units), each
+  image resized as evaluation resizes it and zero-padded bottom/right to a common size that is a
+  multiple of 32;
+- image_sizes [B, 2] int64: (h, w) of each resized image before padding (priors outside its own
+  padded extent are masked, boxes clipped to it);
+- orig_sizes [B, 2] int64: (h, w) of each original image (boxes are rescaled to it).
+Boxes come out in original-image pixels, as `Detector` returns them.
 
 Shape legend: `B` images, `H`, `W` input size, `A` priors over all levels, `C` classes,
-`R` = reg_max, `K` = max_per_img (padded detections per image), `L` levels.
+`K` = max_per_img (padded detections per image).
 
 ONNX export uses torch.onnx's TorchScript-based exporter (`dynamo=False`): torchvision registers
 its NMS -> ONNX `NonMaxSuppression` translation for that exporter only, and it needs no package
@@ -23,139 +28,91 @@ beyond `onnx` (the dynamo exporter needs `onnxscript` too).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from gfldet import __version__
-from gfldet.boxes import ltrb_to_boxes
-from gfldet.config import Config, config_to_dict, dump_config
-from gfldet.data import normalize_batch
+from gfldet.config import Config, config_to_dict, dump_config, load_config
+from gfldet.data import build_transforms, normalize_batch
 from gfldet.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from gfldet.inference import build_inference_model, class_names_for, model_weights
+from gfldet.inference import (
+    ImageInput,
+    build_inference_model,
+    class_names_for,
+    model_weights,
+    prepare_batch,
+    to_rgb_array,
+)
 from gfldet.models.detector import GFL, STRIDES
-from gfldet.models.priors import make_priors
-from gfldet.postprocess import PostProcessSettings, postprocess
+from gfldet.postprocess import (
+    PostProcessSettings,
+    dense_detections,
+    select_detections,
+    split_detections,
+)
 
+GRAPH_INPUTS = ("images", "image_sizes", "orig_sizes")
 RAW_OUTPUTS = ("boxes", "scores")
 NMS_OUTPUTS = ("boxes", "scores", "labels", "num_dets")
 DEFAULT_OPSET = 17
 
+Batch = tuple[Tensor, list[dict[str, Any]]]  # (images, targets with image_size, orig_size), as prepare_batch
+
 
 class ExportVerificationError(RuntimeError):
-    """An exported graph's outputs differ from PyTorch's by more than the tolerance."""
+    """An exported graph's detections differ from evaluation's by more than the tolerance."""
 
 
 # --------------------------------------------------------------------------- graph wrappers
 
 
 class GFLDecode(nn.Module):
-    """images [B, 3, H, W] -> boxes [B, A, 4] (xyxy input pixels, unclipped), scores [B, A, C].
+    """(images, image_sizes, orig_sizes) -> boxes [B, A, 4], scores [B, A, C] (`dense_detections`).
 
-    Scores are the sigmoid of the joint class-quality logits. The priors are computed in the
-    graph from the feature-map sizes, so a graph exported with dynamic axes works at any input
-    size that is a multiple of 32.
+    Boxes are xyxy original-image pixels clipped to the image; scores the sigmoid of the joint
+    class-quality logits, 0 at priors outside the image's own padded extent. The priors are
+    computed in the graph from the feature-map sizes, so a graph exported with dynamic axes
+    works at any input size that is a multiple of 32.
     """
 
     def __init__(self, model: GFL) -> None:
         super().__init__()
-        self.backbone, self.neck, self.head = model.backbone, model.neck, model.head
-        self.octave_base_scale = model.octave_base_scale
+        self.model = model
 
-    def decode(self, images: Tensor) -> tuple[Tensor, Tensor, list]:
+    def decode(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, list]:
         """(boxes [B, A, 4], scores [B, A, C], priors per level [n_l]) of a batch."""
-        features = self.neck(self.backbone(images))
-        cls_logits, reg_logits = self.head(features)
-        sizes = [f.shape[-2:] for f in features]  # traced as sizes, not constants
-        priors = make_priors(sizes, _strides(len(features)), self.octave_base_scale, images.device)
-        distances = self.head.distances(reg_logits)  # the head's own Integral (or Dirac ReLU): plain graph ops
-        boxes = ltrb_to_boxes(priors.centers, distances * priors.strides[:, None])
-        return boxes, cls_logits.sigmoid(), priors.num_per_level
+        cls_logits, reg_logits, priors, valid = self.model.head_outputs(images, image_sizes)
+        distances = self.model.head.distances(reg_logits)  # the head's Integral (or Dirac ReLU)
+        boxes, scores = dense_detections(cls_logits, distances, priors, valid, image_sizes, orig_sizes)
+        return boxes, scores, priors.num_per_level
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        boxes, scores, _ = self.decode(images)
+    def forward(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        boxes, scores, _ = self.decode(images, image_sizes, orig_sizes)
         return boxes, scores
 
 
 class GFLDecodeNMS(nn.Module):
-    """images [B, 3, H, W] -> boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_dets [B].
-
-    gfldet's post-processing (`gfldet.postprocess`, MMDetection 3.x test_cfg) in a form that
-    exports: per level the top `nms_pre` (prior, class) pairs, score > `score_thr`, boxes clipped
-    to the input, class-aware NMS over the batch, then the best K per image by score. Rows past
-    `num_dets[b]` are padding: zero boxes and scores, label -1.
-    """
+    """(images, image_sizes, orig_sizes) -> boxes [B, K, 4], scores [B, K], labels [B, K] int64,
+    num_dets [B] int64 (`select_detections`): evaluation's detections, rows past `num_dets[b]`
+    padding (zero boxes and scores, label -1)."""
 
     def __init__(self, model: GFL, settings: PostProcessSettings | None = None) -> None:
         super().__init__()
         self.decoder = GFLDecode(model)
         self.settings = settings or model.test_settings
-        self.num_classes = model.num_classes
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        s = self.settings
-        boxes, scores, num_per_level = self.decoder.decode(images)
-        num_images, num_classes = scores.shape[0], self.num_classes
-
-        # Top nms_pre (prior, class) pairs per level. Each level's scores are padded with
-        # nms_pre entries of -1 so that k is a constant whatever the level size (a dynamic
-        # min(nms_pre, n * C) would be frozen by tracing); padding never passes the threshold.
-        cand_boxes, cand_scores, cand_labels = [], [], []
-        start = 0
-        for count in num_per_level:
-            level_boxes = boxes[:, start : start + count]  # [B, n, 4]
-            level_scores = scores[:, start : start + count].flatten(1)  # [B, n * C]
-            padded = torch.cat([level_scores, level_scores.new_full((num_images, s.nms_pre), -1.0)], dim=1)
-            top_scores, top_idx = padded.topk(s.nms_pre, dim=1)
-            prior = (top_idx // num_classes).clamp(max=count - 1)  # padding -> any valid row
-            cand_boxes.append(level_boxes.gather(1, prior[..., None].expand(-1, -1, 4)))
-            cand_scores.append(top_scores)
-            cand_labels.append(top_idx % num_classes)
-            start = start + count
-        boxes = torch.cat(cand_boxes, dim=1)  # [B, P, 4], P = L * nms_pre
-        scores = torch.cat(cand_scores, dim=1)  # [B, P]
-        labels = torch.cat(cand_labels, dim=1)  # [B, P]
-        num_cands = len(num_per_level) * s.nms_pre  # a Python int, also while tracing
-
-        height, width = images.shape[-2:]
-        # Sizes are ints in eager mode and 0-d tensors while tracing: as_tensor keeps them traced.
-        max_xy = torch.stack([torch.as_tensor(v) for v in (width, height, width, height)]).to(boxes)
-        boxes = torch.minimum(boxes.clamp(min=0), max_xy)
-        keep = (scores > s.score_thr) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-
-        # Class-aware NMS over the whole batch in one call: each (image, class) group is shifted
-        # to its own coordinate range so that groups never overlap. Written out rather than
-        # torchvision's batched_nms, whose offset comes from the kept subset and whose Python
-        # empty-input branch tracing would freeze; here the offset is the max over all candidates.
-        flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
-        image_idx = torch.arange(num_images, device=boxes.device)[:, None].expand_as(labels)
-        groups = (image_idx * num_classes + labels).reshape(-1)
-        idx = keep.reshape(-1).nonzero().squeeze(1)
-        offsets = groups[idx].to(flat_boxes) * (flat_boxes.max() + 1)
-        kept = idx[nms(flat_boxes[idx] + offsets[:, None], flat_scores[idx], s.nms_iou)]
-
-        # Survivors back onto a dense [B, P] grid (-1 elsewhere), then the best K per image.
-        dense = flat_scores.new_full(flat_scores.shape, -1.0).scatter(0, kept, flat_scores[kept])
-        max_dets = min(s.max_per_img, num_cands)
-        top_scores, top_idx = dense.reshape(-1, num_cands).topk(max_dets, dim=1)  # [B, K]
-        found = top_scores > -0.5  # survivors have scores >= 0, padding -1
-        out_boxes = boxes.gather(1, top_idx[..., None].expand(-1, -1, 4)) * found[..., None]
-        out_scores = torch.where(found, top_scores, torch.zeros_like(top_scores))
-        out_labels = torch.where(found, labels.gather(1, top_idx), torch.full_like(top_idx, -1))
-        return out_boxes, out_scores, out_labels, found.sum(dim=1)
-
-
-def _strides(num_levels: int) -> list[int]:
-    if num_levels != len(STRIDES):
-        raise ValueError(f"expected {len(STRIDES)} feature levels, got {num_levels}")
-    return list(STRIDES)
+    def forward(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        boxes, scores, num_per_level = self.decoder.decode(images, image_sizes, orig_sizes)
+        return select_detections(boxes, scores, num_per_level, self.settings)
 
 
 def export_module(model: GFL, nms: bool = False, settings: PostProcessSettings | None = None) -> nn.Module:
@@ -165,41 +122,87 @@ def export_module(model: GFL, nms: bool = False, settings: PostProcessSettings |
     return wrapper.eval()
 
 
-# --------------------------------------------------------------------------- PyTorch reference
+def detections_from_raw(
+    boxes: Tensor | np.ndarray, scores: Tensor | np.ndarray, input_hw: tuple[int, int], settings: PostProcessSettings
+) -> list[dict[str, Tensor]]:
+    """gfldet's selection applied to a raw graph's outputs: evaluation's detections per image.
 
-
-@torch.no_grad()
-def reference_outputs(
-    model: GFL, images: Tensor, nms: bool = False, settings: PostProcessSettings | None = None
-) -> dict[str, np.ndarray]:
-    """What the export must reproduce, computed by the model's own code path (not the wrapper).
-
-    Raw: boxes [B, A, 4] and scores [B, A, C] decoded as `GFL.forward` decodes them. With `nms`:
-    `gfldet.postprocess` of the padded input (no rescaling), padded to `NMS_OUTPUTS` shapes.
+    input_hw: (H, W) of the graph's `images` input, which fixes how many priors each level has.
     """
-    model.eval()
-    features = model.neck(model.backbone(images))
-    cls_logits, reg_logits = model.head(features)
-    priors = model.priors_for(features)
-    distances = model.head.distances(reg_logits)
-    if not nms:
-        boxes = ltrb_to_boxes(priors.centers, distances * priors.strides[:, None])
-        return {"boxes": boxes.numpy(), "scores": cls_logits.sigmoid().numpy()}
-    settings = settings or model.test_settings
-    sizes = torch.tensor([images.shape[-2:]] * images.shape[0], dtype=torch.long)
-    valid = torch.ones(cls_logits.shape[:2], dtype=torch.bool)
-    dets = postprocess(cls_logits, distances, priors, valid, sizes, sizes, settings)
-    max_dets = min(settings.max_per_img, len(priors.num_per_level) * settings.nms_pre)
-    out = {
-        "boxes": np.zeros((len(dets), max_dets, 4), np.float32),
-        "scores": np.zeros((len(dets), max_dets), np.float32),
-        "labels": np.full((len(dets), max_dets), -1, np.int64),
-        "num_dets": np.array([len(d["scores"]) for d in dets], np.int64),
+    height, width = input_hw
+    num_per_level = [math.ceil(height / s) * math.ceil(width / s) for s in STRIDES]
+    return split_detections(*select_detections(torch.as_tensor(boxes), torch.as_tensor(scores), num_per_level, settings))
+
+
+# --------------------------------------------------------------------------- graph inputs
+
+
+def feeds_from_batch(batch: Tensor, targets: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    """A preprocessed batch (`prepare_batch`, `letterbox`) -> the graphs' inputs by name."""
+    return {
+        "images": batch,
+        "image_sizes": torch.tensor([tuple(t["image_size"]) for t in targets], dtype=torch.int64),
+        "orig_sizes": torch.tensor([tuple(t["orig_size"]) for t in targets], dtype=torch.int64),
     }
-    for i, d in enumerate(dets):
-        n = len(d["scores"])
-        out["boxes"][i, :n], out["scores"][i, :n], out["labels"][i, :n] = d["boxes"], d["scores"], d["labels"]
-    return out
+
+
+def graph_inputs(
+    images: Sequence[ImageInput], config: Config | str | Path, shape: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """The exported graphs' inputs (numpy, by name) for a batch of images, preprocessed as
+    evaluation and `Detector` preprocess them: resized with the config's `data.test_short_side`
+    and `data.max_size`, normalised, padded to `data.size_divisor`.
+
+    config: a Config or the path of a YAML config (the run's config.yaml, or the .yaml beside
+    published weights). shape: (H, W) of a fixed-shape graph; the images are then letterboxed
+    into it (resized to fit) instead.
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    arrays = [to_rgb_array(im) for im in images]
+    if shape is not None:
+        batch, targets = letterbox(arrays, *shape)
+    else:
+        transform = build_transforms(train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size)
+        batch, targets = prepare_batch(arrays, transform, cfg.data.size_divisor)
+    return {name: t.numpy() for name, t in feeds_from_batch(batch, targets).items()}
+
+
+def letterbox(images: Sequence[np.ndarray], height: int, width: int) -> Batch:
+    """uint8 [h, w, 3] RGB images -> a normalised batch [B, 3, height, width] for a fixed-shape
+    graph, each resized keeping its aspect ratio to fit (bilinear), zero-padded bottom/right
+    like collate, and targets with image_size / orig_size as `prepare_batch` gives them."""
+    import cv2  # albumentations' dependency; imported here as only letterboxing needs it
+
+    out = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
+    targets = []
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        scale = min(height / h, width / w)
+        new_h, new_w = min(height, max(1, int(h * scale + 0.5))), min(width, max(1, int(w * scale + 0.5)))
+        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        out[i, :, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
+        targets.append({"image_size": (new_h, new_w), "orig_size": (h, w)})
+    return normalize_batch(out, [t["image_size"] for t in targets]), targets
+
+
+def verification_inputs(
+    images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32, shape: tuple[int, int] | None = None
+) -> list[Batch]:
+    """Batches to check an export on: each image alone at its test-time size (padded to
+    `size_divisor`), then a batch of two images of different sizes, so that each is padded
+    to the other's size. `shape`: letterboxed into this fixed shape, one image per batch.
+
+    The pair is the first two images when they resize to different sizes, else the first with
+    the second cut to half its width (another aspect ratio, hence another size)."""
+    if shape is not None:
+        return [letterbox([im], *shape) for im in images]
+    singles = [prepare_batch([im], transform, size_divisor) for im in images]
+    if not images:
+        return singles
+    second = images[1] if len(images) > 1 else images[0]
+    if len(images) == 1 or singles[0][1][0]["image_size"] == singles[1][1][0]["image_size"]:
+        second = np.ascontiguousarray(second[:, : max(1, second.shape[1] // 2)])
+    return [*singles, prepare_batch([images[0], second], transform, size_divisor)]
 
 
 # --------------------------------------------------------------------------- export
@@ -208,23 +211,25 @@ def reference_outputs(
 def export_onnx(
     model: GFL,
     path: str | Path,
-    example: Tensor,
+    example: Mapping[str, Tensor | np.ndarray],
     nms: bool = False,
     dynamic: bool = False,
     settings: PostProcessSettings | None = None,
     opset: int = DEFAULT_OPSET,
 ) -> Path:
-    """Write `model` as an ONNX graph traced at `example` ([B, 3, H, W], H and W multiples of 32).
+    """Write `model` as an ONNX graph traced at `example` (graph inputs by name, as
+    `graph_inputs` or `feeds_from_batch` give them; H and W multiples of 32).
 
     dynamic: batch, height and width are free axes; otherwise the graph accepts exactly
-    `example`'s shape. NMS needs opset >= 11 (ONNX NonMaxSuppression).
+    `example`'s shapes. NMS needs opset >= 11 (ONNX NonMaxSuppression).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = NMS_OUTPUTS if nms else RAW_OUTPUTS
     dynamic_axes = None
     if dynamic:
-        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
+                        "orig_sizes": {0: "batch"}}
         if nms:
             dynamic_axes.update({name: {0: "batch"} for name in names})
         else:
@@ -232,13 +237,11 @@ def export_onnx(
     wrapper = export_module(model, nms, settings)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about Python ints taken from sizes (stride bookkeeping); the graph is
-        # checked against PyTorch at other sizes by the verification instead.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
+        # checked against evaluation at other sizes by the verification instead.
+        _quiet_tracing()
         torch.onnx.export(
-            wrapper, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=["images"], output_names=list(names), dynamic_axes=dynamic_axes,
+            wrapper, _example_args(example), str(path), dynamo=False, opset_version=opset,
+            input_names=list(GRAPH_INPUTS), output_names=list(names), dynamic_axes=dynamic_axes,
         )
     try:
         import onnx
@@ -249,34 +252,47 @@ def export_onnx(
 
 
 def export_torchscript(
-    model: GFL, path: str | Path, example: Tensor, nms: bool = False, settings: PostProcessSettings | None = None
+    model: GFL,
+    path: str | Path,
+    example: Mapping[str, Tensor | np.ndarray],
+    nms: bool = False,
+    settings: PostProcessSettings | None = None,
 ) -> Path:
-    """Trace `model` at `example` and save it; load with `torch.jit.load(path)`.
+    """Trace `model` at `example` (graph inputs by name) and save it; load with `torch.jit.load(path)`
+    and call it with the three inputs in `GRAPH_INPUTS` order.
 
     Traced, not scripted: the torchvision backbone scripts, but gfldet's FPN and head use
     Python constructs (zip(strict=...), dataclass priors) that TorchScript does not compile.
-    Sizes are recorded as size ops, so the traced graph runs at other input sizes too.
+    Sizes are recorded as size ops, so the traced graph runs at other input and batch sizes too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = export_module(model, nms, settings)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+        _quiet_tracing()
+        traced = torch.jit.trace(wrapper, _example_args(example), check_trace=False)
     traced.save(str(path))
     return path
+
+
+def _example_args(example: Mapping[str, Tensor | np.ndarray]) -> tuple[Tensor, ...]:
+    return tuple(torch.as_tensor(example[name]) for name in GRAPH_INPUTS)
+
+
+def _quiet_tracing() -> None:
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
 
 
 # --------------------------------------------------------------------------- runners
 
 
-Runner = Callable[[Tensor], dict[str, np.ndarray]]
+Runner = Callable[[Mapping[str, Tensor | np.ndarray]], dict[str, np.ndarray]]
 
 
 def onnx_runner(path: str | Path) -> Runner:
-    """Run an exported ONNX file in onnxruntime (CPU): images -> outputs by name."""
+    """Run an exported ONNX file in onnxruntime (CPU): graph inputs by name -> outputs by name."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -288,22 +304,22 @@ def onnx_runner(path: str | Path) -> Runner:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 
-    def run(images: Tensor) -> dict[str, np.ndarray]:
-        outputs = session.run(names, {"images": images.numpy()})
+    def run(feeds: Mapping[str, Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = session.run(names, {name: np.asarray(feeds[name]) for name in GRAPH_INPUTS})
         return dict(zip(names, outputs, strict=True))
 
     return run
 
 
 def torchscript_runner(path: str | Path) -> Runner:
-    """Run a saved TorchScript export: images -> outputs by name."""
+    """Run a saved TorchScript export: graph inputs by name -> outputs by name."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
-    def run(images: Tensor) -> dict[str, np.ndarray]:
+    def run(feeds: Mapping[str, Tensor | np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            outputs = module(images)
+            outputs = module(*_example_args(feeds))
         names = NMS_OUTPUTS if len(outputs) == len(NMS_OUTPUTS) else RAW_OUTPUTS
         return {n: o.numpy() for n, o in zip(names, outputs, strict=True)}
 
@@ -315,10 +331,10 @@ def torchscript_runner(path: str | Path) -> Runner:
 
 @dataclass
 class ParityReport:
-    """Largest differences between an exported graph and PyTorch over the verified inputs.
+    """Largest differences between an exported graph and evaluation over the verified batches.
 
-    Box differences are in input pixels, score differences absolute. `box_tol` is `rtol` times
-    the largest input side (boxes scale with the image); `score_tol` is `rtol` itself.
+    Box differences are in original-image pixels, score differences absolute. `box_tol` is
+    `rtol` times the largest image side (boxes scale with the image); `score_tol` is `rtol`.
     """
 
     max_box_diff: float = 0.0
@@ -326,8 +342,8 @@ class ParityReport:
     box_tol: float = 0.0
     score_tol: float = 0.0
     num_inputs: int = 0
-    num_dets: int = 0  # detections compared (NMS graphs)
-    mismatched: list[str] = field(default_factory=list)  # detections present on one side only (NMS graphs)
+    num_dets: int = 0  # detections compared
+    mismatched: list[str] = field(default_factory=list)  # detections present on one side only
 
     @property
     def ok(self) -> bool:
@@ -350,36 +366,68 @@ class ParityReport:
         return text
 
 
+@torch.no_grad()
+def evaluation_detections(model: GFL, batch: Tensor, targets: list[dict[str, Any]],
+                          settings: PostProcessSettings | None = None) -> list[dict[str, Tensor]]:
+    """What the export must reproduce: `model(batch, targets)` in eval mode, the call
+    tools/eval.py's evaluator and `Detector` make, with `settings` (default the model's own)."""
+    model.eval()
+    saved = model.test_settings
+    model.test_settings = settings or saved
+    try:
+        return model(batch, targets)
+    finally:
+        model.test_settings = saved
+
+
 def verify(
     runner: Runner,
     model: GFL,
-    inputs: Sequence[Tensor],
+    inputs: Sequence[Batch],
     nms: bool = False,
     settings: PostProcessSettings | None = None,
     rtol: float = 1e-4,
     what: str = "export",
 ) -> ParityReport:
-    """Compare `runner` with PyTorch on each input batch; raise `ExportVerificationError` when a
-    difference exceeds the tolerance, else return the report (largest differences seen)."""
+    """Compare `runner` with evaluation on each (batch, targets) (`verification_inputs`); raise
+    `ExportVerificationError` when a difference exceeds the tolerance, else return the report.
+
+    Detections are compared with `evaluation_detections`: the NMS graph's own, or for a raw
+    graph gfldet's selection applied to its outputs (`detections_from_raw`), whose boxes and
+    scores are also compared with the PyTorch wrapper's element by element."""
+    settings = settings or model.test_settings
     report = ParityReport(score_tol=rtol)
-    for images in inputs:
-        ref = reference_outputs(model, images, nms, settings)
-        got = runner(images)
+    for batch, targets in inputs:
+        feeds = feeds_from_batch(batch, targets)
+        got = runner(feeds)
+        box_tol = rtol * float(feeds["orig_sizes"].max())
         report.num_inputs += 1
-        report.box_tol = max(report.box_tol, rtol * max(images.shape[-2:]))
+        report.box_tol = max(report.box_tol, box_tol)
         if nms:
-            _compare_detections(ref, got, report, rtol * max(images.shape[-2:]), rtol)
+            found = [{k: got[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
+                     for b, n in enumerate(got["num_dets"])]
         else:
-            for name in RAW_OUTPUTS:
-                if got[name].shape != ref[name].shape:
-                    raise ExportVerificationError(
-                        f"{what}: output {name!r} has shape {got[name].shape}, PyTorch {ref[name].shape}"
-                    )
-            report.max_box_diff = max(report.max_box_diff, _max_abs(got["boxes"] - ref["boxes"]))
-            report.max_score_diff = max(report.max_score_diff, _max_abs(got["scores"] - ref["scores"]))
+            with torch.no_grad():
+                expected = export_module(model).decode(**feeds)[:2]
+            _compare_raw(got, expected, report, what)
+            found = detections_from_raw(got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings)
+        reference = evaluation_detections(model, batch, targets, settings)
+        for image, (ref, det) in enumerate(zip(reference, found, strict=True)):
+            _compare_detections(image, {k: v.numpy() for k, v in ref.items()},
+                                {k: np.asarray(v) for k, v in det.items()}, report, box_tol, rtol)
     if not report.ok:
-        raise ExportVerificationError(f"{what} does not match PyTorch: {report.summary()}")
+        raise ExportVerificationError(f"{what} does not match evaluation: {report.summary()}")
     return report
+
+
+def _compare_raw(got: dict[str, np.ndarray], ref: tuple[Tensor, Tensor], report: ParityReport, what: str) -> None:
+    for name, expected in zip(RAW_OUTPUTS, ref, strict=True):
+        if got[name].shape != tuple(expected.shape):
+            raise ExportVerificationError(
+                f"{what}: output {name!r} has shape {got[name].shape}, PyTorch {tuple(expected.shape)}"
+            )
+    report.max_box_diff = max(report.max_box_diff, _max_abs(got["boxes"] - ref[0].numpy()))
+    report.max_score_diff = max(report.max_score_diff, _max_abs(got["scores"] - ref[1].numpy()))
 
 
 def _max_abs(diff: np.ndarray) -> float:
@@ -387,32 +435,29 @@ def _max_abs(diff: np.ndarray) -> float:
 
 
 def _compare_detections(
-    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], report: ParityReport, box_tol: float, score_tol: float
+    image: int, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], report: ParityReport,
+    box_tol: float, score_tol: float,
 ) -> None:
-    """Pair each image's detections by label and box; a detection without a partner counts as a
+    """Pair one image's detections by label and box; a detection without a partner counts as a
     mismatch unless it is borderline (its score within `score_tol` of another kept or cut one
     is not decidable at float precision, so only unpaired detections scoring well above the
     weakest kept one are reported)."""
-    for b in range(len(ref["num_dets"])):
-        n_ref, n_got = int(ref["num_dets"][b]), int(got["num_dets"][b])
-        ref_boxes, got_boxes = ref["boxes"][b, :n_ref], got["boxes"][b, :n_got]
-        ref_scores, got_scores = ref["scores"][b, :n_ref], got["scores"][b, :n_got]
-        ref_labels, got_labels = ref["labels"][b, :n_ref], got["labels"][b, :n_got]
-        used = np.zeros(n_got, dtype=bool)
-        for i in range(n_ref):
-            cand = np.flatnonzero((got_labels == ref_labels[i]) & ~used)
-            if cand.size:
-                box_diff = np.abs(got_boxes[cand] - ref_boxes[i]).max(axis=1)
-                j = cand[int(box_diff.argmin())]
-                if box_diff.min() <= box_tol:
-                    used[j] = True
-                    report.num_dets += 1
-                    report.max_box_diff = max(report.max_box_diff, float(box_diff.min()))
-                    report.max_score_diff = max(report.max_score_diff, abs(float(got_scores[j] - ref_scores[i])))
-                    continue
-            _note_unpaired(report, "PyTorch", b, ref_boxes[i], ref_scores[i], ref_labels[i], ref_scores, score_tol)
-        for j in np.flatnonzero(~used):
-            _note_unpaired(report, "export", b, got_boxes[j], got_scores[j], got_labels[j], got_scores, score_tol)
+    used = np.zeros(len(got["scores"]), dtype=bool)
+    for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"], strict=True):
+        cand = np.flatnonzero((got["labels"] == label) & ~used)
+        if cand.size:
+            box_diff = np.abs(got["boxes"][cand] - box).max(axis=1)
+            j = cand[int(box_diff.argmin())]
+            if box_diff.min() <= box_tol:
+                used[j] = True
+                report.num_dets += 1
+                report.max_box_diff = max(report.max_box_diff, float(box_diff.min()))
+                report.max_score_diff = max(report.max_score_diff, abs(float(got["scores"][j] - score)))
+                continue
+        _note_unpaired(report, "evaluation", image, box, score, label, ref["scores"], score_tol)
+    for j in np.flatnonzero(~used):
+        _note_unpaired(report, "export", image, got["boxes"][j], got["scores"][j], got["labels"][j],
+                       got["scores"], score_tol)
 
 
 def _note_unpaired(
@@ -428,20 +473,6 @@ def _note_unpaired(
         f"image {image}: {side} only: label {int(label)} score {float(score):.4f} box "
         f"{[round(float(v), 1) for v in box]}"
     )
-
-
-def letterbox(image: np.ndarray, height: int, width: int) -> Tensor:
-    """uint8 [h, w, 3] RGB -> normalised [1, 3, height, width] for a fixed-shape graph: resized
-    keeping its aspect ratio to fit (bilinear), then zero-padded bottom/right like collate."""
-    h, w = image.shape[:2]
-    scale = min(height / h, width / w)
-    new_h, new_w = min(height, max(1, int(h * scale + 0.5))), min(width, max(1, int(w * scale + 0.5)))
-    import cv2  # albumentations' dependency; imported here as only letterboxing needs it
-
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    out = torch.zeros(1, 3, height, width, dtype=torch.uint8)
-    out[0, :, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
-    return normalize_batch(out, [(new_h, new_w)])
 
 
 # --------------------------------------------------------------------------- publishing weights

@@ -256,7 +256,7 @@ class Detector:
             cfg = copy.deepcopy(cfg)
             cfg.model.test.score_thr = float(score_thr)
         model = build_inference_model(cfg)
-        load_model_weights(model, model_weights(state, use_ema, str(path)), strict=True)
+        load_model_weights(model, model_weights(state, use_ema, str(path)), strict=True, source=path)
         return cls(
             model, cfg.data.test_short_side, cfg.data.max_size, cfg.data.size_divisor,
             class_names_for(cfg, state), device, batch_size,

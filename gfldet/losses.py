@@ -89,10 +89,9 @@ class _QualityFocalLoss(torch.autograd.Function):
 
 
 # Elements of one block of QFL rows (1 MiB of fp32 per intermediate). CPU: a block's
-# intermediates stay in cache, so the elementwise passes do not each go to memory; QFL forward +
-# backward on 8 x 8,525 priors x 80 classes took 24 ms against 35 ms unblocked, on 16 x 13,343
-# priors 95 ms against 162 ms (2 cores; 2**17-2**19 all within 10 %). GPU: one block; splitting
-# would only add kernel launches.
+# intermediates stay in cache, so the elementwise passes do not each go to memory (measured by
+# benchmarks/loss_overhead.py; benchmarks/README.md, "Last measured", item 5). GPU: one block;
+# splitting would only add kernel launches.
 CPU_BLOCK_ELEMENTS = 2**18
 
 

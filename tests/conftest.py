@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
+import io
 import logging
 import os
+import signal
+import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -54,15 +61,72 @@ def tiny_overrides(data: dict[str, Path], epochs: int = 2) -> list[str]:
     ]
 
 
+@functools.cache
+def _tool_module(script: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"tool_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(script: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` as the tool's `main(argv)` in this process, with the same exit code,
+    stdout and stderr: for tools that need no process of their own (no signal, no torchrun), it
+    saves the ~5 s a new interpreter spends importing torch and torchvision. An exception that
+    escapes `main` (a user's traceback) fails the test with it."""
+    module = _tool_module(Path(script).resolve())
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main(list(args))
+            except SystemExit as exc:
+                code = exc.code
+                if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+                    print(code, file=err)
+                    code = 1
+    finally:
+        for sig, handler in handlers.items():  # train() installs its stop handlers
+            signal.signal(sig, handler)
+        _restore_gfldet_logger()  # its handlers wrote to the captured streams
+    code = 0 if code is None else code
+    proc = subprocess.CompletedProcess([str(script), *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} {args} failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def checked_dataset(image_dir, ann_file, transform=None, **options):
+    """`CocoDetection` of a checked split, as the trainer builds it: `load_checked_split` with
+    `options` (filter_empty, min_size, max_decode_failures, cache, ...), then the dataset."""
+    from gfldet.data.checked_split import load_checked_split
+    from gfldet.data.coco import CocoDetection
+
+    split = load_checked_split(image_dir, ann_file, **options)
+    keep = {k: options[k] for k in ("filter_empty", "min_size") if k in options}
+    return CocoDetection(image_dir, ann_file, transform, **keep, split=split,
+                         max_decode_failures=options.get("max_decode_failures", 0.01))
+
+
+_GFLDET_LOGGER = logging.getLogger("gfldet")
+_LOGGER_AT_START = (_GFLDET_LOGGER.handlers[:], _GFLDET_LOGGER.propagate, _GFLDET_LOGGER.level)
+
+
+def _restore_gfldet_logger() -> None:
+    handlers, propagate, level = _LOGGER_AT_START
+    for handler in _GFLDET_LOGGER.handlers:
+        if handler not in handlers:
+            handler.close()
+    _GFLDET_LOGGER.handlers[:] = handlers
+    _GFLDET_LOGGER.propagate, _GFLDET_LOGGER.level = propagate, level
+
+
 @pytest.fixture(autouse=True)
 def _gfldet_logger_as_before():
     """`train()` run in-process sets up the "gfldet" logger (its own handlers, no propagation);
-    put it back after each test so that later tests' caplog sees its records."""
-    logger = logging.getLogger("gfldet")
-    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    put it back as it was when the session started, before and after each test, so that caplog
+    sees its records. Before, too: a module-scoped fixture that trains runs before this one."""
+    _restore_gfldet_logger()
     yield
-    for handler in logger.handlers:
-        if handler not in handlers:
-            handler.close()
-    logger.handlers[:] = handlers
-    logger.propagate, logger.level = propagate, level
+    _restore_gfldet_logger()

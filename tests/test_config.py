@@ -77,6 +77,8 @@ def test_1x_recipe_values():
     assert (d.flip_prob, d.batch_size, d.size_divisor) == (0.5, 2, 32)
     assert (o.name, o.lr, o.reference_batch_size, o.scale_lr) == ("sgd", 0.01, 16, True)
     assert (o.momentum, o.weight_decay, o.grad_clip) == (0.9, 1e-4, None)
+    # one lr and weight decay for every parameter, as MMDetection's GFL recipe
+    assert (o.norm_weight_decay, o.bias_weight_decay, o.bias_lr_factor) == (None, None, 1.0)
     assert (s.epochs, s.policy, s.milestones, s.gamma) == (12, "step", [8, 11], 0.1)
     assert (s.warmup_iters, s.warmup_ratio) == (500, 0.001)
     assert cfg.train.work_dir is None
@@ -306,6 +308,10 @@ def test_override_beats_file_and_base():
         (["optim.momentum=1"], "optim.momentum"),
         (["optim.weight_decay=-1"], "optim.weight_decay"),
         (["optim.grad_clip=0"], "optim.grad_clip"),
+        (["optim.norm_weight_decay=-0.1"], "optim.norm_weight_decay"),
+        (["optim.bias_weight_decay=-1e-4"], "optim.bias_weight_decay"),
+        (["optim.bias_lr_factor=0"], "optim.bias_lr_factor"),
+        (["optim.bias_lr_factor=-2"], "optim.bias_lr_factor"),
         (["schedule.milestones=[8, 12]"], "schedule.milestones"),  # 12 >= epochs
         (["schedule.milestones=[11, 8]"], "schedule.milestones"),
         (["schedule.epochs=0"], "schedule.epochs"),
@@ -351,6 +357,11 @@ def test_valid_edge_values_accepted():
                                "schedule.milestones=[]", "model.backbone.frozen_stages=-1",
                                "train.device=cuda:1", "train.eval_interval=0"])
     assert cfg.model.head.feat_channels == 48 and cfg.schedule.milestones == []
+    gfocal = load_config(R50_1X, ["optim.bias_lr_factor=2", "optim.bias_weight_decay=0",
+                                  "optim.norm_weight_decay=0"])
+    assert (gfocal.optim.bias_lr_factor, gfocal.optim.bias_weight_decay) == (2.0, 0.0)
+    assert gfocal.optim.norm_weight_decay == 0.0
+    assert load_config(R50_1X, ["optim.bias_lr_factor=0.5"]).optim.bias_lr_factor == 0.5
 
 
 @pytest.mark.parametrize(("options", "expected"), [

@@ -102,13 +102,13 @@ def test_crowd_excluded_and_filter_empty(tmp_path: Path) -> None:
     ann_file = _write_coco(tmp_path, images, anns, CATS)
 
     train = CocoDetection(tmp_path / "images", ann_file, None, filter_empty=True, min_size=32)
-    assert train.image_ids == [1]
+    assert train.image_ids.tolist() == [1]
     _, target = train[0]
     assert target["boxes"].tolist() == [[1.0, 1.0, 11.0, 11.0]]  # the crowd box is gone
 
     val = CocoDetection(tmp_path / "images", ann_file, None, filter_empty=False)
-    assert val.image_ids == [1, 2, 3, 4]
-    assert val.aspect_ratios == [1.0, 1.0, 1.0, 5.0]
+    assert val.image_ids.tolist() == [1, 2, 3, 4]
+    assert val.aspect_ratios.tolist() == [1.0, 1.0, 1.0, 5.0]
     assert [len(val[i][1]["boxes"]) for i in range(4)] == [1, 0, 0, 1]
     empty = val[1][1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
@@ -449,7 +449,7 @@ def test_build_dataloader_val_sequential(synthetic: dict[str, Path]) -> None:
     )
     loader = build_dataloader(ds, 3, num_workers=0, train=False, seed=0, distributed=False)
     ids = [t["image_id"] for _, targets in loader for t in targets]
-    assert ids == ds.image_ids
+    assert ids == ds.image_ids.tolist()
     assert loader.pin_memory == torch.cuda.is_available()
     with pytest.raises(RuntimeError):
         build_dataloader(ds, 3, num_workers=0, train=False, seed=0, distributed=True)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, checked_dataset
 from PIL import Image, ImageFile
 
 from gfldet.data import CocoDetection, SeededIndex, build_dataloader, build_transforms
@@ -35,7 +35,7 @@ from gfldet.data.checks import (
     DatasetError,
     check_dataset,
 )
-from gfldet.data.coco import (
+from gfldet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageTooLargeError,
     load_image_rgb,
@@ -222,7 +222,7 @@ def test_unknown_category_is_fatal_with_ids(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="category_id 99"):
         report.raise_if_fatal()
     with pytest.raises(DatasetError, match="category_id 99"):
-        CocoDetection(img_dir, ann_file, check=True)
+        checked_dataset(img_dir, ann_file)
 
 
 def test_duplicate_and_orphan_ids_are_fatal(tmp_path: Path) -> None:
@@ -360,7 +360,7 @@ def test_exif_rotation_not_in_json_means_raw_pixels(tmp_path: Path) -> None:
     strict = check_dataset(img_dir, ann_file, fix=False)
     assert "un-rotated pixels" in only_fatal(strict, "EXIF orientation 6")
 
-    ds = CocoDetection(img_dir, ann_file, None, filter_empty=False, check=True)
+    ds = checked_dataset(img_dir, ann_file, filter_empty=False)
     image, target = ds[0]
     assert image.shape == (3, 12, 30)  # decoded as stored: the boxes stay on their objects
     assert image[:, :4, :10].float().mean() > 200
@@ -448,7 +448,7 @@ def test_16bit_rgb_png_and_in_memory_modes(tmp_path: Path) -> None:
                           np.asarray(Image.fromarray(rgb).convert("P").convert("RGB")))
 
 
-# --------------------------------------------------------------------------- CocoDetection(check=True)
+# --------------------------------------------------------------------------- a checked CocoDetection
 
 
 def test_check_true_trains_on_the_fixed_annotations(tmp_path: Path) -> None:
@@ -457,16 +457,17 @@ def test_check_true_trains_on_the_fixed_annotations(tmp_path: Path) -> None:
             _ann(4, 2, [2, 2, 8, 8]), _ann(5, 3, [2, 2, 8, 8]), _ann(6, 4, [2, 2, 8, 8])]
     img_dir, ann_file = write_dataset(tmp_path, images, anns)
     (img_dir / "3.png").unlink()
-    ds = CocoDetection(img_dir, ann_file, None, check=True, max_decode_failures=0.25)
-    assert ds.image_ids == [1, 2, 4]  # image 3 is gone, and so is its annotation
+    ds = checked_dataset(img_dir, ann_file, max_decode_failures=0.25)
+    assert ds.image_ids.tolist() == [1, 2, 4]  # image 3 is gone, and so is its annotation
     assert ds.check_report.fixed == {FIX_CLIPPED: 1, FIX_OUTSIDE: 1, FIX_EMPTY_BOX: 1,
                                      FIX_BAD_IMAGE: 1, FIX_BAD_IMAGE_ANNS: 1}
     assert ds[0][1]["boxes"].tolist() == [[0, 2, 16, 12]]
-    # Evaluation ground truth is the fixed data too.
-    assert ds.coco.anns[1]["bbox"] == [0.0, 2.0, 16.0, 10.0] and 2 not in ds.coco.anns
-    assert 3 not in ds.coco.imgs
+    # What training reads is the fixed data: the clipped box, nothing of the dropped ones.
+    assert [ds.get_annotations(i)[0].tolist() for i in range(len(ds))] == [[[0, 2, 16, 12]], [[2, 2, 10, 10]],
+                                                                          [[2, 2, 10, 10]]]
+    assert ds.check_report.kept == (3, 3)  # annotations 1 (clipped), 4 and 6
     with pytest.raises(DatasetError, match="1 of 4 image files"):  # budget 0: strict
-        CocoDetection(img_dir, ann_file, None, check=True, max_decode_failures=0.0)
+        checked_dataset(img_dir, ann_file, max_decode_failures=0.0)
 
 
 # --------------------------------------------------------------------------- decode failures

@@ -33,7 +33,7 @@ def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
     assert detector.class_names == [name for _, name in CATEGORIES]
     dataset = CocoDetection(tiny_coco["val_images"], tiny_coco["val_ann"],
                             build_transforms(train=False, short_side=128, max_size=192), filter_empty=False)
-    paths = [tiny_coco["val_images"] / dataset.coco.imgs[i]["file_name"] for i in dataset.image_ids]
+    paths = [tiny_coco["val_images"] / dataset.index.file_name(i) for i in range(len(dataset))]
     got = detector(paths)
     assert isinstance(got, list) and len(got) == len(paths)
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
             (ref,) = detector.model(normalize_batch(images, [t["image_size"] for t in targets]), targets)
             assert np.allclose(det["boxes"], ref["boxes"].numpy()) and np.allclose(det["scores"], ref["scores"].numpy())
             assert det["class_names"] == [detector.class_names[j] for j in det["labels"]]
-            h, w = dataset.coco.imgs[dataset.image_ids[i]]["height"], dataset.coco.imgs[dataset.image_ids[i]]["width"]
+            h, w = int(dataset.index.heights[i]), int(dataset.index.widths[i])
             if len(det["boxes"]):  # original pixels: clipped to the original image, not the resized one
                 assert det["boxes"][:, [0, 2]].max() <= w and det["boxes"][:, [1, 3]].max() <= h
     assert sum(len(d["scores"]) for d in got) > 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_overrides
 from test_train_cli import DEMO, TRAIN, run, run_overrides, trained_run  # noqa: F401  (fixture reused; same overrides)
 
 from gfldet.config import Config
@@ -79,16 +79,34 @@ def test_sigterm_writes_a_mid_epoch_checkpoint_and_resume_matches(trained_run, t
     assert same_weights(reference / "last.pth", work / "last.pth")
 
 
+def test_a_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(tiny_coco, tmp_path):
+    """SLURM's scancel and `timeout` signal every process of the job, the DataLoader workers too:
+    the run still stops after the iteration with last.pth, no traceback. (Ctrl-C, SIGINT to the
+    terminal's process group, ends the same way.)"""
+    sig = signal.SIGTERM
+    work = tmp_path / "group"
+    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), "--cfg-options", *run_overrides(tiny_coco),
+           "data.num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    wait_for_log_lines(work, proc, 2)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert load_checkpoint(work / "last.pth")["batch"] >= 2
+
+
 def test_schedule_change_on_resume_must_be_explicit(trained_run, tiny_coco, tmp_path):  # noqa: F811
     reference, _ = trained_run
     work = tmp_path / "longer"
     work.mkdir()
     (work / "last.pth").write_bytes((reference / "last.pth").read_bytes())
     longer = [*run_overrides(tiny_coco), "schedule.epochs=3"]
-    proc = run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *longer, check=False)
+    proc = run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *longer, check=False)
     assert proc.returncode == 2 and "schedule.epochs: 2 -> 3" in proc.stderr
     assert "--allow-schedule-change" in proc.stderr
-    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--allow-schedule-change", "--cfg-options", *longer)
+    run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--allow-schedule-change", "--cfg-options", *longer)
     assert "schedule changed on resume" in (work / "train.log").read_text()
     assert load_checkpoint(work / "last.pth")["epoch"] == 3
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_overrides
 
 from gfldet.engine.precision import cpu_bf16_support, resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
@@ -137,7 +137,7 @@ def tiny_args(data, work: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_coco, tmp_path_factory):
     work = tmp_path_factory.mktemp("usability") / "run"
-    proc = run(*tiny_args(tiny_coco, work))
+    proc = run_in_process(*tiny_args(tiny_coco, work))
     return work, proc
 
 
@@ -159,8 +159,8 @@ def test_the_log_names_the_precision_and_the_first_iteration(tiny_run):
     per_epoch = iterations_per_epoch(log)
     first = next(line for line in log.splitlines() if "epoch [1/2]" in line)
     assert f"epoch [1/2][1/{per_epoch}]" in first and "s/it" in first and "mem:" in first and "grad_norm" in first
-    # The dataset check's summary is logged once.
-    assert log.count("result: usable") == 1
+    # Each split's dataset check summary is logged once (val is checked before training too).
+    assert log.count("result: usable") == 2
 
 
 def test_scalars_jsonl_holds_the_log_lines_values(tiny_run):
@@ -184,7 +184,7 @@ def test_rerunning_into_a_used_folder_changes_no_byte(tiny_run, tiny_coco):
     work, _ = tiny_run
     before = digests(work)
     assert any(name.endswith(".pth") for name in before)
-    proc = run(*tiny_args(tiny_coco, work), check=False)
+    proc = run_in_process(*tiny_args(tiny_coco, work), check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--resume" in proc.stderr and "--overwrite" in proc.stderr and str(work) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -193,10 +193,10 @@ def test_rerunning_into_a_used_folder_changes_no_byte(tiny_run, tiny_coco):
 
 def test_overwrite_deletes_only_the_earlier_runs_outputs(tiny_coco, tmp_path):
     work = tmp_path / "run"
-    run(*tiny_args(tiny_coco, work), "schedule.epochs=1", "schedule.milestones=[]")
+    run_in_process(*tiny_args(tiny_coco, work), "schedule.epochs=1", "schedule.milestones=[]")
     (work / "notes.txt").write_text("mine")
     old_last = digests(work)["last.pth"]
-    proc = run(*tiny_args(tiny_coco, work, "--overwrite"), "schedule.epochs=1", "schedule.milestones=[]",
+    proc = run_in_process(*tiny_args(tiny_coco, work, "--overwrite"), "schedule.epochs=1", "schedule.milestones=[]",
                "train.seed=1")
     assert (work / "notes.txt").read_text() == "mine"
     assert digests(work)["last.pth"] != old_last
@@ -218,7 +218,7 @@ def test_a_stale_tmp_file_is_removed_at_the_next_start(tiny_run, tiny_coco, tmp_
     stale = resumed / ".last.pth.k3x9q2.tmp"  # what save_checkpoint leaves when killed mid-write
     stale.write_bytes(b"half a checkpoint")
     (resumed / "keep.tmp").write_text("not ours")  # no leading dot: not a checkpoint temporary
-    run(*tiny_args(tiny_coco, resumed, "--resume"))
+    run_in_process(*tiny_args(tiny_coco, resumed, "--resume"))
     assert not stale.exists() and (resumed / "keep.tmp").exists()
     assert f"removed {stale.name}" in (resumed / "train.log").read_text()
 
@@ -228,7 +228,7 @@ def test_a_stale_tmp_file_is_removed_at_the_next_start(tiny_run, tiny_coco, tmp_
 
 def test_eval_from_the_checkpoint_alone_matches_training(tiny_run, tmp_path):
     work, _ = tiny_run
-    proc = run(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m.json"))
+    proc = run_in_process(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m.json"))
     assert "stored config" in proc.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
     trained = json.loads((work / "metrics_epoch_2.json").read_text())
@@ -236,31 +236,31 @@ def test_eval_from_the_checkpoint_alone_matches_training(tiny_run, tmp_path):
     for key in ("bbox_mAP", "bbox_mAP_50", "AR_100"):
         assert metrics[key] == pytest.approx(trained[key], abs=1e-9), key
     # A YAML config before the checkpoint still wins, and --cfg-options apply to the stored one.
-    run(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m2.json"), "--out", str(tmp_path / "d.json"),
+    run_in_process(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m2.json"), "--out", str(tmp_path / "d.json"),
         "--cfg-options", "model.test.max_per_img=1")
     detections = json.loads((tmp_path / "d.json").read_text())
     per_image = [d["image_id"] for d in detections]
     assert detections and all(per_image.count(i) == 1 for i in per_image)
-    proc = run(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--metrics", str(tmp_path / "m3.json"))
+    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--metrics", str(tmp_path / "m3.json"))
     assert json.loads((tmp_path / "m3.json").read_text())["bbox_mAP"] == pytest.approx(trained["bbox_mAP"], abs=1e-9)
 
 
 def test_predict_and_export_from_the_checkpoint_alone(tiny_run, tiny_coco, tmp_path):
     work, _ = tiny_run
     out = tmp_path / "pred"
-    proc = run(PREDICT, str(work / "last.pth"), str(tiny_coco["val_images"]), "--out", str(out),
+    proc = run_in_process(PREDICT, str(work / "last.pth"), str(tiny_coco["val_images"]), "--out", str(out),
                "--score-thr", "0.0")
     assert "image(s)" in proc.stdout
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert len(records) == 4 and all(r["detections"] for r in records)
-    proc = run(EXPORT, str(work / "last.pth"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
+    proc = run_in_process(EXPORT, str(work / "last.pth"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
                "--verify-images", str(tiny_coco["val_images"]), "--num-verify", "1")
     assert "verified against PyTorch" in proc.stdout and (tmp_path / "m.pt").is_file()
-    proc = run(EXPORT, str(work / "last.pth"), "--format", "weights", "--out", str(tmp_path / "w.pth"))
+    proc = run_in_process(EXPORT, str(work / "last.pth"), "--format", "weights", "--out", str(tmp_path / "w.pth"))
     assert re.search(r"w-[0-9a-f]{8}\.pth", proc.stdout)
 
 
 def test_a_config_given_where_the_checkpoint_belongs_is_a_usage_error(tiny_run, tiny_coco):
     work, _ = tiny_run
-    proc = run(PREDICT, str(work / "config.yaml"), str(work / "last.pth"), check=False)
+    proc = run_in_process(PREDICT, str(work / "config.yaml"), str(work / "last.pth"), check=False)
     assert proc.returncode == 2 and "YAML config" in proc.stderr and "Traceback" not in proc.stderr

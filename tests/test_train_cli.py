@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_overrides
 
 from gfldet.engine.checkpoint import load_checkpoint
 
@@ -26,10 +27,11 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def run_overrides(data) -> list[str]:
-    # The demo's bf16 autocast and channels_last (the numerics tools/eval.py must reproduce), and
-    # every detection kept (score_thr 0), so that the AP of a barely trained model is not 0 and
-    # "the same AP" is a real check.
-    return [*tiny_overrides(data), "train.amp=bf16", "train.channels_last=true", "model.test.score_thr=0.0"]
+    # The demo's precision (amp auto: bf16 where the CPU has it natively, fp32 elsewhere, as
+    # emulated bf16 is several times slower) and channels_last, the numerics tools/eval.py must
+    # reproduce; and every detection kept (score_thr 0), so that the AP of a barely trained model
+    # is not 0 and "the same AP" is a real check.
+    return [*tiny_overrides(data), "train.amp=auto", "train.channels_last=true", "model.test.score_thr=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_a_training_checkpoint_names_its_classes_without_the_annotation_files(tr
 def test_eval_reproduces_the_training_ap(trained_run, tiny_coco, tmp_path):
     work, _ = trained_run
     out = tmp_path / "dets.json"
-    proc = run(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--out", str(out),
+    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--out", str(out),
                "--metrics", str(tmp_path / "m.json"))
     summary = [line for line in proc.stdout.splitlines() if line.startswith(" Average ")]
     assert len(summary) == 12
@@ -92,7 +94,7 @@ def test_eval_reproduces_the_training_ap(trained_run, tiny_coco, tmp_path):
 def test_eval_with_faster_coco_eval_matches_pycocotools(trained_run, tmp_path):
     pytest.importorskip("faster_coco_eval")
     work, _ = trained_run
-    proc = run(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--backend", "faster_coco_eval",
+    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--backend", "faster_coco_eval",
                "--metrics", str(tmp_path / "fast.json"))
     # faster-coco-eval's summary has AR@.5/AR@.75 lines after the 12 standard ones: it really ran.
     assert len([line for line in proc.stdout.splitlines() if line.startswith(" Average ")]) > 12
@@ -122,21 +124,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained_run, tiny
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "last.pth").write_bytes((work / "epoch_1.pth").read_bytes())
+    shutil.copytree(work / "dataset_check", resumed / "dataset_check")  # the run's check cache
     run(TRAIN, DEMO, "--work-dir", str(resumed), "--resume", "--cfg-options", *run_overrides(tiny_coco))
     a = load_checkpoint(work / "last.pth")["model"]
     b = load_checkpoint(resumed / "last.pth")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    # The resume decoded no image for the check: every result came from the cache, as logged.
+    first_log, resumed_log = (work / "train.log").read_text(), (resumed / "train.log").read_text()
+    for split, n in (("train", 16), ("val", 4)):
+        assert f"{n} image files decoded (no check cache yet; writing {work / 'dataset_check' / split}.json)" in first_log
+        assert (f"0 image files decoded, {n} unchanged since their last full decode (checked index "
+                f"{resumed / 'dataset_check' / split}.index.npz: the annotation file and all {n} image files "
+                "are unchanged") in resumed_log
 
 
 def test_misspelt_key_is_named(tiny_coco, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"base: {DEMO}\noptim:\n  lrr: 0.1\n")
-    proc = run(TRAIN, str(cfg), check=False)
+    proc = run_in_process(TRAIN, str(cfg), check=False)
     assert proc.returncode == 2
     assert "optim.lrr" in proc.stderr and "optim.lr" in proc.stderr
 
 
 def test_overrides_are_type_checked(tmp_path):
-    proc = run(TRAIN, DEMO, "--cfg-options", "optim.lr=fast", check=False)
+    proc = run_in_process(TRAIN, DEMO, "--cfg-options", "optim.lr=fast", check=False)
     assert proc.returncode == 2 and "optim.lr" in proc.stderr and "float" in proc.stderr

@@ -5,8 +5,10 @@
 
 Checks the annotation JSON (structure, ids, categories, boxes) and, unless --no-images, fully
 decodes every image (truncated / corrupt files, sizes vs the JSON after EXIF rotation). Also
-checks that model.num_classes matches the categories and that train and val share them.
-Training with the same data fixes the fixable problems in memory (files are never modified).
+checks that model.num_classes matches the categories and that train and val share them, and
+names each training image that training leaves out (no usable box, a side below data.min_size).
+Training with the same data fixes the fixable problems in memory (files are never modified);
+evaluation scores the val file as written, leaving out only its unreadable images.
 
 Exit code: 0 usable (possibly with fixes/warnings), 1 fatal problems, 2 invalid config.
 """
@@ -17,12 +19,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from gfldet.config import Config, load_config_or_exit
+from gfldet.config import load_config_or_exit
 
 if TYPE_CHECKING:
     from gfldet.data.checks import DatasetReport
 
-# Keep in step with gfldet.data.coco.DEFAULT_MAX_IMAGE_PIXELS (a test checks it); not imported
+# Keep in step with gfldet.data.images.DEFAULT_MAX_IMAGE_PIXELS (a test checks it); not imported
 # from there because that pulls in torch, and a config error should be reported at once.
 DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 
@@ -40,29 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cross_checks(cfg: Config, reports: dict[str, DatasetReport]) -> list[str]:
-    """Problems between the config and the splits (each split's own check cannot see them)."""
-    problems = []
-    cats = {split: sorted((c.get("id"), c.get("name")) for c in r.categories)
-            for split, r in reports.items() if r.categories}
-    for split, pairs in cats.items():
-        if len(pairs) != cfg.model.num_classes:
-            problems.append(f"model.num_classes is {cfg.model.num_classes} but the {split} "
-                            f"annotations have {len(pairs)} categories; set model.num_classes: "
-                            f"{len(pairs)}")
-    if "train" in cats and "val" in cats and cats["train"] != cats["val"]:
-        only_train = sorted(set(cats["train"]) - set(cats["val"]))
-        only_val = sorted(set(cats["val"]) - set(cats["train"]))
-        problems.append("train and val categories differ (labels would not mean the same class): "
-                        f"only in train {only_train}, only in val {only_val}; use one categories list")
-    return problems
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config_or_exit(args.config, args.cfg_options)
     # Imported only now: these pull in torch (seconds), which a bad config need not wait for.
-    from gfldet.data.checks import check_dataset
+    from gfldet.data.checks import check_dataset, split_problems
+    from gfldet.data.index import (
+        describe_left_out,
+        images_left_out_of_training,
+        no_training_images_left,
+    )
     from gfldet.engine.build import dataset_paths
 
     splits = ("train", "val") if args.split == "both" else (args.split,)
@@ -75,8 +64,17 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=args.max_image_pixels,
         )
         reports[split] = report
-        print(f"[{split}] {report.summary()}\n")
-    problems = cross_checks(cfg, reports)
+        print(f"[{split}] {report.summary(evaluation=split == 'val')}\n")
+    problems = split_problems(cfg.model.num_classes, reports)
+    train = reports.get("train")
+    if train is not None and train.annotations is not None and cfg.data.filter_empty:
+        # Named as training names them (gfldet.data.coco): the same rules, the same line.
+        left_out = images_left_out_of_training(train.annotations, cfg.data.min_size)
+        total = len(train.annotations["images"])
+        if left_out:
+            print(f"[train] {describe_left_out(left_out, total, 'training')}\n")
+        if len(left_out) == total:
+            problems.append(no_training_images_left(train.ann_file, left_out, total))
     if problems:
         print("FATAL (config vs data):")
         print("\n".join(f"  - {p}" for p in problems))

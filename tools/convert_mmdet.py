@@ -7,13 +7,15 @@
 Every MMDetection key must map onto exactly one gfldet key with the same shape (or be one of
 the keys dropped on purpose: the Integral's `project` bins, a classifier `fc`), and every gfldet
 key must be filled; otherwise nothing is written and the offending keys are listed (exit 1).
-Without --config the model (depth, channels, classes) is inferred from the file.
+Without --config the model (depth, channels, classes) is inferred from the file. A file that is
+missing, damaged or unsafe, or an existing OUT (without --overwrite): a message, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gfldet.config import load_config_or_exit
 from gfldet.convert_mmdet import ConversionError, convert_checkpoint
@@ -25,13 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mmdet_checkpoint", help="MMDetection GFL checkpoint (.pth)")
     parser.add_argument("out", help="gfldet checkpoint to write (.pth)")
     parser.add_argument("--config", help="gfldet config describing the same model (default: inferred from the file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     args = parser.parse_args(argv)
     cfg = load_config_or_exit(args.config) if args.config else None  # a bad config: status 2, like every tool
+    if Path(args.out).exists() and not args.overwrite:
+        print(f"error: {args.out} exists; pass --overwrite to replace it, or give another OUT", file=sys.stderr)
+        return 2
+    if Path(args.out).resolve() == Path(args.mmdet_checkpoint).resolve():
+        print(f"error: OUT {args.out} is the MMDetection checkpoint itself; give another OUT", file=sys.stderr)
+        return 2
     try:
         out, report, cfg = convert_checkpoint(args.mmdet_checkpoint, args.out, cfg)
-    except (ConversionError, CheckpointError, FileNotFoundError) as err:
+    except ConversionError as err:  # a readable file whose keys do not map: exit 1, as documented
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     m = cfg.model
     print(
         f"wrote {out}: ResNet-{m.backbone.depth} FPN({m.fpn.out_channels}) GFL head "

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from gfldet.config import ConfigError
+from gfldet.config import ConfigError, load_config
 from gfldet.data import build_dataloader
-from gfldet.data.coco import DatasetError
+from gfldet.data.images import DatasetError
 from gfldet.distributed import is_distributed, is_main_process
 from gfldet.engine.build import build_dataset
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
@@ -55,21 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError) as err:
         parser.error(str(err))
     try:
-        state = load_checkpoint(checkpoint)
-        cfg = config_for_checkpoint(state, config_path, checkpoint, args.cfg_options)
         try:
             device = init_distributed(args.device)
         except RuntimeError as err:  # e.g. --device cuda without CUDA
             raise ConfigError(f"--device {args.device}: {err}") from None
         setup_logging(None)
+        # A YAML config and its val split are checked before the (possibly large) checkpoint is read.
+        cfg = load_config(config_path, args.cfg_options) if config_path else None
+        dataset = build_dataset(cfg, "val") if cfg is not None else None
+        state = load_checkpoint(checkpoint)
+        if cfg is None:
+            cfg = config_for_checkpoint(state, None, checkpoint, args.cfg_options)
+            dataset = build_dataset(cfg, "val")
         precision = run_precision(cfg, device)
         log.info("config: %s; precision: %s (%s)", config_path or f"{checkpoint} (stored config)",
                  precision.name, precision.reason)
         if precision.warning:
             log.warning("%s", precision.warning)
-        dataset = build_dataset(cfg, "val")
         model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
-        load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=checkpoint), strict=True)
+        load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=checkpoint), strict=True,
+                           source=checkpoint)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,13 +11,17 @@ apply to either. Export runs on the CPU (graphs traced there run anywhere).
 weights: drops optimizer/scheduler/RNG state (EMA weights become the model when the run kept
 an EMA), writes NAME-<sha256[:8]>.pth and the config as NAME-<sha256[:8]>.yaml beside it.
 
-onnx / torchscript: the graph takes normalised, padded images [B, 3, H, W] and returns every
-prior's boxes [B, A, 4] (input pixels) and scores [B, A, C]; with --nms, padded detections
-boxes [B, K, 4], scores [B, K], labels [B, K] and num_dets [B]. Without --dynamic the ONNX graph
-has the fixed shape --shape (images are letterboxed into it). The export is run on real images
-(--verify-images, default the config's val images) and compared with PyTorch; it fails (exit 1)
-when the largest difference exceeds --rtol (scores) or --rtol x image side (boxes, pixels).
-ONNX needs the optional extra: pip install -e ".[export]".
+onnx / torchscript: the graph takes normalised, padded images [B, 3, H, W] with each image's
+resized size image_sizes [B, 2] and original size orig_sizes [B, 2] (gfldet.export.graph_inputs
+prepares them) and returns every prior's boxes [B, A, 4] (original pixels) and scores [B, A, C],
+0 outside each image; with --nms, evaluation's detections padded to boxes [B, K, 4],
+scores [B, K], labels [B, K] and num_dets [B]. Without --dynamic the ONNX graph has the fixed
+shape --shape (images are letterboxed into it). The export is run on real images
+(--verify-images, default the config's val images), each alone and two of different sizes in one
+batch, and compared with evaluation (GFL.forward, as tools/eval.py runs it); it fails (exit 1)
+when the largest difference exceeds --rtol (scores) or --rtol x image side (boxes, pixels), or a
+detection is found on one side only. ONNX needs the optional extra: pip install -e ".[export]".
+An existing onnx/torchscript output file is not replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -29,9 +33,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from gfldet.config import Config, ConfigError
+from gfldet.config import Config, ConfigError, load_config
 from gfldet.data import build_transforms
 from gfldet.data.synthetic import SynthParams, render_image
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
@@ -40,10 +43,11 @@ from gfldet.export import (
     ExportVerificationError,
     export_onnx,
     export_torchscript,
-    letterbox,
+    feeds_from_batch,
     onnx_runner,
     publish_weights,
     torchscript_runner,
+    verification_inputs,
     verify,
 )
 from gfldet.inference import (
@@ -51,7 +55,6 @@ from gfldet.inference import (
     config_for_checkpoint,
     list_images,
     model_weights,
-    prepare_batch,
     split_config_argument,
     to_rgb_array,
 )
@@ -64,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "by a YAML config to use instead of its own")
     parser.add_argument("--format", required=True, choices=("weights", "onnx", "torchscript"))
     parser.add_argument("--out", help="output file (default: beside the checkpoint, named after the config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing onnx/torchscript output file")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
     parser.add_argument("--nms", action="store_true", help="onnx/torchscript: include post-processing and NMS")
     parser.add_argument("--dynamic", action="store_true", help="onnx: free batch, height and width axes")
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify-images", help="image file, folder or glob to verify on (default: config's val images)")
     parser.add_argument("--num-verify", type=int, default=4, help="images to verify on")
     parser.add_argument("--rtol", type=float, default=1e-4,
-                        help="tolerance: scores absolute, boxes relative to the largest input side")
+                        help="tolerance: scores absolute, boxes relative to the largest original image side")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--score-thr", type=float, help="--nms: score threshold baked into the graph "
                         "(default: model.test.score_thr)")
@@ -83,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.config, (args.checkpoint,) = split_config_argument(args.paths, ["CHECKPOINT"])
     except ValueError as err:
         parser.error(str(err))
+    if args.shape is not None and any(s % 32 for s in args.shape):
+        parser.error(f"--shape {args.shape[0]} {args.shape[1]}: both sides must be multiples of 32")
     return args
 
 
@@ -119,27 +125,23 @@ def verification_images(cfg: Config, source: str | None, count: int) -> tuple[li
     return images, "generated synthetic scenes (no val images found)"
 
 
-def model_inputs(cfg: Config, images: list[np.ndarray], shape: tuple[int, int] | None) -> list[torch.Tensor]:
-    """[1, 3, H, W] inputs: letterboxed into `shape`, or each at its own test-time size."""
-    if shape is not None:
-        return [letterbox(im, *shape) for im in images]
-    transform = build_transforms(train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size)
-    return [prepare_batch([im], transform, cfg.data.size_divisor)[0] for im in images]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else default_output(args)
+    if args.format != "weights" and out.exists() and not args.overwrite:  # weights: named by their hash
+        print(f"error: {out} exists; pass --overwrite to replace it, or --out another file", file=sys.stderr)
+        return 2
     use_ema = not args.no_ema
     try:
+        cfg = load_config(args.config, args.cfg_options) if args.config else None  # before the checkpoint
         state = load_checkpoint(args.checkpoint)
-        cfg = config_for_checkpoint(state, args.config, args.checkpoint, args.cfg_options)
+        cfg = cfg or config_for_checkpoint(state, None, args.checkpoint, args.cfg_options)
+        model = build_inference_model(cfg)  # weights that do not fit: an error naming the file, for every format
+        load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True, source=args.checkpoint)
         if args.format == "weights":
             weights_path, config_path = publish_weights(args.checkpoint, cfg, out, use_ema)
             print(f"weights: {weights_path}\nconfig:  {config_path}")
             return 0
-        model = build_inference_model(cfg)
-        load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -159,27 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: --verify-images: {err}", file=sys.stderr)
         return 2
-    inputs = model_inputs(cfg, images, shape)
+    transform = build_transforms(train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size)
+    inputs = verification_inputs(images, transform, cfg.data.size_divisor, shape)
+    example = feeds_from_batch(*inputs[0])
 
     try:
         if args.format == "onnx":
-            export_onnx(model, out, inputs[0], args.nms, args.dynamic, settings, args.opset)
+            export_onnx(model, out, example, args.nms, args.dynamic, settings, args.opset)
             runner = onnx_runner(out)
         else:
-            export_torchscript(model, out, inputs[0], args.nms, settings)
+            export_torchscript(model, out, example, args.nms, settings)
             runner = torchscript_runner(out)
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = f"{args.format} export {out}"
-    print(f"wrote {out} (input {'dynamic' if args.dynamic and args.format == 'onnx' else list(inputs[0].shape)}"
+    print(f"wrote {out} (input {'dynamic' if args.dynamic and args.format == 'onnx' else list(example['images'].shape)}"
           f"{', with NMS' if args.nms else ''})")
     try:
         report = verify(runner, model, inputs, args.nms, settings, args.rtol, what)
     except ExportVerificationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"verified against PyTorch on {len(inputs)} image(s) from {origin}: {report.summary()}")
+    sizes = ", ".join("+".join("x".join(map(str, t["image_size"])) for t in targets) for _, targets in inputs)
+    print(f"verified against PyTorch evaluation (GFL.forward) on {len(inputs)} input(s) (resized sizes {sizes}) "
+          f"from {origin}: {report.summary()}")
     return 0
 
 

@@ -7,17 +7,24 @@
 For each image NAME.ext, writes DIR/NAME.ext (boxes, class names and scores drawn) and
 DIR/NAME.json: {"image", "width", "height", "detections": [{"box": [x1, y1, x2, y2] (pixels
 of the original image), "score", "label", "class_name"}, ...]} ordered by score.
+
+Only files predict wrote (a NAME.ext with its NAME.json record beside it) are replaced: a DIR
+holding other files of those names, or one of the input images, is refused before anything is
+written. An image that cannot be read is skipped and named at the end (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
-from gfldet.config import ConfigError
+import torch
+
+from gfldet.config import ConfigError, load_config
 from gfldet.engine.checkpoint import CheckpointError
 from gfldet.inference import (
     Detector,
@@ -41,6 +48,40 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def output_files(out: Path, paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(drawn image, JSON record) that predict writes for each input image."""
+    files = []
+    for path, name in zip(paths, output_names(paths), strict=True):
+        suffix = path.suffix.lower() if path.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
+        files.append((out / f"{name}{suffix}", out / f"{name}.json"))
+    return files
+
+
+def _written_by_predict(record: Path) -> bool:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"image", "detections"} <= data.keys()
+
+
+def check_outputs(out: Path, paths: list[Path], files: list[tuple[Path, Path]]) -> None:
+    """FileExistsError saying why when writing `files` into `out` would replace a user's file."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; give predict a folder to write into")
+    inputs = {p.resolve() for p in paths}
+    overwritten = [str(f) for pair in files for f in pair if f.resolve() in inputs]
+    if overwritten:
+        raise FileExistsError(f"--out {out} would overwrite input images ({', '.join(overwritten[:5])}); "
+                              "write the drawn images to another folder")
+    foreign = [str(f) for image, record in files for f in (image, record)
+               if f.exists() and not (record.is_file() and _written_by_predict(record))]
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise FileExistsError(f"--out {out} holds files predict did not write, which it would replace: "
+                              f"{', '.join(foreign[:5])}{more}; choose another --out folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT INPUT",
@@ -57,31 +98,48 @@ def main(argv: list[str] | None = None) -> int:
         config, (checkpoint, source) = split_config_argument(args.paths, ["CHECKPOINT", "INPUT"])
     except ValueError as err:
         parser.error(str(err))
+    device = default_device(args.device)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
+        print(f"error: --device {args.device}: not available here; use auto or cpu", file=sys.stderr)
+        return 2
+    out = Path(args.out)
     try:
+        cfg = load_config(config, args.cfg_options) if config else None  # before the checkpoint is read
         paths = list_images(source)
+        files = output_files(out, paths)
+        check_outputs(out, paths, files)
         detector = Detector.from_checkpoint(
-            checkpoint, config, device=default_device(args.device), score_thr=args.score_thr,
-            use_ema=not args.no_ema, overrides=args.cfg_options,
+            checkpoint, cfg, device=device, score_thr=args.score_thr,
+            use_ema=not args.no_ema, overrides=() if cfg else args.cfg_options,
         )
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     total = 0
-    for path, name in zip(paths, output_names(paths), strict=True):
-        image = to_rgb_array(path)
+    unreadable = []
+    for path, (drawn, record_file) in zip(paths, files, strict=True):
+        try:
+            image = to_rgb_array(path)
+        except Exception as err:  # PIL reports bad files with many types (OSError, SyntaxError, ...)
+            unreadable.append(f"{path}: {type(err).__name__}: {err}")
+            continue
         det = detector(image)
-        suffix = path.suffix.lower() if path.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
-        draw_detections(image, det).save(out / f"{name}{suffix}")
+        draw_detections(image, det).save(drawn)
         record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
                   "detections": detections_to_json(det)}
-        (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+        record_file.write_text(json.dumps(record, indent=1))
         total += len(det["scores"])
     seconds = time.perf_counter() - start
-    print(f"{len(paths)} image(s), {total} detection(s) above {args.score_thr} in {seconds:.1f} s -> {out}")
+    done = len(paths) - len(unreadable)
+    print(f"{done} image(s), {total} detection(s) above {args.score_thr} in {seconds:.1f} s -> {out}")
+    if unreadable:
+        print(f"error: {len(unreadable)} of {len(paths)} image(s) could not be read (nothing written for them): "
+              + "; ".join(unreadable[:10]) + (f"; ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""),
+              file=sys.stderr)
+        return 2
     return 0
 
 

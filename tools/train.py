@@ -5,19 +5,24 @@
 The run folder (default work_dirs/<config name>) must not hold another run: continue one with
 --resume, or delete its outputs and start again with --overwrite.
     torchrun --nproc_per_node 8 tools/train.py CONFIG          # several GPUs (or CPU processes)
+
+Exit code: 0 done; 2 bad input (config, data, checkpoint, run folder: a message says which and
+what to do, before anything is trained); 128 + N stopped by signal N (SIGTERM 143 and Ctrl-C 130
+write last.pth first; a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from gfldet.config import ConfigError, load_config_or_exit
-from gfldet.data.coco import DatasetError
-from gfldet.engine.checkpoint import CheckpointError
+from gfldet.data.images import DatasetError
+from gfldet.engine.checkpoint import CheckpointError, find_latest_checkpoint
 from gfldet.engine.run_dir import RunDirError
 from gfldet.engine.trainer import train
 
@@ -54,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:  # bad input: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
+        latest = find_latest_checkpoint(work_dir)
+        where = (f"the last complete checkpoint is {latest} (continue with --resume)" if latest
+                 else f"{work_dir} holds no checkpoint of it")
+        print(f"interrupted: a second Ctrl-C (or one before training started) stopped the run at once; {where}",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     if run.stopped_by is not None:
         return 128 + run.stopped_by  # the shell's convention for "ended by signal N"
     if metrics:

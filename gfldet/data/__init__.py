@@ -4,7 +4,8 @@ Only ``transforms`` imports albumentations, and it sets NO_ALBUMENTATIONS_UPDATE
 import does not try to reach PyPI.
 """
 
-from gfldet.data.coco import CocoDetection, load_image_rgb, pil_to_rgb_array
+from gfldet.data.coco import CocoDetection
+from gfldet.data.images import load_image_rgb, pil_to_rgb_array
 from gfldet.data.loader import (
     GroupedBatchSampler,
     SeededIndex,

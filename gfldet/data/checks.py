@@ -25,11 +25,22 @@ fixed in memory (``report.annotations`` is the fixed COCO dict that ``CocoDetect
     images are decoded without the rotation (``raw_orientation_ids``).
 
 With ``fix=False`` (strict: a curated benchmark set that must be used exactly as written) every
-fixable problem is fatal instead.
+fixable problem is fatal instead. An evaluation split scores its file as written (``source``):
+only the unreadable images (``unreadable``) are left out of it.
+
+``split_problems`` checks the splits against each other and against ``model.num_classes``;
+``tools/check_dataset.py`` and training both use it.
 
 Sizes are compared after EXIF orientation exactly as ``CocoDetection`` decodes
 (``ImageOps.exif_transpose``). Images are fully decoded in a thread pool (PIL releases the GIL
 while decoding); truncated files raise because ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False.
+
+check cache: with ``cache=FILE`` the result of each file's full decode is stored with the
+file's size and modification time. The next check with that cache decodes only the files whose
+size or time differ (and any new file); a changed annotation file (size or time), another image
+folder or another ``max_image_pixels`` makes it decode every file again. Training keeps one per
+split in its run folder, so ``--resume`` does not decode the dataset again;
+``tools/check_dataset.py`` never uses one.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from typing import Any
 
 from PIL import ImageFile
 
-from gfldet.data.coco import (
+from gfldet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DatasetError,
     ImageTooLargeError,
@@ -57,7 +68,7 @@ from gfldet.data.coco import (
     upright_size,
 )
 
-__all__ = ["DatasetError", "DatasetReport", "ShardedCheck", "check_dataset"]
+__all__ = ["DatasetError", "DatasetReport", "ShardedCheck", "check_dataset", "split_problems"]
 
 MAX_LISTED = 20  # problems listed in an error before "... and N more"
 MAX_EXAMPLES = 5  # examples shown per kind of fix
@@ -112,12 +123,21 @@ class DatasetReport:
     num_images: int = 0
     num_annotations: int = 0
     images_decoded: int = 0
+    images_from_cache: int = 0  # full-decode results reused from the check cache (files unchanged)
+    cache_note: str = ""  # what the check cache gave, or why it was not used
     seconds: float = 0.0
     categories: list[dict[str, Any]] = field(default_factory=list)
     # The fixed COCO dict (None when there are fatal problems) and the image ids to decode
-    # without EXIF rotation; both are what CocoDetection(check=True) trains on.
+    # without EXIF rotation; both are what a checked training split (checked_split.py) indexes.
     annotations: dict[str, Any] | None = None
+    kept: tuple[int, int] | None = None  # (images, annotations) of `annotations`
     raw_orientation_ids: frozenset[int] = frozenset()
+    # The file as read (None when it is not a COCO mapping), what evaluation scores; and the
+    # unreadable images dropped within the budget: image id -> "path (image id N): error".
+    source: dict[str, Any] | None = None
+    unreadable: dict[int, str] = field(default_factory=dict)
+    # With a cache: every image file's (size, mtime_ns) as the check found it (None: missing).
+    file_stamps: dict[str, tuple[int, int] | None] | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,19 +148,26 @@ class DatasetReport:
         if len(self.fix_examples[kind]) < examples:
             self.fix_examples[kind].append(example)
 
-    def summary(self) -> str:
+    def summary(self, evaluation: bool = False) -> str:
+        """The report as text. `evaluation`: for a split scored as written (only unreadable
+        images are left out, nothing else is fixed)."""
         kept = ""
-        if self.annotations is not None:
-            kept = (f" -> {len(self.annotations['images'])} images, "
-                    f"{len(self.annotations['annotations'])} annotations after fixes")
+        if self.kept is not None and not evaluation:
+            kept = f" -> {self.kept[0]} images, {self.kept[1]} annotations after fixes"
         decoded = (f"; {self.images_decoded} image files decoded" if self.images_decoded
-                   else "; image files not decoded")
+                   or self.images_from_cache else "; image files not decoded")
+        if self.images_from_cache:
+            decoded += f", {self.images_from_cache} unchanged since their last full decode"
+        if self.cache_note:
+            decoded += f" ({self.cache_note})"
         lines = [
             f"dataset {self.ann_file} (images in {self.image_dir}): {self.num_images} images, "
             f"{self.num_annotations} annotations{kept}{decoded}; checked in {self.seconds:.1f} s"
         ]
         if self.fixed:
-            lines.append("fixed in memory (training uses the fixed data; the files are unchanged):")
+            lines.append("found (evaluation scores the file as written, leaving out the unreadable images):"
+                         if evaluation else
+                         "fixed in memory (training uses the fixed data; the files are unchanged):")
             for kind, count in self.fixed.items():
                 examples = "; ".join(self.fix_examples[kind])
                 more = ", ..." if count > len(self.fix_examples[kind]) else ""
@@ -162,6 +189,27 @@ class DatasetReport:
                 + "\n".join(_listed(self.fatal))
                 + "\nRun tools/check_dataset.py CONFIG for the full report."
             )
+
+
+def split_problems(num_classes: int, reports: dict[str, DatasetReport]) -> list[str]:
+    """Problems between the config and the splits, which each split's own check cannot see:
+    category counts against ``model.num_classes``, and train and val categories that differ
+    (the same label would mean different classes in training and evaluation)."""
+    problems = []
+    cats = {split: sorted((c.get("id"), c.get("name")) for c in r.categories)
+            for split, r in reports.items() if r.categories}
+    for split, pairs in cats.items():
+        if len(pairs) != num_classes:
+            problems.append(f"model.num_classes is {num_classes} but the {split} annotations "
+                            f"({reports[split].ann_file}) have {len(pairs)} categories; set "
+                            f"model.num_classes: {len(pairs)}")
+    if "train" in cats and "val" in cats and cats["train"] != cats["val"]:
+        only_train = sorted(set(cats["train"]) - set(cats["val"]))
+        only_val = sorted(set(cats["val"]) - set(cats["train"]))
+        problems.append(f"train and val categories differ ({reports['train'].ann_file} vs "
+                        f"{reports['val'].ann_file}; labels would not mean the same class): only in "
+                        f"train {only_train}, only in val {only_val}; use one categories list")
+    return problems
 
 
 def _listed(items: list[str]) -> list[str]:
@@ -196,11 +244,15 @@ def _positive_size(value: Any) -> bool:
 
 def _load_json(ann_file: Path, report: DatasetReport) -> dict[str, Any] | None:
     if not ann_file.is_file():
-        report.fatal.append(f"{ann_file}: annotation file not found; check data.<split>.annotations")
+        what = "is a folder, not a file" if ann_file.is_dir() else "not found"
+        report.fatal.append(f"{ann_file}: annotation file {what}; check data.<split>.annotations")
         return None
     try:
         with ann_file.open("rb") as f:
             data = json.load(f)
+    except OSError as err:
+        report.fatal.append(f"{ann_file}: cannot read the annotation file ({err})")
+        return None
     except json.JSONDecodeError as err:
         report.fatal.append(f"{ann_file}: invalid JSON at line {err.lineno}, column {err.colno}: "
                             f"{err.msg}; fix the file there (was it cut short while copying?)")
@@ -425,29 +477,42 @@ def _probe_shared(paths: list[Path], decode: bool, max_pixels: int | None, num_t
 def _check_files(
     images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
     max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
-    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None,
-) -> tuple[set[int], set[int]]:
-    """Probe every image file. Returns (image ids to drop, image ids to decode un-rotated)."""
+    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None, cache: Path | None = None,
+) -> tuple[dict[int, str], set[int]]:
+    """Probe every image file. Returns (image ids to drop -> why, image ids to decode un-rotated)."""
     if not image_dir.is_dir():
         report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
-        return set(), set()
+        return {}, set()
     files = sorted({im["file_name"] for im in images.values()})
     if check_images:
+        stamps = _stamps(image_dir, files)
+        report.file_stamps = stamps if cache else None
+        cached = _read_cache(cache, ann_file, image_dir, max_pixels, stamps, report) if cache else {}
+        if shard is not None and shard.world > 1:
+            # Every rank must decode the same list: a file any rank cannot take from the cache
+            # (a file system that shows it changed, an unreadable cache) is decoded by all.
+            stale = set().union(*shard.all_gather([f for f in files if f not in cached]))
+            cached = {f: p for f, p in cached.items() if f not in stale}
+        to_decode = [f for f in files if f not in cached]
         # The flag is a PIL global; a library imported by the user may have set it, which would
         # make truncated files decode silently (gray-filled). Hold it False while checking.
         with _LOAD_TRUNCATED_LOCK:
             was = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
-                probes = _probe_shared([image_dir / f for f in files], True, max_pixels, num_threads, shard)
+                decoded = _probe_shared([image_dir / f for f in to_decode], True, max_pixels, num_threads, shard)
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = was
+        probe_of = {**cached, **dict(zip(to_decode, decoded, strict=True))}
+        probes = [probe_of[f] for f in files]
+        if cache and to_decode and (shard is None or shard.rank == 0):  # else nothing new to store
+            _write_cache(cache, ann_file, image_dir, max_pixels, stamps, probe_of, report)
         if was:
             report.warnings.append(
                 "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True in this process (some imported code "
                 "set it); the check ignored it, but training would decode truncated files as "
                 "gray: find and remove the line that sets it")
-        report.images_decoded = len(files)
+        report.images_decoded, report.images_from_cache = len(to_decode), len(cached)
     else:
         probes = _probe_all([image_dir / f for f in files], False, max_pixels, num_threads)
     by_file = dict(zip(files, probes, strict=True))
@@ -502,7 +567,7 @@ def _check_files(
             "sizes cannot verify; gfldet applies it, so boxes must be drawn on the upright view")
     dropped = bool(bad) and _judge_bad_images(bad, len(images), fix, max_bad_image_fraction,
                                         image_dir, report)
-    return (set(bad) if dropped else set()), raw_orientation
+    return (bad if dropped else {}), raw_orientation
 
 
 def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fraction: float,
@@ -527,6 +592,93 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
     return False
 
 
+# ---------------------------------------------------------------------------- check cache
+
+CACHE_VERSION = 1
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size in bytes, modification time in ns) of a file, None if it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _stamps(image_dir: Path, files: list[str]) -> dict[str, tuple[int, int] | None]:
+    # A plain loop: a stat is microseconds, less than a thread pool spends handing out a task.
+    return {name: _stamp(image_dir / name) for name in files}
+
+
+def cache_key(ann_file: Path, image_dir: Path, max_pixels: int | None) -> dict[str, Any]:
+    """What a check cache is valid for: the annotation file as it is now (path, size, time),
+    the image folder and the size limit."""
+    return {"version": CACHE_VERSION, "annotations": str(ann_file.resolve()),
+            "annotations_stamp": list(_stamp(ann_file) or ()), "image_dir": str(image_dir.resolve()),
+            "max_image_pixels": max_pixels}
+
+
+def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
+                stamps: dict[str, tuple[int, int] | None], report: DatasetReport) -> dict[str, _Probe]:
+    """The cached probes of the files whose size and modification time are unchanged; the
+    whole cache is unused when it was made for another annotation file (or an earlier version
+    of it), image folder or size limit. ``report.cache_note`` says which."""
+    if not cache.is_file():
+        report.cache_note = f"no check cache yet; writing {cache}"
+        return {}
+    try:
+        with cache.open("rb") as f:
+            data = json.load(f)
+        key, entries = data["key"], data["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        report.cache_note = f"check cache {cache} unreadable ({type(err).__name__}: {err}); rewriting it"
+        return {}
+    if key != cache_key(ann_file, image_dir, max_pixels):
+        changed = [name for name, value in cache_key(ann_file, image_dir, max_pixels).items() if key.get(name) != value]
+        report.cache_note = (f"check cache {cache} not used: made for another {' / '.join(changed)} "
+                             "(the annotation file changed, or another folder or limit); rewriting it")
+        return {}
+    cached = {}
+    try:
+        for name, stamp in stamps.items():
+            entry = entries.get(name)
+            if stamp is None or entry is None or tuple(entry[:2]) != stamp:
+                continue
+            _, _, width, height, orientation, error, too_large = entry
+            cached[name] = _Probe(stored_size=None if error else (width, height), orientation=orientation,
+                                  error=error, too_large=too_large)
+    except (AttributeError, TypeError, ValueError) as err:  # valid JSON, but not a cache's entries
+        report.cache_note = f"check cache {cache} unreadable ({type(err).__name__}: {err}); rewriting it"
+        return {}
+    report.cache_note = f"check cache {cache}"
+    return cached
+
+
+def _write_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
+                 stamps: dict[str, tuple[int, int] | None], probes: dict[str, _Probe], report: DatasetReport) -> None:
+    """Write the probes of the files that exist, with the stamps taken before they were decoded
+    (a file changed during the check is decoded again next time). Atomic: a temporary file
+    renamed over the old cache."""
+    entries = {}
+    for name, probe in probes.items():
+        stamp = stamps.get(name)
+        if stamp is None or probe.missing:
+            continue
+        width, height = probe.stored_size or (None, None)
+        entries[name] = [*stamp, width, height, probe.orientation, probe.error, probe.too_large]
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w") as f:
+            json.dump({"key": cache_key(ann_file, image_dir, max_pixels), "files": entries}, f)
+        os.replace(tmp, cache)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        report.warnings.append(f"could not write the check cache {cache} ({err}); the next start "
+                               "decodes every image again")
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -540,6 +692,7 @@ def check_dataset(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     num_threads: int | None = None,
     shard: ShardedCheck | None = None,
+    cache: str | Path | None = None,
 ) -> DatasetReport:
     """Check a COCO-format dataset; see the module docstring for what is fatal and what is fixed.
 
@@ -547,15 +700,20 @@ def check_dataset(
     compared). ``max_bad_image_fraction`` (``train.max_decode_failures``) is the share of image
     files that may be missing/unreadable and dropped; at least one is always tolerated unless it
     is 0. ``shard`` splits the decoding among distributed processes (see ``ShardedCheck``).
+    ``cache`` (a JSON file, written after the check) keeps each file's decode result with its
+    size and modification time: the next check decodes only the files whose size or time
+    changed, and every file again when the annotation file changed (see "check cache" above).
     Never raises for bad data: call ``raise_if_fatal()`` on the report.
     """
     start = time.perf_counter()
     image_dir, ann_file = Path(image_dir), Path(ann_file)
+    cache = Path(cache) if cache is not None else None
     report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
     data = _load_json(ann_file, report)
     if data is None:
         report.seconds = time.perf_counter() - start
         return report
+    report.source = data
     report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
 
     cat_ids = _check_categories(data["categories"], ann_file, report)
@@ -566,7 +724,7 @@ def check_dataset(
         report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
 
     drop, raw_orientation = _check_files(images, image_dir, check_images, fix, max_bad_image_fraction,
-                                         max_image_pixels, num_threads, ann_file, report, shard)
+                                         max_image_pixels, num_threads, ann_file, report, shard, cache)
     # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
     # every image that passed (un-rotated decoding keeps the recorded frame too).
     sizes = {i: (int(im["width"]), int(im["height"])) for i, im in images.items()}
@@ -584,6 +742,8 @@ def check_dataset(
             "images": [im for im in data["images"] if im["id"] not in drop],
             "annotations": anns,
         }
+        report.kept = (len(report.annotations["images"]), len(anns))
         report.raw_orientation_ids = frozenset(raw_orientation)
+        report.unreadable = drop
     report.seconds = time.perf_counter() - start
     return report

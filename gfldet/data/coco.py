@@ -1,4 +1,4 @@
-"""COCO-format detection dataset (pycocotools) and robust RGB image decoding.
+"""COCO-format detection dataset: the checked index of a split, and its samples.
 
 Shape legend: H, W = image height/width in pixels; G = number of ground-truth boxes; C = classes.
 """
@@ -13,129 +13,26 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:
-    from gfldet.data.checks import DatasetReport, ShardedCheck
+from gfldet.data.checks import DatasetReport
+from gfldet.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetError, load_image_rgb
+from gfldet.data.index import (
+    MIN_BOX_SIDE,
+    CheckedSplit,
+    ImageIndex,
+    describe_left_out,
+    index_split,
+    load_annotation_file,
+    no_training_images_left,
+)
 
 log = logging.getLogger("gfldet")
-
-# MMDetection keeps a box only if its width and height are both >= 1 pixel.
-MIN_BOX_SIDE = 1.0
-
-# Largest image (width * height) gfldet decodes. PIL's own guard is a process-global
-# (Image.MAX_IMAGE_PIXELS) that warns above ~89 MP and refuses above ~179 MP with a message that
-# names no file. gfldet replaces it with this per-dataset limit, checked from the header before
-# any pixel is decoded, so that the error names the file and the knob. The default equals PIL's
-# refusal threshold: nothing PIL would have decoded is refused, but 10000 x 8000 aerial images
-# no longer warn. An RGB image at the limit takes ~540 MB once decoded.
-DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
-Image.MAX_IMAGE_PIXELS = None  # see above: enforced per file by `open_image` instead
-
-# EXIF orientations whose transpose swaps width and height (5..8; 2..4 only flip/rotate 180).
-SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be used as given; the message names the files/ids and what to do."""
-
-
-class ImageTooLargeError(DatasetError):
-    """An image has more pixels than the configured ``max_image_pixels``."""
-
-
-def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """``Image.open`` (lazy: header only) plus gfldet's size limit. Use as a context manager.
-
-    Raises FileNotFoundError, PIL.UnidentifiedImageError (an OSError) for non-images, and
-    ImageTooLargeError above ``max_pixels`` (None = no limit).
-    """
-    img = Image.open(path)
-    width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-        img.close()
-        raise ImageTooLargeError(
-            f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-            f"{max_pixels:,} (max_image_pixels). If the image is genuine, raise max_image_pixels "
-            "(CocoDetection(max_image_pixels=...), tools/check_dataset.py --max-image-pixels); "
-            "otherwise downscale it and its boxes, or tile it"
-        )
-    return img
-
-
-def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1..8; 1 = upright) exactly as ``ImageOps.exif_transpose`` reads it.
-
-    Call after ``img.load()``: for PNG the eXIf chunk may follow the pixel data.
-    """
-    return int(img.getexif().get(ExifTags.Base.Orientation, 1))
-
-
-def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
-    """(w, h) of the image after ``exif_transpose`` given its stored (w, h) and orientation."""
-    return (size[1], size[0]) if orientation in SWAPPING_ORIENTATIONS else size
-
-
-def load_image_rgb(
-    path: str | Path,
-    *,
-    apply_exif: bool = True,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> np.ndarray:
-    """Decode an image file to RGB uint8, EXIF orientation applied unless ``apply_exif=False``.
-
-    Returns: uint8 array [H, W, 3].
-    Grayscale, palette, alpha, CMYK and 16-bit inputs are all mapped to 8-bit RGB; alpha is
-    dropped (like cv2.IMREAD_COLOR, which MMDetection uses) rather than composited.
-    ``apply_exif=False`` is for images whose annotations were drawn on the stored (un-rotated)
-    pixels; ``gfldet.data.checks`` finds those. Truncated files raise (PIL's
-    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False: a gray-filled image would be silent).
-    """
-    with open_image(path, max_pixels) as img:
-        if apply_exif:
-            img = ImageOps.exif_transpose(img)  # annotations refer to the upright image
-        else:
-            img.load()
-        return pil_to_rgb_array(img)
-
-
-def pil_to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Convert any PIL image mode to an RGB uint8 array [H, W, 3]."""
-    mode = img.mode
-    if mode.startswith(("I", "F")):
-        # High-bit-depth single channel: PIL's convert("RGB") would clip at 255 instead of
-        # rescaling, turning most of a 16-bit image white.
-        gray = _high_depth_to_uint8(np.asarray(img), mode)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode in ("P", "PA"):
-        # Going through RGBA avoids PIL's "palette with transparency" warning; the alpha
-        # channel is then dropped like every other alpha channel.
-        img = img.convert("RGBA")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.array(img, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
-
-
-def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Map a single-channel integer/float image to uint8 [H, W]."""
-    arr = arr.astype(np.float64)
-    if mode.startswith("I;16"):
-        full_scale = 65535.0  # genuine 16-bit data: scale the full range
-    elif mode == "F" and arr.size and arr.max() <= 1.0:
-        full_scale = 1.0  # float images in [0, 1]
-    else:
-        # Mode "I" (32-bit) / "F": the bit depth is not recorded, so infer it. Values that fit in
-        # 8 bits are taken as-is; anything larger is assumed to be 16-bit data.
-        full_scale = 255.0 if (arr.size == 0 or arr.max() <= 255.0) else 65535.0
-    scaled = np.clip(arr, 0.0, full_scale) * (255.0 / full_scale)
-    return np.rint(scaled).astype(np.uint8)
-
 
 def clip_and_filter_boxes(
     boxes: np.ndarray, labels: np.ndarray, height: int, width: int
@@ -223,17 +120,6 @@ class DecodeFailureBudget:
 # ------------------------------------------------------------------ dataset
 
 
-@dataclass(frozen=True)
-class _ImageRecord:
-    image_id: int
-    file_name: str
-    height: int
-    width: int
-    boxes: np.ndarray  # float32 [G, 4] xyxy in original pixels, already clipped/filtered
-    labels: np.ndarray  # int64 [G]
-    apply_exif: bool = True  # False: the annotations were drawn on the un-rotated stored pixels
-
-
 class CocoDetection(Dataset):
     """COCO-format detection dataset.
 
@@ -257,15 +143,18 @@ class CocoDetection(Dataset):
 
     Filtering (``filter_empty=True``, for training) mirrors MMDetection's
     ``filter_cfg=dict(filter_empty_gt=True, min_size=min_size)``: images without any usable box,
-    or whose short side is < ``min_size``, are dropped. With ``filter_empty=False`` (val/test)
-    every image in the JSON is kept, including ones with no annotations.
+    or whose short side is < ``min_size``, are dropped; each one is named, with why, in
+    ``left_out`` (and logged), and a training set left without images raises ``DatasetError``.
+    With ``filter_empty=False`` (val/test) every image in the JSON is kept, including ones with
+    no annotations.
 
-    ``check=True`` runs ``gfldet.data.checks.check_dataset`` (every image decoded) first: fatal
-    problems raise ``DatasetError`` before any compute is spent, fixable ones (boxes outside the
-    image, a few unreadable images, annotations made on un-rotated pixels) are fixed in memory,
-    and the fixed annotations are what ``coco`` (the evaluation ground truth) holds. The report
-    is kept as ``check_report``. In a distributed job, ``check_shard`` splits the decoding among
-    the processes (each decodes 1/world of the images; see ``ShardedCheck``).
+    The records live in ``index`` (an ``ImageIndex``: flat numpy arrays, shared by forked loader
+    workers); no per-image Python object is kept. ``ground_truth()`` builds the pycocotools
+    index of the annotation file, as written, when evaluation needs it.
+
+    ``split`` is a checked split (``gfldet.data.checked_split.load_checked_split``, which the
+    trainer's ``build_dataset`` calls): the dataset then indexes its checked annotations, and
+    keeps its report as ``check_report``. Without it the annotation file is indexed as read.
 
     Decode failures in ``__getitem__`` (a file deleted or corrupted after the check) are logged
     and the sample is replaced by the next image of the same orientation group, decoded with the
@@ -281,10 +170,9 @@ class CocoDetection(Dataset):
         filter_empty: bool = True,
         min_size: int = 32,
         *,
-        check: bool = False,
+        split: CheckedSplit | None = None,
         max_decode_failures: float = 0.01,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        check_shard: ShardedCheck | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -293,89 +181,47 @@ class CocoDetection(Dataset):
         self.min_size = min_size
         self.max_image_pixels = max_image_pixels
         self.decode_budget = DecodeFailureBudget(max_decode_failures)
-
-        raw_orientation_ids: frozenset[int] = frozenset()
-        self.check_report: DatasetReport | None = None
-        if check:
-            # Imported here: checks builds on this module's decoding helpers.
-            from gfldet.data.checks import check_dataset
-
-            report = check_dataset(
-                self.image_dir,
-                self.ann_file,
-                fix=True,
-                check_images=True,
-                max_bad_image_fraction=max_decode_failures,
-                max_image_pixels=max_image_pixels,
-                shard=check_shard,
-            )
-            # Fixes and warnings change what is trained on: make them visible at WARNING.
-            level = logging.WARNING if (report.fixed or report.warnings) else logging.INFO
-            for line in report.summary().splitlines():
-                log.log(level, "%s", line)
-            report.raise_if_fatal()
-            self.check_report = report
-            raw_orientation_ids = report.raw_orientation_ids
-            self.coco = _coco_from_dict(report.annotations)
-        else:
-            # pycocotools prints progress to stdout; keep library use quiet.
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.coco = COCO(str(self.ann_file))
-
-        self.label_to_cat_id: list[int] = sorted(int(c) for c in self.coco.getCatIds())
+        if split is None:
+            split = index_split(load_annotation_file(self.ann_file), frozenset(), {}, filter_empty, min_size)
+        self.check_report: DatasetReport | None = split.report
+        self.label_to_cat_id: list[int] = split.label_to_cat_id
         self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.label_to_cat_id)}
-        self.class_names: list[str] = [str(self.coco.cats[c]["name"]) for c in self.label_to_cat_id]
+        self.class_names: list[str] = split.class_names
+        self.num_images_in_file: int = split.num_images_in_file
+        # Named images that are not used: unreadable (val, as_written) or filtered (training).
+        self.left_out: list[str] = split.left_out
+        self.index: ImageIndex = split.index
+        if filter_empty and self.left_out:
+            log.info("%s", describe_left_out(self.left_out, self.num_images_in_file, "training"))
+        if filter_empty and not len(self.index):
+            raise DatasetError(no_training_images_left(self.ann_file, self.left_out, self.num_images_in_file))
 
-        self._records: list[_ImageRecord] = []
-        for image_id in sorted(self.coco.getImgIds()):
-            record = self._parse_image(image_id, apply_exif=image_id not in raw_orientation_ids)
-            if filter_empty and (
-                len(record.boxes) == 0 or min(record.height, record.width) < min_size
-            ):
-                continue
-            self._records.append(record)
-
-        self.image_ids: list[int] = [r.image_id for r in self._records]
+        self.image_ids: np.ndarray = self.index.image_ids  # int64 [N]
         # Read from the JSON so batching by aspect ratio never has to decode an image.
-        self.aspect_ratios: list[float] = [r.width / r.height for r in self._records]
+        self.aspect_ratios: np.ndarray = self.index.aspect_ratios  # float64 [N]
         self._warned_size_mismatch = False
+
+    def ground_truth(self) -> COCO:
+        """A pycocotools index of the annotation file as written: what evaluation scores against
+        (built when asked, so that no process holds it for the whole run)."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(self.ann_file))
 
     @property
     def num_classes(self) -> int:
         return len(self.label_to_cat_id)
 
     def __len__(self) -> int:
-        return len(self._records)
-
-    def _parse_image(self, image_id: int, apply_exif: bool = True) -> _ImageRecord:
-        info = self.coco.imgs[image_id]
-        height, width = int(info["height"]), int(info["width"])
-        boxes, labels = [], []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            # Crowd regions are not instances; the detector never sees them as ground truth.
-            if ann.get("iscrowd", 0) or ann.get("ignore", 0):
-                continue
-            label = self.cat_id_to_label.get(int(ann["category_id"]))
-            if label is None:
-                continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            boxes.append((x, y, x + w, y + h))
-            labels.append(label)
-        kept_boxes, kept_labels = clip_and_filter_boxes(
-            np.array(boxes, dtype=np.float32), np.array(labels, dtype=np.int64), height, width
-        )
-        return _ImageRecord(
-            image_id, str(info["file_name"]), height, width, kept_boxes, kept_labels, apply_exif
-        )
+        return len(self.index)
 
     def get_annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Ground truth of image ``index`` in original pixels: (boxes [G, 4] xyxy, labels [G])."""
-        record = self._records[index]
-        return record.boxes.copy(), record.labels.copy()
+        record = self.index[index]
+        return record.boxes, record.labels
 
     def _try_decode(self, position: int) -> tuple[np.ndarray | None, str]:
         """Decode image ``position``: (RGB array, "") or (None, error text)."""
-        record = self._records[position]
+        record = self.index[position]
         try:
             image = load_image_rgb(
                 self.image_dir / record.file_name,
@@ -393,7 +239,7 @@ class CocoDetection(Dataset):
         aspect group first (keeps the grouped sampler's batches homogeneous). Lazy, as it is
         only walked past ``position`` when that image fails; depends only on ``position``."""
         yield position
-        n = len(self._records)
+        n = len(self.index)
         landscape = self.aspect_ratios[position] >= 1.0
         ring = [(position + k) % n for k in range(1, n)]
         yield from (j for j in ring if (self.aspect_ratios[j] >= 1.0) == landscape)
@@ -409,10 +255,10 @@ class CocoDetection(Dataset):
                 if failures:
                     log.info(
                         "image id %d replaced by image id %d (decode failure)",
-                        failures[0]["image_id"], self._records[candidate].image_id,
+                        failures[0]["image_id"], int(self.index.image_ids[candidate]),
                     )
                 return candidate, image, failures
-            record = self._records[candidate]
+            record = self.index[candidate]
             path = self.image_dir / record.file_name
             where = f"{path} (image id {record.image_id})"
             first = self.decode_budget.record_failure(where, error)
@@ -430,7 +276,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         position, image, failures = self._decode_or_replace(int(index))
-        record = self._records[position]
+        record = self.index[position]
         orig_h, orig_w = image.shape[:2]
         boxes, labels = record.boxes, record.labels
         if (orig_h, orig_w) != (record.height, record.width):
@@ -452,7 +298,7 @@ class CocoDetection(Dataset):
             seed = getattr(index, "seed", None)
             if seed is not None and hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(int(seed))
-            out = self.transform(image=image, bboxes=boxes.copy(), labels=labels.copy())
+            out = self.transform(image=image, bboxes=boxes, labels=labels)
             tensor = torch.as_tensor(out["image"]).contiguous()
             if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] != 3:
                 raise TypeError(
@@ -473,14 +319,3 @@ class CocoDetection(Dataset):
         if failures:
             target["decode_failed"] = failures
         return tensor, target
-
-
-def _coco_from_dict(dataset: dict[str, Any] | None) -> COCO:
-    """A pycocotools COCO index over an in-memory annotation dict (the checked, fixed one)."""
-    if dataset is None:
-        raise ValueError("no annotations to index (the dataset check found fatal problems)")
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco

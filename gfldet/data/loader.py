@@ -6,7 +6,9 @@ Shape legend: B = batch size, H/W = per-image size, Hp/Wp = padded batch size, G
 from __future__ import annotations
 
 import functools
+import gc
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -55,6 +57,21 @@ class SeededIndex(int):
 
     def __reduce__(self) -> tuple[type, tuple[int, int]]:  # crosses the worker queue pickled
         return (SeededIndex, (int(self), self.seed))
+
+
+def freeze_heap_for_workers() -> None:
+    """Collect, then move every object alive now into the garbage collector's permanent
+    generation (``gc.freeze``), right before DataLoader workers fork.
+
+    A forked worker shares the parent's memory pages until something writes to them, and a
+    garbage collection in the worker writes to the header of every object it visits: every
+    module, tensor wrapper and config object the parent holds. Frozen objects are never visited
+    (in the parent either: they are the long-lived ones), so those pages stay shared; this is
+    the use the ``gc.freeze`` documentation describes. Objects made afterwards are collected as
+    usual. See benchmarks/README.md, coco_scale.py.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _dist_world() -> tuple[int, int]:
@@ -208,11 +225,17 @@ class ShardSampler(Sampler[int]):
 
 
 def _worker_init(worker_id: int) -> None:
-    """Per-worker setup: seed the dataset's augmentation RNG.
+    """Per-worker setup: ignore stop signals, and seed the dataset's augmentation RNG.
 
     Deliberately no ``cv2.setNumThreads`` here: with opencv's pthreads backend it deadlocks in a
     forked child once the parent has used cv2's thread pool.
     """
+    # SLURM's scancel, `timeout` and Ctrl-C signal the whole process group. The main process
+    # finishes its iteration and checkpoints (trainer.StopRequested), so a worker that died of the
+    # signal first would turn that into "DataLoader worker is killed"; the loader ends its workers
+    # itself afterwards, and they exit when the main process is gone.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = get_worker_info()
     if info is None:
         return

@@ -75,8 +75,11 @@ def dataset_paths(cfg: DataConfig, split: str) -> SplitPaths:
     return SplitPaths(Path(split_cfg.images), Path(split_cfg.annotations))
 
 
-def build_dataset(cfg: Config, split: str):
+def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
+    """The checked dataset of `split`; `check_cache` (a JSON file) reuses the full-decode results
+    of the image files unchanged since the check that wrote it (see gfldet.data.checks)."""
     from gfldet.data import CocoDetection, build_transforms
+    from gfldet.data.checked_split import load_checked_split
     from gfldet.data.checks import ShardedCheck
     from gfldet.distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 
@@ -85,18 +88,19 @@ def build_dataset(cfg: Config, split: str):
     train = split == "train"
     short_side = tuple(d.train_short_side) if train else d.test_short_side
     transform = build_transforms(train=train, short_side=short_side, max_size=d.max_size, flip_prob=d.flip_prob)
-    # Training data is checked before any compute is spent (every image decoded; fixable
-    # problems fixed and counted, fatal ones raise). Validation data is scored against its file
-    # as is, so it is not rewritten.
-    dataset = CocoDetection(
-        paths.images, paths.annotations, transform,
-        filter_empty=d.filter_empty if train else False,
-        min_size=d.min_size if train else 0,
-        check=train,
-        max_decode_failures=cfg.train.max_decode_failures,
+    # Both splits are checked before any compute is spent (every image decoded; fatal problems
+    # raise). Training data is fixed in memory; validation data is scored against its file as
+    # written, only its unreadable images are left out (and named).
+    filter_empty = d.filter_empty if train else False
+    min_size = d.min_size if train else 0
+    split_data = load_checked_split(
+        paths.images, paths.annotations, filter_empty=filter_empty, min_size=min_size, as_written=not train,
+        max_decode_failures=cfg.train.max_decode_failures, cache=check_cache,
         # Under torchrun each process decodes its share of the images for the check.
-        check_shard=ShardedCheck(get_rank(), get_world_size(), all_gather_objects) if is_distributed() else None,
+        shard=ShardedCheck(get_rank(), get_world_size(), all_gather_objects) if is_distributed() else None,
     )
+    dataset = CocoDetection(paths.images, paths.annotations, transform, filter_empty, min_size, split=split_data,
+                            max_decode_failures=cfg.train.max_decode_failures)
     if dataset.num_classes != cfg.model.num_classes:
         from gfldet.config import ConfigError
 
@@ -119,11 +123,61 @@ def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     return lr
 
 
+# Layers whose parameters (weight and bias) take optim.norm_weight_decay: _NormBase is every
+# BatchNorm (SyncBatchNorm too) and InstanceNorm. FrozenBatchNorm2d has buffers only.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
+    """The trainable parameters of `model` in groups of equal lr and weight decay, in model order.
+
+    Semantics of MMEngine's `paramwise_cfg` (norm_decay_mult, bias_decay_mult, bias_lr_mult),
+    which the official GFocal recipe used: a norm layer's weight and bias take
+    `norm_weight_decay` at `lr`; the `bias` of any other layer takes `bias_weight_decay` at
+    `bias_lr_factor * lr`; every other parameter (conv and linear weights, the head's per-level
+    `scales`) takes `weight_decay` at `lr`. (Detectron2's BIAS_LR_FACTOR also applies to norm
+    biases; here, as in MMEngine, it does not.) Classes with the same values share a group, and a
+    group holds only the keys that differ from the optimizer's defaults, so the default options
+    give one group `{"params": [...]}`: the optimizer MMDetection's GFL recipe uses."""
+    settings = {  # kind -> (lr, weight decay)
+        "weights": (lr, cfg.weight_decay),
+        "norm": (lr, cfg.weight_decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay),
+        "biases": (lr * cfg.bias_lr_factor,
+                   cfg.weight_decay if cfg.bias_weight_decay is None else cfg.bias_weight_decay),
+    }
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    kinds: dict[tuple[float, float], list[str]] = {}
+    seen: set[int] = set()
+    for module in model.modules():  # the order of model.parameters()
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            kind = "norm" if isinstance(module, NORM_LAYERS) else "biases" if name == "bias" else "weights"
+            groups.setdefault(settings[kind], []).append(param)
+            if kind not in kinds.setdefault(settings[kind], []):
+                kinds[settings[kind]].append(kind)
+    out = []
+    for (group_lr, decay), params in groups.items():
+        group: dict = {"params": params}
+        if group_lr != lr:
+            group["lr"] = group_lr
+        if decay != cfg.weight_decay:
+            group["weight_decay"] = decay
+        out.append(group)
+    if len(out) > 1:
+        log.info("optimizer parameter groups: %s", "; ".join(
+            f"{' and '.join(kinds[key])}: {len(params)} tensors at lr {key[0]:g}, weight decay {key[1]:g}"
+            for key, params in groups.items()))
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """SGD or AdamW over `param_groups(model, cfg, lr)`."""
+    groups = param_groups(model, cfg, lr)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
 class LrFactor:

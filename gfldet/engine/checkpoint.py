@@ -9,6 +9,7 @@ import pickletools
 import random
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,18 +127,28 @@ def _scan_pickle_globals(path: Path) -> list[str] | None:
     return names
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; never executes pickled code."""
+def find_checkpoint_file(path: str | Path) -> Path:
+    """``path`` if it is a file; else FileNotFoundError naming it and the checkpoints beside it."""
     path = Path(path)
     if not path.is_file():
-        msg = f"checkpoint not found: {path}"
+        msg = f"checkpoint {'is a folder, not a file' if path.is_dir() else 'not found'}: {path}"
         if path.parent.is_dir():
             others = sorted(p.name for p in path.parent.glob("*.pth") if p.is_file())
             if others:
                 msg += f" (available in {path.parent}: {', '.join(others)})"
         raise FileNotFoundError(msg)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; never executes pickled code."""
+    path = find_checkpoint_file(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle (not torch's zip format) makes torch warn about its protocol before
+            # the refusal below, which says all there is to say.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if _is_unsafe_global_refusal(e):
             raise CheckpointError(
@@ -170,6 +181,22 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+# What tools/train.py writes into a checkpoint, and --resume reads back.
+TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "rng", "config")
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``load_checkpoint`` for --resume: CheckpointError unless the file is a training checkpoint."""
+    state = load_checkpoint(path)
+    missing = [k for k in TRAINING_STATE if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of tools/train.py (it has no {', '.join(missing)}; "
+            f"it holds {', '.join(sorted(map(str, state))[:8]) or 'nothing'}): --resume continues a run from "
+            f"its last.pth or epoch_N.pth. To start a new run from these weights, use --load-from {path}")
+    return state
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -233,9 +260,10 @@ def _fmt_list(title: str, items: list[str]) -> str:
 
 
 def load_model_weights(
-    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, source: str | Path | None = None
 ) -> dict[str, list[str]]:
-    """Load ``state_dict`` into ``model`` after checking keys and shapes.
+    """Load ``state_dict`` into ``model`` after checking keys and shapes (``source``: the file
+    it came from, named in the error).
 
     strict=True raises :class:`CheckpointError` on any missing/unexpected/mismatched key.
     strict=False loads only the tensors whose name and shape match and returns a report
@@ -273,7 +301,8 @@ def load_model_weights(
         "mismatched": mismatched,
     }
     if strict and (missing or unexpected or mismatched):
-        parts = ["state dict does not match the model:"]
+        parts = [f"the weights in {source} do not match the model:" if source is not None
+                 else "state dict does not match the model:"]
         if mismatched:
             parts.append(_fmt_list("shape mismatches", mismatched))
         if missing:
@@ -314,9 +343,13 @@ def find_latest_checkpoint(work_dir: str | Path) -> Path | None:
     """``work_dir/last.pth`` if present, else the ``epoch_N.pth`` with the largest N."""
     work_dir = Path(work_dir)
     last = work_dir / "last.pth"
-    if last.is_file():
-        return last
-    epochs = _epoch_checkpoints(work_dir)
+    return last if last.is_file() else latest_epoch_checkpoint(work_dir)
+
+
+def latest_epoch_checkpoint(work_dir: str | Path) -> Path | None:
+    """The ``epoch_N.pth`` in ``work_dir`` with the largest N: the newest one written at the end
+    of an epoch (``last.pth`` may be mid-epoch)."""
+    epochs = _epoch_checkpoints(Path(work_dir))
     return epochs[-1][1] if epochs else None
 
 

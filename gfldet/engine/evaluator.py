@@ -1,4 +1,10 @@
-"""Run a detector over a dataset and score it with COCO AP (gathered on rank 0 under torchrun)."""
+"""Run a detector over a dataset and score it with COCO AP (gathered on rank 0 under torchrun).
+
+An image that cannot be read is left out of the score, not counted as missed: its ground truth
+is not scored (it is not among COCOeval's `params.imgIds`), and the log and the metrics
+(`images_left_out`) name it. Such images are found by the dataset check before evaluation
+(`CocoDetection.left_out`) or, when a file breaks later, by the decode that fails.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 from torch import nn
 
 from gfldet.data import normalize_batch
+from gfldet.data.index import describe_left_out
 from gfldet.distributed import all_gather_objects, is_main_process
 from gfldet.engine.coco_eval import (
     Backend,
@@ -21,12 +28,15 @@ log = logging.getLogger("gfldet")
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> list[dict]:
-    """COCO-format detections of this process's share of the loader's dataset. The convolutions
-    follow the memory format of the model's weights (train.channels_last), whatever the images'."""
+def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None
+                    ) -> tuple[list[dict], dict[int, str]]:
+    """COCO-format detections of this process's share of the loader's dataset, and the images
+    that failed to decode (image id -> "file (image id N): error"). The convolutions follow the
+    memory format of the model's weights (train.channels_last), whatever the images'."""
     dataset = loader.dataset
     model.eval()
     detections: list[dict] = []
+    failed: dict[int, str] = {}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, targets in loader:
         with autocast:
@@ -34,11 +44,14 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
             results = model(images, targets)
         # An image that failed to decode was replaced by another one (logged by the dataset);
         # its detections would count twice, so they are left out.
+        for t in targets:
+            for f in t.get("decode_failed", []):
+                failed[f["image_id"]] = f"{f['file']} (image id {f['image_id']}): {f['error']}"
         kept = [i for i, t in enumerate(targets) if not t.get("decode_failed")]
         results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in results[i].items()}
                    for i in kept]
         detections += detections_to_coco(results, [targets[i]["image_id"] for i in kept], dataset.label_to_cat_id)
-    return detections
+    return detections, failed
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
@@ -47,14 +60,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     gathers, scores with `backend` (pycocotools, or faster_coco_eval: same numbers, faster),
     prints the 12-line summary and the per-class table, and returns the metrics (other ranks
     return {})."""
-    detections = predict_dataset(model, loader, device, amp_dtype)
-    gathered = all_gather_objects(detections)
+    gathered = all_gather_objects(predict_dataset(model, loader, device, amp_dtype))
     if not is_main_process():
         return {}
-    all_detections = [d for part in gathered for d in part]
+    all_detections = [d for part, _ in gathered for d in part]
+    failed = {i: why for _, part in gathered for i, why in part.items()}
     dataset = loader.dataset
-    metrics = evaluate_coco(dataset.coco, all_detections, dataset.class_names, backend=backend,
-                            image_ids=list(dataset.image_ids))
+    left_out = dataset.left_out + [failed[i] for i in sorted(failed)]
+    if left_out:
+        log.warning("%s (their ground truth is not scored)",
+                    describe_left_out(left_out, dataset.num_images_in_file, "the evaluation"))
+    metrics = evaluate_coco(dataset.ground_truth(), all_detections, dataset.class_names, backend=backend,
+                            image_ids=[i for i in dataset.image_ids.tolist() if i not in failed])
     log.info("per-class AP:\n%s", format_per_class_table(metrics["per_class"]))
+    metrics["images_left_out"] = left_out
     metrics["detections"] = all_detections
     return metrics

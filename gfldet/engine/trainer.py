@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,8 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
+from gfldet.config import Config, ConfigError, config_to_dict, dump_config
 from gfldet.data import build_dataloader, normalize_batch
+from gfldet.data.checks import split_problems
+from gfldet.data.images import DatasetError
+from gfldet.data.loader import freeze_heap_for_workers
 from gfldet.distributed import (
     all_gather_objects,
     get_rank,
@@ -36,7 +39,6 @@ from gfldet.distributed import (
     is_main_process,
 )
 from gfldet.engine.build import (
-    LrFactor,
     build_dataset,
     build_lr_scheduler,
     build_model,
@@ -44,19 +46,30 @@ from gfldet.engine.build import (
     scaled_lr,
 )
 from gfldet.engine.checkpoint import (
+    CheckpointError,
     capture_rng_state,
+    find_checkpoint_file,
     find_latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    load_training_checkpoint,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
 from gfldet.engine.coco_eval import write_metrics_json
+from gfldet.engine.ema import build_ema
 from gfldet.engine.evaluator import evaluate
 from gfldet.engine.precision import Precision, resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
-from gfldet.engine.run_dir import RunDirError, check_run_dir, remove_stale_temporaries
+from gfldet.engine.resume import RunSetup, check_resumable, continue_schedule
+from gfldet.engine.run_dir import (
+    CHECK_CACHE_DIR,
+    RunDirError,
+    check_run_dir,
+    remove_stale_temporaries,
+)
+from gfldet.inference import model_weights
 
 log = logging.getLogger("gfldet")
 
@@ -155,14 +168,16 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
     checkpoints. Build it after seeding if its initialisation should follow `train.seed`.
     (benchmarks/accuracy.py uses it to train torchvision's detectors in this same loop.)"""
-    device = init_distributed(cfg.train.device)
+    try:
+        device = init_distributed(cfg.train.device)
+    except RuntimeError as err:  # e.g. train.device: cuda without CUDA
+        raise ConfigError(str(err)) from None
     rank, world = get_rank(), get_world_size()
     work_dir = Path(work_dir)
+    check_start(work_dir, resume, overwrite, load_from)  # before anything is built, written or removed
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
-    if is_main_process():
-        dump_config(cfg, work_dir / "config.yaml")
     log.info("work dir %s, device %s, %d process(es)", work_dir, device, world)
     if folder_note:
         log.info("%s", folder_note)
@@ -174,8 +189,16 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         log.warning("%s", precision.warning)
     dtype = precision.dtype
 
-    train_set = build_dataset(cfg, "train")
-    val_set = build_dataset(cfg, "val") if cfg.train.eval_interval > 0 else None
+    # Both splits are checked before anything is trained; val first, as it is usually the smaller.
+    # The run folder keeps each split's check results, so a --resume decodes only changed files.
+    val_set = build_dataset(cfg, "val", work_dir / CHECK_CACHE_DIR / "val.json") if cfg.train.eval_interval > 0 else None
+    train_set = build_dataset(cfg, "train", work_dir / CHECK_CACHE_DIR / "train.json")
+    reports = {"train": train_set.check_report, "val": val_set.check_report if val_set is not None else None}
+    problems = split_problems(cfg.model.num_classes, {k: r for k, r in reports.items() if r is not None})
+    if problems:
+        raise DatasetError("the datasets do not fit together; nothing was trained:\n"
+                           + "\n".join(f"  - {p}" for p in problems)
+                           + "\nRun tools/check_dataset.py CONFIG for the full report.")
     d = cfg.data
     train_loader = build_dataloader(
         train_set, d.batch_size, d.num_workers, train=True, seed=cfg.train.seed, distributed=is_distributed(),
@@ -190,11 +213,12 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     iters_per_epoch = len(train_loader.batch_sampler)
     log.info("%d training images, %d iterations per epoch", len(train_set), iters_per_epoch)
 
-    model = (build_model(cfg.model) if model is None else model).to(device)
+    # A resumed run's weights come from its checkpoint: the ImageNet weights are not loaded (nor
+    # downloaded), so a moved file or an offline machine does not stop a resume.
+    model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)) if resume else cfg.model
+    model = (build_model(model_cfg) if model is None else model).to(device)
     if load_from is not None:
-        report = load_model_weights(model, load_checkpoint(load_from)["model"], strict=False)
-        log.info("loaded %d tensors from %s; not loaded: %s", len(report["loaded"]), load_from,
-                 {k: v for k, v in report.items() if k != "loaded" and v})
+        load_matching_weights(model, load_from)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     total_batch = d.batch_size * world
@@ -203,32 +227,35 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = None
     if cfg.train.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
-        )
+        ema = build_ema(model, cfg.train.ema_decay, cfg.train.ema_warmup_iters)
 
     run = RunState()
+    setup = RunSetup(world, d.batch_size, iters_per_epoch)
     if resume:
         path = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {work_dir}; start without --resume")
-        state = load_checkpoint(path)
-        schedule_changed = check_resumable(cfg, state, path, allow_schedule_change)
+        assert path is not None, "check_start refuses --resume in a folder without a checkpoint"
+        state = load_training_checkpoint(path)
+        rebuild_schedule = check_resumable(cfg, state, path, allow_schedule_change, setup)
+        base_lrs = list(scheduler.base_lrs)  # this run's, for its total batch
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if schedule_changed:  # the saved lr function is the old schedule's: use the new one
-            scheduler.lr_lambdas[0] = LrFactor(cfg.schedule, iters_per_epoch)
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-                group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0), best_ap=state.get("best_ap", -1.0))
+        if rebuild_schedule:  # the saved lr function is the old schedule's, batch or setup's
+            continue_schedule(optimizer, scheduler, base_lrs, cfg.schedule, iters_per_epoch,
+                              run.epoch * iters_per_epoch + run.batch)
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         rng = state["rng"]
-        restore_rng_state(rng[rank] if isinstance(rng, list) and rank < len(rng) else rng[0])
-        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0), best_ap=state.get("best_ap", -1.0))
+        if not isinstance(rng, list):
+            restore_rng_state(rng)
+        elif rank < len(rng):  # a process the checkpoint had not keeps its seed, train.seed + rank
+            restore_rng_state(rng[rank])
         log.info("resumed from %s at epoch %d, batch %d (iteration %d)", path, run.epoch, run.batch,
-                 state["iteration"])
+                 run.epoch * iters_per_epoch + run.batch)
+    if is_main_process():  # only now: a refused resume leaves the run's config.yaml as it was
+        dump_config(cfg, work_dir / "config.yaml")
 
     train_model: nn.Module = model
     if cfg.train.compile:
@@ -256,6 +283,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
             "batch": run.batch,
             "iteration": run.epoch * iters_per_epoch + run.batch,
             "best_ap": run.best_ap,
+            **setup.record(),  # what the position means: processes x images per process
             "rng": rng_states,
             "config": config_to_dict(cfg),
             # What the labels mean, so predict/export need not find the annotation file again.
@@ -266,6 +294,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         prune_checkpoints(work_dir, cfg.train.keep_checkpoints)
 
     StopRequested.install()
+    if cfg.data.num_workers > 0:
+        freeze_heap_for_workers()  # the loader workers fork at the first iteration
     metrics: dict = {}
     try:
         with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
@@ -306,6 +336,42 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     return metrics, run
 
 
+def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool, load_from: str | None) -> None:
+    """What the command line names, checked before anything is built, written or removed: the
+    run folder is a folder, and the checkpoint to resume from or to load exists."""
+    if work_dir.exists() and not work_dir.is_dir():
+        raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with --work-dir DIR")
+    if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
+        path = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
+        if path is None:
+            raise RunDirError(
+                f"--resume: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to continue; "
+                "start without --resume, or name the checkpoint: --resume PATH")
+        try:
+            find_checkpoint_file(path)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"--resume: {err}") from None
+    if load_from is not None:
+        try:
+            find_checkpoint_file(load_from)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"--load-from: {err}") from None
+
+
+def load_matching_weights(model: nn.Module, path: str) -> None:
+    """--load-from: the checkpoint's model weights whose names and shapes match (fine-tuning)."""
+    report = load_model_weights(model, model_weights(load_checkpoint(path), use_ema=False, source=path),
+                                strict=False)
+    if not report["loaded"]:
+        examples = (report["mismatched"] + report["unexpected"])[:5]
+        raise CheckpointError(
+            f"--load-from {path}: none of its tensors fits this model (different names or shapes, e.g. "
+            f"{examples}); is it a gfldet checkpoint of this backbone? (tools/convert_mmdet.py converts "
+            "MMDetection files)")
+    log.info("loaded %d tensors from %s; not loaded: %s", len(report["loaded"]), path,
+             {k: v for k, v in report.items() if k != "loaded" and v})
+
+
 def prepare_work_dir(work_dir: Path, resume: bool, overwrite: bool) -> tuple[str | None, list[Path]]:
     """Rank 0 checks the run folder (`check_run_dir`) and removes stale temporary files; every
     process gets the same outcome, so all of them stop together on a refusal."""
@@ -327,27 +393,9 @@ def gather_rng_states() -> list[dict]:
     return all_gather_objects(capture_rng_state())
 
 
-def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change: bool) -> bool:
-    """A resume continues the same run: the model must match the checkpoint's, and a different
-    schedule is an error unless explicitly allowed (then logged). Returns whether it changed."""
-    saved = config_from_dict(state["config"], str(path))
-    if saved.model != cfg.model:
-        raise ConfigError(f"{path} was trained with a different model config; resume with the same config")
-    if saved.schedule == cfg.schedule:
-        return False
-    changes = {
-        k: (getattr(saved.schedule, k), getattr(cfg.schedule, k))
-        for k in vars(cfg.schedule)
-        if getattr(saved.schedule, k) != getattr(cfg.schedule, k)
-    }
-    text = ", ".join(f"schedule.{k}: {old} -> {new}" for k, (old, new) in changes.items())
-    if not allow_schedule_change:
-        raise ConfigError(
-            f"the config's schedule differs from the one {path} was trained with ({text}). "
-            "Resume with the same schedule, or pass --allow-schedule-change to continue on the new one."
-        )
-    log.warning("schedule changed on resume (--allow-schedule-change): %s", text)
-    return True
+# fp16 overflows in a row that stop a run: each halves the gradient scaler's scale, so by then it
+# is 2^-40 of where it was, and gradients that still overflow are inf or NaN at any scale.
+MAX_OVERFLOW_STEPS = 40
 
 
 class TrainLoop:
@@ -358,6 +406,7 @@ class TrainLoop:
         self.scaler, self.dtype, self.device, self.cfg, self.progress = scaler, dtype, device, cfg, progress
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.bad_steps = 0
+        self.overflow_steps = 0  # fp16 overflows in a row (not bad steps: the scaler calibrating)
 
     def run_epoch(self, loader, epoch: int, start_batch: int) -> int:
         """Train from `start_batch` to the end of the epoch (or to a stop request); returns the
@@ -393,7 +442,7 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)  # fp16: the scaler itself skips steps with inf grads
+            self.scaler.unscale_(self.optimizer)  # fp16: the norm and the clipping see true gradients
         grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.optim.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
@@ -403,23 +452,40 @@ class TrainLoop:
         # every process so that all of them skip or stop together.
         flags = torch.stack([
             ~torch.isfinite(loss.detach()),
-            ~torch.isfinite(grad_norm) & torch.tensor(not self.scaler.is_enabled(), device=grad_norm.device),
+            ~torch.isfinite(grad_norm),
             torch.tensor(StopRequested.signum is not None, device=grad_norm.device),
         ]).float()
         if is_distributed():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_loss, bad_grad, stop = (bool(f) for f in flags.tolist())
-        if bad_loss or bad_grad:
-            self.skip_step(losses, targets, it, "gradient" if not bad_loss else None)
-            self.progress.update(None, None)
-        else:
-            self.bad_steps = 0
+        stepped = not (bad_loss or bad_grad)
+        if stepped:
+            self.bad_steps = self.overflow_steps = 0
             self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model.module if isinstance(self.model, DistributedDataParallel)
-                                           else self.model)
-            self.progress.update(losses, grad_norm)
+        elif bad_loss or not self.scaler.is_enabled():
+            self.skip_step(losses, targets, it, "gradient" if not bad_loss else None)
+        else:
+            # fp16 overflowed (a finite loss, inf/NaN gradients): expected while the scaler's scale
+            # calibrates, so not a bad step. scaler.step would skip it too (its check is ours, on
+            # the same unscaled gradients); skipping here keeps it out of the EMA and the logged losses.
+            self.overflow_steps += 1
+            if self.overflow_steps >= MAX_OVERFLOW_STEPS:
+                raise FloatingPointError(
+                    f"{self.overflow_steps} consecutive fp16 overflows (inf/NaN gradients with a finite "
+                    f"loss) up to iteration {it + 1}, images {[t['image_id'] for t in targets]}: the "
+                    f"gradient scale fell to {self.scaler.get_scale():.3g} and they still overflow. The "
+                    "last checkpoint is intact; train with train.amp=bf16 or none, lower optim.lr, or "
+                    "set optim.grad_clip.")
+
+        # Every iteration ends the scaler's step, taken or not: after unscale_, only update()
+        # readies it for the next one (else the next unscale_ raises). It backs the scale off when
+        # the gradients held inf/NaN, as a NaN loss's do: the overflow's rule, and a smaller scale
+        # is the safe side when the cause is unknown. A no-op without fp16.
+        self.scaler.update()
+        if stepped and self.ema is not None:
+            self.ema.update_parameters(self.model.module if isinstance(self.model, DistributedDataParallel)
+                                       else self.model)
+        self.progress.update(losses if stepped else None, grad_norm if stepped else None)
         self.scheduler.step()
         return stop
 

@@ -48,8 +48,13 @@ class GFL(nn.Module):
         return self.head.num_classes
 
     def priors_for(self, features: list[Tensor]) -> Priors:
-        """Priors of these feature maps, cached per (sizes, device): input sizes repeat."""
+        """Priors of these feature maps, cached per (sizes, device): input sizes repeat.
+
+        While tracing (export) they are built afresh from the traced sizes: a cached entry would
+        be recorded as constants of one input size."""
         sizes = tuple(tuple(f.shape[-2:]) for f in features)
+        if torch.jit.is_tracing():
+            return make_priors(list(sizes), list(STRIDES), self.octave_base_scale, features[0].device)
         key = (sizes, features[0].device)
         if key not in self._priors_cache:
             if len(self._priors_cache) > 64:
@@ -57,13 +62,20 @@ class GFL(nn.Module):
             self._priors_cache[key] = make_priors(list(sizes), list(STRIDES), self.octave_base_scale, features[0].device)
         return self._priors_cache[key]
 
-    def forward(self, images: Tensor, targets: list[dict] | None = None):
+    def head_outputs(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Priors, Tensor]:
+        """cls_logits [B, A, C], reg_logits [B, A, 4(R+1)], the priors and valid [B, A] (False
+        for priors outside each image's own padded extent) of a batch; image_sizes [B, 2] (h, w)
+        of the resized, unpadded images. Training, evaluation and the exported graphs start here."""
         features = self.neck(self.backbone(images))
         assert len(features) == len(STRIDES), f"expected {len(STRIDES)} levels, got {len(features)}"
         cls_logits, reg_logits = self.head(features)  # [B, A, C], [B, A, 4(R+1)]
         priors = self.priors_for(features)
-        image_sizes = _sizes(targets, "image_size", images)
         valid = valid_prior_mask(priors, image_sizes, self.size_divisor)  # [B, A]
+        return cls_logits, reg_logits, priors, valid
+
+    def forward(self, images: Tensor, targets: list[dict] | None = None):
+        image_sizes = _sizes(targets, "image_size", images)
+        cls_logits, reg_logits, priors, valid = self.head_outputs(images, image_sizes)
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets (a dict with boxes and labels per image)")

@@ -25,10 +25,17 @@ def _tower(in_channels: int, feat_channels: int, num_convs: int, norm: str) -> n
     return nn.Sequential(*layers)
 
 
-class Integral(nn.Module):
-    """Expectation of a discrete distribution over the bins 0..R (GFL Eq. 5), in fp32.
+def _at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32, or float64 if it is float64: the box branch's precision (fp16 and bf16
+    round a distance of 16 strides to 1/64 and 1/8 of a stride; float64 models stay exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    forward: [..., 4 * (R + 1)] logits -> [..., 4] distances in stride units.
+
+class Integral(nn.Module):
+    """Expectation of a discrete distribution over the bins 0..R (GFL Eq. 5), in float32 (float64
+    for float64 logits), under autocast and after model.half() / .to(bfloat16) alike.
+
+    forward: [..., 4 * (R + 1)] logits -> [..., 4] distances in stride units, float32 or float64.
     """
 
     def __init__(self, reg_max: int = 16) -> None:
@@ -37,8 +44,13 @@ class Integral(nn.Module):
         self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1), persistent=False)
 
     def forward(self, logits: Tensor) -> Tensor:
-        probs = logits.float().unflatten(-1, (4, self.reg_max + 1)).softmax(dim=-1)
-        return probs @ self.project
+        probs = _at_least_float32(logits).unflatten(-1, (4, self.reg_max + 1)).softmax(dim=-1)
+        # Autocast would run the matmul in fp16/bf16 whatever its inputs' dtype, so it is off here;
+        # a matmul (not a sum of products) keeps float32 results bit-identical to before. The bins
+        # follow the model's dtype on .half() etc.: they are integers, exact in fp16 up to 2048
+        # and in bf16 up to 256.
+        with torch.autocast(logits.device.type, enabled=False):
+            return probs @ self.project.to(probs.dtype)
 
 
 class GFLHead(nn.Module):
@@ -103,11 +115,11 @@ class GFLHead(nn.Module):
             cls = self.cls_out(self.cls_tower(x))
             reg = self.reg_out(self.reg_tower(x)) * self.scales[level]
             cls_levels.append(cls.permute(0, 2, 3, 1).flatten(1, 2))  # [B, H*W, C]
-            reg_levels.append(reg.float().permute(0, 2, 3, 1).flatten(1, 2))  # fp32 (AMP-safe)
+            reg_levels.append(_at_least_float32(reg).permute(0, 2, 3, 1).flatten(1, 2))  # fp32 under AMP
         return torch.cat(cls_levels, dim=1), torch.cat(reg_levels, dim=1)
 
     def distances(self, reg_logits: Tensor) -> Tensor:
         """[..., reg_channels] -> [..., 4] distances (l, t, r, b) in stride units."""
         if self.box_repr == "distribution":
             return self.integral(reg_logits)
-        return F.relu(reg_logits.float())
+        return F.relu(_at_least_float32(reg_logits))

@@ -1,0 +1,119 @@
+"""Image files: decode any PIL mode to RGB uint8 with EXIF orientation, under a per-file size
+limit, and the errors a dataset reports. A leaf module: nothing else in gfldet is imported.
+
+Shape legend: H, W = image height/width in pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+# Largest image (width * height) gfldet decodes. PIL's own guard is a process-global
+# (Image.MAX_IMAGE_PIXELS) that warns above ~89 MP and refuses above ~179 MP with a message that
+# names no file. gfldet replaces it with this per-dataset limit, checked from the header before
+# any pixel is decoded, so that the error names the file and the knob. The default equals PIL's
+# refusal threshold: nothing PIL would have decoded is refused, but 10000 x 8000 aerial images
+# no longer warn. An RGB image at the limit takes ~540 MB once decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+Image.MAX_IMAGE_PIXELS = None  # see above: enforced per file by `open_image` instead
+
+# EXIF orientations whose transpose swaps width and height (5..8; 2..4 only flip/rotate 180).
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as given; the message names the files/ids and what to do."""
+
+
+class ImageTooLargeError(DatasetError):
+    """An image has more pixels than the configured ``max_image_pixels``."""
+
+
+def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """``Image.open`` (lazy: header only) plus gfldet's size limit. Use as a context manager.
+
+    Raises FileNotFoundError, PIL.UnidentifiedImageError (an OSError) for non-images, and
+    ImageTooLargeError above ``max_pixels`` (None = no limit).
+    """
+    img = Image.open(path)
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
+        raise ImageTooLargeError(
+            f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (max_image_pixels). If the image is genuine, raise max_image_pixels "
+            "(CocoDetection(max_image_pixels=...), tools/check_dataset.py --max-image-pixels); "
+            "otherwise downscale it and its boxes, or tile it"
+        )
+    return img
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8; 1 = upright) exactly as ``ImageOps.exif_transpose`` reads it.
+
+    Call after ``img.load()``: for PNG the eXIf chunk may follow the pixel data.
+    """
+    return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(w, h) of the image after ``exif_transpose`` given its stored (w, h) and orientation."""
+    return (size[1], size[0]) if orientation in SWAPPING_ORIENTATIONS else size
+
+
+def load_image_rgb(
+    path: str | Path,
+    *,
+    apply_exif: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """Decode an image file to RGB uint8, EXIF orientation applied unless ``apply_exif=False``.
+
+    Returns: uint8 array [H, W, 3].
+    Grayscale, palette, alpha, CMYK and 16-bit inputs are all mapped to 8-bit RGB; alpha is
+    dropped (like cv2.IMREAD_COLOR, which MMDetection uses) rather than composited.
+    ``apply_exif=False`` is for images whose annotations were drawn on the stored (un-rotated)
+    pixels; ``gfldet.data.checks`` finds those. Truncated files raise (PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False: a gray-filled image would be silent).
+    """
+    with open_image(path, max_pixels) as img:
+        if apply_exif:
+            img = ImageOps.exif_transpose(img)  # annotations refer to the upright image
+        else:
+            img.load()
+        return pil_to_rgb_array(img)
+
+
+def pil_to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert any PIL image mode to an RGB uint8 array [H, W, 3]."""
+    mode = img.mode
+    if mode.startswith(("I", "F")):
+        # High-bit-depth single channel: PIL's convert("RGB") would clip at 255 instead of
+        # rescaling, turning most of a 16-bit image white.
+        gray = _high_depth_to_uint8(np.asarray(img), mode)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("P", "PA"):
+        # Going through RGBA avoids PIL's "palette with transparency" warning; the alpha
+        # channel is then dropped like every other alpha channel.
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
+
+
+def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Map a single-channel integer/float image to uint8 [H, W]."""
+    arr = arr.astype(np.float64)
+    if mode.startswith("I;16"):
+        full_scale = 65535.0  # genuine 16-bit data: scale the full range
+    elif mode == "F" and arr.size and arr.max() <= 1.0:
+        full_scale = 1.0  # float images in [0, 1]
+    else:
+        # Mode "I" (32-bit) / "F": the bit depth is not recorded, so infer it. Values that fit in
+        # 8 bits are taken as-is; anything larger is assumed to be 16-bit data.
+        full_scale = 255.0 if (arr.size == 0 or arr.max() <= 255.0) else 65535.0
+    scaled = np.clip(arr, 0.0, full_scale) * (255.0 / full_scale)
+    return np.rint(scaled).astype(np.uint8)
