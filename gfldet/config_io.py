@@ -340,36 +340,39 @@ def _unknown(root: type, loc: tuple) -> str:
     return f"unknown key '{_dotted(loc)}'{hint} valid keys at {scope}: {', '.join(names)}"
 
 
+def _explain(err: Any, root: type) -> list[tuple[str, str]]:
+    loc, kind, value = tuple(err["loc"]), err["type"], err["input"]
+    if kind == RULES_ERROR:
+        return [(k, f"{k}={show(v)} is invalid: must be {a}") for k, v, a in err["ctx"]["problems"]]
+    if kind in ("missing", "too_long") and loc and isinstance(loc[-1], int):
+        loc = loc[:-1]  # a tuple of the wrong length: name the whole key
+    key = _dotted(loc)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return [(key, _unknown(root, loc))]
+    if kind == "invalid_key":  # the location ends with the key itself
+        key = f"{_dotted(loc[:-1])}.{value}".lstrip(".")
+        return [(key, f"{key}: keys must be strings, got {show(value)} ({type(value).__name__})")]
+    if kind == "finite_number":
+        return [(key, f"{key}: expected a finite float, got {show(value)}")]
+    tp = _at(root, loc)
+    if kind in (*_BOUNDS, "literal_error", "string_pattern_mismatch"):
+        if type(value) is int and _strip(_arms(tp)[0])[0] is float:
+            value = float(value)  # as the config would hold it
+        return [(key, f"{key}={show(value)} is invalid: must be {_allowed(tp)}")]
+    got = "null" if value is None else type(value).__name__
+    return [(key, f"{key}: expected {_type_name(tp)}, got {show(value)} ({got})")]
+
+
 def explain(exc: ValidationError, root: type) -> list[tuple[str, str]]:
     """Every problem in ``exc``, raised validating a mapping as ``root``, as (dotted key,
     message)."""
     out = []
     for err in exc.errors(include_url=False):
-        loc, kind, value = tuple(err["loc"]), err["type"], err["input"]
-        if kind == RULES_ERROR:
-            out += [(k, f"{k}={show(v)} is invalid: must be {a}") for k, v, a in
-                    err["ctx"]["problems"]]
-            continue
-        if kind in ("missing", "too_long") and loc and isinstance(loc[-1], int):
-            loc = loc[:-1]  # a tuple of the wrong length: name the whole key
-        key = _dotted(loc)
-        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-            out.append((key, _unknown(root, loc)))
-        elif kind == "invalid_key":  # the location ends with the key itself
-            key = f"{_dotted(loc[:-1])}.{value}".lstrip(".")
-            out.append((key, f"{key}: keys must be strings, got {show(value)} "
-                             f"({type(value).__name__})"))
-        elif kind == "finite_number":
-            out.append((key, f"{key}: expected a finite float, got {show(value)}"))
-        elif kind in (*_BOUNDS, "literal_error", "string_pattern_mismatch"):
-            tp = _at(root, loc)
-            if type(value) is int and _strip(_arms(tp)[0])[0] is float:
-                value = float(value)  # as the config would hold it
-            out.append((key, f"{key}={show(value)} is invalid: must be {_allowed(tp)}"))
-        else:
-            got = "null" if value is None else type(value).__name__
-            out.append((key, f"{key}: expected {_type_name(_at(root, loc))}, got {show(value)} "
-                             f"({got})"))
+        try:
+            out += _explain(err, root)
+        except (KeyError, IndexError, TypeError, StopIteration):  # a shape not foreseen above
+            key = _dotted(err["loc"])
+            out.append((key, f"{key}: {err['msg']}, got {show(err['input'])}"))
     return out
 
 
