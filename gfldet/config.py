@@ -209,7 +209,7 @@ class ScheduleConfig:
     # step decay at milestones, or cosine to min_lr_ratio
     policy: Literal["step", "cosine"] = "step"
     # epochs at which lr *= gamma (policy "step")
-    milestones: Annotated[list[Int], Strict()] = field(default_factory=lambda: [8, 11])
+    milestones: list[Int] = field(default_factory=lambda: [8, 11])
     gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1  # step decay factor
     warmup_iters: NonNegInt = 500  # linear warmup iterations (0 = none)
     # warmup start lr = ratio * lr (mmdet 2.x/3.x; official GFocal used 1/3)
