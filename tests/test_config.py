@@ -475,3 +475,65 @@ def test_round_trip_keeps_every_non_default_value(tmp_path):
 def test_config_from_dict_is_strict():
     with pytest.raises(ConfigError, match=r"model\.bogus"):
         config_from_dict({"model": {"bogus": 1}}, source="checkpoint")
+
+
+# ------------------------------------------------------------ messages (every problem at once)
+
+
+def problem_lines(msg: str) -> dict[str, str]:
+    """The '  - ' lines of a several-problem message, by the dotted key each names first."""
+    lines = [line[4:] for line in msg.splitlines() if line.startswith("  - ")]
+    assert msg.splitlines()[0].endswith(f"({len(lines)} problems):")
+    keyed = {}
+    for line in lines:
+        unknown = line.startswith("unknown key")
+        keyed[line.split("'")[1] if unknown else line.split(":")[0].split("=")[0]] = line
+    return keyed
+
+
+def test_types_ranges_and_unknown_keys_reported_together():
+    msg = error_of(R50_1X, ["optim.lr=abc", "data.flip_prob=2", "model.backbone.depth=42",
+                            "schedule.milestones=[8, x]", "train.device=gpu", "model.head.nrom=gn"])
+    lines = problem_lines(msg)
+    assert set(lines) == {"optim.lr", "data.flip_prob", "model.backbone.depth",
+                          "schedule.milestones[1]", "train.device", "model.head.nrom"}
+    assert lines["optim.lr"].startswith("optim.lr: expected float, got 'abc' (str)")
+    assert "data.flip_prob=2.0 is invalid: must be in [0, 1]" in lines["data.flip_prob"]
+    assert "must be one of 18, 34, 50, 101" in lines["model.backbone.depth"]
+    assert "expected int, got 'x' (str)" in lines["schedule.milestones[1]"]
+    assert "one of 'auto', 'cpu', 'cuda', 'cuda:N'" in lines["train.device"]
+    assert "did you mean 'model.head.norm'?" in lines["model.head.nrom"]
+    assert all(line.endswith("[from --cfg-options]") for line in lines.values())
+
+
+def test_cross_field_rules_reported_together():
+    msg = error_of(R50_1X, ["model.loss.dirac_init_distance=2", "schedule.milestones=[11, 8]",
+                            "data.max_size=700"])
+    lines = problem_lines(msg)
+    assert set(lines) == {"model.loss.dirac_init_distance", "schedule.milestones", "data.max_size"}
+    assert "schedule.milestones=[11, 8] is invalid: must be strictly increasing" in msg
+    assert "data.max_size=700 is invalid: must be >= the largest short side (800)" in msg
+
+
+def test_each_problem_names_the_file_that_set_its_key(tmp_path):
+    write(tmp_path / "base.yaml", "data: {flip_prob: 2}\nschedule: {gamma: 0}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nschedule: {gamma: 0.5, epochs: 0}\n"
+                  "optim:\n  lrr: 0.1\ntrain:\n  7: 1\n")
+    lines = problem_lines(error_of(child, ["model.num_classes=0"]))
+    assert lines["data.flip_prob"].endswith(f"[in {tmp_path / 'base.yaml'}]")
+    assert lines["schedule.epochs"].endswith(f"[in {child}]")
+    assert lines["optim.lrr"].endswith(f"[in {child}]")
+    assert lines["train.7"].endswith(f"[in {child}]") and "keys must be strings" in lines["train.7"]
+    assert lines["model.num_classes"].endswith("[from --cfg-options]")
+    assert "schedule.gamma" not in lines  # the child's 0.5 replaced the base's 0
+
+
+def test_problems_of_python_objects_include_types():
+    cfg = Config()
+    cfg.train.ema = "yes"
+    cfg.data.train_short_side = (800, 600.5)
+    cfg.optim.grad_clip = 0.0
+    found = dict(cfg.problems())
+    assert set(found) == {"train.ema", "data.train_short_side[1]", "optim.grad_clip"}
+    assert "expected bool (true/false), got 'yes'" in found["train.ema"]
+    assert found["optim.grad_clip"] == "optim.grad_clip=0.0 is invalid: must be > 0 or null"
