@@ -266,6 +266,7 @@ class TrainConfig:
     ema_warmup_iters: int = 2000
     log_interval: int = 20  # iterations between log lines
     eval_interval: int = 1  # epochs between evaluations; 0 = never
+    report: bool = True  # after the final evaluation, write the evaluation report into work_dir/report
     checkpoint_interval: int = 1  # epochs between checkpoints
     keep_checkpoints: int = 3  # epoch checkpoints kept besides last/best
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
