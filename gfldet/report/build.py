@@ -160,6 +160,8 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], ima
     curves = {"all classes (mean)": {0.5: mean_valid(at50, axis=1), 0.75: mean_valid(at75, axis=1)}}
     curves |= {n: {0.5: at50[:, k], 0.75: at75[:, k]} for k, n in enumerate(names)}
     pr_curves_figure(recall, curves, out_dir / "pr_curves.png")
+    data["pr_curves"] = {"recall": recall.tolist(),
+                         **{str(iou): {n: c[iou].tolist() for n, c in curves.items()} for iou in (0.5, 0.75)}}
     sections.append(("Precision-recall curves", (
         "<p>From pycocotools' <code>eval['precision']</code> (area all, at most "
         f"{coco_eval.params.maxDets[-1]} detections per image), at IoU 0.5 and 0.75; the first panel is "

@@ -38,7 +38,8 @@ TIDE_DEFINITIONS = {
 
 
 def fmt(value: float | int | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A table cell; "-" for no value (None, nan, or pycocotools' -1: no ground truth)."""
+    if value is None or (isinstance(value, float) and (math.isnan(value) or value == -1.0)):
         return "-"
     return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
 
