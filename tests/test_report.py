@@ -211,7 +211,7 @@ def test_report_page_shows_every_part_and_keeps_a_users_folder(hand_case, tmp_pa
     page = index.read_text()
     for text in ("score threshold 0.05", "NMS IoU 0.6", "max detections per image 100", "Precision-recall",
                  "AP by object size", "Confusion matrix", "background row", "TIDE", "localisation error",
-                 "duplicate", "missed box", "worst image"):
+                 "duplicate", "missed box", "Worst images (1)"):
         assert text in page, text
     sources = [s.split('"')[0] for s in page.split('<img src="')[1:]]
     assert sources == ["pr_curves.png", "sizes.png", "confusion.png", "tide.png", "worst_01.png"]

@@ -2,8 +2,9 @@
 
 Reads a resolved `Config`; writes into the run folder (rank 0 only): `config.yaml`, `train.log`,
 `scalars.jsonl` and TensorBoard events under `tb/` (the same values), `epoch_N.pth`, `last.pth`,
-`best.pth` and `metrics_epoch_N.json`. A folder that holds an earlier run is refused unless the
-run resumes it or overwrites it (`gfldet.engine.run_dir`).
+`best.pth`, `metrics_epoch_N.json` and `report/` (the final evaluation's report, `train.report`).
+A folder that holds an earlier run is refused unless the run resumes it or overwrites it
+(`gfldet.engine.run_dir`).
 """
 
 from __future__ import annotations

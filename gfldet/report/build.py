@@ -214,7 +214,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], ima
     data["worst_images"] = [vars(s) for s in worst]
     gallery = "".join(f"<figure>{html.image(f, c)}<figcaption>{html.escape(c)}</figcaption></figure>"
                       for f, c in drawn)
-    sections.append((f"The {len(drawn)} worst images", (
+    sections.append((f"Worst images ({len(drawn)})", (
         f"<p>Ranked by the F1 of the detections scoring at least {score_thr} (matched as COCO matches them, "
         "IoU 0.5); ties go to more errors. Ground truth: solid lines, name above (green found, orange "
         "missed). Detections: dashed, name and score below (blue correct, red false positive).</p>"
