@@ -8,6 +8,8 @@ import importlib.util
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -352,3 +354,11 @@ def test_the_report_renders_in_headless_chromium(hand_case, tmp_path: Path) -> N
     assert dict(shot.image_load_states(out, chromium))["tide.png"] == 0
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".html") == ["index.html"]  # probe removed
     shutil.rmtree(out)
+
+
+def test_report_cost_benchmark_prints_its_table(tiny_run: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_cost.py"), str(tiny_run / "last.pth"),
+                           "--repeats", "1", "--warmup", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 3 and table[2].startswith("| 4 |"), proc.stdout  # the 4 val images
