@@ -39,7 +39,6 @@ from gfldet.inference import (
     model_weights,
     split_config_argument,
 )
-from gfldet.report import ReportDirError, check_report_dir, post_processing_settings, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path(checkpoint).parent
     try:
         if args.report:  # before the val set is predicted
+            from gfldet.report import check_report_dir  # matplotlib only when a report is asked for
+
             check_report_dir(Path(args.report))
             if args.run_dir and not (run_dir / "scalars.jsonl").is_file():
                 raise FileNotFoundError(f"--run-dir {run_dir}: no scalars.jsonl there; give a training run folder")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
         load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=checkpoint), strict=True,
                            source=checkpoint)
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ReportDirError) as err:
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics_json(metrics, metrics_path)
         print(f"bbox AP: {metrics['bbox_mAP']:.4f} (metrics in {metrics_path})")
         if args.report:
+            from gfldet.report import post_processing_settings, write_report
+
             index = write_report(args.report, coco_eval, dataset.class_names, dataset.image_dir,
                                  thresholds=post_processing_settings(cfg.model.test),
                                  run_dir=run_dir if (run_dir / "scalars.jsonl").is_file() else None,
