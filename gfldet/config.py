@@ -237,6 +237,7 @@ class TrainConfig:
     ema_warmup_iters: NonNegInt = 2000
     log_interval: Count = 20  # iterations between log lines
     eval_interval: NonNegInt = 1  # epochs between evaluations; 0 = never
+    report: Bool = True  # write the evaluation report into work_dir/report after the last eval
     checkpoint_interval: Count = 1  # epochs between checkpoints
     keep_checkpoints: NonNegInt = 3  # epoch checkpoints kept besides last/best
     max_bad_steps: Count = 5  # consecutive non-finite steps before the run stops

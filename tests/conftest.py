@@ -58,6 +58,7 @@ def tiny_overrides(data: dict[str, Path], epochs: int = 2) -> list[str]:
         "train.device=cpu",
         "train.deterministic=true",
         "train.amp=none",
+        "train.report=false",  # the evaluation report costs seconds per run; tests/test_report.py turns it on
     ]
 
 

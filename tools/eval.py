@@ -1,6 +1,7 @@
 """Evaluate a checkpoint's COCO box AP on its config's val set.
 
     python tools/eval.py CHECKPOINT [--out DETECTIONS.json] [--backend faster_coco_eval] [--cfg-options ...]
+    python tools/eval.py CHECKPOINT --report DIR    # also an HTML report: DIR/index.html
     python tools/eval.py CONFIG CHECKPOINT          # a YAML config instead of the checkpoint's own
     torchrun --nproc_per_node 8 tools/eval.py CHECKPOINT
 
@@ -8,6 +9,10 @@ A training checkpoint stores the config it was trained with; that config is used
 CONFIG is given before the checkpoint. --cfg-options apply to either. Prints the 12-line COCO
 summary and a per-class AP table; writes the metrics as JSON beside the checkpoint (or to
 --metrics) and the detections in COCO result format to --out.
+
+--report DIR writes the evaluation report (gfldet.report): DIR/index.html with its PNGs beside
+it, which opens from the disk. Its training curves come from the checkpoint's run folder when
+that holds scalars.jsonl (or from --run-dir). DIR must be new, empty or an earlier report.
 """
 
 from __future__ import annotations
@@ -47,14 +52,32 @@ def main(argv: list[str] | None = None) -> int:
                              "faster-coco-eval; same numbers, several times faster on COCO-sized sets)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
+    parser.add_argument("--report", metavar="DIR", help="write the HTML evaluation report into DIR")
+    parser.add_argument("--run-dir", help="training run folder whose scalars.jsonl the report plots "
+                                          "(default: the checkpoint's folder, when it holds one)")
+    parser.add_argument("--report-score-thr", type=float, default=0.3,
+                        help="score of the detections the report draws and counts in its confusion matrix "
+                             "and worst-image ranking (default 0.3; AP counts every detection)")
+    parser.add_argument("--report-images", type=int, default=12, help="worst images the report shows (default 12)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.report_images < 0 or not 0.0 <= args.report_score_thr <= 1.0:
+        parser.error("--report-images must be >= 0 and --report-score-thr in [0, 1]")
+    if args.report and args.backend != "pycocotools":
+        parser.error("--report reads pycocotools' matches; use it with --backend pycocotools (the default)")
     try:
         config_path, (checkpoint,) = split_config_argument(args.paths, ["CHECKPOINT"])
         check_backend(args.backend)  # fail now, not after predicting the whole val set
     except (ValueError, ImportError) as err:
         parser.error(str(err))
+    run_dir = Path(args.run_dir) if args.run_dir else Path(checkpoint).parent
     try:
+        if args.report:  # before the val set is predicted
+            from gfldet.report import check_report_dir  # matplotlib only when a report is asked for
+
+            check_report_dir(Path(args.report))
+            if args.run_dir and not (run_dir / "scalars.jsonl").is_file():
+                raise FileNotFoundError(f"--run-dir {run_dir}: no scalars.jsonl there; give a training run folder")
         try:
             device = init_distributed(args.device)
         except RuntimeError as err:  # e.g. --device cuda without CUDA
@@ -75,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
         load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=checkpoint), strict=True,
                            source=checkpoint)
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
@@ -83,15 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device)
     if cfg.train.channels_last:  # the weights' format training evaluated with: same bf16 round-off, same AP
         model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, loader, device, precision.dtype, backend=args.backend)
+    metrics = evaluate(model, loader, device, precision.dtype, backend=args.backend,
+                       keep_coco_eval=bool(args.report))
     if is_main_process():
         detections = metrics.pop("detections")
+        coco_eval = metrics.pop("coco_eval", None)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(detections))
         metrics_path = Path(args.metrics or f"{checkpoint}.metrics.json")
         write_metrics_json(metrics, metrics_path)
         print(f"bbox AP: {metrics['bbox_mAP']:.4f} (metrics in {metrics_path})")
+        if args.report:
+            from gfldet.report import post_processing_settings, write_report
+
+            index = write_report(args.report, coco_eval, dataset.class_names, dataset.image_dir,
+                                 thresholds=post_processing_settings(cfg.model.test),
+                                 run_dir=run_dir if (run_dir / "scalars.jsonl").is_file() else None,
+                                 score_thr=args.report_score_thr, num_worst=args.report_images)
+            print(f"report: {index}")
     return 0
 
 

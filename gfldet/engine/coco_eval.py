@@ -137,11 +137,13 @@ def evaluate_coco(
     class_names: Sequence[str] | None = None,
     backend: Backend = "pycocotools",
     image_ids: Sequence[int] | None = None,
+    keep_eval: bool = False,
 ) -> dict[str, Any]:
     """Run COCO bbox evaluation, print the standard summary and return metrics (0..1 scale).
 
     ``class_names`` (if given) must follow the sorted category-id order of ``coco_gt``;
-    otherwise names come from the GT categories.
+    otherwise names come from the GT categories. ``keep_eval``: the backend's COCOeval object,
+    after accumulate and summarize, is returned as ``metrics["coco_eval"]`` (for the report).
     """
     coco_cls, eval_cls = _backend_classes(backend)
     gt = coco_gt
@@ -176,6 +178,8 @@ def evaluate_coco(
             raise ValueError(f"{len(class_names)} class names for {len(cat_ids)} GT categories")
         names = list(class_names)
     metrics["per_class"] = dict(zip(names, _per_class_ap(coco_eval), strict=True))
+    if keep_eval:
+        metrics["coco_eval"] = coco_eval
     return metrics
 
 

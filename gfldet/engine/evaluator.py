@@ -55,11 +55,11 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             backend: Backend = "pycocotools") -> dict:
+             backend: Backend = "pycocotools", keep_coco_eval: bool = False) -> dict:
     """COCO box AP of `model` on the loader's dataset. Every process predicts its share; rank 0
     gathers, scores with `backend` (pycocotools, or faster_coco_eval: same numbers, faster),
     prints the 12-line summary and the per-class table, and returns the metrics (other ranks
-    return {})."""
+    return {}); with `keep_coco_eval`, the scorer's COCOeval as `metrics["coco_eval"]`."""
     gathered = all_gather_objects(predict_dataset(model, loader, device, amp_dtype))
     if not is_main_process():
         return {}
@@ -71,7 +71,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
         log.warning("%s (their ground truth is not scored)",
                     describe_left_out(left_out, dataset.num_images_in_file, "the evaluation"))
     metrics = evaluate_coco(dataset.ground_truth(), all_detections, dataset.class_names, backend=backend,
-                            image_ids=[i for i in dataset.image_ids.tolist() if i not in failed])
+                            image_ids=[i for i in dataset.image_ids.tolist() if i not in failed],
+                            keep_eval=keep_coco_eval)
     log.info("per-class AP:\n%s", format_per_class_table(metrics["per_class"]))
     metrics["images_left_out"] = left_out
     metrics["detections"] = all_detections

@@ -2,8 +2,9 @@
 
 Reads a resolved `Config`; writes into the run folder (rank 0 only): `config.yaml`, `train.log`,
 `scalars.jsonl` and TensorBoard events under `tb/` (the same values), `epoch_N.pth`, `last.pth`,
-`best.pth` and `metrics_epoch_N.json`. A folder that holds an earlier run is refused unless the
-run resumes it or overwrites it (`gfldet.engine.run_dir`).
+`best.pth`, `metrics_epoch_N.json` and `report/` (the final evaluation's report, `train.report`).
+A folder that holds an earlier run is refused unless the run resumes it or overwrites it
+(`gfldet.engine.run_dir`).
 """
 
 from __future__ import annotations
@@ -297,6 +298,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     if cfg.data.num_workers > 0:
         freeze_heap_for_workers()  # the loader workers fork at the first iteration
     metrics: dict = {}
+    final_eval = None  # the last evaluation's COCOeval, for train.report
     try:
         with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
             while run.epoch < epochs:
@@ -312,8 +314,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
                 eval_now = cfg.train.eval_interval and (run.epoch % cfg.train.eval_interval == 0 or run.epoch == epochs)
                 names = []
                 if eval_now and val_loader is not None:
-                    metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype)
+                    metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype,
+                                       keep_coco_eval=cfg.train.report and run.epoch == epochs)
                     metrics.pop("detections", None)
+                    final_eval = metrics.pop("coco_eval", None)
                     if is_main_process():
                         write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
                         keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
@@ -333,7 +337,21 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         progress.close()
         if scalars is not None:
             scalars.close()
+    if final_eval is not None:
+        write_run_report(work_dir, cfg, final_eval, val_set)
     return metrics, run
+
+
+def write_run_report(work_dir: Path, cfg: Config, coco_eval, dataset) -> None:
+    """train.report: the final evaluation's report in work_dir/report, with the run's curves. A
+    failure is logged, not raised: the run's checkpoints and metrics are written by then."""
+    from gfldet.report import post_processing_settings, write_report
+
+    try:
+        write_report(work_dir / "report", coco_eval, dataset.class_names, dataset.image_dir,
+                     thresholds=post_processing_settings(cfg.model.test), run_dir=work_dir)
+    except Exception as err:  # a plotting or disk problem must not fail a finished run
+        log.warning("evaluation report not written: %s: %s", type(err).__name__, err, exc_info=True)
 
 
 def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool, load_from: str | None) -> None:

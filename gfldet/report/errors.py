@@ -1,0 +1,189 @@
+"""Where the AP goes: a confusion matrix and a TIDE error breakdown (Bolya et al., ECCV 2020).
+
+Both start from COCOeval's class-aware matching at IoU 0.5 (`gfldet.report.matching`), so the
+breakdown's base AP is pycocotools' AP50 exactly. Shape legend: K classes, D detections and G
+ground-truth boxes of an image. TIDE's error types (paper Sec. 2.2), for a false positive whose
+highest IoU with any ground truth is IoU_max, with t_f = 0.5 and t_b = 0.1:
+
+- Cls: IoU_max >= t_f with a box of another class (right place, wrong class);
+- Loc: t_b <= IoU_max < t_f with a box of its class (right class, poor box);
+- Both: t_b <= IoU_max < t_f with a box of another class only;
+- Dupe: IoU_max >= t_f with a box of its class already matched by a higher-scoring detection;
+- Bkg: IoU_max < t_b with every box (fired on background);
+- Miss: ground truth left unmatched and not the target of a Cls or Loc error.
+
+Each type is fixed by an oracle (Sec. 2.3) and the AP recomputed; its dAP is the gain. Cls and
+Loc errors become true positives of their target box (only the highest-scoring error per box,
+and only when no detection matched that box; the others are suppressed); Both, Dupe and Bkg
+errors are suppressed; Miss removes the missed boxes from the ground truth. The checks run in
+tidecv's order (Loc, Cls, Dupe, Bkg, else Both), which decides a detection fitting two types.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gfldet.report.matching import ImageMatches
+
+ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall points
+
+
+def average_precision(scores: np.ndarray, is_tp: np.ndarray, num_gt: int) -> float:
+    """COCO's interpolated AP of one class: precision made non-increasing in recall and read at
+    101 recall points (the first detection reaching each; 0 past the last recall reached).
+    Ties in score keep the given order (COCOeval sorts with a stable sort as well)."""
+    if num_gt <= 0:
+        return float("nan")
+    if not len(scores):
+        return 0.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    tp = np.cumsum(np.asarray(is_tp, dtype=bool)[order])
+    fp = np.cumsum(~np.asarray(is_tp, dtype=bool)[order])
+    recall = tp / num_gt
+    precision = np.maximum.accumulate((tp / np.maximum(tp + fp, 1))[::-1])[::-1]
+    at = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
+    sampled = np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0)
+    return float(sampled.mean())
+
+
+@dataclass
+class _Point:
+    """One detection in the AP computation of class `label`."""
+
+    label: int
+    score: float
+    tp: bool
+    error: str | None = None  # its TIDE type when a false positive
+    target: tuple[int, int] | None = None  # (image position, gt index) a Cls/Loc fix would match
+
+
+@dataclass
+class TideResult:
+    """Base AP50 (COCO's, mean over classes with ground truth), dAP and count per error type."""
+
+    ap: float
+    delta_ap: dict[str, float]
+    counts: dict[str, int]
+    per_image_counts: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+def classify_false_positive(iou_row: np.ndarray, same_class: np.ndarray, gt_matched: np.ndarray,
+                            fg: float, bg: float) -> tuple[str, int]:
+    """TIDE type of one false positive and the gt index it refers to (-1 for Bkg/Both).
+    `iou_row`, `same_class`, `gt_matched`: [G] for the detection's image."""
+    if not len(iou_row):
+        return "Bkg", -1
+    own = np.where(same_class, iou_row, -1.0)
+    j = int(own.argmax())
+    if bg <= own[j] < fg:
+        return "Loc", j
+    other = np.where(same_class, -1.0, iou_row)
+    j = int(other.argmax())
+    if other[j] >= fg:
+        return "Cls", j
+    if np.where(gt_matched, own, -1.0).max() >= fg:
+        return "Dupe", -1
+    if iou_row.max() < bg:
+        return "Bkg", -1
+    return "Both", -1
+
+
+def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) -> TideResult:
+    """TIDE's main errors of matches made at IoU `fg` (see the module docstring)."""
+    points: list[_Point] = []
+    num_gt: dict[int, int] = defaultdict(int)
+    missed: list[tuple[int, int]] = []  # (image position, gt index)
+    targeted: set[tuple[int, int]] = set()
+    best_fix: dict[tuple[int, int], int] = {}  # target box -> index in points of its best Cls/Loc error
+    per_image: dict[int, dict[str, int]] = {}
+    for pos, m in enumerate(images):
+        for k in m.gt_labels.tolist():
+            num_gt[k] += 1
+        iou = m.iou()  # [D, G]
+        counts = dict.fromkeys(ERROR_TYPES, 0)
+        for d in range(len(m.det_ids)):
+            point = _Point(int(m.det_labels[d]), float(m.det_scores[d]), bool(m.det_gt[d] >= 0))
+            if not point.tp:
+                kind, j = classify_false_positive(iou[d], m.gt_labels == point.label, m.gt_matched, fg, bg)
+                point.error = kind
+                counts[kind] += 1
+                if kind in ("Cls", "Loc") and not m.gt_matched[j]:
+                    point.target = (pos, j)
+                    targeted.add((pos, j))
+                    best = best_fix.get((pos, j))
+                    if best is None or points[best].score < point.score:
+                        best_fix[(pos, j)] = len(points)
+            points.append(point)
+        for j in np.flatnonzero(~m.gt_matched).tolist():
+            if (pos, j) not in targeted:
+                missed.append((pos, j))
+                counts["Miss"] += 1
+        per_image[m.image_id] = counts
+
+    winners = set(best_fix.values())
+    gt_label = {(pos, j): int(images[pos].gt_labels[j]) for pos, j in targeted}
+    missed_per_class: dict[int, int] = defaultdict(int)
+    for pos, j in missed:
+        missed_per_class[int(images[pos].gt_labels[j])] += 1
+
+    def mean_ap(fix: str | None) -> float:
+        per_class: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
+        for i, p in enumerate(points):
+            label, tp = p.label, p.tp
+            if fix is not None and p.error == fix:
+                if fix not in ("Cls", "Loc") or i not in winners:
+                    continue  # suppressed
+                label, tp = gt_label[p.target], True
+            per_class[label][0].append(p.score)
+            per_class[label][1].append(tp)
+        aps = []
+        for k, n in num_gt.items():
+            n -= missed_per_class[k] if fix == "Miss" else 0
+            scores, tps = per_class.get(k, ([], []))
+            if n == 0:  # every box of the class was missed: its AP is 0 with detections, else none
+                if scores:
+                    aps.append(0.0)
+                continue
+            aps.append(average_precision(np.array(scores), np.array(tps, dtype=bool), n))
+        return float(np.mean(aps)) if aps else float("nan")
+
+    base = mean_ap(None)
+    counts = {kind: sum(c[kind] for c in per_image.values()) for kind in ERROR_TYPES}
+    return TideResult(base, {kind: mean_ap(kind) - base for kind in ERROR_TYPES}, counts, per_image)
+
+
+def confusion_matrix(images: list[ImageMatches], num_classes: int, score_thr: float,
+                     iou_thr: float = 0.5) -> np.ndarray:
+    """Counts [K + 1, K + 1]: rows the ground truth's class, columns the detection's; the last
+    row holds detections matching no box (background), the last column boxes nothing found.
+
+    Detections scoring at least `score_thr` count. A detection matched by COCOeval (its class,
+    IoU >= `iou_thr`) lands on the diagonal. Each remaining one, by descending score, takes the
+    box of another class with its highest IoU >= `iou_thr` that no detection took yet, else it
+    is background (a duplicate of a found box too). `images` must come from matches at `iou_thr`.
+    """
+    bg = num_classes
+    counts = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    for m in images:
+        keep = m.det_scores >= score_thr
+        taken = np.zeros(len(m.gt_ids), dtype=bool)
+        taken[m.det_gt[keep & (m.det_gt >= 0)]] = True
+        for d in np.flatnonzero(keep & (m.det_gt >= 0)).tolist():
+            counts[m.gt_labels[m.det_gt[d]], m.det_labels[d]] += 1
+        iou = m.iou()
+        unmatched = np.flatnonzero(keep & (m.det_gt < 0))
+        for d in unmatched[np.argsort(-m.det_scores[unmatched], kind="mergesort")].tolist():
+            free = np.where(~taken & (m.gt_labels != m.det_labels[d]), iou[d], -1.0) if len(taken) else iou[d]
+            j = int(free.argmax()) if len(free) else -1
+            if j >= 0 and free[j] >= iou_thr:
+                taken[j] = True
+                counts[m.gt_labels[j], m.det_labels[d]] += 1
+            else:
+                counts[bg, m.det_labels[d]] += 1
+        for j in np.flatnonzero(~taken).tolist():
+            counts[m.gt_labels[j], bg] += 1
+    return counts

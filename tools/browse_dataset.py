@@ -1,0 +1,135 @@
+"""Look at a config's training data: the ground truth as annotated, and the training batches after
+augmentation exactly as the model receives them, boxes drawn.
+
+    python tools/browse_dataset.py CONFIG [--out DIR] [--images 8] [--batches 4] [--epoch 0]
+                                   [--cfg-options KEY=VALUE ...]
+
+Writes into DIR (default outputs/browse_dataset):
+  annotated_NN.png  a training image as decoded, with its annotated boxes and class names;
+  batch_NN.png      one training batch of epoch --epoch: the padded uint8 images the loader yields
+                    (before normalisation) with each image's target boxes and class names;
+  browse.json       what was drawn: per batch, per image, image_id, image_size and the boxes
+                    (x1, y1, x2, y2 in the batch's pixels) and labels.
+The batches come from the trainer's own code (`build_dataset`, `build_dataloader`, the sampler's
+`set_epoch`), so they are the ones a run of this config trains on, on one process.
+
+DIR must be new, empty or a folder this tool wrote (it holds browse.json); anything else is
+refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gfldet.config import ConfigError, load_config
+from gfldet.data.images import DatasetError, load_image_rgb
+from gfldet.report.figures import draw_box, plt, save_figure
+
+MANIFEST = "browse.json"
+
+
+def check_out_dir(out: Path) -> None:
+    """FileExistsError unless `out` is new, empty or an earlier output of this tool."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise FileExistsError(f"--out {out} holds files browse_dataset did not write; choose another --out folder")
+
+
+def draw_panel(ax, image: np.ndarray, boxes_xyxy: np.ndarray, names: list[str], title: str) -> None:
+    """`image` (uint8 [H, W, 3]) with boxes (x1, y1, x2, y2) and names on a matplotlib axis."""
+    ax.imshow(image)
+    for (x1, y1, x2, y2), name in zip(boxes_xyxy.tolist(), names, strict=True):
+        draw_box(ax, (x1, y1, x2 - x1, y2 - y1), "tab:green", "-", name, above=True)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def draw_annotated(dataset, count: int, out: Path) -> int:
+    """The first `count` training images as decoded, with their annotations."""
+    names = dataset.class_names
+    for i in range(min(count, len(dataset))):
+        record = dataset.index[i]
+        image = load_image_rgb(dataset.image_dir / record.file_name, apply_exif=record.apply_exif)
+        boxes, labels = dataset.get_annotations(i)
+        fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
+        draw_panel(ax, image, np.asarray(boxes).reshape(-1, 4), [names[k] for k in labels],
+                   f"{record.file_name} (id {record.image_id}), as annotated: {len(labels)} boxes")
+        save_figure(fig, out / f"annotated_{i:02d}.png")
+    return min(count, len(dataset))
+
+
+def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
+    """The first `count` batches of `epoch` as the trainer's loader yields them; returns what was drawn."""
+    from gfldet.data import build_dataloader
+
+    d = cfg.data
+    loader = build_dataloader(dataset, d.batch_size, d.num_workers, train=True, seed=cfg.train.seed,
+                              distributed=False, aspect_ratio_grouping=d.aspect_ratio_grouping,
+                              size_divisor=d.size_divisor)
+    loader.batch_sampler.set_epoch(epoch)
+    drawn = []
+    for b, (images, targets) in enumerate(loader):
+        if b == count:
+            break
+        columns = min(4, len(targets))
+        rows = -(-len(targets) // columns)
+        height, width = images.shape[2:]
+        fig, axes = plt.subplots(rows, columns, figsize=(3.5 * columns, 3.5 * rows * height / width), squeeze=False)
+        record = []
+        for ax, image, t in zip(axes.flat, images, targets, strict=False):
+            boxes, labels = t["boxes"].numpy(), t["labels"].tolist()
+            draw_panel(ax, image.permute(1, 2, 0).numpy(), boxes, [dataset.class_names[k] for k in labels],
+                       f"id {t['image_id']}, {t['image_size'][1]}x{t['image_size'][0]} in {width}x{height}")
+            record.append({"image_id": t["image_id"], "image_size": list(t["image_size"]),
+                           "boxes": boxes.tolist(), "labels": labels})
+        for ax in list(axes.flat)[len(targets):]:
+            ax.axis("off")
+        fig.suptitle(f"epoch {epoch}, batch {b}: what the model receives (padded, before normalisation)",
+                     fontsize=9)
+        save_figure(fig, out / f"batch_{b:02d}.png")
+        drawn.append({"batch": b, "images": record})
+    return drawn
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--out", default="outputs/browse_dataset", help="output folder")
+    parser.add_argument("--images", type=int, default=8, help="training images drawn as annotated (default 8)")
+    parser.add_argument("--batches", type=int, default=4, help="augmented training batches drawn (default 4)")
+    parser.add_argument("--epoch", type=int, default=0, help="the epoch whose batches are drawn (0 = the first)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if min(args.images, args.batches, args.epoch) < 0:
+        parser.error("--images, --batches and --epoch must be >= 0")
+    out = Path(args.out)
+    try:
+        if not Path(args.config).is_file():
+            raise FileNotFoundError(f"config {args.config} does not exist")
+        check_out_dir(out)
+        cfg = load_config(args.config, args.cfg_options)
+        from gfldet.engine.build import build_dataset
+
+        dataset = build_dataset(cfg, "train")
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("annotated_*.png"), *out.glob("batch_*.png")]:  # an earlier run's
+        old.unlink()
+    annotated = draw_annotated(dataset, args.images, out)
+    batches = draw_batches(cfg, dataset, args.batches, args.epoch, out)
+    (out / MANIFEST).write_text(json.dumps({"config": str(args.config), "epoch": args.epoch, "batches": batches},
+                                           indent=1) + "\n")
+    print(f"{annotated} annotated image(s) and {len(batches)} batch(es) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
