@@ -95,8 +95,7 @@ class LossConfig:
     # box_repr "dirac" only: each side's initial distance in strides (the bias of the 4 ReLU
     # outputs). Unset: model.head.octave_base_scale / 2, so every box starts at its ATSS anchor, as
     # ATSS's own regression does (the paper's baseline). 0 is torchvision FCOS's init: zero-size
-    # boxes, with ~40 % of the sides in the ReLU's dead zone; on the bundled data it cost 10 AP
-    # (focal_dirac, seed 0, benchmarks/RESULTS.md).
+    # boxes, many sides in the ReLU's dead zone (benchmarks/README.md, "accuracy.py").
     dirac_init_distance: NonNeg | None = None
     qfl_beta: NonNeg = 2.0  # Quality Focal Loss modulating exponent
     focal_alpha: Fraction = 0.25  # focal loss alpha (cls_loss == "focal" only)

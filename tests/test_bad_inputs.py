@@ -61,6 +61,7 @@ TINY = [
     "model.head.stacked_convs=1", "optim.name=sgd", "schedule.epochs=1", "schedule.milestones=[]",
     "schedule.warmup_iters=1", "train.log_interval=1", "train.device=cpu", "train.amp=none",
     "train.channels_last=false", "train.deterministic=true", "model.test.score_thr=0.0",
+    "train.report=false",
 ]
 
 

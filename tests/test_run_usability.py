@@ -205,6 +205,18 @@ def test_overwrite_deletes_only_the_earlier_runs_outputs(tiny_coco, tmp_path):
     assert "final bbox AP" in proc.stdout
 
 
+def test_overwrite_removes_the_earlier_runs_report_and_keeps_other_folders(tmp_path):
+    from gfldet.engine.run_dir import remove_run_outputs
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("old report")
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "model.onnx").write_text("mine")
+    removed = remove_run_outputs(tmp_path)
+    assert removed == [tmp_path / "report"] and not (tmp_path / "report").exists()
+    assert (tmp_path / "exports" / "model.onnx").read_text() == "mine"
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path):
     with pytest.raises(RunDirError, match="contradict"):
         check_run_dir(tmp_path, resume=True, overwrite=True)

@@ -19,7 +19,7 @@ _CHECKPOINTS = ("epoch_*.pth", "last.pth", "best.pth")  # other .pth files (expo
 # The dataset check's cache (gfldet.data.checks), one JSON file per split.
 CHECK_CACHE_DIR = "dataset_check"
 RUN_OUTPUTS = (*_CHECKPOINTS, "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json", "tb",
-               CHECK_CACHE_DIR)
+               CHECK_CACHE_DIR, "report")
 # Signs that a run trained here: a checkpoint, a logged step, or an evaluation.
 _RUN_EVIDENCE = (*_CHECKPOINTS, "scalars.jsonl", "metrics_epoch_*.json")
 # Temporary files of `save_checkpoint` (".NAME.XXXX.tmp") and of `publish_weights`.
