@@ -111,6 +111,13 @@ class HeadConfig:
     norm: Literal["gn", "none"] = "gn"  # normalization in the towers: GroupNorm(32) or none
     reg_max: int = 16  # box side distances are distributions over reg_max + 1 bins (in stride units)
     octave_base_scale: int = 8  # anchor side = octave_base_scale * stride (ATSS priors)
+    # GFLv2's Distribution-Guided Quality Predictor: the top-k bin probabilities of each side
+    # (and their mean) -> 1x1 convs -> a quality that scales sigmoid(class logit). Off = GFLv1.
+    # On, the head emits the joint score's logit, so QFL takes the probability with no other key.
+    dgqp: bool = False
+    dgqp_topk: int = 4  # top-k probabilities per side fed to DGQP (GFLv2 paper: 4)
+    dgqp_channels: int = 64  # hidden channels of DGQP's two 1x1 convs (GFLv2 paper: 64)
+    dgqp_add_mean: bool = True  # append the mean of the top-k to each side (GFLv2 paper: true)
 
 
 @dataclass
@@ -304,6 +311,15 @@ class Config:
         c.at_least("model.head.stacked_convs", m.head.stacked_convs, 0)
         c.at_least("model.head.reg_max", m.head.reg_max, 1)
         c.at_least("model.head.octave_base_scale", m.head.octave_base_scale, 1)
+        if m.head.dgqp:
+            c.between("model.head.dgqp_topk", m.head.dgqp_topk, 1, m.head.reg_max + 1)
+            c.at_least("model.head.dgqp_channels", m.head.dgqp_channels, 1)
+            if m.loss.box_repr != "distribution":
+                c.add("model.head.dgqp", m.head.dgqp,
+                      "false when model.loss.box_repr is 'dirac' (DGQP reads the distribution)")
+            if m.loss.cls_loss != "qfl":
+                c.add("model.head.dgqp", m.head.dgqp,
+                      "false when model.loss.cls_loss is 'focal' (DGQP learns the IoU from QFL)")
         c.at_least("model.assigner.topk", m.assigner.topk, 1)
         c.at_least("model.loss.qfl_beta", m.loss.qfl_beta, 0)
         c.between("model.loss.focal_alpha", m.loss.focal_alpha, 0, 1)
