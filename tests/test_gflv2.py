@@ -6,15 +6,32 @@ Shape legend: `B` images, `A` priors, `C` classes, `R` = reg_max, `N` rows of th
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_in_process, tiny_overrides
+from test_convert_mmdet import mmdet_gfl_state_dict
 
+from gfldet.config import load_config
+from gfldet.convert_mmdet import (
+    ConversionError,
+    convert_state_dict,
+    extra_class_channel,
+    infer_model_settings,
+)
+from gfldet.engine.checkpoint import load_checkpoint
+from gfldet.inference import Detector
 from gfldet.losses import quality_focal_loss
 from gfldet.models.build import build_gfl
 from gfldet.models.head import DGQP, GFLHead, joint_logit
+
+TRAIN, EVAL, PREDICT, EXPORT, CONVERT = (
+    str(ROOT / "tools" / f"{t}.py") for t in ("train", "eval", "predict", "export", "convert_mmdet"))
+DEMO = str(ROOT / "configs" / "demo_synthetic_cpu.yaml")
 
 
 def _side_logits(*probs: list[float]) -> torch.Tensor:
@@ -115,7 +132,8 @@ def test_log_space_qfl_equals_bce_qfl_on_the_joint_probability_values_and_gradie
 
 
 def test_joint_logit_is_finite_where_both_sigmoids_round_to_one():
-    # float32: logsigmoid(z) rounds to 0 beyond z ~ 104, so log s = 0 and logit(s) = inf unguarded
+    # float32: logsigmoid(z) rounds to 0 beyond z ~ 104, so log s = 0: log(1 - s) must not come
+    # from s (log(-expm1(0)) = -inf, an infinite logit and a nan gradient)
     z = torch.tensor([[200.0, -200.0, 0.0]], requires_grad=True)
     u = torch.tensor([[200.0]], requires_grad=True)
     logit = joint_logit(z, u)
@@ -179,3 +197,161 @@ def test_dgqp_off_builds_exactly_the_gflv1_model():
     assert sum(v2.state_dict()[k].numel() for k in extra) == 20 * 64 + 64 + 64 + 1  # 1,409 (paper)
     assert math.isclose(v2.head.dgqp.hidden.weight.std().item(), 0.01, rel_tol=0.2)  # N(0, 0.01)
     assert v2.head.dgqp.out.bias.abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- every tool, GFLv2
+
+@pytest.fixture(scope="module")
+def v2_run(tiny_coco, tmp_path_factory):
+    """A tiny GFLv2 model trained 2 epochs by tools/train.py (fp32, every detection kept)."""
+    work = tmp_path_factory.mktemp("gflv2_run")
+    run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--cfg-options", *V2_OPTIONS(tiny_coco))
+    return work
+
+
+def V2_OPTIONS(data) -> list[str]:  # noqa: N802 - reads as the constant it is
+    return [*tiny_overrides(data), "model.head.dgqp=true", "model.test.score_thr=0.0"]
+
+
+def test_gflv2_trains_saves_its_switch_and_eval_reproduces_the_training_ap(v2_run, tmp_path):
+    state = load_checkpoint(v2_run / "last.pth")
+    assert state["config"]["model"]["head"]["dgqp"] is True
+    assert "head.dgqp.hidden.weight" in state["model"]
+    assert load_config(v2_run / "config.yaml").model.head.dgqp
+    run_in_process(EVAL, str(v2_run / "config.yaml"), str(v2_run / "last.pth"), "--metrics", str(tmp_path / "m.json"))
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    trained = json.loads((v2_run / "metrics_epoch_2.json").read_text())
+    assert trained["bbox_mAP"] > 0 and trained["AR_100"] > 0
+    for key in ("bbox_mAP", "bbox_mAP_50", "AR_100"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-9), key
+
+
+def test_gflv2_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_run, tiny_coco, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pth").write_bytes((v2_run / "epoch_1.pth").read_bytes())
+    shutil.copytree(v2_run / "dataset_check", resumed / "dataset_check")
+    run_in_process(TRAIN, DEMO, "--work-dir", str(resumed), "--resume", "--cfg-options", *V2_OPTIONS(tiny_coco),
+                   "train.eval_interval=0")
+    a, b = load_checkpoint(v2_run / "last.pth")["model"], load_checkpoint(resumed / "last.pth")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gflv2_detector_and_predict(v2_run, tiny_coco, tmp_path):
+    detector = Detector.from_checkpoint(v2_run / "last.pth", score_thr=0.0)
+    assert detector.model.head.dgqp is not None
+    paths = sorted(tiny_coco["val_images"].iterdir())
+    got = detector(paths)
+    assert sum(len(d["scores"]) for d in got) > 0
+    # The scores are joint probabilities sigmoid(z) * quality, so they lie in (0, 1).
+    assert all(((d["scores"] > 0) & (d["scores"] < 1)).all() for d in got)
+    out = tmp_path / "predict"
+    run_in_process(PREDICT, str(v2_run / "config.yaml"), str(v2_run / "last.pth"), str(tiny_coco["val_images"]),
+                   "--out", str(out), "--score-thr", "0.0")
+    records = [json.loads((out / f"{p.stem}.json").read_text()) for p in paths]
+    for record, det in zip(records, got, strict=True):
+        # the JSON keeps 4 decimals
+        assert [d["score"] for d in record["detections"]] == pytest.approx(det["scores"].tolist(), abs=5.1e-5)
+
+
+@pytest.mark.parametrize("nms", [False, True], ids=["raw", "nms"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_gflv2_exports_and_verifies_against_evaluation(v2_run, tiny_coco, tmp_path, fmt, nms):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"gflv2.{'onnx' if fmt == 'onnx' else 'pt'}"
+    args = [str(v2_run / "config.yaml"), str(v2_run / "last.pth"), "--format", fmt, "--out", str(out),
+            "--verify-images", str(tiny_coco["val_images"]), "--num-verify", "2", *(["--nms"] * nms),
+            *(["--dynamic"] * (fmt == "onnx"))]
+    proc = run_in_process(EXPORT, *args)
+    assert out.is_file()
+    assert "verified against PyTorch evaluation (GFL.forward)" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- official checkpoints
+
+def official_gflv2_state_dict(num_classes: int = 3, fpn: int = 32, feat: int = 64, channels: int = 64):
+    """An implus/GFocalV2 `GFocalHead` state dict (ResNet-18 trunk, one tower conv): GFLv1's keys
+    plus `reg_conf.0` (20 -> channels) and `reg_conf.2` (channels -> 1), and `gfl_cls` with
+    num_classes + 1 outputs (use_sigmoid=False in mmdet 2.x's AnchorHead)."""
+    sd = mmdet_gfl_state_dict(depth=18, num_classes=num_classes + 1, fpn=fpn, feat=feat, stacked=1)
+    sd["bbox_head.reg_conf.0.weight"] = torch.randn(channels, 20, 1, 1) * 0.3
+    sd["bbox_head.reg_conf.0.bias"] = torch.randn(channels) * 0.1
+    sd["bbox_head.reg_conf.2.weight"] = torch.randn(1, channels, 1, 1) * 0.3
+    sd["bbox_head.reg_conf.2.bias"] = torch.randn(1)
+    return sd
+
+
+def official_head_scores(sd: dict, x: torch.Tensor, level: int) -> torch.Tensor:
+    """GFocalHead.forward_single restated on the official tensors: [B, F, H, W] -> cls_score
+    [B, C + 1, H, W], the joint probability of every official channel."""
+    def tower(name: str) -> torch.Tensor:
+        y = F.conv2d(x, sd[f"bbox_head.{name}.0.conv.weight"], padding=1)
+        return F.relu(F.group_norm(y, 32, sd[f"bbox_head.{name}.0.gn.weight"], sd[f"bbox_head.{name}.0.gn.bias"]))
+
+    cls_feat, reg_feat = tower("cls_convs"), tower("reg_convs")
+    bbox_pred = F.conv2d(reg_feat, sd["bbox_head.gfl_reg.weight"], sd["bbox_head.gfl_reg.bias"], padding=1)
+    bbox_pred = bbox_pred * sd[f"bbox_head.scales.{level}.scale"]
+    n, _, h, w = bbox_pred.shape
+    prob = F.softmax(bbox_pred.reshape(n, 4, 17, h, w), dim=2)
+    top = prob.topk(4, dim=2).values
+    stat = torch.cat([top, top.mean(dim=2, keepdim=True)], dim=2).reshape(n, -1, h, w)
+    hidden = F.relu(F.conv2d(stat, sd["bbox_head.reg_conf.0.weight"], sd["bbox_head.reg_conf.0.bias"]))
+    quality = torch.sigmoid(F.conv2d(hidden, sd["bbox_head.reg_conf.2.weight"], sd["bbox_head.reg_conf.2.bias"]))
+    cls = F.conv2d(cls_feat, sd["bbox_head.gfl_cls.weight"], sd["bbox_head.gfl_cls.bias"], padding=1)
+    return torch.sigmoid(cls) * quality
+
+
+def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_head():
+    torch.manual_seed(0)
+    sd = official_gflv2_state_dict()
+    settings = infer_model_settings(sd)  # no class names: the official 81-for-80 layout
+    assert settings["num_classes"] == 3 and settings["dgqp"] and settings["dgqp_topk"] == 4
+    assert settings["dgqp_channels"] == 64 and settings["dgqp_add_mean"]
+    assert infer_model_settings(sd, ["a", "b", "c", "d"])["num_classes"] == 4  # meta says 4 classes
+    model = build_gfl(**settings).eval()
+    target = model.state_dict()
+    stripped, cut = extra_class_channel(sd, 3)
+    assert len(cut) == 2 and stripped["bbox_head.gfl_cls.weight"].shape[0] == 3
+    converted, report = convert_state_dict(stripped, target)
+    assert set(converted) == set(target) and report.dropped == ["bbox_head.integral.project"]
+    assert len(sd) - 1 == report.mapped + 4  # every official tensor used once (5 scales -> 1)
+    for ours, theirs in (("head.dgqp.hidden.weight", "bbox_head.reg_conf.0.weight"),
+                         ("head.dgqp.hidden.bias", "bbox_head.reg_conf.0.bias"),
+                         ("head.dgqp.out.weight", "bbox_head.reg_conf.2.weight"),
+                         ("head.dgqp.out.bias", "bbox_head.reg_conf.2.bias")):
+        assert torch.equal(converted[ours], sd[theirs])
+    assert torch.equal(converted["head.cls_out.weight"], sd["bbox_head.gfl_cls.weight"][:3])
+
+    model.load_state_dict(converted, strict=True)
+    x = torch.randn(2, 32, 6, 7)
+    with torch.no_grad():
+        cls_logits, _ = model.head([x])  # [B, A, C] with one level
+        expected = official_head_scores(sd, x, level=0)  # [B, C + 1, H, W]
+    expected = expected[:, :3].permute(0, 2, 3, 1).flatten(1, 2)
+    torch.testing.assert_close(torch.sigmoid(cls_logits), expected, rtol=1e-5, atol=1e-7)
+
+    # Without the channel cut the class conv has 4 outputs for 3 classes: refused, named.
+    with pytest.raises(ConversionError, match="bbox_head.gfl_cls.weight"):
+        convert_state_dict(sd, target)
+
+
+def test_gflv1_model_refuses_an_official_gflv2_state_dict_naming_reg_conf():
+    sd = official_gflv2_state_dict()
+    settings = {**infer_model_settings(sd), "dgqp": False}
+    target = build_gfl(**settings).state_dict()
+    with pytest.raises(ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.dgqp\.hidden\.weight"):
+        convert_state_dict(extra_class_channel(sd, 3)[0], target)
+
+
+def test_cli_converts_an_official_gflv2_checkpoint_and_detector_loads_it(tmp_path):
+    torch.manual_seed(1)
+    sd = official_gflv2_state_dict()
+    src, out = tmp_path / "gfocal_r18.pth", tmp_path / "gflv2_r18.pth"
+    torch.save({"meta": {"mmdet_version": "2.6.0", "CLASSES": ("cat", "dog", "bird")}, "state_dict": sd}, src)
+    proc = run_in_process(CONVERT, str(src), str(out))
+    assert "GFLv2: DGQP (top-4 + mean, 64 channels)" in proc.stdout
+    assert "background class channel" in proc.stdout and "[4, 64, 3, 3] -> first 3" in proc.stdout
+    detector = Detector.from_checkpoint(out)
+    assert detector.class_names == ["cat", "dog", "bird"] and detector.model.head.dgqp is not None
+    assert torch.equal(detector.model.state_dict()["head.dgqp.out.bias"], sd["bbox_head.reg_conf.2.bias"])

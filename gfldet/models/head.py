@@ -81,26 +81,26 @@ class DGQP(nn.Module):
 
 
 def joint_logit(cls_logits: Tensor, quality_logit: Tensor) -> Tensor:
-    """The logit of s = sigmoid(z) * sigmoid(u), computed in log space so that QFL on it equals
+    """The logit of s = sigmoid(z) * sigmoid(u), computed in log space, so that QFL on it equals
     BCE-based QFL on s (GFLv2) without ever forming log(s) or log(1 - s) from a rounded s.
 
-    log s = logsigmoid(z) + logsigmoid(u) <= 0, log(1 - s) = log1mexp(log s), and
-    logit(s) = log s - log(1 - s). log1mexp uses log(-expm1(a)) near 0 and log1p(-exp(a)) below
-    -log 2 (Maechler 2012), both accurate in their range. log s is kept below 0 so that the logit
-    stays finite when both sigmoids round to 1 (z and u beyond ~100 in float32).
+    log s = logsigmoid(z) + logsigmoid(u), and 1 - s = sigmoid(-z) + sigmoid(z) * sigmoid(-u):
+    two positive terms, so log(1 - s) is their log-sum-exp with no cancellation, finite for any
+    finite z and u (also where both sigmoids round to 1), with no branch. logit(s) = log s -
+    log(1 - s).
 
-    cls_logits [..., C] and quality_logit [..., 1] -> [..., C], in at least float32 (the log-space
-    steps lose what fp16/bf16 would keep of 1 - s).
+    cls_logits [..., C] and quality_logit [..., 1] -> [..., C], in at least float32 (fp16 and bf16
+    would keep little of 1 - s near s = 1).
     """
     z, u = _at_least_float32(cls_logits), _at_least_float32(quality_logit)
-    log_s = (F.logsigmoid(z) + F.logsigmoid(u)).clamp(max=-torch.finfo(z.dtype).tiny)
-    near_one = log_s > -math.log(2)
-    # Each branch gets only inputs from its own range (a placeholder elsewhere): the branch not
-    # taken would give -inf or 0 * inf = nan in the backward pass of torch.where.
-    high = torch.where(near_one, log_s, -1.0)
-    low = torch.where(near_one, -1.0, log_s)
-    log_1m_s = torch.where(near_one, torch.log(-torch.expm1(high)), torch.log1p(-torch.exp(low)))
-    return log_s - log_1m_s
+    log_sig_z = F.logsigmoid(z)
+    log_s = log_sig_z + F.logsigmoid(u)
+    return log_s - _logaddexp(F.logsigmoid(-z), log_sig_z + F.logsigmoid(-u))
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp(a) + exp(b)), written out: ONNX export has no `aten::logaddexp`."""
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
 
 
 class GFLHead(nn.Module):
