@@ -355,3 +355,41 @@ def test_cli_converts_an_official_gflv2_checkpoint_and_detector_loads_it(tmp_pat
     detector = Detector.from_checkpoint(out)
     assert detector.class_names == ["cat", "dog", "bird"] and detector.model.head.dgqp is not None
     assert torch.equal(detector.model.state_dict()["head.dgqp.out.bias"], sd["bbox_head.reg_conf.2.bias"])
+
+
+# --------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize(("v2", "v1", "train_sides"), [
+    ("gflv2_r50_fpn_1x_coco.yaml", "gfl_r50_fpn_1x_coco.yaml", None),
+    ("gflv2_r50_fpn_ms_2x_coco.yaml", "gfl_r50_fpn_ms_2x_coco.yaml", [480, 960]),
+    ("gflv2_r101_fpn_ms_2x_coco.yaml", "gfl_r101_fpn_ms_2x_coco.yaml", [480, 960]),
+    ("gflv2_demo_synthetic_cpu.yaml", "demo_synthetic_cpu.yaml", None),
+])
+def test_gflv2_configs_are_their_gflv1_recipe_plus_dgqp(v2, v1, train_sides):
+    from gfldet.config import config_to_dict
+
+    a, b = load_config(ROOT / "configs" / v2), load_config(ROOT / "configs" / v1)
+    head = a.model.head
+    assert (head.dgqp, head.dgqp_topk, head.dgqp_channels, head.dgqp_add_mean) == (True, 4, 64, True)
+    assert not b.model.head.dgqp
+    if train_sides is not None:
+        assert list(a.data.train_short_side) == train_sides  # the official GFLv2 2x range
+        assert list(b.data.train_short_side) == [480, 800]  # GFLv1's
+    for cfg in (a, b):
+        cfg.model.head.dgqp = False
+        if train_sides is not None:
+            cfg.data.train_short_side = a.data.train_short_side
+    assert config_to_dict(a) == config_to_dict(b)
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    (["model.loss.cls_loss=focal"], "model.head.dgqp"),
+    (["model.loss.box_repr=dirac", "model.loss.dfl_weight=0"], "model.head.dgqp"),
+    (["model.head.dgqp_topk=18"], "model.head.dgqp_topk"),
+    (["model.head.dgqp_channels=0"], "model.head.dgqp_channels"),
+])
+def test_bad_dgqp_settings_are_refused_naming_the_key(options, named):
+    from gfldet.config import ConfigError
+
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(ROOT / "configs" / "gflv2_demo_synthetic_cpu.yaml", options)
