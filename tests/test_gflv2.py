@@ -393,3 +393,28 @@ def test_bad_dgqp_settings_are_refused_naming_the_key(options, named):
 
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(ROOT / "configs" / "gflv2_demo_synthetic_cpu.yaml", options)
+
+
+# --------------------------------------------------------------------------- accuracy entrant
+
+def test_gflv2_accuracy_entrant_is_gfl_plus_dgqp_and_reported_against_gfl():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+    from test_accuracy_bench import record, table_rows
+
+    from gfldet.config import config_to_dict
+
+    args = accuracy.parse_args(["--config", str(ROOT / "configs" / "synthetic_accuracy.yaml")])
+    v2 = accuracy.run_config(args, accuracy.ENTRANTS["gflv2"], seed=1, epochs=2)
+    v1 = accuracy.run_config(args, accuracy.ENTRANTS["gfl"], seed=1, epochs=2)
+    assert v2.model.head.dgqp and not v1.model.head.dgqp
+    v2.model.head.dgqp = False
+    assert config_to_dict(v2) == config_to_dict(v1)  # the switch is the only difference
+
+    records = [record("gfl", 0, 0.10), record("gfl", 1, 0.12), record("gflv2", 0, 0.11), record("gflv2", 1, 0.15)]
+    text = accuracy.report(records, epochs=2, results_path="results.json")
+    versus = table_rows(text, "GFLv2 against GFLv1")  # paired by seed: +1 and +3 points
+    assert versus["`gflv2` − `gfl`"][1:3] == ["2", "+2.0 ± 1.4"]
+    assert table_rows(text, "All entrants")["`gflv2`"][2:4] == ["2", "13.0 ± 2.8"]
