@@ -45,7 +45,9 @@ from gfldet.models.detector import GFL
 HEIGHT, WIDTH = 800, 1333  # padded to 800x1344 (a multiple of 32)
 
 
-def gfl_batch(batch: int, height: int, width: int, padded: tuple[int, int]) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+def gfl_batch(
+    batch: int, height: int, width: int, padded: tuple[int, int]
+) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
     """(normalised padded images [B, 3, H', W'], their targets, the raw pixels [B, 3, H, W])."""
     pixels = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
@@ -55,8 +57,9 @@ def gfl_batch(batch: int, height: int, width: int, padded: tuple[int, int]) -> t
     return gfl_images, gfl_targets, pixels
 
 
-def measure_gflv2(gfl: GFL, gflv2: GFL, batch: int, height: int, width: int, padded: tuple[int, int],
-                  repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def measure_gflv2(
+    gfl: GFL, gflv2: GFL, batch: int, height: int, width: int, padded: tuple[int, int], repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per batch of GFLv1 and GFLv2, alternated, and their detections per image."""
     images, targets, _ = gfl_batch(batch, height, width, padded)
     outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -65,7 +68,8 @@ def measure_gflv2(gfl: GFL, gflv2: GFL, batch: int, height: int, width: int, pad
         with torch.no_grad():
             outputs[name] = model(images, targets)
 
-    t = time_alternating({"gfl": lambda: run("gfl", gfl), "gflv2": lambda: run("gflv2", gflv2)}, repeats=repeats)
+    entrants = {"gfl": lambda: run("gfl", gfl), "gflv2": lambda: run("gflv2", gflv2)}
+    t = time_alternating(entrants, repeats=repeats)
     return t, {k: sum(len(o["boxes"]) for o in v) / batch for k, v in outputs.items()}
 
 
@@ -132,9 +136,12 @@ def main() -> None:
               f"RetinaNet {c['retina']:.0f}")
 
 
-def compare_gflv2(gfl: GFL, args: argparse.Namespace, height: int, width: int, padded: tuple[int, int]) -> None:
+def compare_gflv2(
+    gfl: GFL, args: argparse.Namespace, height: int, width: int, padded: tuple[int, int]
+) -> None:
     gflv2 = build_gfl(num_classes=80, backbone_weights=None, dgqp=True).eval()
-    missing, unexpected = gflv2.load_state_dict(gfl.state_dict(), strict=False)  # same trunk and head
+    # the same trunk and head weights; only DGQP keeps its initialisation
+    missing, unexpected = gflv2.load_state_dict(gfl.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("head.dgqp.") for k in missing)
     if args.scores == "dense":
         for model in (gfl, gflv2):
@@ -142,8 +149,10 @@ def compare_gflv2(gfl: GFL, args: argparse.Namespace, height: int, width: int, p
     rows, counts = [], {}
     for batch in args.batch:
         t, counts[batch] = measure_gflv2(gfl, gflv2, batch, height, width, padded, args.repeats)
-        rows.append([batch, f"{t['gfl'] * 1e3:.0f}", f"{t['gflv2'] * 1e3:.0f}", f"{t['gflv2'] / t['gfl']:.3f}"])
-    print(f"machine: {machine()}; {allocator_line()}; images {height}x{width} (padded {padded[0]}x{padded[1]}), scores: {args.scores}")
+        ms_v1, ms_v2 = t["gfl"] * 1e3, t["gflv2"] * 1e3
+        rows.append([batch, f"{ms_v1:.0f}", f"{ms_v2:.0f}", f"{ms_v2 / ms_v1:.3f}"])
+    print(f"machine: {machine()}; {allocator_line()}; images {height}x{width} "
+          f"(padded {padded[0]}x{padded[1]}), scores: {args.scores}")
     print(markdown_table(["batch", "GFLv1 ms", "GFLv2 ms", "GFLv2/GFLv1"], rows))
     for batch, c in counts.items():
         print(f"detections per image, batch {batch}: GFLv1 {c['gfl']:.0f}, GFLv2 {c['gflv2']:.0f}")

@@ -16,8 +16,8 @@ Anything else is a `ConversionError` listing the offending keys.
     bbox_head.gfl_cls / gfl_reg                   head.cls_out / head.reg_out
     bbox_head.scales.l.scale         ([] each)    head.scales[l]  (one [L] parameter)
     bbox_head.integral.project       ([R + 1])    dropped: gfldet's bins are fixed (checked equal)
-    bbox_head.reg_conf.0 / .2        (GFLv2)      head.dgqp.hidden / head.dgqp.out (DGQP's 1x1 convs;
-                                                  .1 is the ReLU, .3 the Sigmoid, no tensors)
+    bbox_head.reg_conf.0 / .2        (GFLv2)      head.dgqp.hidden / head.dgqp.out (DGQP's
+                                                  1x1 convs; .1 ReLU, .3 Sigmoid: no tensors)
     backbone.fc.*                    (if present) dropped: no classifier in a detector
 
 GFLv2 (implus/GFocalV2, `GFocalHead`): its configs set `QualityFocalLoss(use_sigmoid=False)`,
@@ -125,8 +125,8 @@ def mapping_rules(norm: str = "gn") -> list[Rule]:
         _rule(r"bbox_head\.gfl_reg\.(weight|bias)", lambda m: Target(f"head.reg_out.{m[1]}"), "distribution output conv"),
         _rule(r"bbox_head\.scales\.(\d+)\.scale", lambda m: Target("head.scales", int(m[1])), "per-level scale"),
         _rule(r"bbox_head\.integral\.project", lambda m: None, "Integral bins 0..R (dropped, checked)"),
-        _rule(r"bbox_head\.reg_conf\.0\.(weight|bias)", lambda m: Target(f"head.dgqp.hidden.{m[1]}"),
-              "GFLv2 DGQP first 1x1 conv"),
+        _rule(r"bbox_head\.reg_conf\.0\.(weight|bias)",
+              lambda m: Target(f"head.dgqp.hidden.{m[1]}"), "GFLv2 DGQP first 1x1 conv"),
         _rule(r"bbox_head\.reg_conf\.2\.(weight|bias)", lambda m: Target(f"head.dgqp.out.{m[1]}"),
               "GFLv2 DGQP second 1x1 conv"),
     ]
@@ -137,7 +137,7 @@ class ConversionReport:
     mapped: int = 0  # gfldet keys filled from the MMDetection file
     dropped: list[str] = field(default_factory=list)  # MMDetection keys left out on purpose
     filled: list[str] = field(default_factory=list)  # num_batches_tracked absent from the file, set to 0
-    sliced: list[str] = field(default_factory=list)  # GFLv2's extra (background) class channel, dropped
+    sliced: list[str] = field(default_factory=list)  # GFLv2's background class channel, cut
 
 
 # --------------------------------------------------------------------------- reading
@@ -170,7 +170,9 @@ def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
-def infer_model_settings(state: Mapping[str, Tensor], class_names: list[str] | None = None) -> dict[str, Any]:
+def infer_model_settings(
+    state: Mapping[str, Tensor], class_names: list[str] | None = None
+) -> dict[str, Any]:
     """`build_gfl` keyword arguments implied by an MMDetection GFL state dict's keys and shapes.
 
     A GFLv2 state dict (`bbox_head.reg_conf.*`) adds the dgqp_* arguments. Its `gfl_cls` has one
@@ -367,7 +369,8 @@ def _error_text(
     parts.append(
         "Only MMDetection GFL models with a ResNet-18/34/50/101 backbone (no DCN, no ResNeXt), "
         "FPN P3-P7 and GFLHead (or GFLv2's GFocalHead) convert. If you passed --config, check "
-        "that it describes the same model (depth, channels, stacked convs, classes) or leave it out to infer the model."
+        "that it describes the same model (depth, channels, stacked convs, classes) or leave it "
+        "out to infer the model."
     )
     return "\n".join(parts)
 
@@ -390,7 +393,9 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     mmdet_state, meta = read_mmdet_checkpoint(src)
     names = mmdet_class_names(meta)
-    cfg = config if config is not None else config_from_settings(infer_model_settings(mmdet_state, names))
+    if config is None:
+        config = config_from_settings(infer_model_settings(mmdet_state, names))
+    cfg = config
     model = build_inference_model(cfg)
     mmdet_state, sliced = extra_class_channel(mmdet_state, cfg.model.num_classes)
     converted, report = convert_state_dict(mmdet_state, model.state_dict(), cfg.model.head.norm, cfg.model.head.reg_max)

@@ -30,7 +30,8 @@ from gfldet.models.build import build_gfl
 from gfldet.models.head import DGQP, GFLHead, joint_logit
 
 TRAIN, EVAL, PREDICT, EXPORT, CONVERT = (
-    str(ROOT / "tools" / f"{t}.py") for t in ("train", "eval", "predict", "export", "convert_mmdet"))
+    str(ROOT / "tools" / f"{t}.py") for t in ("train", "eval", "predict", "export", "convert_mmdet")
+)
 DEMO = str(ROOT / "configs" / "demo_synthetic_cpu.yaml")
 
 
@@ -57,7 +58,9 @@ def test_dgqp_worked_by_hand():
         dgqp.hidden.bias.copy_(torch.tensor([-1.0, 0.0]))
         dgqp.out.weight.copy_(torch.tensor([2.0, 5.0]).reshape(1, 2, 1, 1))
         dgqp.out.bias.fill_(0.2)
-    reg = _side_logits([.10, .40, .20, .25, .05], [.60, .30, .04, .03, .03], [.2] * 5, [.2] * 5)
+    reg = _side_logits(
+        [0.10, 0.40, 0.20, 0.25, 0.05], [0.60, 0.30, 0.04, 0.03, 0.03], [0.2] * 5, [0.2] * 5
+    )
     u = dgqp(reg)
     assert u.shape == (1, 1, 1, 1)
     assert u.item() == pytest.approx(1.0, abs=1e-12)
@@ -74,29 +77,43 @@ def test_dgqp_without_mean_has_4k_inputs_and_checks_topk():
 
 def test_head_class_output_is_the_joint_logit():
     torch.manual_seed(0)
-    head = GFLHead(3, in_channels=32, feat_channels=32, stacked_convs=1, reg_max=4, num_levels=1,
-                   dgqp=DGQP(reg_max=4, channels=8)).double()
+    head = GFLHead(
+        3,
+        in_channels=32,
+        feat_channels=32,
+        stacked_convs=1,
+        reg_max=4,
+        num_levels=1,
+        dgqp=DGQP(reg_max=4, channels=8),
+    ).double()
     for p in head.dgqp.parameters():  # away from init, so that the quality is not ~0.5 everywhere
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
     cls_logits, reg_logits = head([x])  # [B, A, C], [B, A, 4(R+1)]
     z = head.cls_out(head.cls_tower(x)).permute(0, 2, 3, 1).flatten(1, 2)
-    u = head.dgqp(head.reg_out(head.reg_tower(x)) * head.scales[0]).permute(0, 2, 3, 1).flatten(1, 2)
+    u = (
+        head.dgqp(head.reg_out(head.reg_tower(x)) * head.scales[0])
+        .permute(0, 2, 3, 1)
+        .flatten(1, 2)
+    )
     expected = torch.sigmoid(z) * torch.sigmoid(u)  # [B, A, C]: one quality for all classes
     assert cls_logits.shape == (2, 15, 3) and reg_logits.shape == (2, 15, 20)
     torch.testing.assert_close(torch.sigmoid(cls_logits), expected, rtol=1e-12, atol=1e-15)
     assert not torch.allclose(torch.sigmoid(cls_logits), torch.sigmoid(z))
 
 
-def official_qfl_on_probabilities(prob: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-                                  beta: float = 2.0) -> torch.Tensor:
+def official_qfl_on_probabilities(
+    prob: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float = 2.0
+) -> torch.Tensor:
     """GFocalV2's `quality_focal_loss(use_sigmoid=False)`, restated: F.binary_cross_entropy on the
     joint probability [N, C], 0 targets everywhere but the labelled class of a positive. -> [N]"""
     loss = F.binary_cross_entropy(prob, torch.zeros_like(prob), reduction="none") * prob.pow(beta)
     pos = (labels >= 0) & (labels < prob.shape[1])
     rows, cols = pos.nonzero()[:, 0], labels[pos]
     p = prob[rows, cols]
-    pos_loss = F.binary_cross_entropy(p, scores[rows], reduction="none") * (scores[rows] - p).abs().pow(beta)
+    pos_loss = F.binary_cross_entropy(p, scores[rows], reduction="none") * (
+        scores[rows] - p
+    ).abs().pow(beta)
     return loss.index_put((rows, cols), pos_loss).sum(dim=1)
 
 
@@ -148,20 +165,28 @@ def test_box_weights_are_the_max_joint_probability():
     # output); with DGQP that is max_c sigmoid(z_c) * q, the official `cls_score.max(dim=1)`.
     z, u, _, _ = _qfl_cases()
     weight = joint_logit(z, u).amax(dim=1).sigmoid()
-    torch.testing.assert_close(weight, (torch.sigmoid(z) * torch.sigmoid(u)).amax(dim=1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        weight, (torch.sigmoid(z) * torch.sigmoid(u)).amax(dim=1), rtol=1e-12, atol=0
+    )
 
 
 def _tiny_batch() -> tuple[torch.Tensor, list[dict]]:
     images = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))
-    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 70]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30.0, 20, 100, 90], [5, 5, 40, 30]]), "labels": torch.tensor([2, 0])}]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10, 60, 70]]), "labels": torch.tensor([1])},
+        {
+            "boxes": torch.tensor([[30.0, 20, 100, 90], [5, 5, 40, 30]]),
+            "labels": torch.tensor([2, 0]),
+        },
+    ]
     return images, targets
 
 
 def _tiny_model(dgqp: bool, seed: int = 0):
     torch.manual_seed(seed)
-    return build_gfl(num_classes=3, depth=18, fpn_channels=32, feat_channels=32, stacked_convs=1,
-                     dgqp=dgqp)
+    return build_gfl(
+        num_classes=3, depth=18, fpn_channels=32, feat_channels=32, stacked_convs=1, dgqp=dgqp
+    )
 
 
 def test_gflv2_trains_under_bf16_autocast_with_finite_losses_and_gradients():
@@ -192,14 +217,19 @@ def test_dgqp_off_builds_exactly_the_gflv1_model():
     assert off.head.dgqp is None
     v2 = _tiny_model(dgqp=True)
     extra = set(v2.state_dict()) - set(v1.state_dict())
-    assert extra == {"head.dgqp.hidden.weight", "head.dgqp.hidden.bias", "head.dgqp.out.weight",
-                     "head.dgqp.out.bias"}
+    assert extra == {
+        "head.dgqp.hidden.weight",
+        "head.dgqp.hidden.bias",
+        "head.dgqp.out.weight",
+        "head.dgqp.out.bias",
+    }
     assert sum(v2.state_dict()[k].numel() for k in extra) == 20 * 64 + 64 + 64 + 1  # 1,409 (paper)
     assert math.isclose(v2.head.dgqp.hidden.weight.std().item(), 0.01, rel_tol=0.2)  # N(0, 0.01)
     assert v2.head.dgqp.out.bias.abs().sum() == 0
 
 
 # --------------------------------------------------------------------------- every tool, GFLv2
+
 
 @pytest.fixture(scope="module")
 def v2_run(tiny_coco, tmp_path_factory):
@@ -218,7 +248,13 @@ def test_gflv2_trains_saves_its_switch_and_eval_reproduces_the_training_ap(v2_ru
     assert state["config"]["model"]["head"]["dgqp"] is True
     assert "head.dgqp.hidden.weight" in state["model"]
     assert load_config(v2_run / "config.yaml").model.head.dgqp
-    run_in_process(EVAL, str(v2_run / "config.yaml"), str(v2_run / "last.pth"), "--metrics", str(tmp_path / "m.json"))
+    run_in_process(
+        EVAL,
+        str(v2_run / "config.yaml"),
+        str(v2_run / "last.pth"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     trained = json.loads((v2_run / "metrics_epoch_2.json").read_text())
     assert trained["bbox_mAP"] > 0 and trained["AR_100"] > 0
@@ -231,9 +267,20 @@ def test_gflv2_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_run, tin
     resumed.mkdir()
     (resumed / "last.pth").write_bytes((v2_run / "epoch_1.pth").read_bytes())
     shutil.copytree(v2_run / "dataset_check", resumed / "dataset_check")
-    run_in_process(TRAIN, DEMO, "--work-dir", str(resumed), "--resume", "--cfg-options", *V2_OPTIONS(tiny_coco),
-                   "train.eval_interval=0")
-    a, b = load_checkpoint(v2_run / "last.pth")["model"], load_checkpoint(resumed / "last.pth")["model"]
+    run_in_process(
+        TRAIN,
+        DEMO,
+        "--work-dir",
+        str(resumed),
+        "--resume",
+        "--cfg-options",
+        *V2_OPTIONS(tiny_coco),
+        "train.eval_interval=0",
+    )
+    a, b = (
+        load_checkpoint(v2_run / "last.pth")["model"],
+        load_checkpoint(resumed / "last.pth")["model"],
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -246,12 +293,22 @@ def test_gflv2_detector_and_predict(v2_run, tiny_coco, tmp_path):
     # The scores are joint probabilities sigmoid(z) * quality, so they lie in (0, 1).
     assert all(((d["scores"] > 0) & (d["scores"] < 1)).all() for d in got)
     out = tmp_path / "predict"
-    run_in_process(PREDICT, str(v2_run / "config.yaml"), str(v2_run / "last.pth"), str(tiny_coco["val_images"]),
-                   "--out", str(out), "--score-thr", "0.0")
+    run_in_process(
+        PREDICT,
+        str(v2_run / "config.yaml"),
+        str(v2_run / "last.pth"),
+        str(tiny_coco["val_images"]),
+        "--out",
+        str(out),
+        "--score-thr",
+        "0.0",
+    )
     records = [json.loads((out / f"{p.stem}.json").read_text()) for p in paths]
     for record, det in zip(records, got, strict=True):
         # the JSON keeps 4 decimals
-        assert [d["score"] for d in record["detections"]] == pytest.approx(det["scores"].tolist(), abs=5.1e-5)
+        assert [d["score"] for d in record["detections"]] == pytest.approx(
+            det["scores"].tolist(), abs=5.1e-5
+        )
 
 
 @pytest.mark.parametrize("nms", [False, True], ids=["raw", "nms"])
@@ -260,9 +317,20 @@ def test_gflv2_exports_and_verifies_against_evaluation(v2_run, tiny_coco, tmp_pa
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
     out = tmp_path / f"gflv2.{'onnx' if fmt == 'onnx' else 'pt'}"
-    args = [str(v2_run / "config.yaml"), str(v2_run / "last.pth"), "--format", fmt, "--out", str(out),
-            "--verify-images", str(tiny_coco["val_images"]), "--num-verify", "2", *(["--nms"] * nms),
-            *(["--dynamic"] * (fmt == "onnx"))]
+    args = [
+        str(v2_run / "config.yaml"),
+        str(v2_run / "last.pth"),
+        "--format",
+        fmt,
+        "--out",
+        str(out),
+        "--verify-images",
+        str(tiny_coco["val_images"]),
+        "--num-verify",
+        "2",
+        *(["--nms"] * nms),
+        *(["--dynamic"] * (fmt == "onnx")),
+    ]
     proc = run_in_process(EXPORT, *args)
     assert out.is_file()
     assert "verified against PyTorch evaluation (GFL.forward)" in proc.stdout, proc.stdout
@@ -270,7 +338,10 @@ def test_gflv2_exports_and_verifies_against_evaluation(v2_run, tiny_coco, tmp_pa
 
 # --------------------------------------------------------------------------- official checkpoints
 
-def official_gflv2_state_dict(num_classes: int = 3, fpn: int = 32, feat: int = 64, channels: int = 64):
+
+def official_gflv2_state_dict(
+    num_classes: int = 3, fpn: int = 32, feat: int = 64, channels: int = 64
+):
     """An implus/GFocalV2 `GFocalHead` state dict (ResNet-18 trunk, one tower conv): GFLv1's keys
     plus `reg_conf.0` (20 -> channels) and `reg_conf.2` (channels -> 1), and `gfl_cls` with
     num_classes + 1 outputs (use_sigmoid=False in mmdet 2.x's AnchorHead)."""
@@ -285,20 +356,33 @@ def official_gflv2_state_dict(num_classes: int = 3, fpn: int = 32, feat: int = 6
 def official_head_scores(sd: dict, x: torch.Tensor, level: int) -> torch.Tensor:
     """GFocalHead.forward_single restated on the official tensors: [B, F, H, W] -> cls_score
     [B, C + 1, H, W], the joint probability of every official channel."""
+
     def tower(name: str) -> torch.Tensor:
         y = F.conv2d(x, sd[f"bbox_head.{name}.0.conv.weight"], padding=1)
-        return F.relu(F.group_norm(y, 32, sd[f"bbox_head.{name}.0.gn.weight"], sd[f"bbox_head.{name}.0.gn.bias"]))
+        return F.relu(
+            F.group_norm(
+                y, 32, sd[f"bbox_head.{name}.0.gn.weight"], sd[f"bbox_head.{name}.0.gn.bias"]
+            )
+        )
 
     cls_feat, reg_feat = tower("cls_convs"), tower("reg_convs")
-    bbox_pred = F.conv2d(reg_feat, sd["bbox_head.gfl_reg.weight"], sd["bbox_head.gfl_reg.bias"], padding=1)
+    bbox_pred = F.conv2d(
+        reg_feat, sd["bbox_head.gfl_reg.weight"], sd["bbox_head.gfl_reg.bias"], padding=1
+    )
     bbox_pred = bbox_pred * sd[f"bbox_head.scales.{level}.scale"]
     n, _, h, w = bbox_pred.shape
     prob = F.softmax(bbox_pred.reshape(n, 4, 17, h, w), dim=2)
     top = prob.topk(4, dim=2).values
     stat = torch.cat([top, top.mean(dim=2, keepdim=True)], dim=2).reshape(n, -1, h, w)
-    hidden = F.relu(F.conv2d(stat, sd["bbox_head.reg_conf.0.weight"], sd["bbox_head.reg_conf.0.bias"]))
-    quality = torch.sigmoid(F.conv2d(hidden, sd["bbox_head.reg_conf.2.weight"], sd["bbox_head.reg_conf.2.bias"]))
-    cls = F.conv2d(cls_feat, sd["bbox_head.gfl_cls.weight"], sd["bbox_head.gfl_cls.bias"], padding=1)
+    hidden = F.relu(
+        F.conv2d(stat, sd["bbox_head.reg_conf.0.weight"], sd["bbox_head.reg_conf.0.bias"])
+    )
+    quality = torch.sigmoid(
+        F.conv2d(hidden, sd["bbox_head.reg_conf.2.weight"], sd["bbox_head.reg_conf.2.bias"])
+    )
+    cls = F.conv2d(
+        cls_feat, sd["bbox_head.gfl_cls.weight"], sd["bbox_head.gfl_cls.bias"], padding=1
+    )
     return torch.sigmoid(cls) * quality
 
 
@@ -316,10 +400,12 @@ def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_he
     converted, report = convert_state_dict(stripped, target)
     assert set(converted) == set(target) and report.dropped == ["bbox_head.integral.project"]
     assert len(sd) - 1 == report.mapped + 4  # every official tensor used once (5 scales -> 1)
-    for ours, theirs in (("head.dgqp.hidden.weight", "bbox_head.reg_conf.0.weight"),
-                         ("head.dgqp.hidden.bias", "bbox_head.reg_conf.0.bias"),
-                         ("head.dgqp.out.weight", "bbox_head.reg_conf.2.weight"),
-                         ("head.dgqp.out.bias", "bbox_head.reg_conf.2.bias")):
+    for ours, theirs in (
+        ("head.dgqp.hidden.weight", "bbox_head.reg_conf.0.weight"),
+        ("head.dgqp.hidden.bias", "bbox_head.reg_conf.0.bias"),
+        ("head.dgqp.out.weight", "bbox_head.reg_conf.2.weight"),
+        ("head.dgqp.out.bias", "bbox_head.reg_conf.2.bias"),
+    ):
         assert torch.equal(converted[ours], sd[theirs])
     assert torch.equal(converted["head.cls_out.weight"], sd["bbox_head.gfl_cls.weight"][:3])
 
@@ -340,7 +426,9 @@ def test_gflv1_model_refuses_an_official_gflv2_state_dict_naming_reg_conf():
     sd = official_gflv2_state_dict()
     settings = {**infer_model_settings(sd), "dgqp": False}
     target = build_gfl(**settings).state_dict()
-    with pytest.raises(ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.dgqp\.hidden\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.dgqp\.hidden\.weight"
+    ):
         convert_state_dict(extra_class_channel(sd, 3)[0], target)
 
 
@@ -348,29 +436,43 @@ def test_cli_converts_an_official_gflv2_checkpoint_and_detector_loads_it(tmp_pat
     torch.manual_seed(1)
     sd = official_gflv2_state_dict()
     src, out = tmp_path / "gfocal_r18.pth", tmp_path / "gflv2_r18.pth"
-    torch.save({"meta": {"mmdet_version": "2.6.0", "CLASSES": ("cat", "dog", "bird")}, "state_dict": sd}, src)
+    torch.save(
+        {"meta": {"mmdet_version": "2.6.0", "CLASSES": ("cat", "dog", "bird")}, "state_dict": sd},
+        src,
+    )
     proc = run_in_process(CONVERT, str(src), str(out))
     assert "GFLv2: DGQP (top-4 + mean, 64 channels)" in proc.stdout
     assert "background class channel" in proc.stdout and "[4, 64, 3, 3] -> first 3" in proc.stdout
     detector = Detector.from_checkpoint(out)
     assert detector.class_names == ["cat", "dog", "bird"] and detector.model.head.dgqp is not None
-    assert torch.equal(detector.model.state_dict()["head.dgqp.out.bias"], sd["bbox_head.reg_conf.2.bias"])
+    assert torch.equal(
+        detector.model.state_dict()["head.dgqp.out.bias"], sd["bbox_head.reg_conf.2.bias"]
+    )
 
 
 # --------------------------------------------------------------------------- configs
 
-@pytest.mark.parametrize(("v2", "v1", "train_sides"), [
-    ("gflv2_r50_fpn_1x_coco.yaml", "gfl_r50_fpn_1x_coco.yaml", None),
-    ("gflv2_r50_fpn_ms_2x_coco.yaml", "gfl_r50_fpn_ms_2x_coco.yaml", [480, 960]),
-    ("gflv2_r101_fpn_ms_2x_coco.yaml", "gfl_r101_fpn_ms_2x_coco.yaml", [480, 960]),
-    ("gflv2_demo_synthetic_cpu.yaml", "demo_synthetic_cpu.yaml", None),
-])
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "train_sides"),
+    [
+        ("gflv2_r50_fpn_1x_coco.yaml", "gfl_r50_fpn_1x_coco.yaml", None),
+        ("gflv2_r50_fpn_ms_2x_coco.yaml", "gfl_r50_fpn_ms_2x_coco.yaml", [480, 960]),
+        ("gflv2_r101_fpn_ms_2x_coco.yaml", "gfl_r101_fpn_ms_2x_coco.yaml", [480, 960]),
+        ("gflv2_demo_synthetic_cpu.yaml", "demo_synthetic_cpu.yaml", None),
+    ],
+)
 def test_gflv2_configs_are_their_gflv1_recipe_plus_dgqp(v2, v1, train_sides):
     from gfldet.config import config_to_dict
 
     a, b = load_config(ROOT / "configs" / v2), load_config(ROOT / "configs" / v1)
     head = a.model.head
-    assert (head.dgqp, head.dgqp_topk, head.dgqp_channels, head.dgqp_add_mean) == (True, 4, 64, True)
+    assert (head.dgqp, head.dgqp_topk, head.dgqp_channels, head.dgqp_add_mean) == (
+        True,
+        4,
+        64,
+        True,
+    )
     assert not b.model.head.dgqp
     if train_sides is not None:
         assert list(a.data.train_short_side) == train_sides  # the official GFLv2 2x range
@@ -382,12 +484,15 @@ def test_gflv2_configs_are_their_gflv1_recipe_plus_dgqp(v2, v1, train_sides):
     assert config_to_dict(a) == config_to_dict(b)
 
 
-@pytest.mark.parametrize(("options", "named"), [
-    (["model.loss.cls_loss=focal"], "model.head.dgqp"),
-    (["model.loss.box_repr=dirac", "model.loss.dfl_weight=0"], "model.head.dgqp"),
-    (["model.head.dgqp_topk=18"], "model.head.dgqp_topk"),
-    (["model.head.dgqp_channels=0"], "model.head.dgqp_channels"),
-])
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["model.loss.cls_loss=focal"], "model.head.dgqp"),
+        (["model.loss.box_repr=dirac", "model.loss.dfl_weight=0"], "model.head.dgqp"),
+        (["model.head.dgqp_topk=18"], "model.head.dgqp_topk"),
+        (["model.head.dgqp_channels=0"], "model.head.dgqp_channels"),
+    ],
+)
 def test_bad_dgqp_settings_are_refused_naming_the_key(options, named):
     from gfldet.config import ConfigError
 
@@ -396,6 +501,7 @@ def test_bad_dgqp_settings_are_refused_naming_the_key(options, named):
 
 
 # --------------------------------------------------------------------------- accuracy entrant
+
 
 def test_gflv2_accuracy_entrant_is_gfl_plus_dgqp_and_reported_against_gfl():
     import sys
@@ -413,7 +519,12 @@ def test_gflv2_accuracy_entrant_is_gfl_plus_dgqp_and_reported_against_gfl():
     v2.model.head.dgqp = False
     assert config_to_dict(v2) == config_to_dict(v1)  # the switch is the only difference
 
-    records = [record("gfl", 0, 0.10), record("gfl", 1, 0.12), record("gflv2", 0, 0.11), record("gflv2", 1, 0.15)]
+    records = [
+        record("gfl", 0, 0.10),
+        record("gfl", 1, 0.12),
+        record("gflv2", 0, 0.11),
+        record("gflv2", 1, 0.15),
+    ]
     text = accuracy.report(records, epochs=2, results_path="results.json")
     versus = table_rows(text, "GFLv2 against GFLv1")  # paired by seed: +1 and +3 points
     assert versus["`gflv2` − `gfl`"][1:3] == ["2", "+2.0 ± 1.4"]

@@ -1,5 +1,5 @@
 """Convert an MMDetection GFL checkpoint (ResNet + FPN + GFLHead) into a gfldet checkpoint, or an
-official GFLv2 one (implus/GFocalV2 `GFocalHead`: DGQP, 81-channel gfl_cls; see gfldet.convert_mmdet).
+official GFLv2 one (implus/GFocalV2 `GFocalHead`: DGQP, 81-channel gfl_cls; gfldet.convert_mmdet).
 
     python tools/convert_mmdet.py gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth \\
         checkpoints/gfl_r50_fpn_1x_coco.pth [--config configs/gfl_r50_fpn_1x_coco.yaml]

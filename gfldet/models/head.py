@@ -63,7 +63,9 @@ class DGQP(nn.Module):
     4 x (k + 1) channels, side-major, then two 1x1 convs with a ReLU between them.
     """
 
-    def __init__(self, reg_max: int = 16, topk: int = 4, channels: int = 64, add_mean: bool = True) -> None:
+    def __init__(
+        self, reg_max: int = 16, topk: int = 4, channels: int = 64, add_mean: bool = True
+    ) -> None:
         super().__init__()
         if not 1 <= topk <= reg_max + 1:
             raise ValueError(f"topk must be in [1, reg_max + 1 = {reg_max + 1}], got {topk}")
@@ -166,7 +168,9 @@ class GFLHead(nn.Module):
             nn.init.constant_(self.reg_out.bias, 4.0 if dirac_init_distance is None else dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)])."""
+        """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
+
+        With DGQP, cls_logits are the joint scores' logits (`joint_logit`), in at least float32."""
         cls_levels, reg_levels = [], []
         for level, x in enumerate(features):
             cls = self.cls_out(self.cls_tower(x))
