@@ -75,6 +75,13 @@ class HeadConfig:
     # box side distances are distributions over reg_max + 1 bins (in stride units)
     reg_max: Count = 16
     octave_base_scale: Count = 8  # anchor side = octave_base_scale * stride (ATSS priors)
+    # GFLv2's Distribution-Guided Quality Predictor: the top-k bin probabilities of each side
+    # (and their mean) -> 1x1 convs -> a quality that scales sigmoid(class logit). Off = GFLv1.
+    # On, the head emits the joint score's logit, so QFL takes the probability with no other key.
+    dgqp: Bool = False
+    dgqp_topk: Count = 4  # top-k probabilities per side fed to DGQP (GFLv2 paper: 4)
+    dgqp_channels: Count = 64  # hidden channels of DGQP's two 1x1 convs (GFLv2 paper: 64)
+    dgqp_add_mean: Bool = True  # append the mean of the top-k to each side (GFLv2 paper: true)
 
 
 @dataclass(config=_SCHEMA)
@@ -277,6 +284,12 @@ class Config:
             (loss.giou_weight > 0 or loss.dfl_weight > 0, "model.loss.giou_weight",
              loss.giou_weight, "> 0 when model.loss.dfl_weight is 0 (otherwise no box loss is "
              "trained)"),
+            (not head.dgqp or head.dgqp_topk <= head.reg_max + 1, "model.head.dgqp_topk",
+             head.dgqp_topk, f"<= model.head.reg_max + 1 = {head.reg_max + 1} (the bins)"),
+            (not head.dgqp or not dirac, "model.head.dgqp", head.dgqp,
+             "false when model.loss.box_repr is 'dirac' (DGQP reads the distribution)"),
+            (not head.dgqp or loss.cls_loss == "qfl", "model.head.dgqp", head.dgqp,
+             "false when model.loss.cls_loss is 'focal' (DGQP learns the IoU from QFL)"),
             (lo <= hi, "data.train_short_side", d.train_short_side, "[lo, hi] with lo <= hi"),
             (d.max_size >= max(hi, d.test_short_side), "data.max_size", d.max_size,
              f">= the largest short side ({max(hi, d.test_short_side)}); it caps the long side"),

@@ -16,7 +16,17 @@ Anything else is a `ConversionError` listing the offending keys.
     bbox_head.gfl_cls / gfl_reg                   head.cls_out / head.reg_out
     bbox_head.scales.l.scale         ([] each)    head.scales[l]  (one [L] parameter)
     bbox_head.integral.project       ([R + 1])    dropped: gfldet's bins are fixed (checked equal)
+    bbox_head.reg_conf.0 / .2        (GFLv2)      head.dgqp.hidden / head.dgqp.out (DGQP's
+                                                  1x1 convs; .1 ReLU, .3 Sigmoid: no tensors)
     backbone.fc.*                    (if present) dropped: no classifier in a detector
+
+GFLv2 (implus/GFocalV2, `GFocalHead`): its configs set `QualityFocalLoss(use_sigmoid=False)`,
+and mmdet 2.x's AnchorHead then gives the classification conv `num_classes + 1` outputs
+(`anchor_head.py`: `cls_out_channels = num_classes if use_sigmoid_cls else num_classes + 1`), so
+the released COCO checkpoints have an 81-channel `gfl_cls`. That last channel is no class: the
+official QFL counts every label below the channel count as a positive, so background (label 80)
+trains channel 80 towards a target of 0 everywhere, and its test code pads a background column
+after all 81. gfldet drops that channel (`extra_class_channel`) and says so in the report.
 
 BatchNorm `num_batches_tracked` buffers map like the other BN entries (torchvision's BN has
 them); only when a (very old) checkpoint lacks them are they filled with 0 - a counter that
@@ -115,6 +125,10 @@ def mapping_rules(norm: str = "gn") -> list[Rule]:
         _rule(r"bbox_head\.gfl_reg\.(weight|bias)", lambda m: Target(f"head.reg_out.{m[1]}"), "distribution output conv"),
         _rule(r"bbox_head\.scales\.(\d+)\.scale", lambda m: Target("head.scales", int(m[1])), "per-level scale"),
         _rule(r"bbox_head\.integral\.project", lambda m: None, "Integral bins 0..R (dropped, checked)"),
+        _rule(r"bbox_head\.reg_conf\.0\.(weight|bias)",
+              lambda m: Target(f"head.dgqp.hidden.{m[1]}"), "GFLv2 DGQP first 1x1 conv"),
+        _rule(r"bbox_head\.reg_conf\.2\.(weight|bias)", lambda m: Target(f"head.dgqp.out.{m[1]}"),
+              "GFLv2 DGQP second 1x1 conv"),
     ]
 
 
@@ -123,6 +137,7 @@ class ConversionReport:
     mapped: int = 0  # gfldet keys filled from the MMDetection file
     dropped: list[str] = field(default_factory=list)  # MMDetection keys left out on purpose
     filled: list[str] = field(default_factory=list)  # num_batches_tracked absent from the file, set to 0
+    sliced: list[str] = field(default_factory=list)  # GFLv2's background class channel, cut
 
 
 # --------------------------------------------------------------------------- reading
@@ -155,8 +170,14 @@ def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
-def infer_model_settings(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    """`build_gfl` keyword arguments implied by an MMDetection GFL state dict's keys and shapes."""
+def infer_model_settings(
+    state: Mapping[str, Tensor], class_names: list[str] | None = None
+) -> dict[str, Any]:
+    """`build_gfl` keyword arguments implied by an MMDetection GFL state dict's keys and shapes.
+
+    A GFLv2 state dict (`bbox_head.reg_conf.*`) adds the dgqp_* arguments. Its `gfl_cls` has one
+    channel more than there are classes (see the module docstring) unless `class_names` (the
+    checkpoint's meta) count as many classes as it has channels."""
     needed = ["backbone.conv1.weight", "neck.lateral_convs.0.conv.weight", "bbox_head.gfl_cls.weight",
               "bbox_head.gfl_reg.weight"]
     absent = [k for k in needed if k not in state]
@@ -186,8 +207,12 @@ def infer_model_settings(state: Mapping[str, Tensor]) -> dict[str, Any]:
             "blocks); gfldet supports ResNet-18/34/50/101"
         )
     cls_weight, reg_weight = state["bbox_head.gfl_cls.weight"], state["bbox_head.gfl_reg.weight"]
-    return {
-        "num_classes": int(cls_weight.shape[0]),
+    num_classes = int(cls_weight.shape[0])
+    dgqp = "bbox_head.reg_conf.0.weight" in state
+    if dgqp and (class_names is None or len(class_names) != num_classes):
+        num_classes -= 1  # the official GFLv2 background channel
+    settings = {
+        "num_classes": num_classes,
         "depth": depth,
         "fpn_channels": int(state["neck.lateral_convs.0.conv.weight"].shape[0]),
         "feat_channels": int(cls_weight.shape[1]),
@@ -195,6 +220,30 @@ def infer_model_settings(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "norm": "gn" if any(re.fullmatch(r"bbox_head\.cls_convs\.\d+\.gn\.weight", k) for k in state) else "none",
         "reg_max": int(reg_weight.shape[0]) // 4 - 1,
     }
+    if dgqp:
+        hidden = state["bbox_head.reg_conf.0.weight"]  # [channels, 4 (topk + 1), 1, 1]
+        # Official add_mean=True (every released config): 4 x (topk + 1) inputs. A checkpoint
+        # trained without the mean needs --config (20 inputs would read as topk 4 + mean).
+        settings.update(dgqp=True, dgqp_topk=int(hidden.shape[1]) // 4 - 1,
+                        dgqp_channels=int(hidden.shape[0]), dgqp_add_mean=True)
+    return settings
+
+
+def extra_class_channel(
+    state: Mapping[str, Tensor], num_classes: int
+) -> tuple[dict[str, Tensor], list[str]]:
+    """`state` without the official GFLv2 background channel of `gfl_cls` (the last of
+    num_classes + 1), and the keys cut; unchanged when `gfl_cls` has `num_classes` channels or
+    the state dict has no DGQP (GFLv1 checkpoints use sigmoid QFL: exactly one per class)."""
+    out = dict(state)
+    if "bbox_head.reg_conf.0.weight" not in state:
+        return out, []
+    cut = []
+    for key in ("bbox_head.gfl_cls.weight", "bbox_head.gfl_cls.bias"):
+        if key in state and state[key].shape[0] == num_classes + 1:
+            out[key] = state[key][:num_classes]
+            cut.append(f"{key} {list(state[key].shape)} -> first {num_classes}")
+    return out, cut
 
 
 def config_from_settings(settings: Mapping[str, Any], base: Config | None = None) -> Config:
@@ -209,6 +258,11 @@ def config_from_settings(settings: Mapping[str, Any], base: Config | None = None
     m.head.stacked_convs = settings["stacked_convs"]
     m.head.norm = settings["norm"]
     m.head.reg_max = settings["reg_max"]
+    m.head.dgqp = settings.get("dgqp", False)
+    if m.head.dgqp:
+        m.head.dgqp_topk = settings["dgqp_topk"]
+        m.head.dgqp_channels = settings["dgqp_channels"]
+        m.head.dgqp_add_mean = settings["dgqp_add_mean"]
     return cfg
 
 
@@ -314,8 +368,9 @@ def _error_text(
             parts.append(f"  {title} ({len(items)}):\n{shown}{more}")
     parts.append(
         "Only MMDetection GFL models with a ResNet-18/34/50/101 backbone (no DCN, no ResNeXt), "
-        "FPN P3-P7 and GFLHead convert. If you passed --config, check that it describes the same "
-        "model (depth, channels, stacked convs, classes) or leave it out to infer the model."
+        "FPN P3-P7 and GFLHead (or GFLv2's GFocalHead) convert. If you passed --config, check "
+        "that it describes the same model (depth, channels, stacked convs, classes) or leave it "
+        "out to infer the model."
     )
     return "\n".join(parts)
 
@@ -337,11 +392,15 @@ def convert_checkpoint(
 
     src, dst = Path(src), Path(dst)
     mmdet_state, meta = read_mmdet_checkpoint(src)
-    cfg = config if config is not None else config_from_settings(infer_model_settings(mmdet_state))
-    model = build_inference_model(cfg)
-    converted, report = convert_state_dict(mmdet_state, model.state_dict(), cfg.model.head.norm, cfg.model.head.reg_max)
-    model.load_state_dict(converted, strict=True)  # cannot fail after the checks; a last guard
     names = mmdet_class_names(meta)
+    if config is None:
+        config = config_from_settings(infer_model_settings(mmdet_state, names))
+    cfg = config
+    model = build_inference_model(cfg)
+    mmdet_state, sliced = extra_class_channel(mmdet_state, cfg.model.num_classes)
+    converted, report = convert_state_dict(mmdet_state, model.state_dict(), cfg.model.head.norm, cfg.model.head.reg_max)
+    report.sliced = sliced
+    model.load_state_dict(converted, strict=True)  # cannot fail after the checks; a last guard
     if names is not None and len(names) != cfg.model.num_classes:
         names = None
     save_checkpoint(

@@ -1,4 +1,5 @@
-"""Convert an MMDetection GFL checkpoint (ResNet + FPN + GFLHead) into a gfldet checkpoint.
+"""Convert an MMDetection GFL checkpoint (ResNet + FPN + GFLHead) into a gfldet checkpoint, or an
+official GFLv2 one (implus/GFocalV2 `GFocalHead`: DGQP, 81-channel gfl_cls; gfldet.convert_mmdet).
 
     python tools/convert_mmdet.py gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth \\
         checkpoints/gfl_r50_fpn_1x_coco.pth [--config configs/gfl_r50_fpn_1x_coco.yaml]
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{m.num_classes} classes"
     )
     print(f"mapped {report.mapped} tensors; dropped {report.dropped or 'nothing'}")
+    if m.head.dgqp:
+        print(f"GFLv2: DGQP (top-{m.head.dgqp_topk}{' + mean' if m.head.dgqp_add_mean else ''}, "
+              f"{m.head.dgqp_channels} channels)")
+    if report.sliced:
+        print("dropped the official GFLv2 background class channel (trained to 0, no class): "
+              + "; ".join(report.sliced))
     if report.filled:
         print(f"filled {len(report.filled)} BatchNorm num_batches_tracked counters absent from the file with 0")
     return 0

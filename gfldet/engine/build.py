@@ -46,6 +46,10 @@ def build_model(cfg: ModelConfig) -> GFL:
         box_repr=cfg.loss.box_repr,
         dirac_init_distance=cfg.loss.dirac_init_distance,
         octave_base_scale=cfg.head.octave_base_scale,
+        dgqp=cfg.head.dgqp,
+        dgqp_topk=cfg.head.dgqp_topk,
+        dgqp_channels=cfg.head.dgqp_channels,
+        dgqp_add_mean=cfg.head.dgqp_add_mean,
         loss=loss,
         test=test,
     )

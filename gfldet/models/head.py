@@ -53,6 +53,58 @@ class Integral(nn.Module):
             return probs @ self.project.to(probs.dtype)
 
 
+class DGQP(nn.Module):
+    """GFLv2's Distribution-Guided Quality Predictor (GFLv2 Sec. 3.3): the shape of each side's
+    distribution says how good the box is, so a sharp peak should mean a high quality.
+
+    forward: [B, 4 (R + 1), H, W] regression logits of one level -> [B, 1, H, W] logit u of the
+    quality q = sigmoid(u). The statistics per side are its `topk` largest bin probabilities,
+    followed by their mean when `add_mean` (the mean of those k values, as in the official code):
+    4 x (k + 1) channels, side-major, then two 1x1 convs with a ReLU between them.
+    """
+
+    def __init__(
+        self, reg_max: int = 16, topk: int = 4, channels: int = 64, add_mean: bool = True
+    ) -> None:
+        super().__init__()
+        if not 1 <= topk <= reg_max + 1:
+            raise ValueError(f"topk must be in [1, reg_max + 1 = {reg_max + 1}], got {topk}")
+        self.reg_max, self.topk, self.add_mean = reg_max, topk, add_mean
+        self.hidden = nn.Conv2d(4 * (topk + int(add_mean)), channels, 1)
+        self.out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, reg_logits: Tensor) -> Tensor:
+        batch, _, height, width = reg_logits.shape
+        probs = reg_logits.unflatten(1, (4, self.reg_max + 1)).softmax(dim=2)  # [B, 4, R+1, H, W]
+        stats = probs.topk(self.topk, dim=2).values  # [B, 4, k, H, W], descending
+        if self.add_mean:
+            stats = torch.cat([stats, stats.mean(dim=2, keepdim=True)], dim=2)  # [B, 4, k+1, H, W]
+        return self.out(F.relu(self.hidden(stats.flatten(1, 2))))  # [B, 1, H, W]
+
+
+def joint_logit(cls_logits: Tensor, quality_logit: Tensor) -> Tensor:
+    """The logit of s = sigmoid(z) * sigmoid(u), computed in log space, so that QFL on it equals
+    BCE-based QFL on s (GFLv2) without ever forming log(s) or log(1 - s) from a rounded s.
+
+    log s = logsigmoid(z) + logsigmoid(u), and 1 - s = sigmoid(-z) + sigmoid(z) * sigmoid(-u):
+    two positive terms, so log(1 - s) is their log-sum-exp with no cancellation, finite for any
+    finite z and u (also where both sigmoids round to 1), with no branch. logit(s) = log s -
+    log(1 - s).
+
+    cls_logits [..., C] and quality_logit [..., 1] -> [..., C], in at least float32 (fp16 and bf16
+    would keep little of 1 - s near s = 1).
+    """
+    z, u = _at_least_float32(cls_logits), _at_least_float32(quality_logit)
+    log_sig_z = F.logsigmoid(z)
+    log_s = log_sig_z + F.logsigmoid(u)
+    return log_s - _logaddexp(F.logsigmoid(-z), log_sig_z + F.logsigmoid(-u))
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp(a) + exp(b)), written out: ONNX export has no `aten::logaddexp`."""
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+
+
 class GFLHead(nn.Module):
     """Towers of `stacked_convs` x (3x3 conv, GroupNorm 32, ReLU) shared over the levels.
 
@@ -63,6 +115,9 @@ class GFLHead(nn.Module):
         dirac_init_distance: "dirac" only, each side's initial distance in strides (the bias of
             the 4 outputs). None: 4, half the side of ATSS's 8-stride anchor; 0 starts every box
             at zero size, as torchvision's FCOS head does.
+        dgqp: a `DGQP` module (GFLv2), or None (GFLv1). With it, the class output is the logit
+            of sigmoid(class logit) x quality (`joint_logit`), so the loss, the box weights and
+            post-processing read it as they read GFLv1's logits.
     """
 
     def __init__(
@@ -76,6 +131,7 @@ class GFLHead(nn.Module):
         norm: str = "gn",
         box_repr: str = "distribution",
         dirac_init_distance: float | None = None,
+        dgqp: DGQP | None = None,
     ) -> None:
         super().__init__()
         if norm not in ("gn", "none"):
@@ -84,6 +140,8 @@ class GFLHead(nn.Module):
             raise ValueError(f"box_repr must be 'distribution' or 'dirac', got {box_repr!r}")
         if dirac_init_distance is not None and box_repr != "dirac":
             raise ValueError("dirac_init_distance applies to box_repr='dirac' only")
+        if dgqp is not None and (box_repr != "distribution" or dgqp.reg_max != reg_max):
+            raise ValueError("dgqp needs box_repr='distribution' with the head's reg_max")
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.box_repr = box_repr
@@ -96,6 +154,7 @@ class GFLHead(nn.Module):
         # a per-level temperature (MMDetection `Scale` in GFLHead.forward_single).
         self.scales = nn.Parameter(torch.ones(num_levels))
         self.integral = Integral(reg_max)
+        self.dgqp = dgqp
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
@@ -109,11 +168,15 @@ class GFLHead(nn.Module):
             nn.init.constant_(self.reg_out.bias, 4.0 if dirac_init_distance is None else dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)])."""
+        """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
+
+        With DGQP, cls_logits are the joint scores' logits (`joint_logit`), in at least float32."""
         cls_levels, reg_levels = [], []
         for level, x in enumerate(features):
             cls = self.cls_out(self.cls_tower(x))
             reg = self.reg_out(self.reg_tower(x)) * self.scales[level]
+            if self.dgqp is not None:  # softmax statistics of the float32 logits, as official
+                cls = joint_logit(cls, self.dgqp(_at_least_float32(reg)))  # [B, C, H, W]
             cls_levels.append(cls.permute(0, 2, 3, 1).flatten(1, 2))  # [B, H*W, C]
             reg_levels.append(_at_least_float32(reg).permute(0, 2, 3, 1).flatten(1, 2))  # fp32 under AMP
         return torch.cat(cls_levels, dim=1), torch.cat(reg_levels, dim=1)
