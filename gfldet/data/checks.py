@@ -59,6 +59,7 @@ from typing import Any
 
 from PIL import ImageFile
 
+from gfldet.data.coco_schema import is_int, structure_problems
 from gfldet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DatasetError,
@@ -225,167 +226,94 @@ def _ids(values: Iterable[Any], limit: int = 5) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _positive_size(value: Any) -> bool:
-    # Some converters write 640.0; CocoDetection reads int(value), so integral floats are fine.
-    return _is_number(value) and value > 0 and float(value).is_integer()
-
-
 # ---------------------------------------------------------------------------- annotation file
 
 
-def _load_json(ann_file: Path, report: DatasetReport) -> dict[str, Any] | None:
+def _load_json(ann_file: Path, report: DatasetReport) -> Any:
+    """The parsed file, or None (a fatal problem reported) when it cannot be read as JSON."""
     if not ann_file.is_file():
         what = "is a folder, not a file" if ann_file.is_dir() else "not found"
         report.fatal.append(f"{ann_file}: annotation file {what}; check data.<split>.annotations")
         return None
     try:
         with ann_file.open("rb") as f:
-            data = json.load(f)
+            return json.load(f)
     except OSError as err:
         report.fatal.append(f"{ann_file}: cannot read the annotation file ({err})")
-        return None
     except json.JSONDecodeError as err:
         report.fatal.append(f"{ann_file}: invalid JSON at line {err.lineno}, column {err.colno}: "
                             f"{err.msg}; fix the file there (was it cut short while copying?)")
-        return None
     except UnicodeDecodeError as err:
         report.fatal.append(f"{ann_file}: not UTF-8 text ({err}); save it as UTF-8 JSON")
-        return None
-    if not isinstance(data, dict):
-        report.fatal.append(f"{ann_file}: a COCO annotation file is a JSON object with images, "
-                            f"annotations and categories; got a {type(data).__name__}")
-        return None
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
-    if missing:
-        report.fatal.append(
-            f"{ann_file}: " + "; ".join(
-                f"'{k}' is missing" if k not in data else f"'{k}' must be a list, got "
-                f"{type(data[k]).__name__}" for k in missing)
-            + " (COCO needs the lists images, annotations and categories)")
-        return None
-    return data
+    return None
 
 
-def _check_categories(cats: list[Any], ann_file: Path, report: DatasetReport) -> set[int]:
-    ids: Counter[int] = Counter()
-    for i, cat in enumerate(cats):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            report.fatal.append(f"{ann_file}: categories[{i}] = {_short(cat)} needs an integer "
-                                "'id' and a string 'name'")
-            continue
-        ids[cat["id"]] += 1
-    for cat_id, n in ids.items():
-        if n > 1:
-            report.fatal.append(f"{ann_file}: category id {cat_id} appears {n} times in "
-                                "categories; give each category its own id")
-    if not cats:
+def _duplicates(ids: Counter[int], what: str, ann_file: Path, report: DatasetReport) -> None:
+    report.fatal.extend(f"{ann_file}: {what} id {i} appears {n} times; {what} ids must be unique "
+                        "(renumber them)" for i, n in ids.items() if n > 1)
+
+
+def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: Path,
+                      report: DatasetReport) -> tuple[dict[int, dict], list[dict]]:
+    """What the structurally valid records mean together: unique ids, annotations of listed
+    images and categories. Returns the usable images by id and their annotations."""
+    cats = [c for i, c in enumerate(data["categories"]) if i not in bad["categories"]]
+    cat_ids = Counter(c["id"] for c in cats)
+    _duplicates(cat_ids, "category", ann_file, report)
+    if not data["categories"]:
         report.fatal.append(f"{ann_file}: 'categories' is empty; list the classes as "
                             "{\"id\": int, \"name\": str}")
-    report.categories = [c for c in cats if isinstance(c, dict)]
-    return set(ids)
+    report.categories = [c for c in data["categories"] if isinstance(c, dict)]
 
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_images_json(images: list[Any], ann_file: Path, report: DatasetReport) -> dict[int, dict]:
-    """Valid image entries by id (duplicates excluded, reported)."""
     by_id: dict[int, list[dict]] = defaultdict(list)
-    for i, im in enumerate(images):
-        if not isinstance(im, dict):
-            report.fatal.append(f"{ann_file}: images[{i}] is not an object: {_short(im)}")
-            continue
-        problems = []
-        if not _is_int(im.get("id")):
-            problems.append("'id' must be an integer")
-        if not isinstance(im.get("file_name"), str) or not im.get("file_name"):
-            problems.append("'file_name' must be a non-empty string")
-        for key in ("width", "height"):
-            if not _positive_size(im.get(key)):
-                problems.append(f"'{key}' must be a positive integer")
-        if problems:
-            name = f"image id {im['id']}" if _is_int(im.get("id")) else f"images[{i}]"
-            report.fatal.append(f"{ann_file}: {name} ({_short(im)}): {'; '.join(problems)}")
-            continue
-        by_id[im["id"]].append(im)
-    valid = {}
+    for i, im in enumerate(data["images"]):
+        if i not in bad["images"]:
+            by_id[im["id"]].append(im)
+    images = {}
     for image_id, entries in by_id.items():
         if len(entries) > 1:
             report.fatal.append(
                 f"{ann_file}: image id {image_id} appears {len(entries)} times in images "
                 f"(file_names {_ids(e['file_name'] for e in entries)}); ids must be unique")
         else:
-            valid[image_id] = entries[0]
+            images[image_id] = entries[0]
     files: dict[str, list[int]] = defaultdict(list)
-    for image_id, im in valid.items():
+    for image_id, im in images.items():
         files[im["file_name"]].append(image_id)
     shared = {f: ids for f, ids in files.items() if len(ids) > 1}
     if shared:
         name, ids = next(iter(shared.items()))
         report.warnings.append(f"{len(shared)} files are listed under several image ids "
                                f"(e.g. {name}: ids {_ids(ids)}); each is trained on once per id")
-    return valid
 
-
-def _check_annotations_json(
-    anns: list[Any], image_ids: set[int], all_image_ids: set[int], cat_ids: set[int],
-    ann_file: Path, report: DatasetReport,
-) -> list[dict]:
-    """Structurally valid annotations (duplicates, orphans and unknown categories reported)."""
-    valid: list[dict] = []
-    ann_ids: Counter[int] = Counter()
-    orphans: dict[Any, list[Any]] = defaultdict(list)
-    unknown_cats: dict[Any, list[Any]] = defaultdict(list)
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            report.fatal.append(f"{ann_file}: annotations[{i}] is not an object: {_short(ann)}")
-            continue
-        problems = [f"'{k}' must be an integer" for k in ("id", "image_id", "category_id")
-                    if not _is_int(ann.get(k))]
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            problems.append(f"'bbox' must be [x, y, width, height] with 4 finite numbers, "
-                            f"got {_short(bbox)}")
-        if problems:
-            name = f"annotation id {ann['id']}" if _is_int(ann.get("id")) else f"annotations[{i}]"
-            report.fatal.append(f"{ann_file}: {name}: {'; '.join(problems)}")
-            continue
-        ann_ids[ann["id"]] += 1
+    # Image ids of every image record with an integer id, valid or not: an annotation of an
+    # invalid image is not also reported as an orphan.
+    all_image_ids = {im["id"] for im in data["images"]
+                     if isinstance(im, dict) and is_int(im.get("id"))}
+    anns = [a for i, a in enumerate(data["annotations"]) if i not in bad["annotations"]]
+    _duplicates(Counter(a["id"] for a in anns), "annotation", ann_file, report)
+    orphans: dict[int, list[int]] = defaultdict(list)
+    unknown_cats: dict[int, list[int]] = defaultdict(list)
+    valid = []
+    for ann in anns:
         if ann["image_id"] not in all_image_ids:
             orphans[ann["image_id"]].append(ann["id"])
-            continue
-        if ann["category_id"] not in cat_ids:
+        elif ann["category_id"] not in cat_ids:
             unknown_cats[ann["category_id"]].append(ann["id"])
-            continue
-        if ann["image_id"] in image_ids:  # else: its image is invalid (already fatal)
+        elif ann["image_id"] in images:  # else: its image is invalid (already fatal)
             valid.append(ann)
-    for ann_id, n in ann_ids.items():
-        if n > 1:
-            report.fatal.append(f"{ann_file}: annotation id {ann_id} appears {n} times; "
-                                "annotation ids must be unique (renumber them)")
     for image_id, ids in orphans.items():
         report.fatal.append(f"{ann_file}: {len(ids)} annotations (ids {_ids(ids)}) refer to "
                             f"image id {image_id}, which is not in images; add the image or "
                             "remove the annotations")
-    if unknown_cats:
-        known = _ids(sorted(cat_ids), limit=20)
-        for cat_id, ids in sorted(unknown_cats.items(), key=lambda kv: str(kv[0])):
-            report.fatal.append(
-                f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids "
-                f"{_ids(ids)}) but is not in categories (ids: {known}); add it to categories or "
-                "fix the annotations - is this the categories list the boxes were labelled with?")
-    return valid
+    known = _ids(sorted(cat_ids), limit=20)
+    for cat_id, ids in sorted(unknown_cats.items()):
+        report.fatal.append(
+            f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids "
+            f"{_ids(ids)}) but is not in categories (ids: {known}); add it to categories or "
+            "fix the annotations - is this the categories list the boxes were labelled with?")
+    return images, valid
+
 
 
 def _check_boxes(anns: list[dict], sizes: dict[int, tuple[int, int]], fix: bool,
@@ -710,16 +638,15 @@ def check_dataset(
     cache = Path(cache) if cache is not None else None
     report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
     data = _load_json(ann_file, report)
-    if data is None:
+    problems, bad = structure_problems(data, ann_file) if data is not None else ([], None)
+    report.fatal.extend(problems)
+    if bad is None:
         report.seconds = time.perf_counter() - start
         return report
     report.source = data
     report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
 
-    cat_ids = _check_categories(data["categories"], ann_file, report)
-    images = _check_images_json(data["images"], ann_file, report)
-    all_ids = {im["id"] for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))}
-    anns = _check_annotations_json(data["annotations"], set(images), all_ids, cat_ids, ann_file, report)
+    images, anns = _check_references(data, bad, ann_file, report)
     if not images and not report.fatal:
         report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
 
