@@ -469,7 +469,7 @@ def _file_name(index: int, params: SynthParams) -> str:
     return f"{index:06d}.{'jpg' if params.image_format == 'jpg' else 'png'}"
 
 
-def _paths(out_dir: Path) -> dict[str, Path]:
+def dataset_layout(out_dir: Path) -> dict[str, Path]:
     return {
         "root": out_dir,
         "train_images": out_dir / "train",
@@ -526,7 +526,7 @@ def generate_synthetic_coco(
         image_format=image_format,
         jpeg_quality=int(jpeg_quality),
     )
-    paths = _paths(Path(out_dir))
+    paths = dataset_layout(Path(out_dir))
     for key in ("train_images", "val_images"):
         paths[key].mkdir(parents=True, exist_ok=True)
     paths["train_ann"].parent.mkdir(parents=True, exist_ok=True)
@@ -606,7 +606,7 @@ def ensure_synthetic_coco(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]
     # Compare through JSON so tuples and lists (as read back from the meta file) compare equal.
     wanted_json = json.loads(json.dumps(wanted))
     with _directory_lock(out):
-        paths = _paths(out)
+        paths = dataset_layout(out)
         if not _is_complete(paths, wanted_json):
             paths = generate_synthetic_coco(out, num_workers=workers, **{**defaults, **kwargs})
     return paths

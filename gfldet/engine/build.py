@@ -61,22 +61,20 @@ class SplitPaths:
     annotations: Path
 
 
-def dataset_paths(cfg: DataConfig, split: str) -> SplitPaths:
-    """Image folder and annotation file of `split` ("train" or "val"); generates the bundled
-    synthetic dataset on first use when `data.synthetic` is set (it wins over train/val)."""
-    if cfg.synthetic is not None:
-        from gfldet.data.synthetic import ensure_synthetic_coco
+def dataset_paths(cfg: DataConfig, split: str, generate: bool = True) -> SplitPaths:
+    """Image folder and annotation file of `split` ("train" or "val"). With `data.synthetic` set
+    (it wins over train/val) the bundled synthetic dataset is generated on first use, unless
+    `generate` is False: then its paths are returned whether it exists or not."""
+    if cfg.synthetic is None:
+        split_cfg = getattr(cfg, split)
+        return SplitPaths(Path(split_cfg.images), Path(split_cfg.annotations))
+    from gfldet.data.synthetic import dataset_layout, ensure_synthetic_coco
 
-        paths = ensure_synthetic_coco(
-            cfg.synthetic.root,
-            num_train=cfg.synthetic.num_train,
-            num_val=cfg.synthetic.num_val,
-            seed=cfg.synthetic.seed,
-            min_object_size=cfg.synthetic.min_object_size,
-        )
-        return SplitPaths(Path(paths[f"{split}_images"]), Path(paths[f"{split}_ann"]))
-    split_cfg = getattr(cfg, split)
-    return SplitPaths(Path(split_cfg.images), Path(split_cfg.annotations))
+    s = cfg.synthetic
+    paths = (ensure_synthetic_coco(s.root, num_train=s.num_train, num_val=s.num_val, seed=s.seed,
+                                   min_object_size=s.min_object_size)
+             if generate else dataset_layout(Path(s.root)))
+    return SplitPaths(Path(paths[f"{split}_images"]), Path(paths[f"{split}_ann"]))
 
 
 def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
