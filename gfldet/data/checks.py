@@ -1,46 +1,27 @@
-"""Checks of a COCO-format dataset before training: find every problem at once, fix what is safe.
+"""Checks of a COCO-format dataset before training: every problem at once, safe fixes applied.
 
-``check_dataset(image_dir, ann_file)`` returns a ``DatasetReport``:
+``check_dataset(image_dir, ann_file)`` returns a ``DatasetReport``. Fatal (each message names the
+file or id and what to do): an unreadable annotation file; a structure that breaks the schema of
+``coco_schema.py``; duplicate image, annotation or category ids; annotations of an image or a
+category that is not listed (a silent drop could hide a wrong categories list); a recorded
+width/height that matches neither the file nor its EXIF-rotated view; images above
+``max_image_pixels``; more missing or unreadable files than ``max_bad_image_fraction`` allows.
 
-fatal (training must not start; each message names the file / id and what to do)
-  - annotation file missing, not JSON (line and column given), or not a COCO mapping;
-  - required keys missing or of the wrong type: ``images``/``annotations``/``categories``
-    lists; per image ``id`` (int), ``file_name``, ``width``/``height`` (> 0); per annotation
-    ``id``, ``image_id``, ``category_id`` (ints) and ``bbox`` (4 finite numbers); per
-    category ``id`` and ``name``;
-  - duplicate image, annotation or category ids; annotations of an image id that is not in
-    ``images``; ``category_id`` not in ``categories`` (a silent drop could hide a wrong
-    categories list, and MMDetection / Detectron2 would crash later);
-  - recorded width/height that matches neither the file nor its EXIF-rotated view;
-  - images larger than ``max_image_pixels``;
-  - more missing / unreadable / truncated image files than ``max_bad_image_fraction`` allows.
+Fixed in memory (``report.annotations``, the files are unchanged): empty boxes dropped, boxes
+partly outside the image clipped and wholly outside dropped; a few unreadable images dropped
+with their annotations, each listed; images whose recorded size is the *stored* pixels' but not
+the EXIF-rotated view's are decoded without the rotation (``raw_orientation_ids``), since their
+boxes were drawn on the stored pixels. ``fix=False`` (a curated set used exactly as written)
+makes every fix fatal. An evaluation split scores its file as written (``source``), leaving out
+only the unreadable images (``unreadable``). ``split_problems`` compares the splits with each
+other and with ``model.num_classes``.
 
-fixed in memory (``report.annotations`` is the fixed COCO dict that ``CocoDetection`` uses)
-  - boxes with zero or negative width/height: dropped;
-  - boxes partly outside the image: clipped; wholly outside: dropped;
-  - a few missing / unreadable images (at most ``max(1, fraction * N)``): dropped together with
-    their annotations, each file listed;
-  - recorded size equal to the *stored* pixels but not to the EXIF-rotated view the loader
-    produces (EXIF orientations 5-8): the boxes were drawn on the un-rotated pixels, so those
-    images are decoded without the rotation (``raw_orientation_ids``).
-
-With ``fix=False`` (strict: a curated benchmark set that must be used exactly as written) every
-fixable problem is fatal instead. An evaluation split scores its file as written (``source``):
-only the unreadable images (``unreadable``) are left out of it.
-
-``split_problems`` checks the splits against each other and against ``model.num_classes``;
-``tools/check_dataset.py`` and training both use it.
-
-Sizes are compared after EXIF orientation exactly as ``CocoDetection`` decodes
-(``ImageOps.exif_transpose``). Images are fully decoded in a thread pool (PIL releases the GIL
-while decoding); truncated files raise because ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False.
-
-check cache: with ``cache=FILE`` the result of each file's full decode is stored with the
-file's size and modification time. The next check with that cache decodes only the files whose
-size or time differ (and any new file); a changed annotation file (size or time), another image
-folder or another ``max_image_pixels`` makes it decode every file again. Training keeps one per
-split in its run folder, so ``--resume`` does not decode the dataset again;
-``tools/check_dataset.py`` never uses one.
+Sizes are compared after EXIF orientation as ``CocoDetection`` decodes. Images are fully decoded
+in a thread pool (PIL releases the GIL), with ``ImageFile.LOAD_TRUNCATED_IMAGES`` held False so
+that truncated files raise. With ``cache=FILE`` each file's decode result is stored with its size
+and modification time, and the next check decodes only the changed files (all of them when the
+annotation file, image folder or ``max_image_pixels`` changed). Training keeps one per split in
+its run folder, so ``--resume`` does not decode the dataset again.
 """
 
 from __future__ import annotations
@@ -113,7 +94,7 @@ class ShardedCheck:
 
 @dataclass
 class DatasetReport:
-    """Outcome of ``check_dataset``. ``num_images`` / ``num_annotations`` count the file as given."""
+    """Outcome of ``check_dataset``; ``num_images``/``num_annotations`` count the file as given."""
 
     ann_file: Path
     image_dir: Path
@@ -144,7 +125,8 @@ class DatasetReport:
     def ok(self) -> bool:
         return not self.fatal
 
-    def add_fix(self, kind: str, example: str, count: int = 1, examples: int = MAX_EXAMPLES) -> None:
+    def add_fix(self, kind: str, example: str, count: int = 1,
+                examples: int = MAX_EXAMPLES) -> None:
         self.fixed[kind] += count
         if len(self.fix_examples[kind]) < examples:
             self.fix_examples[kind].append(example)
@@ -166,8 +148,8 @@ class DatasetReport:
             f"{self.num_annotations} annotations{kept}{decoded}; checked in {self.seconds:.1f} s"
         ]
         if self.fixed:
-            lines.append("found (evaluation scores the file as written, leaving out the unreadable images):"
-                         if evaluation else
+            lines.append("found (evaluation scores the file as written, leaving out the "
+                         "unreadable images):" if evaluation else
                          "fixed in memory (training uses the fixed data; the files are unchanged):")
             for kind, count in self.fixed.items():
                 examples = "; ".join(self.fix_examples[kind])
@@ -208,8 +190,8 @@ def split_problems(num_classes: int, reports: dict[str, DatasetReport]) -> list[
         only_train = sorted(set(cats["train"]) - set(cats["val"]))
         only_val = sorted(set(cats["val"]) - set(cats["train"]))
         problems.append(f"train and val categories differ ({reports['train'].ann_file} vs "
-                        f"{reports['val'].ann_file}; labels would not mean the same class): only in "
-                        f"train {only_train}, only in val {only_val}; use one categories list")
+                        f"{reports['val'].ann_file}; labels would not mean the same class): only "
+                        f"in train {only_train}, only in val {only_val}; use one categories list")
     return problems
 
 
@@ -405,9 +387,10 @@ def _probe_shared(paths: list[Path], decode: bool, max_pixels: int | None, num_t
 def _check_files(
     images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
     max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
-    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None, cache: Path | None = None,
+    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None,
+    cache: Path | None = None,
 ) -> tuple[dict[int, str], set[int]]:
-    """Probe every image file. Returns (image ids to drop -> why, image ids to decode un-rotated)."""
+    """Probe every image file. Returns (image ids to drop -> why, ids to decode un-rotated)."""
     if not image_dir.is_dir():
         report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
         return {}, set()
@@ -415,7 +398,8 @@ def _check_files(
     if check_images:
         stamps = _stamps(image_dir, files)
         report.file_stamps = stamps if cache else None
-        cached = _read_cache(cache, ann_file, image_dir, max_pixels, stamps, report) if cache else {}
+        cached = (_read_cache(cache, ann_file, image_dir, max_pixels, stamps, report)
+                  if cache else {})
         if shard is not None and shard.world > 1:
             # Every rank must decode the same list: a file any rank cannot take from the cache
             # (a file system that shows it changed, an unreadable cache) is decoded by all.
@@ -428,7 +412,8 @@ def _check_files(
             was = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
-                decoded = _probe_shared([image_dir / f for f in to_decode], True, max_pixels, num_threads, shard)
+                decoded = _probe_shared([image_dir / f for f in to_decode], True, max_pixels,
+                                        num_threads, shard)
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = was
         probe_of = {**cached, **dict(zip(to_decode, decoded, strict=True))}
@@ -543,12 +528,14 @@ def cache_key(ann_file: Path, image_dir: Path, max_pixels: int | None) -> dict[s
     """What a check cache is valid for: the annotation file as it is now (path, size, time),
     the image folder and the size limit."""
     return {"version": CACHE_VERSION, "annotations": str(ann_file.resolve()),
-            "annotations_stamp": list(_stamp(ann_file) or ()), "image_dir": str(image_dir.resolve()),
+            "annotations_stamp": list(_stamp(ann_file) or ()),
+            "image_dir": str(image_dir.resolve()),
             "max_image_pixels": max_pixels}
 
 
 def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
-                stamps: dict[str, tuple[int, int] | None], report: DatasetReport) -> dict[str, _Probe]:
+                stamps: dict[str, tuple[int, int] | None],
+                report: DatasetReport) -> dict[str, _Probe]:
     """The cached probes of the files whose size and modification time are unchanged; the
     whole cache is unused when it was made for another annotation file (or an earlier version
     of it), image folder or size limit. ``report.cache_note`` says which."""
@@ -560,12 +547,15 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
             data = json.load(f)
         key, entries = data["key"], data["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        report.cache_note = f"check cache {cache} unreadable ({type(err).__name__}: {err}); rewriting it"
+        report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
+                             "rewriting it")
         return {}
     if key != cache_key(ann_file, image_dir, max_pixels):
-        changed = [name for name, value in cache_key(ann_file, image_dir, max_pixels).items() if key.get(name) != value]
-        report.cache_note = (f"check cache {cache} not used: made for another {' / '.join(changed)} "
-                             "(the annotation file changed, or another folder or limit); rewriting it")
+        changed = [name for name, value in cache_key(ann_file, image_dir, max_pixels).items()
+                   if key.get(name) != value]
+        report.cache_note = (f"check cache {cache} not used: made for another "
+                             f"{' / '.join(changed)} (the annotation file changed, or another "
+                             "folder or limit); rewriting it")
         return {}
     cached = {}
     try:
@@ -574,17 +564,19 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
             if stamp is None or entry is None or tuple(entry[:2]) != stamp:
                 continue
             _, _, width, height, orientation, error, too_large = entry
-            cached[name] = _Probe(stored_size=None if error else (width, height), orientation=orientation,
-                                  error=error, too_large=too_large)
+            cached[name] = _Probe(stored_size=None if error else (width, height),
+                                  orientation=orientation, error=error, too_large=too_large)
     except (AttributeError, TypeError, ValueError) as err:  # valid JSON, but not a cache's entries
-        report.cache_note = f"check cache {cache} unreadable ({type(err).__name__}: {err}); rewriting it"
+        report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
+                             "rewriting it")
         return {}
     report.cache_note = f"check cache {cache}"
     return cached
 
 
 def _write_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
-                 stamps: dict[str, tuple[int, int] | None], probes: dict[str, _Probe], report: DatasetReport) -> None:
+                 stamps: dict[str, tuple[int, int] | None], probes: dict[str, _Probe],
+                 report: DatasetReport) -> None:
     """Write the probes of the files that exist, with the stamps taken before they were decoded
     (a file changed during the check is decoded again next time). Atomic: a temporary file
     renamed over the old cache."""
@@ -650,8 +642,9 @@ def check_dataset(
     if not images and not report.fatal:
         report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
 
-    drop, raw_orientation = _check_files(images, image_dir, check_images, fix, max_bad_image_fraction,
-                                         max_image_pixels, num_threads, ann_file, report, shard, cache)
+    drop, raw_orientation = _check_files(images, image_dir, check_images, fix,
+                                         max_bad_image_fraction, max_image_pixels, num_threads,
+                                         ann_file, report, shard, cache)
     # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
     # every image that passed (un-rotated decoding keeps the recorded frame too).
     sizes = {i: (int(im["width"]), int(im["height"])) for i, im in images.items()}
@@ -659,7 +652,8 @@ def check_dataset(
     if dropped_anns:
         report.add_fix(FIX_BAD_IMAGE_ANNS, f"ids {_ids(a['id'] for a in dropped_anns)}",
                        count=len(dropped_anns))
-    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], sizes, fix, ann_file, report)
+    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], sizes, fix, ann_file,
+                        report)
 
     if not report.fatal:
         if not anns:

@@ -141,9 +141,10 @@ def load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSplit
             return None, f"{name} changed since {path} was stored"
     try:
         report = _report_from(record["report"])
-        split = CheckedSplit(ImageIndex(**arrays), report, record["left_out"], record["label_to_cat_id"],
-                             record["class_names"], record["num_images_in_file"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a record this version did not write
+        split = CheckedSplit(ImageIndex(**arrays), report, record["left_out"],
+                             record["label_to_cat_id"], record["class_names"],
+                             record["num_images_in_file"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # not this version's record
         return None, f"{path} unreadable ({type(err).__name__}: {err})"
     report.images_from_cache = len(stamps)
     report.cache_note = (
