@@ -148,6 +148,8 @@ def test_missing_annotation_file_and_top_level_keys(tmp_path: Path) -> None:
     assert "'annotations' must be a list, got dict" in msg
     ann_file.write_text("[1, 2]")
     only_fatal(check_dataset(tmp_path, ann_file), "got a list")
+    ann_file.write_text("null")
+    only_fatal(check_dataset(tmp_path, ann_file), "got a NoneType")
 
 
 def test_missing_fields_are_fatal_and_named(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ def _ids(values: Iterable[Any], limit: int = 5) -> str:
 
 
 def _load_json(ann_file: Path, report: DatasetReport) -> Any:
-    """The parsed file, or None (a fatal problem reported) when it cannot be read as JSON."""
+    """The parsed file; a fatal problem when it cannot be read as JSON."""
     if not ann_file.is_file():
         what = "is a folder, not a file" if ann_file.is_dir() else "not found"
         report.fatal.append(f"{ann_file}: annotation file {what}; check data.<split>.annotations")
@@ -630,7 +630,7 @@ def check_dataset(
     cache = Path(cache) if cache is not None else None
     report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
     data = _load_json(ann_file, report)
-    problems, bad = structure_problems(data, ann_file) if data is not None else ([], None)
+    problems, bad = structure_problems(data, ann_file) if not report.fatal else ([], None)
     report.fatal.extend(problems)
     if bad is None:
         report.seconds = time.perf_counter() - start

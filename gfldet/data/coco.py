@@ -97,14 +97,9 @@ class DecodeFailureBudget:
         return first
 
     def exceeded(self) -> bool:
-        if self.failures == 0:
-            return False
-        if self.max_fraction == 0.0:
-            return True
-        return (
+        return self.failures > 0 and (self.max_fraction == 0.0 or (
             self.failures >= MIN_DECODE_FAILURES_TO_STOP
-            and self.failures > self.max_fraction * self.attempts
-        )
+            and self.failures > self.max_fraction * self.attempts))
 
     def error(self, image_dir: Path) -> DatasetError:
         listed = list(self.failed_files.items())

@@ -23,7 +23,9 @@ _STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 _Size = Annotated[float, Field(gt=0, multiple_of=1)]
 
 
-class Image(TypedDict):
+# TypedDicts rather than models: only the errors are wanted, and keys beyond these are skipped
+# (COCO's own extra keys, and segmentation polygons that would be costly to copy).
+class CocoImage(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: int
     file_name: Annotated[str, Field(min_length=1)]
@@ -31,7 +33,7 @@ class Image(TypedDict):
     height: _Size
 
 
-class Annotation(TypedDict):
+class CocoAnnotation(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: int
     image_id: int
@@ -39,7 +41,7 @@ class Annotation(TypedDict):
     bbox: Annotated[list[float], Field(min_length=4, max_length=4)]  # [x, y, width, height]
 
 
-class Category(TypedDict):
+class CocoCategory(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: int
     name: str
@@ -47,9 +49,9 @@ class Category(TypedDict):
 
 class CocoFile(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
-    images: list[Image]
-    annotations: list[Annotation]
-    categories: list[Category]
+    images: list[CocoImage]
+    annotations: list[CocoAnnotation]
+    categories: list[CocoCategory]
 
 
 _FILE = TypeAdapter(CocoFile)
