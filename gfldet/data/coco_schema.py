@@ -79,8 +79,8 @@ def structure_problems(data: Any, ann_file: Path) -> tuple[list[str], dict[str, 
     (every problem of the file at once) and, per list, the positions of the bad records; None
     instead when the top level is unusable (not an object, or a list missing)."""
     # The validated copy is thrown away, and reference counting frees it. Without the pause, the
-    # garbage collector would walk the whole parsed file again and again while the copy grows:
-    # that doubles the time at COCO scale.
+    # garbage collector would walk the whole parsed file again and again while the copy grows
+    # (benchmarks/README.md, "COCO structure check").
     was_enabled = gc.isenabled()
     gc.disable()
     try:
