@@ -29,8 +29,7 @@ from torch import Tensor
 
 from gfldet.config import Config, ConfigError, config_from_dict, load_config
 from gfldet.data import build_transforms, collate, load_image_rgb, normalize_batch, pil_to_rgb_array
-from gfldet.data.synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
-from gfldet.engine.build import build_model
+from gfldet.engine.build import build_model, dataset_paths
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from gfldet.models.detector import GFL
 
@@ -109,19 +108,16 @@ def build_inference_model(cfg: Config) -> GFL:
 
 
 def class_names_for(cfg: Config, state: Mapping[str, Any] | None = None) -> list[str]:
-    """Class names, first found of: the checkpoint's `meta.class_names`, the synthetic dataset's
-    categories, the categories of the config's val (then train) annotation file; else
-    "class_0", "class_1", ... Names are in label order (sorted category id, as CocoDetection)."""
+    """Class names, first found of: the checkpoint's `meta.class_names`, the categories of the
+    config's val (then train) annotation file (the synthetic dataset's, if it is generated);
+    else "class_0", "class_1", ... Names are in label order (sorted category id, as
+    CocoDetection)."""
     num_classes = cfg.model.num_classes
     meta = (state or {}).get("meta") or {}
     names = meta.get("class_names") if isinstance(meta, dict) else None
-    if names is None and cfg.data.synthetic is not None:
-        names = [name for _, name in sorted(SYNTHETIC_CATEGORIES)]
-    if names is None:
-        for split in (cfg.data.val, cfg.data.train):
-            names = _category_names(Path(split.annotations))
-            if names is not None:
-                break
+    for split in ("val", "train"):
+        if names is None:
+            names = _category_names(dataset_paths(cfg.data, split, generate=False).annotations)
     if names is None or len(names) != num_classes:
         return [f"class_{i}" for i in range(num_classes)]
     return [str(n) for n in names]

@@ -148,6 +148,8 @@ def test_missing_annotation_file_and_top_level_keys(tmp_path: Path) -> None:
     assert "'annotations' must be a list, got dict" in msg
     ann_file.write_text("[1, 2]")
     only_fatal(check_dataset(tmp_path, ann_file), "got a list")
+    ann_file.write_text("null")
+    only_fatal(check_dataset(tmp_path, ann_file), "got a NoneType")
 
 
 def test_missing_fields_are_fatal_and_named(tmp_path: Path) -> None:
@@ -168,13 +170,38 @@ def test_missing_fields_are_fatal_and_named(tmp_path: Path) -> None:
     report = check_dataset(img_dir, ann_file)
     assert "'width' must be a positive integer" in only_fatal(report, "image id 2")
     assert "'id' must be an integer" in only_fatal(report, "images[2]")
-    assert "bbox" in only_fatal(report, "annotation id 2:")
-    assert "4 finite numbers" in only_fatal(report, "annotation id 3:")
-    only_fatal(report, "annotation id 4:")
+    assert "bbox" in only_fatal(report, "(annotation id 2)")
+    assert "4 finite numbers" in only_fatal(report, "(annotation id 3)")
+    only_fatal(report, "(annotation id 4)")
     assert "'id' must be an integer" in only_fatal(report, "annotations[4]")
-    only_fatal(report, "annotation id 6:")
+    only_fatal(report, "(annotation id 6)")
     assert "'name'" in only_fatal(report, "categories[2]")
     assert report.annotations is None
+
+
+def test_schema_messages_name_the_record_the_key_and_the_value(tmp_path: Path) -> None:
+    # One message per bad record, with its JSON position, its id, each bad key and its value.
+    images = [{**_img(1), "license": 4, "coco_url": "http://x"},  # extra keys are COCO's own
+              {**_img(2), "width": 64.0},  # an integral float is a size
+              {**_img(3), "id": True}, {**_img(4), "height": 0}, {**_img(5), "file_name": ""}, 7]
+    anns = [_ann(1, 1, [1, 1, 5, 5]) | {"area": 25, "iscrowd": 0, "segmentation": [[1, 1]]},
+            _ann(2, 1, [1, 1, 5, 5]) | {"category_id": "3"},
+            _ann(3, 1, [1, 1, 5, float("inf")]) | {"image_id": 1.0}]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1), _img(2)], anns[:1])
+    data = json.loads(ann_file.read_text())
+    data.update(images=images, annotations=anns)
+    ann_file.write_text(json.dumps(data))
+    fatal = check_dataset(img_dir, ann_file, check_images=False).fatal
+    assert fatal == [
+        f"{ann_file}: images[2]: 'id' must be an integer, got true",
+        f"{ann_file}: images[3] (image id 4): 'height' must be a positive integer, got 0",
+        f"{ann_file}: images[4] (image id 5): 'file_name' must be a non-empty string, got \"\"",
+        f"{ann_file}: images[5] must be a JSON object, got 7",
+        f"{ann_file}: annotations[1] (annotation id 2): 'category_id' must be an integer, "
+        "got \"3\"",
+        f"{ann_file}: annotations[2] (annotation id 3): 'image_id' must be an integer, got 1.0; "
+        "'bbox' must be [x, y, width, height] with 4 finite numbers, got [1, 1, 5, Infinity]",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,28 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "cli"), "--num-train", "3", "--num-val", "2", "--seed", "7"]) == 0
     assert "train: 3 images" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "synthetic_meta.json").read_text())["params"]["seed"] == 7
+
+
+
+def test_class_names_of_a_synthetic_config_come_from_its_generated_annotations(
+    small: dict[str, Path], tmp_path: Path
+) -> None:
+    # Inference does not know the generator's classes: it reads them from the dataset's file,
+    # as for any COCO-format data, and never generates the dataset to find them.
+    from gfldet.config import load_config
+    from gfldet.inference import class_names_for
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic_cpu.yaml"
+    cfg = load_config(demo, [f"data.synthetic.root={small['root']}"])
+    assert class_names_for(cfg) == [name for _, name in CATEGORIES]
+    original = small["val_ann"].read_bytes()
+    data = json.loads(original)
+    data["categories"][0]["name"] = "disc"
+    small["val_ann"].write_text(json.dumps(data))
+    try:
+        assert class_names_for(cfg)[0] == "disc"
+    finally:
+        small["val_ann"].write_bytes(original)
+    absent = load_config(demo, [f"data.synthetic.root={tmp_path / 'none'}"])
+    assert class_names_for(absent) == [f"class_{i}" for i in range(6)]
+    assert not (tmp_path / "none").exists()

@@ -30,13 +30,15 @@ DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--split", choices=("train", "val", "both"), default="both")
     parser.add_argument("--no-images", action="store_true",
                         help="check the JSON and that files exist, without decoding images (fast)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help=f"largest width*height accepted (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+                        help="largest width*height accepted "
+                        f"(default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. data.train.images=/data/imgs")
     return parser.parse_args(argv)

@@ -43,7 +43,8 @@ def load_checked_split(
     """
     image_dir, ann_file = Path(image_dir), Path(ann_file)
     key = {"check": cache_key(ann_file, image_dir, max_image_pixels), "filter_empty": filter_empty,
-           "min_size": min_size, "as_written": as_written, "max_decode_failures": max_decode_failures}
+           "min_size": min_size, "as_written": as_written,
+           "max_decode_failures": max_decode_failures}
     stored = index_cache.index_cache_path(cache) if cache is not None else None
     split, why = (None, "") if stored is None else index_cache.load(stored, key, image_dir)
     # Under torchrun every rank checks, or none: the check's decoding is shared among them.
@@ -51,15 +52,17 @@ def load_checked_split(
         split = None
     if split is None:
         report = check_dataset(image_dir, ann_file, fix=True, check_images=True,
-                               max_bad_image_fraction=max_decode_failures, max_image_pixels=max_image_pixels,
+                               max_bad_image_fraction=max_decode_failures,
+                               max_image_pixels=max_image_pixels,
                                shard=shard, cache=cache)
         _log_summary(report, as_written)
         report.raise_if_fatal()
         annotations = report.source if as_written else report.annotations
         # The index replaces the dicts; keeping them would keep the memory it saves.
         report.source = report.annotations = None
-        split = index_split(annotations, report.raw_orientation_ids, report.unreadable if as_written else {},
-                            filter_empty, min_size)
+        unreadable = report.unreadable if as_written else {}
+        split = index_split(annotations, report.raw_orientation_ids, unreadable, filter_empty,
+                            min_size)
         split.report = report
         if stored is not None:
             _store(stored, key, split, why)
@@ -83,5 +86,5 @@ def _store(path: Path, key: dict, split: CheckedSplit, why: str) -> None:
     try:
         index_cache.store(path, key, split, split.report.file_stamps)
     except OSError as err:
-        log.warning("could not write the checked index %s (%s); the next start checks the annotation "
-                    "file again", path, err)
+        log.warning("could not write the checked index %s (%s); the next start checks the "
+                    "annotation file again", path, err)

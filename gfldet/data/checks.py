@@ -1,46 +1,27 @@
-"""Checks of a COCO-format dataset before training: find every problem at once, fix what is safe.
+"""Checks of a COCO-format dataset before training: every problem at once, safe fixes applied.
 
-``check_dataset(image_dir, ann_file)`` returns a ``DatasetReport``:
+``check_dataset(image_dir, ann_file)`` returns a ``DatasetReport``. Fatal (each message names the
+file or id and what to do): an unreadable annotation file; a structure that breaks the schema of
+``coco_schema.py``; duplicate image, annotation or category ids; annotations of an image or a
+category that is not listed (a silent drop could hide a wrong categories list); a recorded
+width/height that matches neither the file nor its EXIF-rotated view; images above
+``max_image_pixels``; more missing or unreadable files than ``max_bad_image_fraction`` allows.
 
-fatal (training must not start; each message names the file / id and what to do)
-  - annotation file missing, not JSON (line and column given), or not a COCO mapping;
-  - required keys missing or of the wrong type: ``images``/``annotations``/``categories``
-    lists; per image ``id`` (int), ``file_name``, ``width``/``height`` (> 0); per annotation
-    ``id``, ``image_id``, ``category_id`` (ints) and ``bbox`` (4 finite numbers); per
-    category ``id`` and ``name``;
-  - duplicate image, annotation or category ids; annotations of an image id that is not in
-    ``images``; ``category_id`` not in ``categories`` (a silent drop could hide a wrong
-    categories list, and MMDetection / Detectron2 would crash later);
-  - recorded width/height that matches neither the file nor its EXIF-rotated view;
-  - images larger than ``max_image_pixels``;
-  - more missing / unreadable / truncated image files than ``max_bad_image_fraction`` allows.
+Fixed in memory (``report.annotations``, the files are unchanged): empty boxes dropped, boxes
+partly outside the image clipped and wholly outside dropped; a few unreadable images dropped
+with their annotations, each listed; images whose recorded size is the *stored* pixels' but not
+the EXIF-rotated view's are decoded without the rotation (``raw_orientation_ids``), since their
+boxes were drawn on the stored pixels. ``fix=False`` (a curated set used exactly as written)
+makes every fix fatal. An evaluation split scores its file as written (``source``), leaving out
+only the unreadable images (``unreadable``). ``split_problems`` compares the splits with each
+other and with ``model.num_classes``.
 
-fixed in memory (``report.annotations`` is the fixed COCO dict that ``CocoDetection`` uses)
-  - boxes with zero or negative width/height: dropped;
-  - boxes partly outside the image: clipped; wholly outside: dropped;
-  - a few missing / unreadable images (at most ``max(1, fraction * N)``): dropped together with
-    their annotations, each file listed;
-  - recorded size equal to the *stored* pixels but not to the EXIF-rotated view the loader
-    produces (EXIF orientations 5-8): the boxes were drawn on the un-rotated pixels, so those
-    images are decoded without the rotation (``raw_orientation_ids``).
-
-With ``fix=False`` (strict: a curated benchmark set that must be used exactly as written) every
-fixable problem is fatal instead. An evaluation split scores its file as written (``source``):
-only the unreadable images (``unreadable``) are left out of it.
-
-``split_problems`` checks the splits against each other and against ``model.num_classes``;
-``tools/check_dataset.py`` and training both use it.
-
-Sizes are compared after EXIF orientation exactly as ``CocoDetection`` decodes
-(``ImageOps.exif_transpose``). Images are fully decoded in a thread pool (PIL releases the GIL
-while decoding); truncated files raise because ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False.
-
-check cache: with ``cache=FILE`` the result of each file's full decode is stored with the
-file's size and modification time. The next check with that cache decodes only the files whose
-size or time differ (and any new file); a changed annotation file (size or time), another image
-folder or another ``max_image_pixels`` makes it decode every file again. Training keeps one per
-split in its run folder, so ``--resume`` does not decode the dataset again;
-``tools/check_dataset.py`` never uses one.
+Sizes are compared after EXIF orientation as ``CocoDetection`` decodes. Images are fully decoded
+in a thread pool (PIL releases the GIL), with ``ImageFile.LOAD_TRUNCATED_IMAGES`` held False so
+that truncated files raise. With ``cache=FILE`` each file's decode result is stored with its size
+and modification time, and the next check decodes only the changed files (all of them when the
+annotation file, image folder or ``max_image_pixels`` changed). Training keeps one per split in
+its run folder, so ``--resume`` does not decode the dataset again.
 """
 
 from __future__ import annotations
@@ -59,6 +40,7 @@ from typing import Any
 
 from PIL import ImageFile
 
+from gfldet.data.coco_schema import is_int, structure_problems
 from gfldet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DatasetError,
@@ -112,7 +94,7 @@ class ShardedCheck:
 
 @dataclass
 class DatasetReport:
-    """Outcome of ``check_dataset``. ``num_images`` / ``num_annotations`` count the file as given."""
+    """Outcome of ``check_dataset``; ``num_images``/``num_annotations`` count the file as given."""
 
     ann_file: Path
     image_dir: Path
@@ -143,7 +125,8 @@ class DatasetReport:
     def ok(self) -> bool:
         return not self.fatal
 
-    def add_fix(self, kind: str, example: str, count: int = 1, examples: int = MAX_EXAMPLES) -> None:
+    def add_fix(self, kind: str, example: str, count: int = 1,
+                examples: int = MAX_EXAMPLES) -> None:
         self.fixed[kind] += count
         if len(self.fix_examples[kind]) < examples:
             self.fix_examples[kind].append(example)
@@ -165,8 +148,8 @@ class DatasetReport:
             f"{self.num_annotations} annotations{kept}{decoded}; checked in {self.seconds:.1f} s"
         ]
         if self.fixed:
-            lines.append("found (evaluation scores the file as written, leaving out the unreadable images):"
-                         if evaluation else
+            lines.append("found (evaluation scores the file as written, leaving out the "
+                         "unreadable images):" if evaluation else
                          "fixed in memory (training uses the fixed data; the files are unchanged):")
             for kind, count in self.fixed.items():
                 examples = "; ".join(self.fix_examples[kind])
@@ -207,8 +190,8 @@ def split_problems(num_classes: int, reports: dict[str, DatasetReport]) -> list[
         only_train = sorted(set(cats["train"]) - set(cats["val"]))
         only_val = sorted(set(cats["val"]) - set(cats["train"]))
         problems.append(f"train and val categories differ ({reports['train'].ann_file} vs "
-                        f"{reports['val'].ann_file}; labels would not mean the same class): only in "
-                        f"train {only_train}, only in val {only_val}; use one categories list")
+                        f"{reports['val'].ann_file}; labels would not mean the same class): only "
+                        f"in train {only_train}, only in val {only_val}; use one categories list")
     return problems
 
 
@@ -225,167 +208,94 @@ def _ids(values: Iterable[Any], limit: int = 5) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _positive_size(value: Any) -> bool:
-    # Some converters write 640.0; CocoDetection reads int(value), so integral floats are fine.
-    return _is_number(value) and value > 0 and float(value).is_integer()
-
-
 # ---------------------------------------------------------------------------- annotation file
 
 
-def _load_json(ann_file: Path, report: DatasetReport) -> dict[str, Any] | None:
+def _load_json(ann_file: Path, report: DatasetReport) -> Any:
+    """The parsed file; a fatal problem when it cannot be read as JSON."""
     if not ann_file.is_file():
         what = "is a folder, not a file" if ann_file.is_dir() else "not found"
         report.fatal.append(f"{ann_file}: annotation file {what}; check data.<split>.annotations")
         return None
     try:
         with ann_file.open("rb") as f:
-            data = json.load(f)
+            return json.load(f)
     except OSError as err:
         report.fatal.append(f"{ann_file}: cannot read the annotation file ({err})")
-        return None
     except json.JSONDecodeError as err:
         report.fatal.append(f"{ann_file}: invalid JSON at line {err.lineno}, column {err.colno}: "
                             f"{err.msg}; fix the file there (was it cut short while copying?)")
-        return None
     except UnicodeDecodeError as err:
         report.fatal.append(f"{ann_file}: not UTF-8 text ({err}); save it as UTF-8 JSON")
-        return None
-    if not isinstance(data, dict):
-        report.fatal.append(f"{ann_file}: a COCO annotation file is a JSON object with images, "
-                            f"annotations and categories; got a {type(data).__name__}")
-        return None
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
-    if missing:
-        report.fatal.append(
-            f"{ann_file}: " + "; ".join(
-                f"'{k}' is missing" if k not in data else f"'{k}' must be a list, got "
-                f"{type(data[k]).__name__}" for k in missing)
-            + " (COCO needs the lists images, annotations and categories)")
-        return None
-    return data
+    return None
 
 
-def _check_categories(cats: list[Any], ann_file: Path, report: DatasetReport) -> set[int]:
-    ids: Counter[int] = Counter()
-    for i, cat in enumerate(cats):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            report.fatal.append(f"{ann_file}: categories[{i}] = {_short(cat)} needs an integer "
-                                "'id' and a string 'name'")
-            continue
-        ids[cat["id"]] += 1
-    for cat_id, n in ids.items():
-        if n > 1:
-            report.fatal.append(f"{ann_file}: category id {cat_id} appears {n} times in "
-                                "categories; give each category its own id")
-    if not cats:
+def _duplicates(ids: Counter[int], what: str, ann_file: Path, report: DatasetReport) -> None:
+    report.fatal.extend(f"{ann_file}: {what} id {i} appears {n} times; {what} ids must be unique "
+                        "(renumber them)" for i, n in ids.items() if n > 1)
+
+
+def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: Path,
+                      report: DatasetReport) -> tuple[dict[int, dict], list[dict]]:
+    """What the structurally valid records mean together: unique ids, annotations of listed
+    images and categories. Returns the usable images by id and their annotations."""
+    cats = [c for i, c in enumerate(data["categories"]) if i not in bad["categories"]]
+    cat_ids = Counter(c["id"] for c in cats)
+    _duplicates(cat_ids, "category", ann_file, report)
+    if not data["categories"]:
         report.fatal.append(f"{ann_file}: 'categories' is empty; list the classes as "
                             "{\"id\": int, \"name\": str}")
-    report.categories = [c for c in cats if isinstance(c, dict)]
-    return set(ids)
+    report.categories = [c for c in data["categories"] if isinstance(c, dict)]
 
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_images_json(images: list[Any], ann_file: Path, report: DatasetReport) -> dict[int, dict]:
-    """Valid image entries by id (duplicates excluded, reported)."""
     by_id: dict[int, list[dict]] = defaultdict(list)
-    for i, im in enumerate(images):
-        if not isinstance(im, dict):
-            report.fatal.append(f"{ann_file}: images[{i}] is not an object: {_short(im)}")
-            continue
-        problems = []
-        if not _is_int(im.get("id")):
-            problems.append("'id' must be an integer")
-        if not isinstance(im.get("file_name"), str) or not im.get("file_name"):
-            problems.append("'file_name' must be a non-empty string")
-        for key in ("width", "height"):
-            if not _positive_size(im.get(key)):
-                problems.append(f"'{key}' must be a positive integer")
-        if problems:
-            name = f"image id {im['id']}" if _is_int(im.get("id")) else f"images[{i}]"
-            report.fatal.append(f"{ann_file}: {name} ({_short(im)}): {'; '.join(problems)}")
-            continue
-        by_id[im["id"]].append(im)
-    valid = {}
+    for i, im in enumerate(data["images"]):
+        if i not in bad["images"]:
+            by_id[im["id"]].append(im)
+    images = {}
     for image_id, entries in by_id.items():
         if len(entries) > 1:
             report.fatal.append(
                 f"{ann_file}: image id {image_id} appears {len(entries)} times in images "
                 f"(file_names {_ids(e['file_name'] for e in entries)}); ids must be unique")
         else:
-            valid[image_id] = entries[0]
+            images[image_id] = entries[0]
     files: dict[str, list[int]] = defaultdict(list)
-    for image_id, im in valid.items():
+    for image_id, im in images.items():
         files[im["file_name"]].append(image_id)
     shared = {f: ids for f, ids in files.items() if len(ids) > 1}
     if shared:
         name, ids = next(iter(shared.items()))
         report.warnings.append(f"{len(shared)} files are listed under several image ids "
                                f"(e.g. {name}: ids {_ids(ids)}); each is trained on once per id")
-    return valid
 
-
-def _check_annotations_json(
-    anns: list[Any], image_ids: set[int], all_image_ids: set[int], cat_ids: set[int],
-    ann_file: Path, report: DatasetReport,
-) -> list[dict]:
-    """Structurally valid annotations (duplicates, orphans and unknown categories reported)."""
-    valid: list[dict] = []
-    ann_ids: Counter[int] = Counter()
-    orphans: dict[Any, list[Any]] = defaultdict(list)
-    unknown_cats: dict[Any, list[Any]] = defaultdict(list)
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            report.fatal.append(f"{ann_file}: annotations[{i}] is not an object: {_short(ann)}")
-            continue
-        problems = [f"'{k}' must be an integer" for k in ("id", "image_id", "category_id")
-                    if not _is_int(ann.get(k))]
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            problems.append(f"'bbox' must be [x, y, width, height] with 4 finite numbers, "
-                            f"got {_short(bbox)}")
-        if problems:
-            name = f"annotation id {ann['id']}" if _is_int(ann.get("id")) else f"annotations[{i}]"
-            report.fatal.append(f"{ann_file}: {name}: {'; '.join(problems)}")
-            continue
-        ann_ids[ann["id"]] += 1
+    # Image ids of every image record with an integer id, valid or not: an annotation of an
+    # invalid image is not also reported as an orphan.
+    all_image_ids = {im["id"] for im in data["images"]
+                     if isinstance(im, dict) and is_int(im.get("id"))}
+    anns = [a for i, a in enumerate(data["annotations"]) if i not in bad["annotations"]]
+    _duplicates(Counter(a["id"] for a in anns), "annotation", ann_file, report)
+    orphans: dict[int, list[int]] = defaultdict(list)
+    unknown_cats: dict[int, list[int]] = defaultdict(list)
+    valid = []
+    for ann in anns:
         if ann["image_id"] not in all_image_ids:
             orphans[ann["image_id"]].append(ann["id"])
-            continue
-        if ann["category_id"] not in cat_ids:
+        elif ann["category_id"] not in cat_ids:
             unknown_cats[ann["category_id"]].append(ann["id"])
-            continue
-        if ann["image_id"] in image_ids:  # else: its image is invalid (already fatal)
+        elif ann["image_id"] in images:  # else: its image is invalid (already fatal)
             valid.append(ann)
-    for ann_id, n in ann_ids.items():
-        if n > 1:
-            report.fatal.append(f"{ann_file}: annotation id {ann_id} appears {n} times; "
-                                "annotation ids must be unique (renumber them)")
     for image_id, ids in orphans.items():
         report.fatal.append(f"{ann_file}: {len(ids)} annotations (ids {_ids(ids)}) refer to "
                             f"image id {image_id}, which is not in images; add the image or "
                             "remove the annotations")
-    if unknown_cats:
-        known = _ids(sorted(cat_ids), limit=20)
-        for cat_id, ids in sorted(unknown_cats.items(), key=lambda kv: str(kv[0])):
-            report.fatal.append(
-                f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids "
-                f"{_ids(ids)}) but is not in categories (ids: {known}); add it to categories or "
-                "fix the annotations - is this the categories list the boxes were labelled with?")
-    return valid
+    known = _ids(sorted(cat_ids), limit=20)
+    for cat_id, ids in sorted(unknown_cats.items()):
+        report.fatal.append(
+            f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids "
+            f"{_ids(ids)}) but is not in categories (ids: {known}); add it to categories or "
+            "fix the annotations - is this the categories list the boxes were labelled with?")
+    return images, valid
+
 
 
 def _check_boxes(anns: list[dict], sizes: dict[int, tuple[int, int]], fix: bool,
@@ -477,9 +387,10 @@ def _probe_shared(paths: list[Path], decode: bool, max_pixels: int | None, num_t
 def _check_files(
     images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
     max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
-    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None, cache: Path | None = None,
+    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None,
+    cache: Path | None = None,
 ) -> tuple[dict[int, str], set[int]]:
-    """Probe every image file. Returns (image ids to drop -> why, image ids to decode un-rotated)."""
+    """Probe every image file. Returns (image ids to drop -> why, ids to decode un-rotated)."""
     if not image_dir.is_dir():
         report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
         return {}, set()
@@ -487,7 +398,8 @@ def _check_files(
     if check_images:
         stamps = _stamps(image_dir, files)
         report.file_stamps = stamps if cache else None
-        cached = _read_cache(cache, ann_file, image_dir, max_pixels, stamps, report) if cache else {}
+        cached = (_read_cache(cache, ann_file, image_dir, max_pixels, stamps, report)
+                  if cache else {})
         if shard is not None and shard.world > 1:
             # Every rank must decode the same list: a file any rank cannot take from the cache
             # (a file system that shows it changed, an unreadable cache) is decoded by all.
@@ -500,7 +412,8 @@ def _check_files(
             was = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
-                decoded = _probe_shared([image_dir / f for f in to_decode], True, max_pixels, num_threads, shard)
+                decoded = _probe_shared([image_dir / f for f in to_decode], True, max_pixels,
+                                        num_threads, shard)
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = was
         probe_of = {**cached, **dict(zip(to_decode, decoded, strict=True))}
@@ -615,12 +528,14 @@ def cache_key(ann_file: Path, image_dir: Path, max_pixels: int | None) -> dict[s
     """What a check cache is valid for: the annotation file as it is now (path, size, time),
     the image folder and the size limit."""
     return {"version": CACHE_VERSION, "annotations": str(ann_file.resolve()),
-            "annotations_stamp": list(_stamp(ann_file) or ()), "image_dir": str(image_dir.resolve()),
+            "annotations_stamp": list(_stamp(ann_file) or ()),
+            "image_dir": str(image_dir.resolve()),
             "max_image_pixels": max_pixels}
 
 
 def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
-                stamps: dict[str, tuple[int, int] | None], report: DatasetReport) -> dict[str, _Probe]:
+                stamps: dict[str, tuple[int, int] | None],
+                report: DatasetReport) -> dict[str, _Probe]:
     """The cached probes of the files whose size and modification time are unchanged; the
     whole cache is unused when it was made for another annotation file (or an earlier version
     of it), image folder or size limit. ``report.cache_note`` says which."""
@@ -632,12 +547,15 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
             data = json.load(f)
         key, entries = data["key"], data["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        report.cache_note = f"check cache {cache} unreadable ({type(err).__name__}: {err}); rewriting it"
+        report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
+                             "rewriting it")
         return {}
     if key != cache_key(ann_file, image_dir, max_pixels):
-        changed = [name for name, value in cache_key(ann_file, image_dir, max_pixels).items() if key.get(name) != value]
-        report.cache_note = (f"check cache {cache} not used: made for another {' / '.join(changed)} "
-                             "(the annotation file changed, or another folder or limit); rewriting it")
+        changed = [name for name, value in cache_key(ann_file, image_dir, max_pixels).items()
+                   if key.get(name) != value]
+        report.cache_note = (f"check cache {cache} not used: made for another "
+                             f"{' / '.join(changed)} (the annotation file changed, or another "
+                             "folder or limit); rewriting it")
         return {}
     cached = {}
     try:
@@ -646,17 +564,19 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
             if stamp is None or entry is None or tuple(entry[:2]) != stamp:
                 continue
             _, _, width, height, orientation, error, too_large = entry
-            cached[name] = _Probe(stored_size=None if error else (width, height), orientation=orientation,
-                                  error=error, too_large=too_large)
+            cached[name] = _Probe(stored_size=None if error else (width, height),
+                                  orientation=orientation, error=error, too_large=too_large)
     except (AttributeError, TypeError, ValueError) as err:  # valid JSON, but not a cache's entries
-        report.cache_note = f"check cache {cache} unreadable ({type(err).__name__}: {err}); rewriting it"
+        report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
+                             "rewriting it")
         return {}
     report.cache_note = f"check cache {cache}"
     return cached
 
 
 def _write_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
-                 stamps: dict[str, tuple[int, int] | None], probes: dict[str, _Probe], report: DatasetReport) -> None:
+                 stamps: dict[str, tuple[int, int] | None], probes: dict[str, _Probe],
+                 report: DatasetReport) -> None:
     """Write the probes of the files that exist, with the stamps taken before they were decoded
     (a file changed during the check is decoded again next time). Atomic: a temporary file
     renamed over the old cache."""
@@ -710,21 +630,21 @@ def check_dataset(
     cache = Path(cache) if cache is not None else None
     report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
     data = _load_json(ann_file, report)
-    if data is None:
+    problems, bad = structure_problems(data, ann_file) if not report.fatal else ([], None)
+    report.fatal.extend(problems)
+    if bad is None:
         report.seconds = time.perf_counter() - start
         return report
     report.source = data
     report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
 
-    cat_ids = _check_categories(data["categories"], ann_file, report)
-    images = _check_images_json(data["images"], ann_file, report)
-    all_ids = {im["id"] for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))}
-    anns = _check_annotations_json(data["annotations"], set(images), all_ids, cat_ids, ann_file, report)
+    images, anns = _check_references(data, bad, ann_file, report)
     if not images and not report.fatal:
         report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
 
-    drop, raw_orientation = _check_files(images, image_dir, check_images, fix, max_bad_image_fraction,
-                                         max_image_pixels, num_threads, ann_file, report, shard, cache)
+    drop, raw_orientation = _check_files(images, image_dir, check_images, fix,
+                                         max_bad_image_fraction, max_image_pixels, num_threads,
+                                         ann_file, report, shard, cache)
     # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
     # every image that passed (un-rotated decoding keeps the recorded frame too).
     sizes = {i: (int(im["width"]), int(im["height"])) for i, im in images.items()}
@@ -732,7 +652,8 @@ def check_dataset(
     if dropped_anns:
         report.add_fix(FIX_BAD_IMAGE_ANNS, f"ids {_ids(a['id'] for a in dropped_anns)}",
                        count=len(dropped_anns))
-    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], sizes, fix, ann_file, report)
+    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], sizes, fix, ann_file,
+                        report)
 
     if not report.fatal:
         if not anns:

@@ -13,14 +13,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from gfldet.data.checks import DatasetReport
 from gfldet.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetError, load_image_rgb
 from gfldet.data.index import (
     MIN_BOX_SIDE,
@@ -32,7 +31,11 @@ from gfldet.data.index import (
     no_training_images_left,
 )
 
+if TYPE_CHECKING:
+    from gfldet.data.checks import DatasetReport
+
 log = logging.getLogger("gfldet")
+
 
 def clip_and_filter_boxes(
     boxes: np.ndarray, labels: np.ndarray, height: int, width: int
@@ -94,14 +97,9 @@ class DecodeFailureBudget:
         return first
 
     def exceeded(self) -> bool:
-        if self.failures == 0:
-            return False
-        if self.max_fraction == 0.0:
-            return True
-        return (
+        return self.failures > 0 and (self.max_fraction == 0.0 or (
             self.failures >= MIN_DECODE_FAILURES_TO_STOP
-            and self.failures > self.max_fraction * self.attempts
-        )
+            and self.failures > self.max_fraction * self.attempts))
 
     def error(self, image_dir: Path) -> DatasetError:
         listed = list(self.failed_files.items())
@@ -121,45 +119,26 @@ class DecodeFailureBudget:
 
 
 class CocoDetection(Dataset):
-    """COCO-format detection dataset.
+    """COCO-format detection dataset: indexes a split and loads its samples (it checks nothing).
 
-    ``dataset[i]`` -> ``(image, target)`` with
-      image: uint8 tensor [3, H, W] RGB, H/W after resizing, unpadded (normalised later, on the
-        training device, by ``gfldet.data.normalize_batch``).
-      target: ``boxes`` FloatTensor [G, 4] xyxy in the transformed image's pixels, ``labels``
-        LongTensor [G] in [0, C), ``image_id`` int, ``image_size`` (h, w) after transform,
-        ``orig_size`` (h, w) as decoded. Only when the requested image failed to decode and was
-        replaced: ``decode_failed``, a list of ``{"image_id", "file", "error"}`` (every other
-        key then describes the replacement image, so image and target always agree).
+    ``dataset[i]`` -> ``(image, target)``: image uint8 [3, H, W] RGB, resized, unpadded (see
+    ``normalize_batch``); target ``boxes`` float32 [G, 4] xyxy in the transformed image's pixels,
+    ``labels`` int64 [G] in [0, C), ``image_id``, ``image_size`` (h, w) after the transform,
+    ``orig_size`` (h, w) as decoded, and only when the image failed to decode and was replaced,
+    ``decode_failed`` (a list of ``{"image_id", "file", "error"}``; every other key describes
+    the replacement). ``transform(image=uint8 [H, W, 3], bboxes=float32 [G, 4] xyxy,
+    labels=int64 [G])`` returns albumentations' dict with ``image`` uint8 [3, H, W].
 
-    ``transform`` is called as ``transform(image=uint8 [H, W, 3], bboxes=float32 [G, 4] xyxy,
-    labels=int64 [G])`` and must return a dict with ``image`` (uint8 [3, H, W], as
-    ``ToTensorV2`` gives it), ``bboxes`` and ``labels`` (the albumentations calling
-    convention; see ``gfldet.data.transforms.build_transforms``).
+    ``split`` is a checked split (``checked_split.load_checked_split``, which ``build_dataset``
+    calls); without it the annotation file is indexed as read. The records live in ``index``,
+    flat numpy arrays that forked loader workers share. ``filter_empty`` (training) drops images
+    without a usable box or with a side below ``min_size``, as MMDetection's ``filter_cfg``,
+    naming each in ``left_out``; a training set left empty raises ``DatasetError``.
 
-    ``i`` may be a plain int or an int carrying a ``seed`` attribute (``SeededIndex`` from the
-    loader); in the latter case the transform's RNG is reseeded first so that a sample's
-    augmentation depends only on (seed, epoch, index), not on worker count or resume point.
-
-    Filtering (``filter_empty=True``, for training) mirrors MMDetection's
-    ``filter_cfg=dict(filter_empty_gt=True, min_size=min_size)``: images without any usable box,
-    or whose short side is < ``min_size``, are dropped; each one is named, with why, in
-    ``left_out`` (and logged), and a training set left without images raises ``DatasetError``.
-    With ``filter_empty=False`` (val/test) every image in the JSON is kept, including ones with
-    no annotations.
-
-    The records live in ``index`` (an ``ImageIndex``: flat numpy arrays, shared by forked loader
-    workers); no per-image Python object is kept. ``ground_truth()`` builds the pycocotools
-    index of the annotation file, as written, when evaluation needs it.
-
-    ``split`` is a checked split (``gfldet.data.checked_split.load_checked_split``, which the
-    trainer's ``build_dataset`` calls): the dataset then indexes its checked annotations, and
-    keeps its report as ``check_report``. Without it the annotation file is indexed as read.
-
-    Decode failures in ``__getitem__`` (a file deleted or corrupted after the check) are logged
-    and the sample is replaced by the next image of the same orientation group, decoded with the
-    same augmentation seed; more than ``max_decode_failures`` of the decodes failing (see
-    ``DecodeFailureBudget``) raises ``DatasetError``. ``max_image_pixels`` caps image size.
+    An index carrying a ``seed`` (``SeededIndex``) reseeds the transform first, so augmentation
+    depends only on (seed, epoch, index). An image that fails to decode is replaced by the next
+    one of the same orientation group, with the same seed; more failures than
+    ``max_decode_failures`` allows (``DecodeFailureBudget``) raise ``DatasetError``.
     """
 
     def __init__(
@@ -182,7 +161,8 @@ class CocoDetection(Dataset):
         self.max_image_pixels = max_image_pixels
         self.decode_budget = DecodeFailureBudget(max_decode_failures)
         if split is None:
-            split = index_split(load_annotation_file(self.ann_file), frozenset(), {}, filter_empty, min_size)
+            split = index_split(load_annotation_file(self.ann_file), frozenset(), {},
+                                filter_empty, min_size)
         self.check_report: DatasetReport | None = split.report
         self.label_to_cat_id: list[int] = split.label_to_cat_id
         self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.label_to_cat_id)}
@@ -194,7 +174,8 @@ class CocoDetection(Dataset):
         if filter_empty and self.left_out:
             log.info("%s", describe_left_out(self.left_out, self.num_images_in_file, "training"))
         if filter_empty and not len(self.index):
-            raise DatasetError(no_training_images_left(self.ann_file, self.left_out, self.num_images_in_file))
+            raise DatasetError(no_training_images_left(self.ann_file, self.left_out,
+                                                       self.num_images_in_file))
 
         self.image_ids: np.ndarray = self.index.image_ids  # int64 [N]
         # Read from the JSON so batching by aspect ratio never has to decode an image.
@@ -302,9 +283,10 @@ class CocoDetection(Dataset):
             tensor = torch.as_tensor(out["image"]).contiguous()
             if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] != 3:
                 raise TypeError(
-                    f"the transform returned a {tensor.dtype} image of shape {list(tensor.shape)}; gfldet "
-                    "needs uint8 [3, H, W] (end the pipeline with ToTensorV2 and no Normalize: images "
-                    "are normalised on the device by gfldet.data.normalize_batch)"
+                    f"the transform returned a {tensor.dtype} image of shape "
+                    f"{list(tensor.shape)}; gfldet needs uint8 [3, H, W] (end the pipeline with "
+                    "ToTensorV2 and no Normalize: images are normalised on the device by "
+                    "gfldet.data.normalize_batch)"
                 )
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)

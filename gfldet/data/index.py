@@ -1,11 +1,10 @@
 """A split's per-image records in flat numpy arrays: what training and evaluation read per sample.
 
-A pycocotools ``COCO`` object, or any per-image Python object, costs COCO train2017's 118k images
-and 860k boxes about 1.5 GB in every process, and DataLoader workers forked from it copy those
-pages as soon as reference counting or a garbage collection touches them. ``ImageIndex`` holds
-the same records in a handful of numpy arrays, whose buffers no refcount touches, so forked
-workers keep sharing them (the reason for Detectron2's ``DatasetFromList(serialize=True)`` and
-MMEngine's ``serialize_data``). See benchmarks/README.md, coco_scale.py, for the measurements.
+Per-image Python objects (a pycocotools ``COCO``, a list of dicts) are copied into every forked
+DataLoader worker as soon as reference counting or a garbage collection touches their pages; a
+handful of numpy arrays are not, so workers keep sharing them (the reason for Detectron2's
+``DatasetFromList(serialize=True)`` and MMEngine's ``serialize_data``). benchmarks/coco_scale.py
+measures it.
 
 Shape legend: N = images in the index, B = boxes of all images together.
 """
@@ -214,14 +213,15 @@ def no_training_images_left(ann_file: Path, left_out: list[str], total: int) -> 
             + describe_left_out(left_out, total, "training"))
 
 
-def index_split(annotations: dict[str, Any], raw_orientation_ids: frozenset[int], unreadable: dict[int, str],
-                 filter_empty: bool, min_size: int) -> CheckedSplit:
+def index_split(annotations: dict[str, Any], raw_orientation_ids: frozenset[int],
+                unreadable: dict[int, str], filter_empty: bool, min_size: int) -> CheckedSplit:
     """Index a (checked) COCO dict: ``unreadable`` images left out and named, and with
     ``filter_empty`` the images training leaves out, named with why."""
     label_to_cat_id = sorted(int(c["id"]) for c in annotations["categories"])
     names = {int(c["id"]): str(c["name"]) for c in annotations["categories"]}
     cat_id_to_label = {c: i for i, c in enumerate(label_to_cat_id)}
-    index, annotation_counts = build_index(annotations, cat_id_to_label, raw_orientation_ids=raw_orientation_ids,
+    index, annotation_counts = build_index(annotations, cat_id_to_label,
+                                           raw_orientation_ids=raw_orientation_ids,
                                            skip=set(unreadable))
     left_out = [unreadable[i] for i in sorted(unreadable)]
     if filter_empty:
@@ -229,7 +229,8 @@ def index_split(annotations: dict[str, Any], raw_orientation_ids: frozenset[int]
         index = index.select(keep)
         left_out += filtered
     return CheckedSplit(index, None, left_out, label_to_cat_id,
-                        [names[c] for c in label_to_cat_id], len({im["id"] for im in annotations["images"]}))
+                        [names[c] for c in label_to_cat_id],
+                        len({im["id"] for im in annotations["images"]}))
 
 
 def training_selection(index: ImageIndex, annotation_counts: np.ndarray, min_size: int
@@ -240,14 +241,15 @@ def training_selection(index: ImageIndex, annotation_counts: np.ndarray, min_siz
     empty = np.diff(index.box_offsets) == 0
     left_out = []
     for i in np.flatnonzero(small | empty):
-        width, height, count = int(index.widths[i]), int(index.heights[i]), int(annotation_counts[i])
+        width, height = int(index.widths[i]), int(index.heights[i])
+        count = int(annotation_counts[i])
         if small[i]:
             reason = f"{width}x{height} px, a side below data.min_size={min_size}"
         elif count == 0:
             reason = "no annotations"
         else:
-            reason = (f"no usable box (its {count} annotations are crowd/ignored, or under 1 px once "
-                      "clipped to the image)")
+            reason = (f"no usable box (its {count} annotations are crowd/ignored, or under 1 px "
+                      "once clipped to the image)")
         left_out.append(f"{index.file_name(i)} (image id {int(index.image_ids[i])}): {reason}")
     return ~(small | empty), left_out
 
@@ -255,7 +257,8 @@ def training_selection(index: ImageIndex, annotation_counts: np.ndarray, min_siz
 def images_left_out_of_training(annotations: dict[str, Any], min_size: int) -> list[str]:
     """What ``CocoDetection(filter_empty=True)`` leaves out of training from a (checked) COCO
     dict, by the same rules: "file (image id N): reason" per image."""
-    cat_id_to_label = {c: i for i, c in enumerate(sorted(int(c["id"]) for c in annotations["categories"]))}
+    cat_ids = sorted(int(c["id"]) for c in annotations["categories"])
+    cat_id_to_label = {c: i for i, c in enumerate(cat_ids)}
     index, annotation_counts = build_index(annotations, cat_id_to_label)
     return training_selection(index, annotation_counts, min_size)[1]
 

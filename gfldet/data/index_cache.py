@@ -41,30 +41,24 @@ def _names_array(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
+# What a stored report keeps; the rest (decode counts, the annotation dicts) is the check's own.
+_REPORT_FIELDS = ("fixed", "fix_examples", "warnings", "num_images", "num_annotations", "kept",
+                  "categories")
+
+
 def _report_record(report: DatasetReport) -> dict[str, Any]:
-    return {
-        "ann_file": str(report.ann_file),
-        "image_dir": str(report.image_dir),
-        "fixed": dict(report.fixed),
-        "fix_examples": dict(report.fix_examples),
-        "warnings": report.warnings,
-        "num_images": report.num_images,
-        "num_annotations": report.num_annotations,
-        "kept": report.kept,
-        "categories": report.categories,
-        "raw_orientation_ids": sorted(report.raw_orientation_ids),
-        "unreadable": {str(k): v for k, v in report.unreadable.items()},
-    }
+    return {**{name: getattr(report, name) for name in _REPORT_FIELDS},
+            "ann_file": str(report.ann_file), "image_dir": str(report.image_dir),
+            "raw_orientation_ids": sorted(report.raw_orientation_ids),
+            "unreadable": {str(k): v for k, v in report.unreadable.items()}}
 
 
 def _report_from(record: dict[str, Any]) -> DatasetReport:
-    report = DatasetReport(ann_file=Path(record["ann_file"]), image_dir=Path(record["image_dir"]))
-    report.fixed = Counter(record["fixed"])
-    report.fix_examples = defaultdict(list, record["fix_examples"])
-    report.warnings = record["warnings"]
-    report.num_images, report.num_annotations = record["num_images"], record["num_annotations"]
-    report.kept = tuple(record["kept"]) if record["kept"] is not None else None
-    report.categories = record["categories"]
+    report = DatasetReport(Path(record["ann_file"]), Path(record["image_dir"]),
+                           **{name: record[name] for name in _REPORT_FIELDS})
+    report.fixed = Counter(report.fixed)
+    report.fix_examples = defaultdict(list, report.fix_examples)
+    report.kept = tuple(report.kept) if report.kept is not None else None
     report.raw_orientation_ids = frozenset(record["raw_orientation_ids"])
     report.unreadable = {int(k): v for k, v in record["unreadable"].items()}
     return report
@@ -141,9 +135,10 @@ def load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSplit
             return None, f"{name} changed since {path} was stored"
     try:
         report = _report_from(record["report"])
-        split = CheckedSplit(ImageIndex(**arrays), report, record["left_out"], record["label_to_cat_id"],
-                             record["class_names"], record["num_images_in_file"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a record this version did not write
+        split = CheckedSplit(ImageIndex(**arrays), report, record["left_out"],
+                             record["label_to_cat_id"], record["class_names"],
+                             record["num_images_in_file"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # not this version's record
         return None, f"{path} unreadable ({type(err).__name__}: {err})"
     report.images_from_cache = len(stamps)
     report.cache_note = (

@@ -83,27 +83,20 @@ def _dist_world() -> tuple[int, int]:
 class GroupedBatchSampler(Sampler[list[int]]):
     """Shuffled, aspect-ratio grouped, rank-sharded batch sampler for training.
 
-    Per epoch (fully determined by ``seed`` and ``epoch``):
-      1. one global permutation of all N indices (same on every rank);
-      2. walking the permutation, indices go to a bucket for their group (landscape w/h >= 1 vs
-         portrait w/h < 1); a batch is emitted whenever a bucket fills, as in MMDetection's
-         AspectRatioBatchSampler. Leftover buckets become smaller (still homogeneous) batches at
-         the end, or are dropped with ``drop_last``;
-      3. batches are dealt round-robin to ranks: rank r gets global batches r, r+R, r+2R, ...
-         So each rank sees a disjoint share and together they cover every index once.
+    Per epoch (determined by ``seed`` and ``epoch``): one global permutation of the N indices;
+    walking it, each index joins the bucket of its group (landscape w/h >= 1, portrait < 1) and a
+    full bucket becomes a batch, as in MMDetection's AspectRatioBatchSampler (leftovers become
+    smaller batches at the end, or are dropped with ``drop_last``); rank r then takes global
+    batches r, r+R, r+2R, ... Grouping each rank's ``DistributedSampler`` share instead would
+    give ranks different batch counts, and DDP deadlocks when one rank runs an extra step: here
+    the global list is made divisible by R by splitting the largest batches (each index still
+    once), and batches repeat, as ``DistributedSampler`` pads, only with fewer indices than ranks.
 
-    Why not group on top of ``DistributedSampler``: grouping each rank's share separately gives
-    ranks different batch counts (their group sizes differ), and DDP deadlocks when one rank runs
-    an extra step. Here the global batch list is made divisible by R by splitting the largest
-    batches in two (keeps each index exactly once); only if that is impossible (fewer indices
-    than ranks) are batches repeated, like ``DistributedSampler``'s padding.
-
-    Each yielded index is a ``SeededIndex`` carrying a per-(seed, epoch, index) augmentation
-    seed. Call ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)`` (the DataLoader
-    draws the batch list when its iterator is created, also with persistent workers); iterations
-    then start at this rank's k-th batch of that epoch, until the next ``set_epoch``. k counts
-    optimizer steps already done in the epoch, so a resumed run continues at the exact batch.
-    ``len()`` is the full per-rank batch count of an epoch, independent of ``skip_batches``.
+    Each index is a ``SeededIndex`` with a per-(seed, epoch, index) augmentation seed. Call
+    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)`` (the loader draws the batches
+    when its iterator is created): iteration starts at this rank's k-th batch of the epoch (k =
+    optimizer steps already done, so a resumed run continues at the exact batch). ``len()`` is
+    the full per-rank batch count of an epoch.
     """
 
     def __init__(

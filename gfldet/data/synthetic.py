@@ -1,10 +1,12 @@
-"""Synthetic COCO-format "shapes" detection dataset: hard enough to be a real benchmark, fast to make.
+"""Synthetic COCO-format "shapes" detection dataset: hard enough to be a real benchmark, quick
+to make.
 
 Six classes of filled shapes (circle, square, triangle, star, cross, ring), stretched 1:3..3:1,
-often rotated, from ~16 px (``min_object_size``) to ~60 % of the image side, on textured backgrounds with distractor
-blobs/lines, mutual occlusion, blur and noise. Every annotation is the tight box of the *visible*
-pixels of its shape (like COCO's boxes of visible segments); an object is only drawn if it and
-every earlier object stay at least ``MIN_VISIBLE`` visible, so no annotated object is hidden.
+often rotated, from ~16 px (``min_object_size``) to ~60 % of the image side, on textured
+backgrounds with distractor blobs/lines, mutual occlusion, blur and noise. Every annotation is
+the tight box of the *visible* pixels of its shape (like COCO's boxes of visible segments); an
+object is only drawn if it and every earlier object stay at least ``MIN_VISIBLE`` visible, so
+no annotated object is hidden.
 
 Deterministic: image i of a split depends only on (seed, split, i), so the output bytes do not
 depend on the number of worker processes. CLI: ``python -m gfldet.data.synthetic OUT_DIR``.
@@ -469,7 +471,7 @@ def _file_name(index: int, params: SynthParams) -> str:
     return f"{index:06d}.{'jpg' if params.image_format == 'jpg' else 'png'}"
 
 
-def _paths(out_dir: Path) -> dict[str, Path]:
+def dataset_layout(out_dir: Path) -> dict[str, Path]:
     return {
         "root": out_dir,
         "train_images": out_dir / "train",
@@ -526,7 +528,7 @@ def generate_synthetic_coco(
         image_format=image_format,
         jpeg_quality=int(jpeg_quality),
     )
-    paths = _paths(Path(out_dir))
+    paths = dataset_layout(Path(out_dir))
     for key in ("train_images", "val_images"):
         paths[key].mkdir(parents=True, exist_ok=True)
     paths["train_ann"].parent.mkdir(parents=True, exist_ok=True)
@@ -606,7 +608,7 @@ def ensure_synthetic_coco(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]
     # Compare through JSON so tuples and lists (as read back from the meta file) compare equal.
     wanted_json = json.loads(json.dumps(wanted))
     with _directory_lock(out):
-        paths = _paths(out)
+        paths = dataset_layout(out)
         if not _is_complete(paths, wanted_json):
             paths = generate_synthetic_coco(out, num_workers=workers, **{**defaults, **kwargs})
     return paths
@@ -636,9 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     for split in ("train", "val"):
         data = json.loads(paths[f"{split}_ann"].read_text())
-        print(
-            f"{split}: {len(data['images'])} images, {len(data['annotations'])} objects -> {paths[f'{split}_ann']}"
-        )
+        print(f"{split}: {len(data['images'])} images, {len(data['annotations'])} objects -> "
+              f"{paths[f'{split}_ann']}")
     print(f"done in {elapsed:.1f}s")
     return 0
 

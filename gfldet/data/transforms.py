@@ -122,7 +122,8 @@ def build_transforms(
     """Detection pipeline: resize -> (train: horizontal flip) -> CHW uint8 tensor.
 
     Call as ``t(image=uint8 [H, W, 3] RGB, bboxes=float [N, 4] xyxy pixels, labels=int [N])``;
-    returns ``image`` uint8 tensor [3, H', W'], ``bboxes`` [N', 4] xyxy in resized pixels, ``labels``.
+    returns ``image`` uint8 tensor [3, H', W'], ``bboxes`` [N', 4] xyxy in resized pixels and
+    ``labels``.
     For val/test pass ``train=False`` and an int ``short_side`` (a range is rejected there because
     evaluation must be deterministic).
 
@@ -164,10 +165,12 @@ def normalize_batch(
     out.sub_(torch.from_numpy(mean_f32).to(out.device).view(shape))
     out.mul_(torch.from_numpy(denominator).to(out.device).view(shape))
     if image_sizes is not None:
-        sizes = torch.as_tensor(image_sizes, dtype=torch.long).to(out.device, non_blocking=True)  # [B, 2]
+        sizes = torch.as_tensor(image_sizes, dtype=torch.long)  # [B, 2]
+        sizes = sizes.to(out.device, non_blocking=True)
         rows = torch.arange(out.shape[-2], device=out.device) >= sizes[:, 0, None]  # [B, Hp]
         cols = torch.arange(out.shape[-1], device=out.device) >= sizes[:, 1, None]  # [B, Wp]
-        out.masked_fill_((rows[:, :, None] | cols[:, None, :])[:, None], 0.0)  # one pass, no per-image loop
+        # One pass, no per-image loop.
+        out.masked_fill_((rows[:, :, None] | cols[:, None, :])[:, None], 0.0)
     return out
 
 

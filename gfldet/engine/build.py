@@ -61,27 +61,26 @@ class SplitPaths:
     annotations: Path
 
 
-def dataset_paths(cfg: DataConfig, split: str) -> SplitPaths:
-    """Image folder and annotation file of `split` ("train" or "val"); generates the bundled
-    synthetic dataset on first use when `data.synthetic` is set (it wins over train/val)."""
-    if cfg.synthetic is not None:
-        from gfldet.data.synthetic import ensure_synthetic_coco
+def dataset_paths(cfg: DataConfig, split: str, generate: bool = True) -> SplitPaths:
+    """Image folder and annotation file of `split` ("train" or "val"). With `data.synthetic` set
+    (it wins over train/val) the bundled synthetic dataset is generated on first use, unless
+    `generate` is False: then its paths are returned whether it exists or not."""
+    if cfg.synthetic is None:
+        split_cfg = getattr(cfg, split)
+        return SplitPaths(Path(split_cfg.images), Path(split_cfg.annotations))
+    from gfldet.data.synthetic import dataset_layout, ensure_synthetic_coco
 
-        paths = ensure_synthetic_coco(
-            cfg.synthetic.root,
-            num_train=cfg.synthetic.num_train,
-            num_val=cfg.synthetic.num_val,
-            seed=cfg.synthetic.seed,
-            min_object_size=cfg.synthetic.min_object_size,
-        )
-        return SplitPaths(Path(paths[f"{split}_images"]), Path(paths[f"{split}_ann"]))
-    split_cfg = getattr(cfg, split)
-    return SplitPaths(Path(split_cfg.images), Path(split_cfg.annotations))
+    s = cfg.synthetic
+    paths = (ensure_synthetic_coco(s.root, num_train=s.num_train, num_val=s.num_val, seed=s.seed,
+                                   min_object_size=s.min_object_size)
+             if generate else dataset_layout(Path(s.root)))
+    return SplitPaths(Path(paths[f"{split}_images"]), Path(paths[f"{split}_ann"]))
 
 
 def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
-    """The checked dataset of `split`; `check_cache` (a JSON file) reuses the full-decode results
-    of the image files unchanged since the check that wrote it (see gfldet.data.checks)."""
+    """The checked dataset of `split`: the check runs here, and the dataset indexes and loads
+    its result. `check_cache` (a JSON file) reuses the full-decode results of the image files
+    unchanged since the check that wrote it (see gfldet.data.checks)."""
     from gfldet.data import CocoDetection, build_transforms
     from gfldet.data.checked_split import load_checked_split
     from gfldet.data.checks import ShardedCheck
@@ -91,20 +90,22 @@ def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
     paths = dataset_paths(d, split)
     train = split == "train"
     short_side = tuple(d.train_short_side) if train else d.test_short_side
-    transform = build_transforms(train=train, short_side=short_side, max_size=d.max_size, flip_prob=d.flip_prob)
+    transform = build_transforms(train=train, short_side=short_side, max_size=d.max_size,
+                                 flip_prob=d.flip_prob)
     # Both splits are checked before any compute is spent (every image decoded; fatal problems
     # raise). Training data is fixed in memory; validation data is scored against its file as
     # written, only its unreadable images are left out (and named).
     filter_empty = d.filter_empty if train else False
     min_size = d.min_size if train else 0
+    # Under torchrun each process decodes its share of the images for the check.
+    shard = (ShardedCheck(get_rank(), get_world_size(), all_gather_objects)
+             if is_distributed() else None)
     split_data = load_checked_split(
-        paths.images, paths.annotations, filter_empty=filter_empty, min_size=min_size, as_written=not train,
-        max_decode_failures=cfg.train.max_decode_failures, cache=check_cache,
-        # Under torchrun each process decodes its share of the images for the check.
-        shard=ShardedCheck(get_rank(), get_world_size(), all_gather_objects) if is_distributed() else None,
-    )
-    dataset = CocoDetection(paths.images, paths.annotations, transform, filter_empty, min_size, split=split_data,
-                            max_decode_failures=cfg.train.max_decode_failures)
+        paths.images, paths.annotations, filter_empty=filter_empty, min_size=min_size,
+        as_written=not train, max_decode_failures=cfg.train.max_decode_failures,
+        cache=check_cache, shard=shard)
+    dataset = CocoDetection(paths.images, paths.annotations, transform, filter_empty, min_size,
+                            split=split_data, max_decode_failures=cfg.train.max_decode_failures)
     if dataset.num_classes != cfg.model.num_classes:
         from gfldet.config import ConfigError
 
