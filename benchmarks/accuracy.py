@@ -7,7 +7,8 @@ dataset and scored with COCO box AP on its val split, over several seeds.
         [--results-md benchmarks/RESULTS.md] [--cfg-options KEY=VALUE ...]
 
 Every run is `gfldet.engine.trainer.train` on the config unchanged except `train.seed`, the
-entrant's `model.loss.*` keys, `train.eval_interval` (one evaluation, at the end),
+entrant's `model.loss.*` and `model.head.*` keys, `train.eval_interval` (one evaluation, at the
+end),
 `schedule.epochs` (only with `--epochs`) and `--cfg-options`; torchvision's detectors come in
 through `train(model=...)` (`tv_detectors.py`), so data loader, augmentation, optimizer, lr
 schedule, AMP, batch, iterations and seed are the same for every entrant. Runs go seed by seed
@@ -63,8 +64,9 @@ COCO_KEYS = dict(zip(METRICS, ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_m
                                "bbox_mAP_l"), strict=True))
 # DFL needs the distribution. The boxes start at the ATSS anchor (4 strides per side), as ATSS's
 # own regression does: spelt out, although it is the default, because it decides 10 AP here.
-DIRAC = ("model.loss.box_repr=dirac", "model.loss.dfl_weight=0", "model.loss.dirac_init_distance=4")
-ZERO_INIT_DIRAC = ("model.loss.box_repr=dirac", "model.loss.dfl_weight=0", "model.loss.dirac_init_distance=0")
+DIRAC = ("model.head.box_repr=dirac", "model.loss.dfl_weight=0", "model.head.dirac_init_distance=4")
+ZERO_INIT_DIRAC = ("model.head.box_repr=dirac", "model.loss.dfl_weight=0",
+                   "model.head.dirac_init_distance=0")
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,12 @@ ENTRANTS = {e.name: e for e in (
     Entrant("qfl_dirac_zero_init", "qfl_dirac with boxes starting at zero size",
             ("model.loss.cls_loss=qfl", *ZERO_INIT_DIRAC)),
     Entrant("focal_dfl", "focal loss + distribution + DFL",
-            ("model.loss.cls_loss=focal", "model.loss.box_repr=distribution")),
+            ("model.loss.cls_loss=focal", "model.head.box_repr=distribution")),
     Entrant("qfl_nodfl", "QFL + distribution without DFL",
-            ("model.loss.cls_loss=qfl", "model.loss.box_repr=distribution", "model.loss.dfl_weight=0")),
+            ("model.loss.cls_loss=qfl", "model.head.box_repr=distribution",
+             "model.loss.dfl_weight=0")),
     # GFLv2: the gfl entrant plus the Distribution-Guided Quality Predictor (paper defaults).
-    Entrant("gflv2", "GFLv2: gfl + DGQP (distribution-guided quality)", ("model.head.dgqp=true",)),
+    Entrant("gflv2", "GFLv2: gfl + DGQP (distribution-guided quality)", ("model.head.dgqp={}",)),
     Entrant("fcos", "torchvision FCOS on gfldet's backbone + FPN", torchvision="fcos"),
     Entrant("retinanet", "torchvision RetinaNet on gfldet's backbone + FPN", torchvision="retinanet"),
     # Diagnostic: RetinaNet with one square anchor of 4 strides per location instead of 9.

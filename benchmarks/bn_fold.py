@@ -28,8 +28,9 @@ from common import (
 from torch import Tensor
 from train_step import train_step
 
+from gfldet.config import BackboneConfig, ModelConfig
+from gfldet.engine.build import build_model
 from gfldet.models.backbone import ResNetBackbone
-from gfldet.models.build import build_gfl
 
 NUM_CLASSES = 80
 
@@ -44,8 +45,8 @@ def unfolded_forward(backbone: ResNetBackbone, images: Tensor) -> list[Tensor]:
 
 def build_pair() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    folded = build_gfl(num_classes=NUM_CLASSES, backbone_weights=None)
-    unfolded = build_gfl(num_classes=NUM_CLASSES, backbone_weights=None)
+    recipe = ModelConfig(num_classes=NUM_CLASSES, backbone=BackboneConfig(weights=None))
+    folded, unfolded = build_model(recipe), build_model(recipe)
     unfolded.load_state_dict(folded.state_dict())
     unfolded.backbone.forward = types.MethodType(unfolded_forward, unfolded.backbone)
     return {"folded": folded, "unfolded": unfolded}

@@ -38,8 +38,9 @@ from common import (
 )
 from torch import nn
 
+from gfldet.config import BackboneConfig, DGQPConfig, HeadConfig, ModelConfig
 from gfldet.data import IMAGENET_MEAN, IMAGENET_STD
-from gfldet.models.build import build_gfl
+from gfldet.engine.build import build_model
 from gfldet.models.detector import GFL
 
 HEIGHT, WIDTH = 800, 1333  # padded to 800x1344 (a multiple of 32)
@@ -111,7 +112,7 @@ def main() -> None:
     padded = (-(-height // 32) * 32, -(-width // 32) * 32)  # 800x1333 -> 800x1344
 
     torch.manual_seed(0)
-    gfl = build_gfl(num_classes=80, backbone_weights=None).eval()
+    gfl = build_model(ModelConfig(backbone=BackboneConfig(weights=None))).eval()  # 80 classes
     if args.gflv2:
         compare_gflv2(gfl, args, height, width, padded)
         return
@@ -139,7 +140,8 @@ def main() -> None:
 def compare_gflv2(
     gfl: GFL, args: argparse.Namespace, height: int, width: int, padded: tuple[int, int]
 ) -> None:
-    gflv2 = build_gfl(num_classes=80, backbone_weights=None, dgqp=True).eval()
+    gflv2 = build_model(ModelConfig(backbone=BackboneConfig(weights=None),
+                                    head=HeadConfig(dgqp=DGQPConfig()))).eval()
     # the same trunk and head weights; only DGQP keeps its initialisation
     missing, unexpected = gflv2.load_state_dict(gfl.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("head.dgqp.") for k in missing)

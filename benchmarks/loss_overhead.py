@@ -60,7 +60,7 @@ def gfl_entrant(batch: int, size: int, targets: list[dict]):
     settings = LossSettings()
 
     def run() -> None:
-        losses = gfl_loss(cls, reg, integral, priors, valid, *gt, settings, 16)
+        losses = gfl_loss(cls, reg, integral, priors, valid, *gt, settings, 16, 9)
         sum(losses.values()).backward()
         cls.grad = reg.grad = None
 

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = [{k: v for k, v in r.items() if k.startswith("train/loss") or k == "train/grad_norm"}
              for r in records if any(k.startswith("train/loss") for k in r)]
     aps = [r["val/bbox_mAP"] for r in records if "val/bbox_mAP" in r]
+    # Tensors only, in registration order: renaming a module keeps the digest.
     weight_hash = hashlib.sha256()
-    for tensor in weights.values():  # registration order; names left out so renames keep the digest
+    for tensor in weights.values():
         weight_hash.update(tensor.cpu().contiguous().numpy().tobytes())
     print(f"logged steps: {len(steps)}, losses and grad norms sha256 {digest(json.dumps(steps).encode())}")
     print(f"final weights ({len(weights)} tensors) sha256 {weight_hash.hexdigest()[:16]}")

@@ -5,7 +5,8 @@ alternating runs in one process, medians.
     python benchmarks/train_step.py [--batch 2] [--size 640] [--boxes 20] [--repeats 7] [--threads N]
 
 All three are built as they train on COCO, with random weights (nothing is downloaded):
-- gfldet: `build_gfl()` (80 classes, frozen_stages=1, norm_eval=True: stem and layer1 frozen,
+- gfldet: `build_model` of the recipe's model config (80 classes, frozen_stages=1,
+  norm_eval=True: stem and layer1 frozen,
   BatchNorm statistics fixed, BN affine parameters of layer2-4 still trained, as in MMDetection).
 - torchvision: `common.torchvision_detector` (FrozenBatchNorm2d, stem and layer1 frozen, the
   same 80 classes), because the public builders ignore `trainable_backbone_layers` and switch to
@@ -33,8 +34,9 @@ from common import (
 )
 from torch import nn
 
+from gfldet.config import BackboneConfig, ModelConfig
 from gfldet.data import IMAGENET_MEAN, IMAGENET_STD
-from gfldet.models.build import build_gfl
+from gfldet.engine.build import build_model
 
 NUM_CLASSES = 80
 # The SGD kernels do the same work at any lr; a tiny one keeps randomly initialised weights (and
@@ -81,7 +83,8 @@ def main() -> None:
     labels = [torch.randint(0, NUM_CLASSES, (args.boxes,), generator=gen) for _ in range(batch)]
 
     torch.manual_seed(0)
-    gfl = build_gfl(num_classes=NUM_CLASSES, backbone_weights=None).train()
+    recipe = ModelConfig(num_classes=NUM_CLASSES, backbone=BackboneConfig(weights=None))
+    gfl = build_model(recipe).train()
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     gfl_images = (pixels * 255 - mean) / std  # what the data loader hands the model
     gfl_targets = [{"boxes": b, "labels": lab, "image_size": (size, size)} for b, lab in zip(boxes, labels, strict=True)]

@@ -2,9 +2,10 @@
 
 The schema is the tree of pydantic dataclasses below; each key has a type, a default and a
 comment, and the defaults *are* the GFL R-50 FPN 1x COCO recipe (MMDetection
-``gfl_r50_fpn_1x_coco``, 40.2 box AP on val2017). gfldet.config_io reads the YAML (``base:``
-chains, ``--cfg-options``, where each key was set) and words pydantic's errors: every problem
-at once, with its key, the file that set it, the bad value and what is allowed.
+``gfl_r50_fpn_1x_coco``). The model sections are the keyword arguments of the parts they
+configure, passed straight to their constructors by gfldet.engine.build: a knob is its field here
+(its one default) and the constructor's argument. gfldet.config_io reads the YAML (``base:``
+chains, ``--cfg-options``, where each key was set, keys that moved) and words pydantic's errors.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from gfldet import config_io
 from gfldet.config_io import ConfigError, parse_overrides
 
 __all__ = [
-    "AssignerConfig", "BackboneConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig",
-    "FPNConfig", "HeadConfig", "LossConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-    "SyntheticConfig", "TestConfig", "TrainConfig", "config_from_dict", "config_to_dict",
-    "config_to_yaml", "dump_config", "load_config", "load_config_or_exit", "parse_overrides",
+    "AssignerConfig", "BackboneConfig", "Config", "ConfigError", "DGQPConfig", "DataConfig",
+    "DatasetConfig", "FPNConfig", "HeadConfig", "LossSettings", "ModelConfig", "OptimConfig",
+    "PostProcessSettings", "PriorsConfig", "ScheduleConfig", "SyntheticConfig", "TrainConfig",
+    "config_from_dict", "config_to_dict", "dump_config", "load_config", "load_config_or_exit",
+    "parse_overrides",
 ]
 
 GN_GROUPS = 32  # GroupNorm groups used by the head when norm == "gn"
@@ -47,63 +49,69 @@ _SCHEMA = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 @dataclass(config=_SCHEMA)
 class BackboneConfig:
-    """ResNet backbone."""
+    """ResNetBackbone(**backbone) (gfldet.models.backbone)."""
 
     depth: Literal[18, 34, 50, 101] = 50  # ResNet depth: 18, 34, 50 or 101
     # "torchvision" (ImageNet weights via torchvision's enum; needs internet), a local .pth path, or
     # null (from scratch)
     weights: Text | None = "torchvision"
-    # -1 none frozen; 0 stem; 1 stem+layer1 (recipe); up to 4
-    frozen_stages: Annotated[Int, Field(ge=-1, le=4)] = 1
+    frozen_stages: Annotated[Int, Field(ge=-1, le=4)] = 1  # -1 none; 0 stem; 1 +layer1; <= 4
     norm_eval: Bool = True  # keep BatchNorm in eval mode (frozen statistics), as the recipe
 
 
 @dataclass(config=_SCHEMA)
 class FPNConfig:
-    """Feature pyramid (P3-P7)."""
+    """FPN(in_channels=<the backbone's>, **fpn): the feature pyramid P3-P7."""
 
     out_channels: Count = 256  # channels of every pyramid level
 
 
 @dataclass(config=_SCHEMA)
+class DGQPConfig:
+    """DGQP(reg_max=<the head's>, **dgqp): GFLv2's quality from each side's top-k bin
+    probabilities (gfldet.models.head); the head then emits the joint score's logit."""
+
+    topk: Count = 4  # top-k probabilities per side (GFLv2 paper: 4)
+    channels: Count = 64  # hidden channels of the two 1x1 convs (GFLv2 paper: 64)
+    add_mean: Bool = True  # append the mean of the top-k to each side (GFLv2 paper: true)
+
+
+@dataclass(config=_SCHEMA)
 class HeadConfig:
-    """GFL head (shared across levels)."""
+    """GFLHead(num_classes, in_channels=<the FPN's>, num_levels=5, **head), shared over levels."""
 
     feat_channels: Count = 256  # channels of the stacked convs
     stacked_convs: NonNegInt = 4  # conv layers in each of the cls and reg towers
     norm: Literal["gn", "none"] = "gn"  # normalization in the towers: GroupNorm(32) or none
-    # box side distances are distributions over reg_max + 1 bins (in stride units)
-    reg_max: Count = 16
-    octave_base_scale: Count = 8  # anchor side = octave_base_scale * stride (ATSS priors)
-    # GFLv2's Distribution-Guided Quality Predictor: the top-k bin probabilities of each side
-    # (and their mean) -> 1x1 convs -> a quality that scales sigmoid(class logit). Off = GFLv1.
-    # On, the head emits the joint score's logit, so QFL takes the probability with no other key.
-    dgqp: Bool = False
-    dgqp_topk: Count = 4  # top-k probabilities per side fed to DGQP (GFLv2 paper: 4)
-    dgqp_channels: Count = 64  # hidden channels of DGQP's two 1x1 convs (GFLv2 paper: 64)
-    dgqp_add_mean: Bool = True  # append the mean of the top-k to each side (GFLv2 paper: true)
+    reg_max: Count = 16  # box sides are distributions over reg_max + 1 bins (stride units)
+    # a general distribution (GFL), or Dirac: 4 plain distances (ablation baseline, GFL Table 3)
+    box_repr: Literal["distribution", "dirac"] = "distribution"
+    # "dirac" only: each side's initial distance in strides (the bias of the 4 ReLU outputs).
+    # Unset: model.priors.octave_base_scale / 2, every box at its ATSS anchor, as ATSS's own
+    # regression. 0 is torchvision FCOS's init (benchmarks/README.md, "accuracy.py").
+    dirac_init_distance: NonNeg | None = None
+    dgqp: DGQPConfig | None = None  # GFLv2's DGQP ({} = the paper's settings); null = GFLv1
+
+
+@dataclass(config=_SCHEMA)
+class PriorsConfig:
+    """GFL(..., **priors): one square ATSS prior (anchor) per location and level."""
+
+    octave_base_scale: Count = 8  # prior side = octave_base_scale * stride
 
 
 @dataclass(config=_SCHEMA)
 class AssignerConfig:
-    """ATSS assigner."""
+    """GFL(..., **assigner): the ATSS assigner (gfldet.assigner.atss_assign)."""
 
     topk: Count = 9  # candidate priors per level nearest to each gt centre
 
 
 @dataclass(config=_SCHEMA)
-class LossConfig:
-    """Losses of the GFL head."""
+class LossSettings:
+    """GFL(..., loss=...): the losses' choices and weights (gfldet.models.criterion.gfl_loss)."""
 
-    # ablation switch (paper Table 3): QFL joint score, or plain focal loss with binary targets
-    cls_loss: Literal["qfl", "focal"] = "qfl"
-    # general distribution (integral over reg_max + 1 bins) or Dirac (4 plain distances)
-    box_repr: Literal["distribution", "dirac"] = "distribution"
-    # box_repr "dirac" only: each side's initial distance in strides (the bias of the 4 ReLU
-    # outputs). Unset: model.head.octave_base_scale / 2, so every box starts at its ATSS anchor, as
-    # ATSS's own regression does (the paper's baseline). 0 is torchvision FCOS's init: zero-size
-    # boxes, many sides in the ReLU's dead zone (benchmarks/README.md, "accuracy.py").
-    dirac_init_distance: NonNeg | None = None
+    cls_loss: Literal["qfl", "focal"] = "qfl"  # or focal loss, binary targets (GFL Table 3)
     qfl_beta: NonNeg = 2.0  # Quality Focal Loss modulating exponent
     focal_alpha: Fraction = 0.25  # focal loss alpha (cls_loss == "focal" only)
     focal_gamma: NonNeg = 2.0  # focal loss gamma (cls_loss == "focal" only)
@@ -113,10 +121,8 @@ class LossConfig:
 
 
 @dataclass(config=_SCHEMA)
-class TestConfig:
-    """Inference post-processing."""
-
-    __test__ = False  # not a pytest test class despite the name
+class PostProcessSettings:
+    """GFL(..., test=...): inference post-processing (gfldet.postprocess)."""
 
     score_thr: Annotated[Float, Field(ge=0, lt=1)] = 0.05  # drop detections scoring below this
     nms_pre: Count = 1000  # top-k (prior, class) pairs per level before NMS
@@ -126,15 +132,16 @@ class TestConfig:
 
 @dataclass(config=_SCHEMA)
 class ModelConfig:
-    """Detector: ResNet + FPN + GFL head with ATSS assignment."""
+    """Detector: ResNet + FPN + GFL head with ATSS assignment (gfldet.engine.build_model)."""
 
     num_classes: Count = 80  # object classes (no background class)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # ResNet backbone
     fpn: FPNConfig = field(default_factory=FPNConfig)  # feature pyramid
     head: HeadConfig = field(default_factory=HeadConfig)  # GFL head
+    priors: PriorsConfig = field(default_factory=PriorsConfig)  # ATSS priors
     assigner: AssignerConfig = field(default_factory=AssignerConfig)  # ATSS assigner
-    loss: LossConfig = field(default_factory=LossConfig)  # losses
-    test: TestConfig = field(default_factory=TestConfig)  # inference post-processing
+    loss: LossSettings = field(default_factory=LossSettings)  # losses
+    test: PostProcessSettings = field(default_factory=PostProcessSettings)  # post-processing
 
 
 @dataclass(config=_SCHEMA)
@@ -142,8 +149,7 @@ class DatasetConfig:
     """A COCO-format dataset split (relative paths are resolved against the working directory)."""
 
     images: Text = "data/coco/train2017"  # image directory
-    # COCO-format annotation json
-    annotations: Text = "data/coco/annotations/instances_train2017.json"
+    annotations: Text = "data/coco/annotations/instances_train2017.json"  # COCO-format json
 
 
 @dataclass(config=_SCHEMA)
@@ -154,17 +160,12 @@ class SyntheticConfig:
     num_train: Count = 2000  # training images
     num_val: Count = 300  # validation images
     seed: NonNegInt = 0  # generator seed (same seed -> same dataset)
-    # px, sqrt(w*h) of the smallest shapes; lower makes the data harder
-    min_object_size: Float = 16.0
+    min_object_size: Float = 16.0  # px, sqrt(w*h) of the smallest shapes; lower is harder
 
 
 @dataclass(config=_SCHEMA)
 class DataConfig:
-    """Data loading and augmentation.
-
-    When ``synthetic`` is set it wins: the synthetic dataset is generated into
-    ``synthetic.root`` and ``train``/``val`` are ignored (they point there instead).
-    """
+    """Data loading and augmentation."""
 
     train: DatasetConfig = field(default_factory=DatasetConfig)  # training split
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(  # validation split
@@ -172,8 +173,7 @@ class DataConfig:
     # when set, the bundled synthetic dataset is generated into `root` on first use and train/val
     # point there (wins over train/val)
     synthetic: SyntheticConfig | None = None
-    # short side sampled uniformly in [lo, hi] (multi-scale when lo < hi)
-    train_short_side: tuple[Count, Count] = (800, 800)
+    train_short_side: tuple[Count, Count] = (800, 800)  # sampled in [lo, hi] (multi-scale)
     test_short_side: Count = 800  # short side at test time
     max_size: Int = 1333  # cap on the long side (train and test)
     flip_prob: Fraction = 0.5  # horizontal flip probability (train)
@@ -191,16 +191,13 @@ class OptimConfig:
     """Optimizer."""
 
     name: Literal["sgd", "adamw"] = "sgd"  # optimizer
-    # for `reference_batch_size` images per iteration; scaled linearly to the actual total batch
-    lr: Positive = 0.01
+    lr: Positive = 0.01  # for reference_batch_size images; scaled linearly to the total batch
     reference_batch_size: Count = 16  # total batch size `lr` is given for
     scale_lr: Bool = True  # scale lr by total_batch / reference_batch_size
     momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9  # SGD momentum (AdamW: beta1)
     weight_decay: NonNeg = 0.0001  # L2 / decoupled weight decay
-    # Parameter groups, as MMEngine's paramwise_cfg (and the official GFocal's): the weight and bias
-    # of every norm layer (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) take norm_weight_decay;
-    # the bias of every other layer takes bias_weight_decay and bias_lr_factor x the lr; the rest,
-    # the head's per-level scales included, lr and weight_decay.
+    # Parameter groups as MMEngine's paramwise_cfg (gfldet.engine.build.param_groups): norm layers'
+    # weights and biases, the other layers' biases, and the rest (lr and weight_decay).
     norm_weight_decay: NonNeg | None = None  # null = weight_decay; Detectron2 recipes often use 0
     bias_weight_decay: NonNeg | None = None  # null = weight_decay; official GFocal: 0
     bias_lr_factor: Positive = 1.0  # lr multiplier of the non-norm biases; official GFocal: 2
@@ -212,14 +209,11 @@ class ScheduleConfig:
     """Learning-rate schedule (epoch based, with linear warmup in iterations)."""
 
     epochs: Count = 12  # training epochs
-    # step decay at milestones, or cosine to min_lr_ratio
-    policy: Literal["step", "cosine"] = "step"
-    # epochs at which lr *= gamma (policy "step")
-    milestones: list[Int] = field(default_factory=lambda: [8, 11])
+    policy: Literal["step", "cosine"] = "step"  # step decay at milestones, or cosine
+    milestones: list[Int] = field(default_factory=lambda: [8, 11])  # lr *= gamma ("step")
     gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1  # step decay factor
     warmup_iters: NonNegInt = 500  # linear warmup iterations (0 = none)
-    # warmup start lr = ratio * lr (mmdet 2.x/3.x; official GFocal used 1/3)
-    warmup_ratio: Annotated[Float, Field(gt=0, le=1)] = 0.001
+    warmup_ratio: Annotated[Float, Field(gt=0, le=1)] = 0.001  # start lr = ratio * lr (GFocal: 1/3)
     min_lr_ratio: Annotated[Float, Field(ge=0, lt=1)] = 0.0  # cosine floor, as a fraction of lr
 
 
@@ -229,17 +223,14 @@ class TrainConfig:
 
     seed: NonNegInt = 0  # global random seed
     deterministic: Bool = False  # deterministic cuDNN / algorithms (slower)
-    # Mixed precision. auto: bf16 on a CPU with native bf16 (AVX512-BF16/AMX) and on GPUs that
-    # support it, fp16 (with gradient scaling) on other GPUs, fp32 on other CPUs, where bf16 is
-    # emulated and far slower. none = fp32. The COCO recipe trains in fp32, as MMDetection's.
+    # Mixed precision. auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX) and GPUs that have it,
+    # fp16 (scaled) on other GPUs, else fp32. none = fp32, as the COCO recipe (MMDetection's).
     amp: Literal["auto", "none", "fp16", "bf16"] = "none"
     channels_last: Bool = False  # channels_last memory format
     compile: Bool = False  # torch.compile the model
     ema: Bool = False  # keep an exponential moving average of the weights
-    # EMA decay per iteration, once ramped up
-    ema_decay: Annotated[Float, Field(gt=0, lt=1)] = 0.9998
-    # The t-th EMA update decays by ema_decay * (1 - exp(-t / ema_warmup_iters)), the ramp of YOLOX
-    # and MMDetection's ExpMomentumEMA (2000 there); 0 = constant ema_decay from the start.
+    ema_decay: Annotated[Float, Field(gt=0, lt=1)] = 0.9998  # decay per iteration, ramped up
+    # update t decays by ema_decay * (1 - exp(-t / ema_warmup_iters)) (YOLOX); 0 = constant
     ema_warmup_iters: NonNegInt = 2000
     log_interval: Count = 20  # iterations between log lines
     eval_interval: NonNegInt = 1  # epochs between evaluations; 0 = never
@@ -267,8 +258,10 @@ class Config:
     def _cross_field_rules(self) -> Config:
         """Rules tying keys together, all broken ones reported; run once every key is valid."""
         loss, head, d, s = self.model.loss, self.model.head, self.data, self.schedule
-        dirac, (lo, hi), ms = loss.box_repr == "dirac", d.train_short_side, s.milestones
+        dirac, (lo, hi), ms = head.box_repr == "dirac", d.train_short_side, s.milestones
         step, g, t = s.policy == "step", GN_GROUPS, TOP_STRIDE  # cosine ignores milestones
+        dgqp = head.dgqp and dataclasses.asdict(head.dgqp)  # GFLv2's settings; GFLv1: None
+        k = dgqp["topk"] if dgqp else 1
         small = [f"{key}={config_io.show(value)}" for key, value, side in (
             ("data.test_short_side", d.test_short_side, d.test_short_side),
             ("data.train_short_side", d.train_short_side, lo)) if side <= t]
@@ -277,34 +270,32 @@ class Config:
              head.feat_channels, f"a multiple of {g} when model.head.norm is 'gn' "
              f"(GroupNorm({g})); or set model.head.norm: none"),
             (not dirac or loss.dfl_weight == 0, "model.loss.dfl_weight", loss.dfl_weight,
-             "0 when model.loss.box_repr is 'dirac' (DFL needs the distribution)"),
-            (dirac or loss.dirac_init_distance is None, "model.loss.dirac_init_distance",
-             loss.dirac_init_distance, "unset unless model.loss.box_repr is 'dirac' (the "
+             "0 when model.head.box_repr is 'dirac' (DFL needs the distribution)"),
+            (dirac or head.dirac_init_distance is None, "model.head.dirac_init_distance",
+             head.dirac_init_distance, "unset unless model.head.box_repr is 'dirac' (the "
              "distribution has no such bias)"),
             (loss.giou_weight > 0 or loss.dfl_weight > 0, "model.loss.giou_weight",
              loss.giou_weight, "> 0 when model.loss.dfl_weight is 0 (otherwise no box loss is "
              "trained)"),
-            (not head.dgqp or head.dgqp_topk <= head.reg_max + 1, "model.head.dgqp_topk",
-             head.dgqp_topk, f"<= model.head.reg_max + 1 = {head.reg_max + 1} (the bins)"),
-            (not head.dgqp or not dirac, "model.head.dgqp", head.dgqp,
-             "false when model.loss.box_repr is 'dirac' (DGQP reads the distribution)"),
-            (not head.dgqp or loss.cls_loss == "qfl", "model.head.dgqp", head.dgqp,
-             "false when model.loss.cls_loss is 'focal' (DGQP learns the IoU from QFL)"),
+            (k <= head.reg_max + 1, "model.head.dgqp.topk", k,
+             f"<= model.head.reg_max + 1 = {head.reg_max + 1} (the bins)"),
+            (dgqp is None or not dirac, "model.head.dgqp", dgqp,
+             "null when model.head.box_repr is 'dirac' (DGQP reads the distribution)"),
+            (dgqp is None or loss.cls_loss == "qfl", "model.head.dgqp", dgqp,
+             "null when model.loss.cls_loss is 'focal' (DGQP learns the IoU from QFL)"),
             (lo <= hi, "data.train_short_side", d.train_short_side, "[lo, hi] with lo <= hi"),
             (d.max_size >= max(hi, d.test_short_side), "data.max_size", d.max_size,
              f">= the largest short side ({max(hi, d.test_short_side)}); it caps the long side"),
             (not step or all(a < b for a, b in zip(ms, ms[1:])),  # noqa: B905
              "schedule.milestones", ms, "strictly increasing"),
             (not step or all(1 <= x < s.epochs for x in ms), "schedule.milestones", ms,
-             f"epochs in [1, schedule.epochs) = [1, {s.epochs}) (lower them or raise "
-             "schedule.epochs)"),
+             f"epochs in [1, schedule.epochs) = [1, {s.epochs}) (lower them or raise epochs)"),
             (head.norm != "gn" or head.stacked_convs == 0 or head.feat_channels != g or not small,
              "model.head.feat_channels", head.feat_channels, f"at least {2 * g} with "
              f"{' and '.join(small)}: GroupNorm({g}) then has one channel per group, and an "
-             f"image resized to {t}x{t} px or less has a 1x1 P7 (stride {t}), where a group "
-             "holds a single value (constant features; torch stops on a batch of one such "
-             "image: 'Expected more than 1 value per channel'). Set model.head.feat_channels: "
-             f"{2 * g}, or the short sides above {t}, or model.head.norm: none"),
+             f"image of {t}x{t} px or less a 1x1 P7 (stride {t}): one value per group, which "
+             "torch refuses ('Expected more than 1 value per channel'). Set "
+             f"model.head.feat_channels: {2 * g}, or the short sides above {t}, or norm: none"),
         ]
         broken = [(key, value, allowed) for holds, key, value, allowed in rules if not holds]
         if broken:
@@ -328,16 +319,17 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 
 def config_from_dict(data: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
-    """Strictly convert and validate a plain mapping (e.g. a checkpoint's), ``a.b.c=value``
-    overrides merged on top; missing keys take their defaults, ``base`` is not followed."""
+    """Strictly convert and validate a plain mapping (e.g. a checkpoint's; keys it holds in their
+    old place are moved, and logged), ``a.b.c=value`` overrides merged on top; missing keys take
+    their defaults, ``base`` is not followed."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a config must be a mapping, got {type(data).__name__}")
+    data = config_io.migrate(data, source)
     return config_io.build(Config, *config_io.read(data, overrides, source), source)
 
 
 def load_config_or_exit(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """`load_config` for the command-line tools: a bad config prints its error and exits with
-    status 2 (the usual code for a usage error), before anything heavy is imported or built."""
+    """`load_config` for the tools: a bad config prints its error and exits with status 2."""
     try:
         return load_config(path, overrides)
     except ConfigError as err:
@@ -351,13 +343,8 @@ def config_to_dict(cfg: Config) -> dict:
         key: list(value) if isinstance(value, tuple) else value for key, value in items})
 
 
-def config_to_yaml(cfg: Config) -> str:
-    """The fully resolved config as YAML text (what :func:`dump_config` writes)."""
-    return config_io.to_yaml(config_to_dict(cfg))
-
-
 def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the fully resolved config as YAML; ``load_config`` reads it back to an equal Config."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("# Fully resolved gfldet config (written by gfldet.config.dump_config)"
-                          ".\n" + config_to_yaml(cfg), encoding="utf-8")
+                          ".\n" + config_io.to_yaml(config_to_dict(cfg)), encoding="utf-8")

@@ -9,6 +9,8 @@ output, and the messages for what pydantic refuses (key, value, what is allowed,
    base's: mappings merge key by key, lists and scalars replace.
 3. Overrides ``a.b.c=value`` are merged last, the same way; ``value`` is parsed as YAML, so
    ``8``, ``0.01``, ``[8, 11]``, ``null``, ``true`` work and ``abc`` is the string "abc".
+4. A key of the layout before issue 17 (``MOVED``) is an error naming its new place; a stored
+   config (a checkpoint's) is migrated instead (``migrate``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import re
 import types
@@ -28,6 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+log = logging.getLogger("gfldet")
 OVERRIDE_SOURCE = "--cfg-options"
 Origins = dict[str, str]  # dotted key -> the file (or OVERRIDE_SOURCE) that set it last
 
@@ -388,6 +392,74 @@ def _adapter(root: type) -> TypeAdapter:
     return TypeAdapter(root)
 
 
+# ------------------------------------------------------------------ keys that moved
+# Issue 17 put each key under the part whose constructor reads it. A file or override naming an
+# old key is refused with its new name; a stored config (a checkpoint's, read by
+# config.config_from_dict) written before is moved by this table, and the log says so.
+MOVED = {
+    "model.loss.box_repr": "model.head.box_repr",
+    "model.loss.dirac_init_distance": "model.head.dirac_init_distance",
+    "model.head.octave_base_scale": "model.priors.octave_base_scale",
+    "model.head.dgqp_topk": "model.head.dgqp.topk",
+    "model.head.dgqp_channels": "model.head.dgqp.channels",
+    "model.head.dgqp_add_mean": "model.head.dgqp.add_mean",
+}
+DGQP = "model.head.dgqp"  # was a bool switch; now GFLv2's section: true -> {}, false -> null
+
+
+def _parent(data: dict, dotted: str, create: bool = False) -> tuple[dict | None, str]:
+    """The mapping holding ``dotted``'s last part (None if there is none), and that part."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if create and not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return None, leaf
+    return data, leaf
+
+
+def _old_keys(data: dict) -> list[tuple[str, str]]:
+    """(key, message) for each key of the old layout in ``data``, removed from it."""
+    out = []
+    node, leaf = _parent(data, DGQP)
+    if node is not None and isinstance(node.get(leaf), bool):
+        out.append((DGQP, f"{DGQP} is GFLv2's section now: write {DGQP}: {{}} (the paper's "
+                          f"settings) instead of true, null instead of false"))
+        del node[leaf]
+    for old, new in MOVED.items():
+        node, leaf = _parent(data, old)
+        if node is not None and leaf in node:
+            del node[leaf]
+            out.append((old, f"{old} moved to {new}"))
+    return out
+
+
+def migrate(data: dict, source: str) -> dict:
+    """A copy of the stored config ``data`` with the keys of the old layout moved (logged)."""
+    data, done = copy.deepcopy(data), []
+    node, leaf = _parent(data, DGQP)
+    switch = node.get(leaf) if node is not None else None
+    if isinstance(switch, bool):
+        node[leaf] = {} if switch else None
+        done.append(f"{DGQP}: {show(switch)} -> {show(node[leaf])}")
+    for old, new in MOVED.items():
+        node, leaf = _parent(data, old)
+        if node is None or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if new.startswith(DGQP + ".") and switch is not True:
+            done.append(f"{old} dropped (GFLv1)")
+            continue
+        node, leaf = _parent(data, new, create=True)
+        node[leaf] = value
+        done.append(f"{old} -> {new}")
+    if done:
+        log.warning("%s: config written before gfldet's keys moved to the parts that read them "
+                    "(issue 17); migrated: %s", source, ", ".join(done))
+    return data
+
+
 def check(root: type, data: dict) -> tuple[Any, list[tuple[str, str]]]:
     """Validate ``data`` as ``root``: (the object, []) or (None, every problem)."""
     try:
@@ -399,7 +471,9 @@ def check(root: type, data: dict) -> tuple[Any, list[tuple[str, str]]]:
 def build(root: type, data: dict, origins: Origins, name: str) -> Any:
     """``data`` validated as ``root``, or a ConfigError naming every problem and where it was
     set."""
+    moved = _old_keys(data)
     obj, problems = check(root, data)
+    problems = moved + problems
     if problems:
         lines = [f"{msg} [{where(origins, key)}]" for key, msg in problems]
         raise ConfigError(report(f"invalid config {name}", lines))

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gfldet.config import Config, config_to_dict
+from gfldet.config import Config, DGQPConfig, config_to_dict
 from gfldet.engine.checkpoint import load_checkpoint, save_checkpoint
 
 _BN_ENTRIES = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -173,7 +173,8 @@ def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
 def infer_model_settings(
     state: Mapping[str, Tensor], class_names: list[str] | None = None
 ) -> dict[str, Any]:
-    """`build_gfl` keyword arguments implied by an MMDetection GFL state dict's keys and shapes.
+    """Model settings implied by an MMDetection GFL state dict's keys and shapes (for
+    `config_from_settings`).
 
     A GFLv2 state dict (`bbox_head.reg_conf.*`) adds the dgqp_* arguments. Its `gfl_cls` has one
     channel more than there are classes (see the module docstring) unless `class_names` (the
@@ -258,11 +259,8 @@ def config_from_settings(settings: Mapping[str, Any], base: Config | None = None
     m.head.stacked_convs = settings["stacked_convs"]
     m.head.norm = settings["norm"]
     m.head.reg_max = settings["reg_max"]
-    m.head.dgqp = settings.get("dgqp", False)
-    if m.head.dgqp:
-        m.head.dgqp_topk = settings["dgqp_topk"]
-        m.head.dgqp_channels = settings["dgqp_channels"]
-        m.head.dgqp_add_mean = settings["dgqp_add_mean"]
+    m.head.dgqp = DGQPConfig(topk=settings["dgqp_topk"], channels=settings["dgqp_channels"],
+                             add_mean=settings["dgqp_add_mean"]) if settings.get("dgqp") else None
     return cfg
 
 

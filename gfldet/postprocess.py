@@ -16,24 +16,15 @@ image, `K` = min(max_per_img, P) detections per image (padded).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
 from gfldet.boxes import ltrb_to_boxes
+from gfldet.config import PostProcessSettings  # the schema's model.test
 from gfldet.models.priors import Priors
 
 XYXY_FROM_HW = [1, 0, 1, 0]  # (h, w) -> (w, h, w, h), the bounds of (x1, y1, x2, y2)
-
-
-@dataclass
-class PostProcessSettings:
-    score_thr: float = 0.05
-    nms_pre: int = 1000  # candidates per level and image before NMS
-    nms_iou: float = 0.6
-    max_per_img: int = 100
 
 
 def postprocess(

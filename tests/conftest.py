@@ -98,6 +98,16 @@ def run_in_process(script: str | Path, *args: str, check: bool = True) -> subpro
     return proc
 
 
+def build_from_options(*options: str):
+    """`build_model` of the default model config with these overrides (``model.a.b=value``, as
+    --cfg-options) and no ImageNet backbone weights."""
+    from gfldet.config import config_from_dict
+    from gfldet.engine.build import build_model
+
+    cfg = config_from_dict({}, overrides=["model.backbone.weights=null", *options])
+    return build_model(cfg.model)
+
+
 def checked_dataset(image_dir, ann_file, transform=None, **options):
     """`CocoDetection` of a checked split, as the trainer builds it: `load_checked_split` with
     `options` (filter_empty, min_size, max_decode_failures, cache, ...), then the dataset."""

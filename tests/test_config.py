@@ -65,9 +65,9 @@ def test_1x_recipe_values():
     assert (m.backbone.frozen_stages, m.backbone.norm_eval) == (1, True)
     assert m.fpn.out_channels == 256
     assert (m.head.feat_channels, m.head.stacked_convs, m.head.norm) == (256, 4, "gn")
-    assert (m.head.reg_max, m.head.octave_base_scale) == (16, 8)
+    assert (m.head.reg_max, m.priors.octave_base_scale) == (16, 8)
     assert m.assigner.topk == 9
-    assert (m.loss.cls_loss, m.loss.box_repr) == ("qfl", "distribution")
+    assert (m.loss.cls_loss, m.head.box_repr, m.head.dgqp) == ("qfl", "distribution", None)
     assert (m.loss.qfl_beta, m.loss.cls_weight) == (2.0, 1.0)
     assert (m.loss.giou_weight, m.loss.dfl_weight) == (2.0, 0.25)
     assert (m.test.score_thr, m.test.nms_pre, m.test.nms_iou, m.test.max_per_img) == (
@@ -323,10 +323,11 @@ def test_override_beats_file_and_base():
         (["model.head.feat_channels=48"], "model.head.feat_channels"),
         (["model.test.score_thr=1"], "model.test.score_thr"),
         (["model.test.nms_iou=0"], "model.test.nms_iou"),
-        (["model.loss.box_repr=dirac"], "model.loss.dfl_weight"),
-        (["model.loss.dirac_init_distance=4"], "model.loss.dirac_init_distance"),
-        (["model.loss.box_repr=dirac", "model.loss.dfl_weight=0", "model.loss.dirac_init_distance=-1"],
-         "model.loss.dirac_init_distance"),
+        (["model.head.box_repr=dirac"], "model.loss.dfl_weight"),
+        (["model.head.dirac_init_distance=4"], "model.head.dirac_init_distance"),
+        (["model.head.box_repr=dirac", "model.loss.dfl_weight=0",
+          "model.head.dirac_init_distance=-1"], "model.head.dirac_init_distance"),
+        (["model.priors.octave_base_scale=0"], "model.priors.octave_base_scale"),
         (["data.batch_size=0"], "data.batch_size"),
         (["data.train_short_side=[800, 480]"], "data.train_short_side"),
         (["data.max_size=700"], "data.max_size"),
@@ -353,7 +354,7 @@ def test_milestone_error_points_at_the_file_that_set_them():
 
 def test_valid_edge_values_accepted():
     cfg = load_config(R50_1X, ["model.head.norm=none", "model.head.feat_channels=48",
-                               "model.loss.box_repr=dirac", "model.loss.dfl_weight=0",
+                               "model.head.box_repr=dirac", "model.loss.dfl_weight=0",
                                "schedule.milestones=[]", "model.backbone.frozen_stages=-1",
                                "train.device=cuda:1", "train.eval_interval=0"])
     assert cfg.model.head.feat_channels == 48 and cfg.schedule.milestones == []
@@ -366,14 +367,14 @@ def test_valid_edge_values_accepted():
 
 @pytest.mark.parametrize(("options", "expected"), [
     ([], 4.0),  # unset: half the ATSS anchor's side, octave_base_scale / 2
-    (["model.head.octave_base_scale=6"], 3.0),
-    (["model.loss.dirac_init_distance=0"], 0.0),
+    (["model.priors.octave_base_scale=6"], 3.0),
+    (["model.head.dirac_init_distance=0"], 0.0),
 ])
 def test_dirac_init_distance_reaches_the_head(options, expected):
     from gfldet.engine.build import build_model
 
     cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml",
-                      ["model.loss.box_repr=dirac", "model.loss.dfl_weight=0", *options])
+                      ["model.head.box_repr=dirac", "model.loss.dfl_weight=0", *options])
     head = build_model(cfg.model).head
     assert head.box_repr == "dirac" and torch.equal(head.reg_out.bias, torch.full((4,), expected))
 
@@ -507,10 +508,10 @@ def test_types_ranges_and_unknown_keys_reported_together():
 
 
 def test_cross_field_rules_reported_together():
-    msg = error_of(R50_1X, ["model.loss.dirac_init_distance=2", "schedule.milestones=[11, 8]",
+    msg = error_of(R50_1X, ["model.head.dirac_init_distance=2", "schedule.milestones=[11, 8]",
                             "data.max_size=700"])
     lines = problem_lines(msg)
-    assert set(lines) == {"model.loss.dirac_init_distance", "schedule.milestones", "data.max_size"}
+    assert set(lines) == {"model.head.dirac_init_distance", "schedule.milestones", "data.max_size"}
     assert "schedule.milestones=[11, 8] is invalid: must be strictly increasing" in msg
     assert "data.max_size=700 is invalid: must be >= the largest short side (800)" in msg
 
@@ -537,3 +538,113 @@ def test_problems_of_python_objects_include_types():
     assert set(found) == {"train.ema", "data.train_short_side[1]", "optim.grad_clip"}
     assert "expected bool (true/false), got 'yes'" in found["train.ema"]
     assert found["optim.grad_clip"] == "optim.grad_clip=0.0 is invalid: must be > 0 or null"
+
+
+# ------------------------------------------------- the model sections are constructor arguments
+
+
+def _model_sections():
+    from gfldet.config import (
+        AssignerConfig,
+        BackboneConfig,
+        DGQPConfig,
+        FPNConfig,
+        HeadConfig,
+        PriorsConfig,
+    )
+    from gfldet.models.backbone import ResNetBackbone
+    from gfldet.models.detector import GFL
+    from gfldet.models.fpn import FPN
+    from gfldet.models.head import DGQP, GFLHead
+
+    return [  # (section, the part it is passed to, the part's other arguments)
+        (BackboneConfig, ResNetBackbone, set()),
+        (FPNConfig, FPN, {"in_channels"}),
+        (HeadConfig, GFLHead, {"num_classes", "in_channels", "num_levels"}),
+        (DGQPConfig, DGQP, {"reg_max"}),
+        (PriorsConfig, GFL, {"backbone", "neck", "head", "loss", "test", "topk", "size_divisor"}),
+        (AssignerConfig, GFL, {"backbone", "neck", "head", "loss", "test", "octave_base_scale",
+                               "size_divisor"}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_model_sections_are_keyword_arguments_with_the_schema_default_only(index):
+    import inspect
+
+    section, part, others = _model_sections()[index]
+    params = inspect.signature(part).parameters
+    keys = {f.name for f in dataclasses.fields(section)}
+    assert keys | others == set(params), f"{section.__name__} vs {part.__name__}"
+    # each default is written once, in the schema: the constructor has none for its knobs
+    assert [k for k in keys if params[k].default is not inspect.Parameter.empty] == []
+
+
+# ------------------------------------------------------------------ keys that moved (issue 17)
+
+
+def test_old_keys_in_a_file_are_refused_naming_their_new_place(tmp_path):
+    old = write(tmp_path / "old.yaml", "base: " + str(R50_1X) + "\nmodel:\n"
+                "  head: {octave_base_scale: 6, dgqp: true, dgqp_topk: 3}\n"
+                "  loss: {box_repr: dirac, dirac_init_distance: 2, dfl_weight: 0}\n")
+    msg = error_of(old, ["model.head.dgqp_channels=8", "optim.lr=abc"])
+    lines = [line[4:] for line in msg.splitlines() if line.startswith("  - ")]
+    assert msg.splitlines()[0].endswith("(7 problems):")  # every problem at once
+    where = f"[in {old}]"
+    assert f"model.loss.box_repr moved to model.head.box_repr {where}" in lines
+    assert (f"model.loss.dirac_init_distance moved to model.head.dirac_init_distance {where}"
+            in lines)
+    assert f"model.head.octave_base_scale moved to model.priors.octave_base_scale {where}" in lines
+    assert f"model.head.dgqp_topk moved to model.head.dgqp.topk {where}" in lines
+    assert "model.head.dgqp_channels moved to model.head.dgqp.channels [from --cfg-options]" \
+        in lines
+    assert any(line.startswith("model.head.dgqp is GFLv2's section now: write model.head.dgqp: {}")
+               and line.endswith(where) for line in lines)
+    assert any(line.startswith("optim.lr: expected float") for line in lines)
+
+
+def _old_layout(cfg: Config) -> dict:
+    """`cfg` as a checkpoint written before issue 17 stored it."""
+    d = config_to_dict(cfg)
+    m = d["model"]
+    dgqp = m["head"].pop("dgqp")
+    m["head"].update(octave_base_scale=m.pop("priors")["octave_base_scale"], dgqp=dgqp is not None,
+                     **{f"dgqp_{k}": v for k, v in (dgqp or DGQP_PAPER).items()})
+    m["loss"].update(box_repr=m["head"].pop("box_repr"),
+                     dirac_init_distance=m["head"].pop("dirac_init_distance"))
+    return d
+
+
+DGQP_PAPER = {"topk": 4, "channels": 64, "add_mean": True}
+
+
+@pytest.mark.parametrize("options", [
+    ["model.priors.octave_base_scale=6", "model.head.box_repr=dirac", "model.loss.dfl_weight=0",
+     "model.head.dirac_init_distance=2.5"],
+    ["model.head.dgqp={topk: 3, channels: 16, add_mean: false}"],
+    [],
+])
+def test_a_stored_config_of_the_old_layout_is_migrated_and_logged(options, caplog):
+    from gfldet.inference import config_for_checkpoint
+
+    cfg = load_config(R50_1X, options)
+    old = _old_layout(cfg)
+    assert "box_repr" in old["model"]["loss"] and "priors" not in old["model"]
+    with pytest.raises(ConfigError, match="moved to model.head.box_repr"):  # as a user's file
+        config_from_dict(old, "old.pth", ["optim.lr=0.01", "model.loss.box_repr=distribution"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gfldet"):
+        got = config_for_checkpoint({"config": old}, None, "old.pth")
+    assert got == cfg
+    log = caplog.text
+    assert "old.pth (stored config): config written before gfldet's keys moved" in log
+    assert "model.loss.box_repr -> model.head.box_repr" in log
+    assert "model.head.octave_base_scale -> model.priors.octave_base_scale" in log
+    if cfg.model.head.dgqp is None:
+        assert "model.head.dgqp: false -> null" in log and "model.head.dgqp_topk dropped" in log
+    else:
+        assert "model.head.dgqp: true -> {}" in log and "dgqp_topk -> model.head.dgqp.topk" in log
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gfldet"):  # a config of today's layout: no note
+        assert config_from_dict(config_to_dict(cfg), "new.pth") == cfg
+    assert "migrated" not in caplog.text

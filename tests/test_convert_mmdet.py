@@ -13,9 +13,14 @@ import pytest
 import torch
 from test_export import load_tool
 
-from gfldet.convert_mmdet import ConversionError, convert_state_dict, infer_model_settings
+from gfldet.convert_mmdet import (
+    ConversionError,
+    config_from_settings,
+    convert_state_dict,
+    infer_model_settings,
+)
+from gfldet.engine.build import build_model
 from gfldet.engine.checkpoint import load_checkpoint
-from gfldet.models import build_gfl
 
 STAGES = {18: ((2, 2, 2, 2), False), 50: ((3, 4, 6, 3), True)}
 
@@ -86,7 +91,7 @@ def mmdet_gfl_state_dict(
 def r50():
     torch.manual_seed(0)
     mmdet = mmdet_gfl_state_dict()
-    model = build_gfl(**infer_model_settings(mmdet)).eval()
+    model = build_model(config_from_settings(infer_model_settings(mmdet)).model).eval()
     return mmdet, model.state_dict(), model
 
 
@@ -177,7 +182,7 @@ def test_checkpoint_without_bn_counters_is_filled():
     mmdet = mmdet_gfl_state_dict(depth=18, num_classes=3, fpn=32, feat=64, stacked=1, tracked=False)
     settings = infer_model_settings(mmdet)
     assert settings["depth"] == 18 and settings["stacked_convs"] == 1
-    target = build_gfl(**settings).state_dict()
+    target = build_model(config_from_settings(settings).model).state_dict()
     converted, report = convert_state_dict(mmdet, target)
     assert report.filled and all(k.endswith("num_batches_tracked") for k in report.filled)
     assert set(converted) == set(target)

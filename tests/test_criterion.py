@@ -8,6 +8,7 @@ import torch
 
 from gfldet.assigner import atss_assign
 from gfldet.boxes import aligned_box_iou, boxes_to_ltrb, ltrb_to_boxes
+from gfldet.config import AssignerConfig
 from gfldet.losses import distribution_focal_loss, focal_loss, giou_loss, quality_focal_loss
 from gfldet.models.criterion import LossSettings, gfl_loss, pad_targets, positive_slots
 from gfldet.models.head import Integral
@@ -15,13 +16,14 @@ from gfldet.models.priors import make_priors, valid_prior_mask
 
 STRIDES = [8, 16, 32, 64, 128]
 REG_MAX = 16
+TOPK = AssignerConfig().topk  # the recipe's ATSS candidates per level
 
 
 def dense_reference(cls_logits, reg_logits, decode, priors, valid, gt_boxes, gt_labels, gt_mask,
                     settings: LossSettings, reg_max):
     """Every term over all B * A priors, masked: the straightforward form of the recipe."""
     b, a, c = cls_logits.shape
-    assigned = atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_mask, settings.topk, valid)
+    assigned = atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_mask, TOPK, valid)
     positive = assigned >= 0
     gt_index = assigned.clamp(min=0)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), c)
@@ -72,7 +74,7 @@ def test_gathered_losses_and_gradients_equal_the_dense_computation(seed: int, cl
     cls, reg, priors, valid, gt = batch(seed)
     settings = LossSettings(cls_loss=cls_loss)
     integral = Integral(REG_MAX)
-    got = gfl_loss(cls, reg, integral, priors, valid, *gt, settings, REG_MAX)
+    got = gfl_loss(cls, reg, integral, priors, valid, *gt, settings, REG_MAX, TOPK)
     grads = torch.autograd.grad(sum(got.values()), [cls, reg])
     want, positive = dense_reference(cls, reg, integral, priors, valid, *gt, settings, REG_MAX)
     want_grads = torch.autograd.grad(sum(want.values()), [cls, reg])
@@ -93,7 +95,7 @@ def test_dirac_boxes_through_the_gather() -> None:
     def decode(x):
         return torch.relu(x.float())
 
-    got = gfl_loss(cls, reg, decode, priors, valid, *gt, settings, None)
+    got = gfl_loss(cls, reg, decode, priors, valid, *gt, settings, None, TOPK)
     want, _ = dense_reference(cls, reg, decode, priors, valid, *gt, settings, None)
     assert got.keys() == want.keys() == {"loss_cls", "loss_bbox"}
     for key in want:

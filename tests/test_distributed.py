@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, build_from_options, tiny_overrides
 
 from gfldet.data import checks
-from gfldet.models import build_gfl
 
 
 def make_model():
     torch.manual_seed(0)
     # Frozen BN statistics: BatchNorm over half a batch would differ from the whole batch.
-    model = build_gfl(num_classes=3, depth=18, frozen_stages=-1, norm_eval=True, fpn_channels=32,
-                      feat_channels=64, stacked_convs=1)
+    model = build_from_options(
+        "model.num_classes=3", "model.backbone.depth=18", "model.backbone.frozen_stages=-1",
+        "model.fpn.out_channels=32", "model.head.feat_channels=64", "model.head.stacked_convs=1")
     # Confident scores make the box-loss normaliser (the sum of the max scores of the positives)
     # exceed 1 on each process; below 1 its clamp at 1 (MMDetection's, for batches with no
     # positives) applies per process and the two setups legitimately differ.

@@ -6,6 +6,7 @@ Shape legend: `B` images, `A` priors, `C` classes, `R` = reg_max, `N` rows of th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -13,20 +14,21 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_in_process, tiny_overrides
+from conftest import ROOT, build_from_options, run_in_process, tiny_overrides
 from test_convert_mmdet import mmdet_gfl_state_dict
 
-from gfldet.config import load_config
+from gfldet.config import DGQPConfig, load_config
 from gfldet.convert_mmdet import (
     ConversionError,
+    config_from_settings,
     convert_state_dict,
     extra_class_channel,
     infer_model_settings,
 )
+from gfldet.engine.build import build_model
 from gfldet.engine.checkpoint import load_checkpoint
 from gfldet.inference import Detector
 from gfldet.losses import quality_focal_loss
-from gfldet.models.build import build_gfl
 from gfldet.models.head import DGQP, GFLHead, joint_logit
 
 TRAIN, EVAL, PREDICT, EXPORT, CONVERT = (
@@ -69,10 +71,12 @@ def test_dgqp_worked_by_hand():
 
 
 def test_dgqp_without_mean_has_4k_inputs_and_checks_topk():
-    assert DGQP(reg_max=16, topk=3, add_mean=False).hidden.in_channels == 12
-    assert DGQP().hidden.in_channels == 20 and DGQP().out.out_channels == 1  # paper: 4 x (4 + 1)
+    assert DGQP(reg_max=16, topk=3, channels=64, add_mean=False).hidden.in_channels == 12
+    paper = DGQP(reg_max=16, **dataclasses.asdict(DGQPConfig()))  # the config's defaults
+    assert paper.hidden.in_channels == 20 and paper.out.out_channels == 1  # paper: 4 x (4 + 1)
+    assert paper.hidden.out_channels == 64
     with pytest.raises(ValueError, match="topk"):
-        DGQP(reg_max=2, topk=4)
+        DGQP(reg_max=2, topk=4, channels=64, add_mean=True)
 
 
 def test_head_class_output_is_the_joint_logit():
@@ -80,11 +84,14 @@ def test_head_class_output_is_the_joint_logit():
     head = GFLHead(
         3,
         in_channels=32,
+        num_levels=1,
         feat_channels=32,
         stacked_convs=1,
+        norm="gn",
         reg_max=4,
-        num_levels=1,
-        dgqp=DGQP(reg_max=4, channels=8),
+        box_repr="distribution",
+        dirac_init_distance=None,
+        dgqp={"topk": 4, "channels": 8, "add_mean": True},
     ).double()
     for p in head.dgqp.parameters():  # away from init, so that the quality is not ~0.5 everywhere
         torch.nn.init.normal_(p, std=0.5)
@@ -184,8 +191,10 @@ def _tiny_batch() -> tuple[torch.Tensor, list[dict]]:
 
 def _tiny_model(dgqp: bool, seed: int = 0):
     torch.manual_seed(seed)
-    return build_gfl(
-        num_classes=3, depth=18, fpn_channels=32, feat_channels=32, stacked_convs=1, dgqp=dgqp
+    return build_from_options(
+        "model.num_classes=3", "model.backbone.depth=18", "model.fpn.out_channels=32",
+        "model.head.feat_channels=32", "model.head.stacked_convs=1",
+        f"model.head.dgqp={'{}' if dgqp else 'null'}",
     )
 
 
@@ -240,12 +249,12 @@ def v2_run(tiny_coco, tmp_path_factory):
 
 
 def V2_OPTIONS(data) -> list[str]:  # noqa: N802 - reads as the constant it is
-    return [*tiny_overrides(data), "model.head.dgqp=true", "model.test.score_thr=0.0"]
+    return [*tiny_overrides(data), "model.head.dgqp={}", "model.test.score_thr=0.0"]
 
 
 def test_gflv2_trains_saves_its_switch_and_eval_reproduces_the_training_ap(v2_run, tmp_path):
     state = load_checkpoint(v2_run / "last.pth")
-    assert state["config"]["model"]["head"]["dgqp"] is True
+    assert state["config"]["model"]["head"]["dgqp"] == {"topk": 4, "channels": 64, "add_mean": True}
     assert "head.dgqp.hidden.weight" in state["model"]
     assert load_config(v2_run / "config.yaml").model.head.dgqp
     run_in_process(
@@ -393,7 +402,7 @@ def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_he
     assert settings["num_classes"] == 3 and settings["dgqp"] and settings["dgqp_topk"] == 4
     assert settings["dgqp_channels"] == 64 and settings["dgqp_add_mean"]
     assert infer_model_settings(sd, ["a", "b", "c", "d"])["num_classes"] == 4  # meta says 4 classes
-    model = build_gfl(**settings).eval()
+    model = build_model(config_from_settings(settings).model).eval()
     target = model.state_dict()
     stripped, cut = extra_class_channel(sd, 3)
     assert len(cut) == 2 and stripped["bbox_head.gfl_cls.weight"].shape[0] == 3
@@ -425,7 +434,7 @@ def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_he
 def test_gflv1_model_refuses_an_official_gflv2_state_dict_naming_reg_conf():
     sd = official_gflv2_state_dict()
     settings = {**infer_model_settings(sd), "dgqp": False}
-    target = build_gfl(**settings).state_dict()
+    target = build_model(config_from_settings(settings).model).state_dict()
     with pytest.raises(
         ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.dgqp\.hidden\.weight"
     ):
@@ -466,19 +475,13 @@ def test_gflv2_configs_are_their_gflv1_recipe_plus_dgqp(v2, v1, train_sides):
     from gfldet.config import config_to_dict
 
     a, b = load_config(ROOT / "configs" / v2), load_config(ROOT / "configs" / v1)
-    head = a.model.head
-    assert (head.dgqp, head.dgqp_topk, head.dgqp_channels, head.dgqp_add_mean) == (
-        True,
-        4,
-        64,
-        True,
-    )
-    assert not b.model.head.dgqp
+    assert a.model.head.dgqp == DGQPConfig(topk=4, channels=64, add_mean=True)
+    assert b.model.head.dgqp is None
     if train_sides is not None:
         assert list(a.data.train_short_side) == train_sides  # the official GFLv2 2x range
         assert list(b.data.train_short_side) == [480, 800]  # GFLv1's
     for cfg in (a, b):
-        cfg.model.head.dgqp = False
+        cfg.model.head.dgqp = None
         if train_sides is not None:
             cfg.data.train_short_side = a.data.train_short_side
     assert config_to_dict(a) == config_to_dict(b)
@@ -488,9 +491,9 @@ def test_gflv2_configs_are_their_gflv1_recipe_plus_dgqp(v2, v1, train_sides):
     ("options", "named"),
     [
         (["model.loss.cls_loss=focal"], "model.head.dgqp"),
-        (["model.loss.box_repr=dirac", "model.loss.dfl_weight=0"], "model.head.dgqp"),
-        (["model.head.dgqp_topk=18"], "model.head.dgqp_topk"),
-        (["model.head.dgqp_channels=0"], "model.head.dgqp_channels"),
+        (["model.head.box_repr=dirac", "model.loss.dfl_weight=0"], "model.head.dgqp"),
+        (["model.head.dgqp.topk=18"], "model.head.dgqp.topk"),
+        (["model.head.dgqp.channels=0"], "model.head.dgqp.channels"),
     ],
 )
 def test_bad_dgqp_settings_are_refused_naming_the_key(options, named):
@@ -515,8 +518,8 @@ def test_gflv2_accuracy_entrant_is_gfl_plus_dgqp_and_reported_against_gfl():
     args = accuracy.parse_args(["--config", str(ROOT / "configs" / "synthetic_accuracy.yaml")])
     v2 = accuracy.run_config(args, accuracy.ENTRANTS["gflv2"], seed=1, epochs=2)
     v1 = accuracy.run_config(args, accuracy.ENTRANTS["gfl"], seed=1, epochs=2)
-    assert v2.model.head.dgqp and not v1.model.head.dgqp
-    v2.model.head.dgqp = False
+    assert v2.model.head.dgqp and v1.model.head.dgqp is None
+    v2.model.head.dgqp = None
     assert config_to_dict(v2) == config_to_dict(v1)  # the switch is the only difference
 
     records = [

@@ -1,14 +1,17 @@
 """The GFL model: priors, shapes, backbone freezing and weights, a training step, overfitting."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 import torchvision
+from conftest import build_from_options
 from torch import nn
 
-from gfldet.models import GFL, LossSettings, build_gfl
+from gfldet.config import HeadConfig
+from gfldet.models import GFL
 from gfldet.models.backbone import ResNetBackbone
 from gfldet.models.fpn import FPN
 from gfldet.models.head import GFLHead, Integral
@@ -17,10 +20,18 @@ from gfldet.models.priors import make_priors, valid_prior_mask
 STRIDES = [8, 16, 32, 64, 128]
 
 
-def tiny_model(num_classes=3, **kw) -> GFL:
-    args = dict(depth=18, frozen_stages=-1, norm_eval=False, fpn_channels=32, feat_channels=64, stacked_convs=1)
-    args.update(kw)
-    return build_gfl(num_classes=num_classes, **args)
+def tiny_model(*options: str, num_classes: int = 3) -> GFL:
+    return build_from_options(
+        f"model.num_classes={num_classes}", "model.backbone.depth=18",
+        "model.backbone.frozen_stages=-1", "model.backbone.norm_eval=false",
+        "model.fpn.out_channels=32", "model.head.feat_channels=64", "model.head.stacked_convs=1",
+        *options)
+
+
+def make_head(num_classes: int, in_channels: int, num_levels: int = 5, **options) -> GFLHead:
+    """A GFLHead with the config's defaults (HeadConfig) but for `options`."""
+    args = {**dataclasses.asdict(HeadConfig()), **options}
+    return GFLHead(num_classes=num_classes, in_channels=in_channels, num_levels=num_levels, **args)
 
 
 def test_priors_for_800x1333_padded_to_1344():
@@ -49,7 +60,7 @@ def test_valid_priors_follow_each_images_own_padded_extent():
 
 
 def test_head_output_shapes():
-    head = GFLHead(num_classes=80, in_channels=256, feat_channels=256, stacked_convs=4, reg_max=16)
+    head = make_head(80, 256)  # the recipe's head
     features = [torch.zeros(2, 256, h, w) for h, w in [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]]
     cls, reg = head(features)
     num = 16 * 24 + 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2
@@ -60,21 +71,23 @@ def test_head_output_shapes():
     assert head.distances(reg).shape == (2, num, 4)
 
 
-@pytest.mark.parametrize(("init", "expected"), [(None, 4.0), (0.0, 0.0), (2.5, 2.5)])
+@pytest.mark.parametrize(("init", "expected"), [(4.0, 4.0), (0.0, 0.0), (2.5, 2.5)])
 def test_dirac_boxes_start_at_the_configured_distance(init, expected):
     torch.manual_seed(0)
-    head = GFLHead(num_classes=3, in_channels=32, feat_channels=32, stacked_convs=1, box_repr="dirac",
-                   dirac_init_distance=init)
+    head = make_head(3, 32, feat_channels=32, stacked_convs=1, box_repr="dirac",
+                     dirac_init_distance=init)
     features = [torch.randn(1, 32, 16 // 2**i + 2, 16 // 2**i + 2) for i in range(5)]
     distances = head.distances(head(features)[1])
     assert distances.shape[-1] == 4
-    # The conv weights are N(0, 0.01): the bias sets where every box starts, in strides; by
-    # default at the ATSS anchor (8 strides wide: 4 per side).
+    # The conv weights are N(0, 0.01): the bias sets where every box starts, in strides (the
+    # config's default, the ATSS anchor, is tested in test_config).
     assert (distances - expected).abs().mean() < 0.2
     if expected > 0:  # no side starts in the ReLU's dead zone
         assert (distances > 0).all()
     with pytest.raises(ValueError, match="dirac_init_distance"):
-        GFLHead(num_classes=3, in_channels=32, feat_channels=32, dirac_init_distance=expected)
+        make_head(3, 32, feat_channels=32, dirac_init_distance=expected)
+    with pytest.raises(ValueError, match="dirac_init_distance"):  # needed with dirac
+        make_head(3, 32, feat_channels=32, box_repr="dirac", dirac_init_distance=None)
 
 
 def test_integral_is_the_expectation():
@@ -88,7 +101,7 @@ def test_integral_is_the_expectation():
 
 
 def test_scale_multiplies_regression_logits_before_softmax():
-    head = GFLHead(num_classes=2, in_channels=32, feat_channels=32, stacked_convs=1, num_levels=1)
+    head = make_head(2, 32, num_levels=1, feat_channels=32, stacked_convs=1)
     features = [torch.randn(1, 32, 4, 4)]
     _, reg = head(features)
     with torch.no_grad():
@@ -108,13 +121,13 @@ def test_fpn_extra_levels_come_from_p5_output_without_relu():
 
 
 def test_backbone_freezing_and_norm_eval():
-    backbone = ResNetBackbone(depth=18, frozen_stages=1, norm_eval=True)
+    backbone = ResNetBackbone(depth=18, weights=None, frozen_stages=1, norm_eval=True)
     backbone.train()
     assert not any(p.requires_grad for p in backbone.stem.parameters())
     assert not any(p.requires_grad for p in backbone.layer1.parameters())
     assert all(p.requires_grad for p in backbone.layer2.parameters())  # BN affine still trains
     assert all(not m.training for m in backbone.modules() if isinstance(m, nn.BatchNorm2d))
-    scratch = ResNetBackbone(depth=18, frozen_stages=-1, norm_eval=False).train()
+    scratch = ResNetBackbone(depth=18, weights=None, frozen_stages=-1, norm_eval=False).train()
     assert all(p.requires_grad for p in scratch.parameters())
     assert all(m.training for m in scratch.modules() if isinstance(m, nn.BatchNorm2d))
     assert backbone.out_channels == [128, 256, 512]
@@ -161,7 +174,8 @@ def test_backbone_folds_frozen_batchnorm_into_convs(depth, scratch):
     torchvision's own unfolded float32 backward under ATEN_CPU_CAPABILITY=default."""
     generator = torch.Generator().manual_seed(depth)
     torch.manual_seed(depth)
-    backbone = ResNetBackbone(depth=depth, frozen_stages=-1 if scratch else 1, norm_eval=not scratch).train()
+    backbone = ResNetBackbone(depth=depth, weights=None, frozen_stages=-1 if scratch else 1,
+                              norm_eval=not scratch).train()
     _randomise_batchnorm(backbone, generator)
     images = torch.randn(2, 3, 64, 96, generator=generator)
     probes = [torch.randn(2, c, 64 // s, 96 // s, generator=generator)
@@ -201,17 +215,18 @@ def test_backbone_weights_from_file(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)
-    backbone = ResNetBackbone(depth=18, weights=str(path), frozen_stages=-1)
+    backbone = ResNetBackbone(depth=18, weights=str(path), frozen_stages=-1, norm_eval=True)
     torch.testing.assert_close(backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        ResNetBackbone(depth=18, weights=str(tmp_path / "missing.pth"))
+        ResNetBackbone(depth=18, weights=str(tmp_path / "missing.pth"), frozen_stages=1,
+                       norm_eval=True)
     with pytest.raises(ValueError, match="ResNet-34"):  # a ResNet-18 file for a ResNet-34
-        ResNetBackbone(depth=34, weights=str(path))
+        ResNetBackbone(depth=34, weights=str(path), frozen_stages=1, norm_eval=True)
 
 
 def test_r50_recipe_training_step_is_finite():
     torch.manual_seed(0)
-    model = build_gfl(num_classes=80).train()
+    model = build_from_options().train()  # the recipe, 80 classes
     images = torch.randn(2, 3, 256, 320)
     targets = [
         {"boxes": torch.tensor([[10.0, 20, 200, 240], [50, 60, 120, 90]]), "labels": torch.tensor([3, 79])},
@@ -240,9 +255,10 @@ def test_ablation_switches_change_the_losses():
     torch.manual_seed(0)
     images = torch.randn(1, 3, 64, 64)
     targets = [{"boxes": torch.tensor([[8.0, 8, 40, 50]]), "labels": torch.tensor([1])}]
-    focal = tiny_model(loss=LossSettings(cls_loss="focal")).train()(images, targets)
-    dirac = tiny_model(box_repr="dirac").train()(images, targets)
-    no_dfl = tiny_model(loss=LossSettings(dfl_weight=0.0)).train()(images, targets)
+    focal = tiny_model("model.loss.cls_loss=focal").train()(images, targets)
+    dirac = tiny_model("model.head.box_repr=dirac", "model.loss.dfl_weight=0").train()(
+        images, targets)
+    no_dfl = tiny_model("model.loss.dfl_weight=0").train()(images, targets)
     assert set(focal) == {"loss_cls", "loss_bbox", "loss_dfl"}
     assert set(dirac) == {"loss_cls", "loss_bbox"} and set(no_dfl) == {"loss_cls", "loss_bbox"}
 

@@ -7,16 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, build_from_options, tiny_overrides
 
 from gfldet.config import ConfigError, load_config
 from gfldet.engine.checkpoint import load_checkpoint, save_checkpoint
 from gfldet.engine.ema import build_ema, ema_decay
 from gfldet.engine.progress import Progress
 from gfldet.engine.trainer import TrainLoop, train
-from gfldet.models.build import build_gfl
 from gfldet.models.head import Integral
-from gfldet.postprocess import PostProcessSettings
 
 DEMO = ROOT / "configs" / "demo_synthetic_cpu.yaml"
 
@@ -155,8 +153,10 @@ def test_converted_detector_runs_with_float32_or_float64_boxes(dtype, expected, 
     strides, are 4x the errors measured: half and bf16 round weights and features to 11 and 8
     bits (0.0014 and 0.0085); float64 differs by float32's own rounding (2e-6)."""
     torch.manual_seed(0)
-    model = build_gfl(num_classes=3, depth=18, fpn_channels=32, feat_channels=64, stacked_convs=1,
-                      test=PostProcessSettings(score_thr=0.0)).eval()
+    model = build_from_options(
+        "model.num_classes=3", "model.backbone.depth=18", "model.fpn.out_channels=32",
+        "model.head.feat_channels=64", "model.head.stacked_convs=1", "model.test.score_thr=0.0",
+    ).eval()
     images = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model.head.distances(model.head(model.neck(model.backbone(images)))[1])

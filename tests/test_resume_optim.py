@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, build_from_options, tiny_overrides
 
 from gfldet.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from gfldet.engine import trainer as trainer_mod
@@ -23,7 +23,6 @@ from gfldet.engine.build import LrFactor, build_lr_scheduler, build_optimizer
 from gfldet.engine.checkpoint import load_checkpoint, save_checkpoint
 from gfldet.engine.resume import RunSetup, check_resumable
 from gfldet.engine.trainer import train
-from gfldet.models import build_gfl
 
 DEMO = ROOT / "configs" / "demo_synthetic_cpu.yaml"
 # The official GFocal recipe's groups (biases at 2x lr without decay), plus Detectron2's
@@ -272,10 +271,12 @@ def test_resume_refuses_a_changed_model_or_optimizer_naming_the_key(grouped_run,
 # ------------------------------------------------------------------ 3. parameter groups
 
 
-def tiny_model(**kwargs):
+def tiny_model(*options: str):
     torch.manual_seed(0)
-    return build_gfl(num_classes=3, depth=18, frozen_stages=3, norm_eval=True, fpn_channels=32,
-                     feat_channels=32, stacked_convs=1, **kwargs)
+    return build_from_options(
+        "model.num_classes=3", "model.backbone.depth=18", "model.backbone.frozen_stages=3",
+        "model.fpn.out_channels=32", "model.head.feat_channels=32", "model.head.stacked_convs=1",
+        *options)
 
 
 def expected_kind(name: str) -> str:
@@ -325,7 +326,7 @@ def test_groups_put_each_parameter_where_the_options_say(name):
 
 
 def test_a_group_option_equal_to_the_default_adds_no_group():
-    model = tiny_model(norm="none")  # towers without GroupNorm: their convs have biases
+    model = tiny_model("model.head.norm=none")  # towers without GroupNorm: their convs have biases
     optimizer = build_optimizer(model, OptimConfig(norm_weight_decay=1e-4, bias_weight_decay=0.0), lr=0.01)
     assert len(optimizer.param_groups) == 2  # norm decay = weight_decay: BatchNorm stays with the weights
     groups = group_of(optimizer)

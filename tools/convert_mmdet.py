@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{m.num_classes} classes"
     )
     print(f"mapped {report.mapped} tensors; dropped {report.dropped or 'nothing'}")
-    if m.head.dgqp:
-        print(f"GFLv2: DGQP (top-{m.head.dgqp_topk}{' + mean' if m.head.dgqp_add_mean else ''}, "
-              f"{m.head.dgqp_channels} channels)")
+    if (dgqp := m.head.dgqp) is not None:
+        print(f"GFLv2: DGQP (top-{dgqp.topk}{' + mean' if dgqp.add_mean else ''}, "
+              f"{dgqp.channels} channels)")
     if report.sliced:
         print("dropped the official GFLv2 background class channel (trained to 0, no class): "
               + "; ".join(report.sliced))

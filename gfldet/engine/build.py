@@ -5,54 +5,36 @@ This is the only module that reads the config tree; everything it builds takes p
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gfldet.config import Config, DataConfig, ModelConfig, OptimConfig, ScheduleConfig
-from gfldet.models import GFL, LossSettings, build_gfl
-from gfldet.postprocess import PostProcessSettings
+from gfldet.models.backbone import ResNetBackbone
+from gfldet.models.detector import GFL, STRIDES
+from gfldet.models.fpn import FPN
+from gfldet.models.head import GFLHead
 
 log = logging.getLogger("gfldet")
 
 
 def build_model(cfg: ModelConfig) -> GFL:
-    loss = LossSettings(
-        cls_loss=cfg.loss.cls_loss,
-        qfl_beta=cfg.loss.qfl_beta,
-        focal_alpha=cfg.loss.focal_alpha,
-        focal_gamma=cfg.loss.focal_gamma,
-        cls_weight=cfg.loss.cls_weight,
-        giou_weight=cfg.loss.giou_weight,
-        dfl_weight=cfg.loss.dfl_weight,
-        topk=cfg.assigner.topk,
-    )
-    test = PostProcessSettings(cfg.test.score_thr, cfg.test.nms_pre, cfg.test.nms_iou, cfg.test.max_per_img)
-    return build_gfl(
-        num_classes=cfg.num_classes,
-        depth=cfg.backbone.depth,
-        backbone_weights=cfg.backbone.weights,
-        frozen_stages=cfg.backbone.frozen_stages,
-        norm_eval=cfg.backbone.norm_eval,
-        fpn_channels=cfg.fpn.out_channels,
-        feat_channels=cfg.head.feat_channels,
-        stacked_convs=cfg.head.stacked_convs,
-        norm=cfg.head.norm,
-        reg_max=cfg.head.reg_max,
-        box_repr=cfg.loss.box_repr,
-        dirac_init_distance=cfg.loss.dirac_init_distance,
-        octave_base_scale=cfg.head.octave_base_scale,
-        dgqp=cfg.head.dgqp,
-        dgqp_topk=cfg.head.dgqp_topk,
-        dgqp_channels=cfg.head.dgqp_channels,
-        dgqp_add_mean=cfg.head.dgqp_add_mean,
-        loss=loss,
-        test=test,
-    )
+    """The detector of `model` config `cfg`: each section is the keyword arguments of its part
+    (gfldet.config documents the keys and holds their defaults), passed as they are."""
+    backbone = ResNetBackbone(**asdict(cfg.backbone))
+    neck = FPN(backbone.out_channels, **asdict(cfg.fpn))
+    head_args = asdict(cfg.head)
+    if cfg.head.box_repr == "dirac" and cfg.head.dirac_init_distance is None:  # the ATSS anchor:
+        head_args["dirac_init_distance"] = cfg.priors.octave_base_scale / 2  # half its side
+    head = GFLHead(num_classes=cfg.num_classes, in_channels=cfg.fpn.out_channels,
+                   num_levels=len(STRIDES), **head_args)
+    return GFL(backbone, neck, head, loss=copy.deepcopy(cfg.loss), test=copy.deepcopy(cfg.test),
+               **asdict(cfg.priors), **asdict(cfg.assigner))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""GFL model parts: backbone, FPN, head, priors, training criterion, and the detector."""
+"""GFL model parts: backbone, FPN, head, priors, training criterion, and the detector (built
+from a config by gfldet.engine.build.build_model)."""
 
-from gfldet.models.build import build_gfl
 from gfldet.models.criterion import LossSettings
 from gfldet.models.detector import GFL
 
-__all__ = ["GFL", "LossSettings", "build_gfl"]
+__all__ = ["GFL", "LossSettings"]

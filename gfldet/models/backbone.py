@@ -35,11 +35,7 @@ class ResNetBackbone(nn.Module):
     """ResNet-18/34/50/101 trunk. forward: [B, 3, H, W] -> [C3, C4, C5] at strides 8, 16, 32."""
 
     def __init__(
-        self,
-        depth: int = 50,
-        weights: str | None = None,
-        frozen_stages: int = 1,
-        norm_eval: bool = True,
+        self, *, depth: int, weights: str | None, frozen_stages: int, norm_eval: bool
     ) -> None:
         super().__init__()
         if depth not in _RESNETS:

@@ -23,7 +23,6 @@ Shape legend: `B` images, `A` priors, `G` boxes per image (padded), `C` classes,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,23 +30,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from gfldet.assigner import atss_assign
 from gfldet.boxes import aligned_box_iou, boxes_to_ltrb, ltrb_to_boxes
+from gfldet.config import LossSettings  # the schema's model.loss: choices and weights
 from gfldet.distributed import reduce_mean
 from gfldet.losses import distribution_focal_loss, focal_loss, giou_loss, quality_focal_loss
 from gfldet.models.priors import Priors
-
-
-@dataclass
-class LossSettings:
-    """Loss choices and weights of the recipe (the defaults) and of the paper's ablations."""
-
-    cls_loss: str = "qfl"  # "qfl" or "focal" (binary targets, alpha/gamma below)
-    qfl_beta: float = 2.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    cls_weight: float = 1.0
-    giou_weight: float = 2.0
-    dfl_weight: float = 0.25  # 0 turns DFL off; ignored for the Dirac representation
-    topk: int = 9  # ATSS candidates per level
 
 
 def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,6 +79,7 @@ def gfl_loss(
     gt_mask: Tensor,
     settings: LossSettings,
     reg_max: int | None,
+    topk: int,
 ) -> dict[str, Tensor]:
     """The named GFL losses of a batch.
 
@@ -104,18 +91,19 @@ def gfl_loss(
         priors: the batch's priors; valid: [B, A] bool, False in batch padding.
         gt_boxes: [B, G, 4] xyxy input pixels; gt_labels: [B, G]; gt_mask: [B, G] bool.
         reg_max: R for DFL, or None when the representation has no distribution (Dirac).
+        topk: ATSS candidates per level (`atss_assign`).
 
     Returns:
         {"loss_cls", "loss_bbox"} and "loss_dfl" when DFL is on; their sum is the training loss.
     """
     num_images, num_priors, num_classes = cls_logits.shape
-    assigned = atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_mask, settings.topk, valid)
+    assigned = atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_mask, topk, valid)
     positive = assigned >= 0  # [B, A]
     gt_index = assigned.clamp(min=0)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), num_classes)  # [B, A]
 
     # The box terms on M slots per image holding every positive: [B, M] below.
-    slots, slot_positive = positive_slots(positive, priors.num_per_level, gt_boxes.shape[1], settings.topk)
+    slots, slot_positive = positive_slots(positive, priors.num_per_level, gt_boxes.shape[1], topk)
     slot_gt = gt_index.gather(1, slots)
     strides = priors.strides[slots][..., None]  # [B, M, 1]
     centers = priors.centers[slots] / strides  # [B, M, 2] stride units (GFL regresses 0..R strides)

@@ -25,21 +25,26 @@ STRIDES = (8, 16, 32, 64, 128)  # P3-P7
 
 
 class GFL(nn.Module):
+    """The detector. Besides its parts: `loss` and `test` (the config's `model.loss` and
+    `model.test`), `octave_base_scale` (`model.priors`: prior side / stride) and `topk`
+    (`model.assigner`: ATSS candidates per level); gfldet.engine.build.build_model passes them."""
+
     def __init__(
         self,
         backbone: nn.Module,
         neck: nn.Module,
         head: GFLHead,
-        loss: LossSettings | None = None,
-        test: PostProcessSettings | None = None,
-        octave_base_scale: int = 8,
+        *,
+        loss: LossSettings,
+        test: PostProcessSettings,
+        octave_base_scale: int,
+        topk: int,
         size_divisor: int = 32,
     ) -> None:
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head
-        self.loss_settings = loss or LossSettings()
-        self.test_settings = test or PostProcessSettings()
-        self.octave_base_scale = octave_base_scale
+        self.loss_settings, self.test_settings = loss, test
+        self.octave_base_scale, self.topk = octave_base_scale, topk
         self.size_divisor = size_divisor
         self._priors_cache: dict[tuple, Priors] = {}
 
@@ -84,7 +89,7 @@ class GFL(nn.Module):
             # The loss decodes boxes at the positives only (no dense Integral in training).
             return gfl_loss(
                 cls_logits, reg_logits, self.head.distances, priors, valid, gt_boxes, gt_labels, gt_mask,
-                self.loss_settings, reg_max,
+                self.loss_settings, reg_max, self.topk,
             )
         orig_sizes = _sizes(targets, "orig_size", images) if _has(targets, "orig_size") else image_sizes
         distances = self.head.distances(reg_logits)  # [B, A, 4] stride units

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 class FPN(nn.Module):
     """forward: [C3, C4, C5] -> [P3, P4, P5, P6, P7], each with `out_channels` channels."""
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256) -> None:
+    def __init__(self, in_channels: list[int], *, out_channels: int) -> None:
         super().__init__()
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
         self.output_convs = nn.ModuleList(

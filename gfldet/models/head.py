@@ -8,6 +8,8 @@ outputs are flattened per level row-major and concatenated P3 -> P7, matching `m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ class Integral(nn.Module):
     forward: [..., 4 * (R + 1)] logits -> [..., 4] distances in stride units, float32 or float64.
     """
 
-    def __init__(self, reg_max: int = 16) -> None:
+    def __init__(self, reg_max: int) -> None:
         super().__init__()
         self.reg_max = reg_max
         self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1), persistent=False)
@@ -63,9 +65,7 @@ class DGQP(nn.Module):
     4 x (k + 1) channels, side-major, then two 1x1 convs with a ReLU between them.
     """
 
-    def __init__(
-        self, reg_max: int = 16, topk: int = 4, channels: int = 64, add_mean: bool = True
-    ) -> None:
+    def __init__(self, reg_max: int, *, topk: int, channels: int, add_mean: bool) -> None:
         super().__init__()
         if not 1 <= topk <= reg_max + 1:
             raise ValueError(f"topk must be in [1, reg_max + 1 = {reg_max + 1}], got {topk}")
@@ -108,40 +108,46 @@ def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
 class GFLHead(nn.Module):
     """Towers of `stacked_convs` x (3x3 conv, GroupNorm 32, ReLU) shared over the levels.
 
+    The keyword arguments are the config's `model.head` section (gfldet.config.HeadConfig, which
+    documents them and holds their defaults).
+
     Args:
         num_classes: C, sigmoid classes (no background channel).
         box_repr: "distribution" (GFL: 4 x (R + 1) logits, Integral) or "dirac" (4 distances,
             ReLU, the ablation baseline of GFL Table 3).
-        dirac_init_distance: "dirac" only, each side's initial distance in strides (the bias of
-            the 4 outputs). None: 4, half the side of ATSS's 8-stride anchor; 0 starts every box
-            at zero size, as torchvision's FCOS head does.
-        dgqp: a `DGQP` module (GFLv2), or None (GFLv1). With it, the class output is the logit
-            of sigmoid(class logit) x quality (`joint_logit`), so the loss, the box weights and
-            post-processing read it as they read GFLv1's logits.
+        dirac_init_distance: "dirac" only (and then needed), each side's initial distance in
+            strides (the bias of the 4 outputs); 0 starts every box at zero size, as torchvision's
+            FCOS head does.
+        dgqp: `DGQP`'s keyword arguments (GFLv2), or None (GFLv1). With it, the class output is
+            the logit of sigmoid(class logit) x quality (`joint_logit`), so the loss, the box
+            weights and post-processing read it as they read GFLv1's logits.
     """
 
     def __init__(
         self,
         num_classes: int,
-        in_channels: int = 256,
-        feat_channels: int = 256,
-        stacked_convs: int = 4,
-        reg_max: int = 16,
-        num_levels: int = 5,
-        norm: str = "gn",
-        box_repr: str = "distribution",
-        dirac_init_distance: float | None = None,
-        dgqp: DGQP | None = None,
+        in_channels: int,
+        num_levels: int,
+        *,
+        feat_channels: int,
+        stacked_convs: int,
+        norm: str,
+        reg_max: int,
+        box_repr: str,
+        dirac_init_distance: float | None,
+        dgqp: Mapping[str, Any] | None,
     ) -> None:
         super().__init__()
         if norm not in ("gn", "none"):
             raise ValueError(f"norm must be 'gn' or 'none', got {norm!r}")
         if box_repr not in ("distribution", "dirac"):
             raise ValueError(f"box_repr must be 'distribution' or 'dirac', got {box_repr!r}")
-        if dirac_init_distance is not None and box_repr != "dirac":
-            raise ValueError("dirac_init_distance applies to box_repr='dirac' only")
-        if dgqp is not None and (box_repr != "distribution" or dgqp.reg_max != reg_max):
-            raise ValueError("dgqp needs box_repr='distribution' with the head's reg_max")
+        if (dirac_init_distance is None) == (box_repr == "dirac"):
+            raise ValueError("dirac_init_distance is needed with box_repr='dirac', and only then")
+        if dgqp is not None and box_repr != "distribution":
+            raise ValueError("dgqp needs box_repr='distribution'")
+        # DGQP is built before the towers, so the random draws happen in the recipe's order.
+        dgqp = DGQP(reg_max, **dgqp) if dgqp is not None else None
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.box_repr = box_repr
@@ -163,9 +169,7 @@ class GFLHead(nn.Module):
         # Prior probability 0.01 for every class at the start (RetinaNet Sec. 4.1): -log(99).
         nn.init.constant_(self.cls_out.bias, -math.log((1 - 0.01) / 0.01))
         if box_repr == "dirac":  # the per-level scales start at 1, so the bias is the distance
-            # None: the ATSS anchor at the recipe's octave_base_scale 8 (build_gfl passes the
-            # config's own octave_base_scale / 2).
-            nn.init.constant_(self.reg_out.bias, 4.0 if dirac_init_distance is None else dirac_init_distance)
+            nn.init.constant_(self.reg_out.bias, dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
