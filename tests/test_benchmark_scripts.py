@@ -69,17 +69,21 @@ def test_numerics_fingerprint_prints_its_digests() -> None:
     assert "final weights (" in proc.stdout and "bbox AP per epoch: [" in proc.stdout
 
 
-@pytest.mark.parametrize(("script", "args", "equal_column"), [
-    ("loss_overhead.py", ["--qfl", "--case", "1", "64", "2", "--repeats", "1"], -2),
-    ("assigner.py", ["--blocks", "--boxes", "1", "3", "--repeats", "1"], -1),
+@pytest.mark.parametrize(("script", "args"), [
+    ("loss_overhead.py", ["--qfl", "--case", "1", "64", "2", "--repeats", "1"]),
+    ("assigner.py", ["--blocks", "--boxes", "1", "3", "--repeats", "1"]),
 ], ids=["qfl", "atss-blocks"])
-def test_side_by_side_modes_print_equal_results(script: str, args: list[str],
-                                                equal_column: int) -> None:
-    """The modes that justify performance code: their table says the variants agree."""
+def test_side_by_side_modes_print_agreeing_results(script: str, args: list[str]) -> None:
+    """The modes that justify performance code: their last column says the variants agree
+    (QFL: the largest difference from plain autograd, fp32 round-off; ATSS: equal assignments)."""
     env = dict(os.environ, **retaining_malloc_env())
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.strip("|").split("|") for line in proc.stdout.splitlines()
             if line.startswith("|")][2:]
-    assert rows and all(row[equal_column].strip() == "yes" for row in rows), proc.stdout
+    last = [row[-1].strip() for row in rows]
+    if script == "assigner.py":
+        assert last and all(cell == "yes" for cell in last), proc.stdout
+    else:
+        assert last and all(float(cell) < 1e-5 for cell in last), proc.stdout
