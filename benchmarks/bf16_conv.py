@@ -1,7 +1,8 @@
 """bf16 autocast against fp32 on this CPU: one 3x3 convolution, forward + backward.
 
     python benchmarks/bf16_conv.py [--repeats 6] [--threads N]
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bf16_conv.py   # imitate an AVX2-only CPU
+    # imitate an AVX2-only CPU:
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bf16_conv.py
 
 The case of issue 14: Conv2d(128 -> 128, 3x3), input [8, 128, 40, 40], as the demo's FPN and
 head run it. On a CPU without native bf16 (no AVX512-BF16 / AMX) oneDNN emulates bf16 and the
@@ -37,12 +38,15 @@ def main() -> None:
             out.float().sum().backward()
         return run
 
-    medians = time_alternating({"fp32": step(None), "bf16": step(torch.bfloat16)}, repeats=args.repeats, warmup=1)
+    medians = time_alternating({"fp32": step(None), "bf16": step(torch.bfloat16)},
+                               repeats=args.repeats, warmup=1)
     native, found = cpu_bf16_support()
+    auto = resolve_precision("auto", torch.device("cpu")).name
     print(f"machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"native bf16: {native} ({found}); train.amp auto -> {resolve_precision('auto', torch.device('cpu')).name}")
+    print(f"native bf16: {native} ({found}); train.amp auto -> {auto}")
     print(f"conv 128->128 3x3, [8, 128, 40, 40], forward + backward, median of {args.repeats}:")
-    print(f"  fp32 {medians['fp32']:.3f} s   bf16 {medians['bf16']:.3f} s   bf16 / fp32 = {medians['bf16'] / medians['fp32']:.1f}x")
+    print(f"  fp32 {medians['fp32']:.3f} s   bf16 {medians['bf16']:.3f} s   "
+          f"bf16 / fp32 = {medians['bf16'] / medians['fp32']:.1f}x")
 
 
 if __name__ == "__main__":

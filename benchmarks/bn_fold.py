@@ -2,7 +2,8 @@
 gfldet's R-50-FPN GFL with the folded backbone against the same model (same weights) running
 torchvision's unfolded module calls (conv, then BatchNorm), side by side in one process, medians.
 
-    python benchmarks/bn_fold.py [--batch 2] [--size 640] [--boxes 20] [--eval-size 800 1344] [--repeats 5] [--threads N]
+    python benchmarks/bn_fold.py [--batch 2] [--size 640] [--boxes 20] [--eval-size 800 1344]
+        [--repeats 5] [--threads N]
 
 Rows: the training step of train_step.py (recipe: frozen stem + layer1, norm_eval, so every
 BatchNorm folds; SGD over the trainable parameters) and the whole model in eval mode (network +
@@ -56,7 +57,8 @@ def main() -> None:
     use_retaining_malloc()
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=640, help="square training images, a multiple of 32")
+    parser.add_argument("--size", type=int, default=640,
+                        help="square training images, a multiple of 32")
     parser.add_argument("--boxes", type=int, default=20)
     parser.add_argument("--eval-size", type=int, nargs=2, default=[800, 1344], metavar=("H", "W"))
     parser.add_argument("--repeats", type=int, default=5)
@@ -87,13 +89,18 @@ def main() -> None:
             model(eval_images, eval_targets)
         return run
 
-    eval_times = time_alternating({n: infer(m.eval()) for n, m in models.items()}, repeats=args.repeats)
+    eval_times = time_alternating({n: infer(m.eval()) for n, m in models.items()},
+                                  repeats=args.repeats)
     print(f"machine: {machine()}; {allocator_line()}")
-    rows = [[f"training step {args.batch}x{size}², {args.boxes} boxes", f"{train_times['folded'] * 1e3:.0f}",
-             f"{train_times['unfolded'] * 1e3:.0f}", f"{train_times['folded'] / train_times['unfolded']:.3f}"],
-            [f"inference 1x{height}x{width}", f"{eval_times['folded'] * 1e3:.0f}",
-             f"{eval_times['unfolded'] * 1e3:.0f}", f"{eval_times['folded'] / eval_times['unfolded']:.3f}"]]
+    rows = [[f"training step {args.batch}x{size}², {args.boxes} boxes", *row(train_times)],
+            [f"inference 1x{height}x{width}", *row(eval_times)]]
     print(markdown_table(["", "folded ms", "unfolded ms", "folded/unfolded"], rows))
+
+
+def row(times: dict[str, float]) -> list[str]:
+    """folded ms, unfolded ms, folded/unfolded."""
+    return [f"{times['folded'] * 1e3:.0f}", f"{times['unfolded'] * 1e3:.0f}",
+            f"{times['folded'] / times['unfolded']:.3f}"]
 
 
 if __name__ == "__main__":

@@ -35,10 +35,13 @@ def random_xywh(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.concatenate([xy, wh], axis=1)
 
 
-def make_data(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[COCO, list[dict[str, Any]]]:
+def make_data(num_images: int, dets_per_image: int,
+              seed: int = 0) -> tuple[COCO, list[dict[str, Any]]]:
     rng = np.random.default_rng(seed)
-    images = [{"id": i, "width": WIDTH, "height": HEIGHT, "file_name": f"{i:012d}.jpg"} for i in range(1, num_images + 1)]
-    categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in range(1, NUM_CATEGORIES + 1)]
+    images = [{"id": i, "width": WIDTH, "height": HEIGHT, "file_name": f"{i:012d}.jpg"}
+              for i in range(1, num_images + 1)]
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"}
+                  for c in range(1, NUM_CATEGORIES + 1)]
     annotations: list[dict[str, Any]] = []
     detections: list[dict[str, Any]] = []
     for image_id in range(1, num_images + 1):
@@ -46,8 +49,9 @@ def make_data(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[COCO
         gt = random_xywh(rng, num_gt)
         cats = rng.integers(1, NUM_CATEGORIES + 1, size=num_gt)
         for box, cat in zip(gt, cats, strict=True):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
-                                "bbox": box.round(2).tolist(), "area": float(box[2] * box[3]), "iscrowd": 0})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(cat), "bbox": box.round(2).tolist(),
+                                "area": float(box[2] * box[3]), "iscrowd": 0})
         # True positives (mostly): each box jittered; false positives fill up to dets_per_image.
         jitter = gt + rng.uniform(-0.1, 0.1, size=gt.shape) * gt[:, [2, 3, 2, 3]]
         wrong = rng.random(num_gt) < 0.1
@@ -56,8 +60,9 @@ def make_data(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[COCO
         boxes = np.concatenate([jitter, random_xywh(rng, num_fp)])
         det_cats = np.concatenate([tp_cats, rng.integers(1, NUM_CATEGORIES + 1, size=num_fp)])
         scores = np.concatenate([rng.uniform(0.3, 1.0, num_gt), rng.uniform(0.0, 0.7, num_fp)])
-        detections.extend({"image_id": image_id, "category_id": int(c), "bbox": b, "score": float(s)}
-                          for b, c, s in zip(boxes.round(3).tolist(), det_cats, scores, strict=True))
+        detections.extend(
+            {"image_id": image_id, "category_id": int(c), "bbox": b, "score": float(s)}
+            for b, c, s in zip(boxes.round(3).tolist(), det_cats, scores, strict=True))
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
@@ -88,15 +93,19 @@ def main() -> None:
         stats[backend] = [metrics[name] for name in STAT_NAMES]
 
     # Each run takes seconds to minutes and has no lazy set-up worth warming: no warm-up.
-    t = time_alternating({b: (lambda b=b: score(b)) for b in backends}, repeats=args.repeats, warmup=0)
+    t = time_alternating({b: (lambda b=b: score(b)) for b in backends}, repeats=args.repeats,
+                         warmup=0)
     if len(backends) == 2:
-        diff = max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["faster_coco_eval"], strict=True))
+        diff = max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["faster_coco_eval"],
+                                              strict=True))
         assert diff <= 1e-4, f"the backends disagree by {diff}: {stats}"
         print(f"stats equal between backends (max abs difference {diff:.1e})")
 
-    print(f"machine: {machine()}; {args.images} images, {len(coco.anns)} boxes, {len(detections)} detections")
+    print(f"machine: {machine()}; {args.images} images, {len(coco.anns)} boxes, "
+          f"{len(detections)} detections")
     print(markdown_table(["backend", "seconds", "vs pycocotools", "bbox_mAP"],
-                         [[b, f"{t[b]:.2f}", f"{t[b] / t['pycocotools']:.2f}", f"{stats[b][0]:.4f}"] for b in backends]))
+                         [[b, f"{t[b]:.2f}", f"{t[b] / t['pycocotools']:.2f}",
+                           f"{stats[b][0]:.4f}"] for b in backends]))
 
 
 if __name__ == "__main__":

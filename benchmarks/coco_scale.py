@@ -3,7 +3,8 @@ workers' unique memory, time to the first iteration (first start and --resume), 
 throughput at 800x1333 and evaluation time. Prints one markdown table; it measures whatever
 `gfldet` is importable (run it again after changing the data code).
 
-    python benchmarks/coco_scale.py [--images 118287] [--out DIR] [--parts memory workers start throughput eval]
+    python benchmarks/coco_scale.py [--images 118287] [--out DIR]
+        [--parts memory workers start throughput eval]
 
 The generated set (kept in --out and reused when its parameters match; default: a temporary
 folder, deleted afterwards):
@@ -81,7 +82,7 @@ AREA_CLASSES = [((4.0, 32.0), 0.41), ((32.0, 96.0), 0.34), ((96.0, 640.0), 0.25)
 
 
 def uss_mib(pid: int | str = "self") -> float:
-    """Unique set size: pages of the process no other process maps (Private_Clean + Private_Dirty)."""
+    """Unique set size: pages no other process maps (Private_Clean + Private_Dirty)."""
     total_kib = 0
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
@@ -98,7 +99,8 @@ def rss_mib_of(pid: int | str = "self") -> float:
 # ---------------------------------------------------------------------------------------- data
 
 
-def write_image_files(image_dir: Path, base_dir: Path, shape_of: np.ndarray, rng: np.random.Generator) -> None:
+def write_image_files(image_dir: Path, base_dir: Path, shape_of: np.ndarray,
+                      rng: np.random.Generator) -> None:
     """DISTINCT_FILES small JPEGs (noise, so each decodes like a photo of its size), then one hard
     link per image id to a file of its shape."""
     base_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,8 @@ def polygon(rng: np.random.Generator, box: np.ndarray) -> list[float]:
     return pts.round(2).ravel().tolist()
 
 
-def write_annotations(path: Path, num_images: int, shape_of: np.ndarray, rng: np.random.Generator) -> int:
+def write_annotations(path: Path, num_images: int, shape_of: np.ndarray,
+                      rng: np.random.Generator) -> int:
     """Stream the COCO JSON (the whole dict would hold GBs here); returns the number of boxes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     cat_p = 1.0 / np.arange(1, len(COCO_CAT_IDS) + 1) ** 0.9
@@ -156,9 +159,11 @@ def write_annotations(path: Path, num_images: int, shape_of: np.ndarray, rng: np
             (w, h), _ = SHAPES[shape_of[i]]
             name = f"{i + 1:012d}.jpg"
             f.write(("," if i else "") + dumps({
-                "license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/train2017/{name}",
+                "license": 1, "file_name": name,
+                "coco_url": f"http://images.cocodataset.org/train2017/{name}",
                 "height": h // SCALE, "width": w // SCALE, "date_captured": "2013-11-14 11:18:45",
-                "flickr_url": f"http://farm{i % 9 + 1}.staticflickr.com/{i % 9000}/{i}_{i * 7919 % 10**10:010d}_z.jpg",
+                "flickr_url": f"http://farm{i % 9 + 1}.staticflickr.com/{i % 9000}/"
+                              f"{i}_{i * 7919 % 10**10:010d}_z.jpg",
                 "id": i + 1}))
         f.write('],"annotations":[')
         ann_id = 0
@@ -170,11 +175,13 @@ def write_annotations(path: Path, num_images: int, shape_of: np.ndarray, rng: np
             cats = rng.choice(COCO_CAT_IDS, size=len(boxes), p=cat_p)
             crowd = rng.random(len(boxes)) < CROWD_FRACTION
             for box, cat, is_crowd in zip(boxes, cats.tolist(), crowd.tolist(), strict=True):
-                seg = [(np.asarray(polygon(rng, box)).reshape(-1, 2) * to_file[:2]).round(2).ravel().tolist()]
+                points = np.asarray(polygon(rng, box)).reshape(-1, 2) * to_file[:2]
+                seg = [points.round(2).ravel().tolist()]
                 small = box * to_file
                 f.write(("," if ann_id else "") + dumps({
-                    "segmentation": seg, "area": round(float(small[2] * small[3]), 4), "iscrowd": int(is_crowd),
-                    "image_id": i + 1, "bbox": small.round(2).tolist(), "category_id": cat, "id": ann_id + 1}))
+                    "segmentation": seg, "area": round(float(small[2] * small[3]), 4),
+                    "iscrowd": int(is_crowd), "image_id": i + 1, "bbox": small.round(2).tolist(),
+                    "category_id": cat, "id": ann_id + 1}))
                 ann_id += 1
         cats_json = [{"supercategory": "thing", "id": c, "name": f"class{c}"} for c in COCO_CAT_IDS]
         f.write('],"categories":' + dumps(cats_json) + "}")
@@ -195,23 +202,25 @@ def ensure_dataset(out: Path, num_images: int, seed: int = 0) -> dict[str, Any]:
     start = time.perf_counter()
     shape_of = rng.choice(len(SHAPES), size=num_images, p=[p for _, p in SHAPES])
     write_image_files(out / "train", out / "base", shape_of, rng)
-    boxes = write_annotations(out / "annotations" / "instances_train.json", num_images, shape_of, rng)
+    boxes = write_annotations(out / "annotations" / "instances_train.json", num_images, shape_of,
+                              rng)
     meta = {**wanted, "boxes": boxes, "seconds": round(time.perf_counter() - start, 1)}
     meta_path.write_text(json.dumps(meta))
     return meta
 
 
 def split_options(out: Path) -> list[str]:
-    return [f"data.train.images={out / 'train'}", f"data.train.annotations={out / 'annotations' / 'instances_train.json'}"]
+    return [f"data.train.images={out / 'train'}",
+            f"data.train.annotations={out / 'annotations' / 'instances_train.json'}"]
 
 
 RECIPE = ROOT / "configs" / "gfl_r50_fpn_1x_coco.yaml"
 # The recipe, with a model and images small enough that the first iteration costs well under a
 # second on a CPU: start time is then the data path's.
 TINY_MODEL = ["model.backbone.depth=18", "model.backbone.weights=null", "model.fpn.out_channels=32",
-              "model.head.feat_channels=64", "model.head.stacked_convs=1", "data.train_short_side=[128,128]", "data.test_short_side=128",
-              "data.max_size=192", "train.eval_interval=0", "train.device=cpu", "train.amp=none",
-              "train.log_interval=1"]
+              "model.head.feat_channels=64", "model.head.stacked_convs=1",
+              "data.train_short_side=[128,128]", "data.test_short_side=128", "data.max_size=192",
+              "train.eval_interval=0", "train.device=cpu", "train.amp=none", "train.log_interval=1"]
 
 
 # ------------------------------------------------------------------------------ memory, workers
@@ -258,8 +267,8 @@ def child_memory(out: Path, workers: int, samples: int) -> dict[str, Any]:
         return result
     with tempfile.TemporaryDirectory() as tmp:
         worker_gc = WorkerGc(Path(tmp))
-        loader = build_dataloader(dataset, batch_size=cfg.data.batch_size, num_workers=workers, train=True,
-                                  seed=0, distributed=False)
+        loader = build_dataloader(dataset, batch_size=cfg.data.batch_size, num_workers=workers,
+                                  train=True, seed=0, distributed=False)
         epoch = 0
         loader.batch_sampler.set_epoch(epoch)
         if hasattr(loader_mod, "freeze_heap_for_workers"):  # as the trainer does, where it exists
@@ -306,8 +315,8 @@ def time_to_first_iteration(cmd: list[str], timeout: float) -> dict[str, float]:
     """Launch `cmd` (tools/train.py), time its log lines, SIGTERM it after the first iteration
     (it then writes last.pth and exits 143) and wait for it."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     times: dict[str, float] = {}
     lines: list[str] = []
     assert proc.stdout is not None
@@ -334,8 +343,8 @@ def time_to_first_iteration(cmd: list[str], timeout: float) -> dict[str, float]:
 def measure_start(out: Path, timeout: float) -> dict[str, dict[str, float]]:
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), str(RECIPE), "--work-dir", str(run_dir),
-           "--cfg-options", *split_options(out), *TINY_MODEL]
+    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), str(RECIPE), "--work-dir",
+           str(run_dir), "--cfg-options", *split_options(out), *TINY_MODEL]
     first = time_to_first_iteration(cmd, timeout)
     if not (run_dir / "last.pth").exists():
         raise RuntimeError(f"SIGTERM after the first iteration left no {run_dir / 'last.pth'}")
@@ -358,15 +367,18 @@ def median_decode_s(paths: list[Path]) -> float:
     return statistics.median(times)
 
 
-def measure_throughput(sample_dir: Path, num_sample: int, workers: list[int], passes: int) -> dict[str, Any]:
+def measure_throughput(sample_dir: Path, num_sample: int, workers: list[int],
+                       passes: int) -> dict[str, Any]:
     from dataloader import pass_seconds
 
     from gfldet.data import CocoDetection, build_transforms, generate_synthetic_coco
 
-    paths = generate_synthetic_coco(sample_dir, num_train=num_sample, num_val=0, image_size=(480, 640))
-    dataset = CocoDetection(paths["train_images"], paths["train_ann"], transform=build_transforms(True, 800, 1333),
-                            filter_empty=True)
-    rates = {w: len(dataset) / statistics.median(pass_seconds(dataset, w, 2, passes)) for w in workers}
+    paths = generate_synthetic_coco(sample_dir, num_train=num_sample, num_val=0,
+                                    image_size=(480, 640))
+    dataset = CocoDetection(paths["train_images"], paths["train_ann"],
+                            transform=build_transforms(True, 800, 1333), filter_empty=True)
+    rates = {w: len(dataset) / statistics.median(pass_seconds(dataset, w, 2, passes))
+             for w in workers}
     files = sorted(Path(paths["train_images"]).glob("*.jpg"))
     return {"rates": rates, "images": len(dataset), "decode_s": median_decode_s(files)}
 
@@ -396,21 +408,27 @@ def table(args: argparse.Namespace, meta: dict[str, Any], res: dict[str, Any]) -
     extra = n * (real_decode - tiny_decode) / cores if tiny_decode and real_decode else None
     if "memory" in res:
         m = res["memory"]
-        rows.append(["training dataset in the main process: RSS before / after build", f"{m['rss_before']:.0f} / "
-                     f"{m['rss_after']:.0f} MB", f"+{m['rss_after'] - m['rss_before']:.0f} MB; "
-                     f"{m['images']:,} images kept; build + check {m['build_s']:.0f} s"])
+        rows.append(["training dataset in the main process: RSS before / after build",
+                     f"{m['rss_before']:.0f} / {m['rss_after']:.0f} MB",
+                     f"+{m['rss_after'] - m['rss_before']:.0f} MB; {m['images']:,} images kept; "
+                     f"build + check {m['build_s']:.0f} s"])
         rows.append(["same, USS (unique)", f"{m['uss_before']:.0f} / {m['uss_after']:.0f} MB",
                      f"+{m['uss_after'] - m['uss_before']:.0f} MB"])
         if "worker_uss" in m:
             u, g = m["worker_uss"], m["worker_uss_gc"]
-            rows.append([f"USS of each of {len(u)} loader workers after {m['worker_samples']:,} samples in all",
-                         f"{min(u):.0f}-{max(u):.0f} MB", f"800x1333 transform, batch 2; {m['worker_s']:.0f} s"])
+            rows.append([f"USS of each of {len(u)} loader workers after "
+                         f"{m['worker_samples']:,} samples in all",
+                         f"{min(u):.0f}-{max(u):.0f} MB",
+                         f"800x1333 transform, batch 2; {m['worker_s']:.0f} s"])
             rows.append(["same, after gc.collect() in each worker", f"{min(g):.0f}-{max(g):.0f} MB",
-                         f"RSS {min(m['worker_rss']):.0f}-{max(m['worker_rss']):.0f} MB before the collection"])
+                         f"RSS {min(m['worker_rss']):.0f}-{max(m['worker_rss']):.0f} MB before "
+                         "the collection"])
     if "start" in res:
         for key, label in (("first", "first start"), ("resume", "--resume")):
             t = res["start"][key]
-            est = f"; with real 640x480 files ≈ {t['first_iter'] + extra:.0f} s (extrapolated)" if extra else ""
+            est = ""
+            if extra:
+                est = f"; with real 640x480 files ≈ {t['first_iter'] + extra:.0f} s (extrapolated)"
             rows.append([f"launch to first iteration, {label}", f"{t['first_iter']:.1f} s",
                          f"datasets built at {t.get('built', float('nan')):.1f} s{est}"])
     if "throughput" in res:
@@ -419,9 +437,10 @@ def table(args: argparse.Namespace, meta: dict[str, Any], res: dict[str, Any]) -
             rows.append([f"loader throughput, {w} workers", f"{rate:.1f} img/s",
                          f"{tp['images']} 640x480 JPEGs, 800x1333 + flip + collate, batch 2"])
         if tiny_decode:
-            rows.append(["decode one file: 640x480 sample / on-disk set", f"{real_decode * 1e3:.2f} / "
-                         f"{tiny_decode * 1e3:.2f} ms", f"extrapolated: real files add ≈ {extra:.0f} s to "
-                         f"every full check of {n:,} images on {cores} cores"])
+            rows.append(["decode one file: 640x480 sample / on-disk set",
+                         f"{real_decode * 1e3:.2f} / {tiny_decode * 1e3:.2f} ms",
+                         f"extrapolated: real files add ≈ {extra:.0f} s to every full check of "
+                         f"{n:,} images on {cores} cores"])
     if "eval" in res:
         rows.append([f"evaluate_coco, {args.eval_images:,} images x {args.eval_dets} detections",
                      f"{res['eval']:.1f} s", "pycocotools"])
@@ -429,14 +448,18 @@ def table(args: argparse.Namespace, meta: dict[str, Any], res: dict[str, Any]) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=118287, help="images in the generated set")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the generated set (kept, reused)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the generated set (kept, reused)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[])
     parser.add_argument("--workers", type=int, default=4, help="loader workers of the workers part")
-    parser.add_argument("--worker-samples", type=int, default=2000, help="samples the workers deliver in all")
-    parser.add_argument("--sample", type=int, default=50, help="640x480 JPEGs for decode and throughput")
+    parser.add_argument("--worker-samples", type=int, default=2000,
+                        help="samples the workers deliver in all")
+    parser.add_argument("--sample", type=int, default=50,
+                        help="640x480 JPEGs for decode and throughput")
     parser.add_argument("--throughput-workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--eval-images", type=int, default=5000)
@@ -452,22 +475,26 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         meta = ensure_dataset(out, args.images)
-        res: dict[str, Any] = {"tiny_decode_s": median_decode_s(sorted((out / "base").glob("*.jpg")))}
+        tiny_files = sorted((out / "base").glob("*.jpg"))
+        res: dict[str, Any] = {"tiny_decode_s": median_decode_s(tiny_files)}
         if "memory" in parts or "workers" in parts:
-            res["memory"] = measure_memory(out, args.workers if "workers" in parts else 0, args.worker_samples)
+            workers = args.workers if "workers" in parts else 0
+            res["memory"] = measure_memory(out, workers, args.worker_samples)
         if "start" in parts:
             res["start"] = measure_start(out, args.start_timeout)
         if "throughput" in parts:
-            res["throughput"] = measure_throughput(Path(stack.enter_context(tempfile.TemporaryDirectory())),
-                                                   args.sample, args.throughput_workers, args.passes)
+            sample_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            res["throughput"] = measure_throughput(sample_dir, args.sample,
+                                                   args.throughput_workers, args.passes)
         if "eval" in parts:
             res["eval"] = measure_eval(args.eval_images, args.eval_dets)
 
     import gfldet
 
     print(f"machine: {machine()}; gfldet from {Path(gfldet.__file__).parent}")
-    print(f"set: {meta['images']:,} images, {meta['boxes']:,} boxes, 80 categories (ids 1-90), files "
-          f"{DISTINCT_FILES} distinct JPEGs of 45-80 px hard-linked; generated in {meta['seconds']} s")
+    print(f"set: {meta['images']:,} images, {meta['boxes']:,} boxes, 80 categories (ids 1-90), "
+          f"files {DISTINCT_FILES} distinct JPEGs of 45-80 px hard-linked; generated in "
+          f"{meta['seconds']} s")
     print(table(args, meta, res))
 
 

@@ -20,7 +20,8 @@ from torch import nn
 # the gfldet/FCOS ratio with it (0.30-0.63). On a GPU both frameworks allocate through PyTorch's
 # caching allocator, which keeps freed memory; these settings make glibc keep it too (no mmap,
 # no trim), for every entrant alike. Opt out with GFLDET_BENCH_DEFAULT_MALLOC=1.
-RETAINING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**26)}
+RETAINING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36),
+                        "MALLOC_TOP_PAD_": str(2**26)}
 
 
 def use_retaining_malloc() -> None:
@@ -45,14 +46,16 @@ def machine() -> str:
     cpu = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def time_alternating(entrants: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each entrant, calls interleaved so machine noise hits all alike."""
+def time_alternating(entrants: dict[str, Callable[[], None]], repeats: int = 7,
+                     warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each entrant, calls interleaved so that noise hits all alike."""
     for fn in entrants.values():
         for _ in range(warmup):
             fn()
@@ -84,7 +87,8 @@ def set_threads(threads: int | None) -> None:
 TV_NUM_CLASSES = 80 + 1
 
 
-def torchvision_detector(kind: str, num_classes: int = TV_NUM_CLASSES, trainable_layers: int = 3, **kwargs) -> nn.Module:
+def torchvision_detector(kind: str, num_classes: int = TV_NUM_CLASSES, trainable_layers: int = 3,
+                         **kwargs) -> nn.Module:
     """torchvision FCOS / RetinaNet R-50-FPN as they are trained on COCO, with random weights.
 
     `fcos_resnet50_fpn(weights_backbone=None)` silently switches to nn.BatchNorm2d and makes all
@@ -100,9 +104,9 @@ def torchvision_detector(kind: str, num_classes: int = TV_NUM_CLASSES, trainable
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=trainable_layers, returned_layers=[2, 3, 4],
-                                   extra_blocks=LastLevelP6P7(256, 256))
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=FrozenBatchNorm2d, trainable_layers=trainable_layers,
+                                   returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
     detector = {"fcos": FCOS, "retinanet": RetinaNet}[kind]
     return detector(backbone, num_classes, **kwargs)
 
@@ -127,7 +131,7 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss_mib() -> float:
-    """High-water mark of this process's resident set size since start or `reset_peak_rss` (VmHWM)."""
+    """High-water mark of this process's resident set since start or `reset_peak_rss` (VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -147,6 +151,7 @@ def peak_in_fresh_process(script: str, args: Sequence[str], threads: int | None)
     """Run `script --child ... args` in a new interpreter; it prints its `extra_peak_mib` last."""
     cmd = [sys.executable, script, *args] + (["--threads", str(threads)] if threads else [])
     # Default malloc: the peak a user's process reaches, not one inflated by retained blocks.
-    env = {k: v for k, v in os.environ.items() if k not in RETAINING_MALLOC_ENV} | {"GFLDET_BENCH_DEFAULT_MALLOC": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in RETAINING_MALLOC_ENV}
+    env["GFLDET_BENCH_DEFAULT_MALLOC"] = "1"
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.splitlines()[-1])

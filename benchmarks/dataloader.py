@@ -6,7 +6,8 @@ warm-up (it also starts the persistent workers) and is not counted. The normalis
 follows on the training device (`normalize_batch`) is not part of the loader; its CPU cost per
 batch is printed apart (on a GPU it is one elementwise kernel).
 
-    python benchmarks/dataloader.py [--data DIR] [--images 300] [--workers 0 1 2] [--batch 2] [--passes 3]
+    python benchmarks/dataloader.py [--data DIR] [--images 300] [--workers 0 1 2] [--batch 2]
+        [--passes 3]
 
 `--data` is a dataset in the synthetic generator's layout (DIR/train/*.jpg and
 DIR/annotations/instances_train.json, e.g. data/synthetic). Without it, `--images` synthetic
@@ -52,10 +53,13 @@ def pass_seconds(dataset: CocoDetection, workers: int, batch: int, passes: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=None, help="dataset root in the synthetic layout")
-    parser.add_argument("--images", type=int, default=300, help="synthetic images to generate without --data")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset root in the synthetic layout")
+    parser.add_argument("--images", type=int, default=300,
+                        help="synthetic images to generate without --data")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch", type=int, default=2, help="images per batch (the recipe's per-GPU batch)")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="images per batch (the recipe's per-GPU batch)")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--short-side", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
@@ -63,28 +67,32 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
-            paths = generate_synthetic_coco(tmp, num_train=args.images, num_val=0, image_size=(480, 640))
+            paths = generate_synthetic_coco(tmp, num_train=args.images, num_val=0,
+                                            image_size=(480, 640))
             image_dir, ann_file = paths["train_images"], paths["train_ann"]
         else:
-            image_dir, ann_file = args.data / "train", args.data / "annotations" / "instances_train.json"
+            image_dir = args.data / "train"
+            ann_file = args.data / "annotations" / "instances_train.json"
         transform = build_transforms(True, args.short_side, args.max_size)
         dataset = CocoDetection(image_dir, ann_file, transform=transform, filter_empty=True)
 
         times = {w: pass_seconds(dataset, w, args.batch, args.passes) for w in args.workers}
         images, targets = collate([dataset[i] for i in range(args.batch)])
     sizes = [t["image_size"] for t in targets]
-    normalise = time_alternating({"normalize": lambda: normalize_batch(images, sizes)}, repeats=7)["normalize"]
+    normalise = time_alternating({"normalize": lambda: normalize_batch(images, sizes)},
+                                 repeats=7)["normalize"]
     rates = {w: len(dataset) / statistics.median(t) for w, t in times.items()}
     base = rates[args.workers[0]]
-    rows = [[w, f"{r:.1f}", f"{1e3 / r:.1f}", f"{min(times[w]):.2f}-{max(times[w]):.2f}", f"{r / base:.2f}"]
-            for w, r in rates.items()]
+    rows = [[w, f"{r:.1f}", f"{1e3 / r:.1f}", f"{min(times[w]):.2f}-{max(times[w]):.2f}",
+             f"{r / base:.2f}"] for w, r in rates.items()]
 
-    print(f"machine: {machine()}; {len(dataset)} images from {args.data or 'synthetic 480-640 px JPEG'}, "
-          f"train transform {args.short_side}/{args.max_size} + flip, batch {args.batch}")
-    print(markdown_table(["workers", "images/s", "ms/image", "pass s (min-max)", f"vs {args.workers[0]} workers"],
-                         rows))
-    print(f"normalize_batch on this CPU (main process, after the loader): {normalise * 1e3:.1f} ms per batch "
-          f"of {args.batch} ({tuple(images.shape)} uint8)")
+    print(f"machine: {machine()}; {len(dataset)} images from "
+          f"{args.data or 'synthetic 480-640 px JPEG'}, train transform "
+          f"{args.short_side}/{args.max_size} + flip, batch {args.batch}")
+    print(markdown_table(["workers", "images/s", "ms/image", "pass s (min-max)",
+                          f"vs {args.workers[0]} workers"], rows))
+    print("normalize_batch on this CPU (main process, after the loader): "
+          f"{normalise * 1e3:.1f} ms per batch of {args.batch} ({tuple(images.shape)} uint8)")
 
 
 if __name__ == "__main__":

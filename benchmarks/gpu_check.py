@@ -2,7 +2,8 @@
 and fp16, with and without channels_last and torch.compile; the data loader at 2/4/8 workers;
 torchvision's GPU JPEG decoding against PIL; a 2-process NCCL DDP step. One markdown table.
 
-    python benchmarks/gpu_check.py [--steps 20] [--warmup 5] [--parts step loader decode nccl] [--out FILE]
+    python benchmarks/gpu_check.py [--steps 20] [--warmup 5] [--parts step loader decode nccl]
+        [--out FILE]
 
 Without a CUDA device it prints "no CUDA device: nothing to check" and exits 0.
 
@@ -135,7 +136,8 @@ def peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def median_seconds(call: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+def median_seconds(call: Callable[[], object], steps: int, warmup: int,
+                   device: torch.device) -> float:
     """Median seconds of `steps` calls after `warmup` untimed ones, each bracketed by a sync."""
     for _ in range(warmup):
         call()
@@ -149,7 +151,8 @@ def median_seconds(call: Callable[[], object], steps: int, warmup: int, device: 
     return statistics.median(times)
 
 
-def recipe_config(precision: str, channels_last: bool, compile_model: bool, overrides: Sequence[str] = ()) -> Config:
+def recipe_config(precision: str, channels_last: bool, compile_model: bool,
+                  overrides: Sequence[str] = ()) -> Config:
     """The recipe with random weights (nothing downloaded) and this configuration's train keys."""
     return load_config(RECIPE, ["model.backbone.weights=null", f"train.amp={PRECISIONS[precision]}",
                                 f"train.channels_last={str(channels_last).lower()}",
@@ -177,7 +180,7 @@ def time_step(cfg: Config, device: torch.device, steps: int, warmup: int,
     the peak memory (MiB, CUDA only). The model, optimizer, scaler and compile are set up as
     `gfldet.engine.trainer.train` sets them up; `wrap` (e.g. DDP) goes around the model last."""
     reset_peak(device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)  # also cudnn.benchmark, as train() sets it
+    seed_everything(cfg.train.seed, cfg.train.deterministic)  # also cudnn.benchmark, as train()
     dtype = resolve_precision(cfg.train.amp, device).dtype
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
@@ -195,7 +198,8 @@ def time_step(cfg: Config, device: torch.device, steps: int, warmup: int,
     images, targets = synthetic_batch(cfg.data.batch_size, size, cfg.model.num_classes)
     if device.type == "cuda":  # build_dataloader pins its batches when CUDA is there
         images = images.pin_memory()
-        targets = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        targets = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
     it = iter(range(total))
     seconds = median_seconds(lambda: loop.step(images, targets, next(it)), steps, warmup, device)
     if loop.bad_steps:
@@ -206,7 +210,8 @@ def time_step(cfg: Config, device: torch.device, steps: int, warmup: int,
 def step_row(precision: str, channels_last: bool, compile_model: bool, device: torch.device,
              steps: int, warmup: int) -> Row:
     """One configuration of the recipe's training step."""
-    name = f"step {precision}" + (" channels_last" if channels_last else "") + (" compile" if compile_model else "")
+    name = (f"step {precision}" + (" channels_last" if channels_last else "")
+            + (" compile" if compile_model else ""))
     notes = f"recipe, 2x{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, median of {steps} after {warmup}"
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         notes += "; GPU reports no native bf16"
@@ -231,7 +236,8 @@ def loader_row(dataset, workers: int) -> Row:
     def run() -> Row:
         seconds = statistics.median(pass_seconds(dataset, workers, 2, LOADER_PASSES))
         return Row(f"loader {workers} workers", len(dataset) / seconds, None,
-                   f"{len(dataset)} JPEGs {SIDES}, train transforms 800/1333, batch 2, median of {LOADER_PASSES} passes")
+                   f"{len(dataset)} JPEGs {SIDES}, train transforms 800/1333, batch 2, median of "
+                   f"{LOADER_PASSES} passes")
 
     return measure(f"loader {workers} workers", run)
 
@@ -245,15 +251,19 @@ def time_decode(files: Sequence[Path], device: torch.device, steps: int, warmup:
 
     def torchvision_row() -> Row:
         reset_peak(device)
-        seconds = median_seconds(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), steps, warmup, device)
+        seconds = median_seconds(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device),
+                                 steps, warmup, device)
         return Row(f"decode torchvision {device.type}", len(files) / seconds, peak_mib(device),
                    f"{n}, one batched decode_jpeg call, RGB")
 
     def pil_row() -> Row:
-        seconds = median_seconds(lambda: [load_image_rgb(f) for f in files], steps, warmup, torch.device("cpu"))
-        return Row("decode PIL", len(files) / seconds, None, f"{n}, gfldet's load_image_rgb, 1 process")
+        seconds = median_seconds(lambda: [load_image_rgb(f) for f in files], steps, warmup,
+                                 torch.device("cpu"))
+        return Row("decode PIL", len(files) / seconds, None,
+                   f"{n}, gfldet's load_image_rgb, 1 process")
 
-    return [measure(f"decode torchvision {device.type}", torchvision_row), measure("decode PIL", pil_row)]
+    return [measure(f"decode torchvision {device.type}", torchvision_row),
+            measure("decode PIL", pil_row)]
 
 
 def data_rows(parts: Sequence[str], device: torch.device, steps: int, warmup: int,
@@ -261,9 +271,11 @@ def data_rows(parts: Sequence[str], device: torch.device, steps: int, warmup: in
     """The loader and decode rows, on JPEGs generated into a temporary folder (not timed)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            paths = generate_synthetic_coco(tmp, num_train=LOADER_IMAGES, num_val=0, image_size=SIDE_RANGE)
+            paths = generate_synthetic_coco(tmp, num_train=LOADER_IMAGES, num_val=0,
+                                            image_size=SIDE_RANGE)
             transform = build_transforms(True, IMAGE_SIZE[0], IMAGE_SIZE[1])
-            dataset = CocoDetection(paths["train_images"], paths["train_ann"], transform=transform, filter_empty=True)
+            dataset = CocoDetection(paths["train_images"], paths["train_ann"], transform=transform,
+                                    filter_empty=True)
         except Exception as err:  # noqa: BLE001 - one row, and the check goes on to nccl
             report(Row("loader and decode: generating the JPEGs", error=first_line(err)))
             return
@@ -292,7 +304,8 @@ def nccl_worker(rank: int, port: int, steps: int, warmup: int, out_dir: str) -> 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        dist.init_process_group("nccl", rank=rank, world_size=2, timeout=timedelta(minutes=10), device_id=device)
+        dist.init_process_group("nccl", rank=rank, world_size=2, timeout=timedelta(minutes=10),
+                                device_id=device)
         seconds, peak = time_step(recipe_config("fp32", False, False), device, steps, warmup,
                                   wrap=lambda m: DistributedDataParallel(m, device_ids=[rank]))
         result = {"seconds": seconds, "peak": peak}
@@ -320,7 +333,8 @@ def nccl_row(steps: int, warmup: int) -> Row:
         result = json.loads(Path(tmp, "rank0.json").read_text())
     images = 2 * recipe_config("fp32", False, False).data.batch_size  # both processes' batches
     return Row(NCCL, images / result["seconds"], result["peak"],
-               f"recipe fp32, 2 images per GPU, rank 0's median of {steps} after {warmup}, rank 0's peak")
+               f"recipe fp32, 2 images per GPU, rank 0's median of {steps} after {warmup}, "
+               "rank 0's peak")
 
 
 def environment_lines() -> list[str]:
@@ -328,19 +342,23 @@ def environment_lines() -> list[str]:
 
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     return [f"device: {names} ({torch.cuda.device_count()} GPU)",
-            f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-            f"torchvision {torchvision.__version__}, {os.cpu_count()} CPUs"]
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}, torchvision {torchvision.__version__}, "
+            f"{os.cpu_count()} CPUs"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (or decode calls) per configuration")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps (or decode calls) per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to check")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to check")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
+        parser.error(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, "
+                     f"{args.warmup})")
     return args
 
 
@@ -366,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for precision in PRECISIONS:
             for channels_last in (False, True):
                 for compile_model in (False, True):
-                    report(step_row(precision, channels_last, compile_model, device, args.steps, args.warmup))
+                    report(step_row(precision, channels_last, compile_model, device, args.steps,
+                                    args.warmup))
     if {"loader", "decode"} & set(args.parts):
         data_rows(args.parts, device, args.steps, args.warmup, report)
     if "nccl" in args.parts:

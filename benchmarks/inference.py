@@ -51,7 +51,8 @@ def gfl_batch(
 ) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
     """(normalised padded images [B, 3, H', W'], their targets, the raw pixels [B, 3, H, W])."""
     pixels = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
     # gfldet's loader normalises, then zero-pads bottom/right to a multiple of 32.
     gfl_images = F.pad((pixels * 255 - mean) / std, (0, padded[1] - width, 0, padded[0] - height))
     gfl_targets = [{"image_size": (height, width), "orig_size": (height, width)}] * batch
@@ -80,7 +81,8 @@ def measure(gfl: GFL, fcos: nn.Module, retina: nn.Module, batch: int, height: in
     gfl_images, gfl_targets, pixels = gfl_batch(batch, height, width, padded)
     tv_images = list(pixels)
     with torch.no_grad():
-        assert tuple(fcos.transform(tv_images)[0].tensors.shape[-2:]) == padded, "torchvision resized"
+        tv_shape = tuple(fcos.transform(tv_images)[0].tensors.shape[-2:])
+        assert tv_shape == padded, "torchvision resized"
     outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     def run(name: str, model: nn.Module, *inputs: object) -> None:
@@ -126,12 +128,14 @@ def main() -> None:
     rows, counts = [], {}
     for batch in args.batch:
         t, counts[batch] = measure(gfl, fcos, retina, batch, height, width, padded, args.repeats)
-        rows.append([batch, f"{t['gfl'] * 1e3:.0f}", f"{t['fcos'] * 1e3:.0f}", f"{t['retina'] * 1e3:.0f}",
-                     f"{batch / t['gfl']:.2f}", f"{t['gfl'] / t['fcos']:.2f}", f"{t['gfl'] / t['retina']:.2f}"])
+        rows.append([batch, f"{t['gfl'] * 1e3:.0f}", f"{t['fcos'] * 1e3:.0f}",
+                     f"{t['retina'] * 1e3:.0f}", f"{batch / t['gfl']:.2f}",
+                     f"{t['gfl'] / t['fcos']:.2f}", f"{t['gfl'] / t['retina']:.2f}"])
 
-    print(f"machine: {machine()}; {allocator_line()}; images {height}x{width} (padded {padded[0]}x{padded[1]}), scores: {args.scores}")
-    print(markdown_table(["batch", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet img/s", "gfldet/FCOS",
-                          "gfldet/RetinaNet"], rows))
+    print(f"machine: {machine()}; {allocator_line()}; images {height}x{width} "
+          f"(padded {padded[0]}x{padded[1]}), scores: {args.scores}")
+    print(markdown_table(["batch", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet img/s",
+                          "gfldet/FCOS", "gfldet/RetinaNet"], rows))
     for batch, c in counts.items():
         print(f"detections per image, batch {batch}: gfldet {c['gfl']:.0f}, FCOS {c['fcos']:.0f}, "
               f"RetinaNet {c['retina']:.0f}")

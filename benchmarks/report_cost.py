@@ -31,7 +31,8 @@ from gfldet.report import post_processing_settings, write_report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -43,17 +44,19 @@ def main() -> None:
     device = torch.device("cpu")
     precision = run_precision(cfg, device)
     model = build_inference_model(cfg)
-    load_model_weights(model, model_weights(state, use_ema=True, source=args.checkpoint), strict=True,
-                       source=args.checkpoint)
-    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
-                              seed=cfg.train.seed, distributed=False, size_divisor=cfg.data.size_divisor)
+    load_model_weights(model, model_weights(state, use_ema=True, source=args.checkpoint),
+                       strict=True, source=args.checkpoint)
+    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers,
+                              train=False, seed=cfg.train.seed, distributed=False,
+                              size_divisor=cfg.data.size_divisor)
     run_dir = Path(args.checkpoint).parent
     latest: dict = {}
     out = Path(tempfile.mkdtemp(prefix="report_cost_"))
 
     def run_evaluate() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
-            latest["metrics"] = evaluate(model, loader, device, precision.dtype, keep_coco_eval=True)
+            latest["metrics"] = evaluate(model, loader, device, precision.dtype,
+                                         keep_coco_eval=True)
 
     def run_report() -> None:
         if "metrics" not in latest:
@@ -63,13 +66,15 @@ def main() -> None:
                      thresholds=post_processing_settings(cfg.model.test),
                      run_dir=run_dir if (run_dir / "scalars.jsonl").is_file() else None)
 
-    seconds = time_alternating({"evaluate": run_evaluate, "report": run_report}, args.repeats, args.warmup)
+    seconds = time_alternating({"evaluate": run_evaluate, "report": run_report}, args.repeats,
+                               args.warmup)
     metrics = latest["metrics"]
     print(machine() + f"; precision {precision.name}")
     print(markdown_table(
         ["val images", "detections", "box AP", "evaluate s", "report s", "report / evaluate"],
-        [[len(dataset), len(metrics["detections"]), f"{metrics['bbox_mAP']:.3f}", f"{seconds['evaluate']:.2f}",
-          f"{seconds['report']:.2f}", f"{seconds['report'] / seconds['evaluate']:.2f}"]]))
+        [[len(dataset), len(metrics["detections"]), f"{metrics['bbox_mAP']:.3f}",
+          f"{seconds['evaluate']:.2f}", f"{seconds['report']:.2f}",
+          f"{seconds['report'] / seconds['evaluate']:.2f}"]]))
     print(f"reports in {out}")
 
 

@@ -2,7 +2,8 @@
 torchvision's FCOS and RetinaNet R-50-FPN, on the same images and boxes, fp32, same threads,
 alternating runs in one process, medians.
 
-    python benchmarks/train_step.py [--batch 2] [--size 640] [--boxes 20] [--repeats 7] [--threads N]
+    python benchmarks/train_step.py [--batch 2] [--size 640] [--boxes 20] [--repeats 7]
+        [--threads N]
 
 All three are built as they train on COCO, with random weights (nothing is downloaded):
 - gfldet: `build_model` of the recipe's model config (80 classes, frozen_stages=1,
@@ -44,8 +45,9 @@ NUM_CLASSES = 80
 LR = 1e-5
 
 
-def train_step(model: nn.Module, forward: Callable[[], dict[str, torch.Tensor]]) -> tuple[Callable[[], None], list[float]]:
-    """A step as the trainer does it; returns the step and the list of its losses (for a sanity check)."""
+def train_step(model: nn.Module, forward: Callable[[], dict[str, torch.Tensor]]
+               ) -> tuple[Callable[[], None], list[float]]:
+    """A step as the trainer does it; returns the step and the list of its losses (to check)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=1e-4)  # the recipe's SGD
     history: list[float] = []
@@ -85,13 +87,16 @@ def main() -> None:
     torch.manual_seed(0)
     recipe = ModelConfig(num_classes=NUM_CLASSES, backbone=BackboneConfig(weights=None))
     gfl = build_model(recipe).train()
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
     gfl_images = (pixels * 255 - mean) / std  # what the data loader hands the model
-    gfl_targets = [{"boxes": b, "labels": lab, "image_size": (size, size)} for b, lab in zip(boxes, labels, strict=True)]
+    gfl_targets = [{"boxes": b, "labels": lab, "image_size": (size, size)}
+                   for b, lab in zip(boxes, labels, strict=True)]
     gfl_step, gfl_losses = train_step(gfl, lambda: gfl(gfl_images, gfl_targets))
 
     tv_images = list(pixels)  # torchvision normalises inside the model
-    tv_targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(boxes, labels, strict=True)]  # 0 = background
+    tv_targets = [{"boxes": b, "labels": lab + 1}  # 0 = background
+                  for b, lab in zip(boxes, labels, strict=True)]
     fcos = torchvision_detector("fcos", min_size=size, max_size=size).train()
     retina = torchvision_detector("retinanet", min_size=size, max_size=size).train()
     fcos_step, fcos_losses = train_step(fcos, lambda: fcos(tv_images, tv_targets))
@@ -107,14 +112,14 @@ def main() -> None:
     )
     print(f"machine: {machine()}; {allocator_line()}")
     print(markdown_table(
-        ["batch x size", "boxes/img", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet/FCOS", "gfldet/RetinaNet",
-         "tv transform ms"],
+        ["batch x size", "boxes/img", "gfldet ms", "FCOS ms", "RetinaNet ms", "gfldet/FCOS",
+         "gfldet/RetinaNet", "tv transform ms"],
         [[f"{batch}x{size}²", args.boxes, f"{t['gfl'] * 1e3:.0f}", f"{t['fcos'] * 1e3:.0f}",
-          f"{t['retina'] * 1e3:.0f}", f"{t['gfl'] / t['fcos']:.2f}", f"{t['gfl'] / t['retina']:.2f}",
-          f"{t['transform'] * 1e3:.1f}"]],
+          f"{t['retina'] * 1e3:.0f}", f"{t['gfl'] / t['fcos']:.2f}",
+          f"{t['gfl'] / t['retina']:.2f}", f"{t['transform'] * 1e3:.1f}"]],
     ))
-    print(f"trainable parameters (M): gfldet {trainable_millions(gfl):.2f}, FCOS {trainable_millions(fcos):.2f}, "
-          f"RetinaNet {trainable_millions(retina):.2f}")
+    print(f"trainable parameters (M): gfldet {trainable_millions(gfl):.2f}, "
+          f"FCOS {trainable_millions(fcos):.2f}, RetinaNet {trainable_millions(retina):.2f}")
     last = {"gfldet": gfl_losses[-1], "FCOS": fcos_losses[-1], "RetinaNet": retina_losses[-1]}
     print("last total losses: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items()))
     if not all(math.isfinite(v) for v in last.values()):

@@ -53,7 +53,8 @@ RETINANET_ANCHORS = ("torchvision", "one_square")
 class PyramidAdapter(nn.Module):
     """gfldet's backbone + FPN as a torchvision detection backbone.
 
-    forward: images [B, 3, Hp, Wp] -> OrderedDict "p3".."p7" of [B, F, Hp/s, Wp/s], s = 8..128, fp32.
+    forward: images [B, 3, Hp, Wp] -> OrderedDict "p3".."p7" of [B, F, Hp/s, Wp/s], s = 8..128,
+    fp32.
     """
 
     def __init__(self, backbone: nn.Module, neck: nn.Module) -> None:
@@ -69,7 +70,8 @@ class PyramidAdapter(nn.Module):
         return OrderedDict((f"p{level}", f.float()) for level, f in enumerate(features, start=3))
 
 
-def _fp32_outputs(module: nn.Module, inputs: tuple, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def _fp32_outputs(module: nn.Module, inputs: tuple,
+                  outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Forward hook on torchvision's head: its outputs in fp32, so that box decoding, losses and
     post-processing run in fp32 under autocast, as gfldet keeps its box regression in fp32."""
     return {name: value.float() for name, value in outputs.items()}
@@ -95,8 +97,10 @@ class TorchvisionDetector(nn.Module):
         crops = [image[:, :h, :w] for image, (h, w) in zip(images, sizes, strict=True)]
         if self.training:
             if targets is None:
-                raise ValueError("training mode needs targets (a dict with boxes and labels per image)")
-            tv_targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long()} for t in targets]
+                raise ValueError("training mode needs targets (a dict with boxes and labels per "
+                                 "image)")
+            tv_targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long()}
+                          for t in targets]
             return self.detector(crops, tv_targets)
         check_no_resize(self.detector.transform, sizes, training=False)
         detections = self.detector(crops)
@@ -115,7 +119,8 @@ def image_sizes(images: Tensor, targets: list[dict] | None) -> list[tuple[int, i
     return [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0]
 
 
-def to_original(det: dict[str, Tensor], image_size: Sequence[int], orig_size: Sequence[int]) -> dict[str, Tensor]:
+def to_original(det: dict[str, Tensor], image_size: Sequence[int],
+                orig_size: Sequence[int]) -> dict[str, Tensor]:
     """One image's detections in original-image pixels, as `gfldet.postprocess.postprocess`:
     boxes [N, 4] clipped to `image_size` (h, w), scaled by `orig_size` / `image_size` per axis,
     and boxes left with no width or height dropped (gfldet drops them before its NMS; a box of
@@ -135,20 +140,23 @@ def resize_scale(transform: GeneralizedRCNNTransform, height: int, width: int) -
     return min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width))
 
 
-def check_no_resize(transform: GeneralizedRCNNTransform, sizes: Sequence[tuple[int, int]], training: bool) -> None:
+def check_no_resize(transform: GeneralizedRCNNTransform, sizes: Sequence[tuple[int, int]],
+                    training: bool) -> None:
     """Raise if torchvision's transform would resize any of these (h, w) images, which would make
     the comparison with gfldet unfair (it sees the loader's images as they are)."""
     if training:
         if not transform._skip_resize:
-            raise ValueError("torchvision's transform resizes training images; build it with _skip_resize=True")
+            raise ValueError("torchvision's transform resizes training images; build it with "
+                             "_skip_resize=True")
         return
     for h, w in sizes:
         scale = resize_scale(transform, h, w)
         if scale != 1.0:
             raise ValueError(
-                f"torchvision's transform (min_size {transform.min_size}, max_size {transform.max_size}) "
-                f"would rescale a {h}x{w} image by {scale}; the data loader's test_short_side and "
-                "max_size must be the ones the detector was built with"
+                f"torchvision's transform (min_size {transform.min_size}, max_size "
+                f"{transform.max_size}) would rescale a {h}x{w} image by {scale}; the data "
+                "loader's test_short_side and max_size must be the ones the detector was built "
+                "with"
             )
 
 
@@ -163,7 +171,8 @@ def build_torchvision_detector(kind: str, model_cfg: ModelConfig, data_cfg: Data
     if kind not in TORCHVISION_KINDS:
         raise ValueError(f"kind must be one of {TORCHVISION_KINDS}, got {kind!r}")
     if retinanet_anchors not in RETINANET_ANCHORS:
-        raise ValueError(f"retinanet_anchors must be one of {RETINANET_ANCHORS}, got {retinanet_anchors!r}")
+        raise ValueError(f"retinanet_anchors must be one of {RETINANET_ANCHORS}, got "
+                         f"{retinanet_anchors!r}")
     gfl = build_model(model_cfg)  # first, so that a seed gives the GFL entrants' trunk weights
     pyramid = PyramidAdapter(gfl.backbone, gfl.neck)
     num_classes, convs, test = model_cfg.num_classes, model_cfg.head.stacked_convs, model_cfg.test
@@ -193,11 +202,14 @@ def build_torchvision_detector(kind: str, model_cfg: ModelConfig, data_cfg: Data
         anchor_generator = None  # torchvision's default: 3 sizes x 3 aspect ratios per location
         num_anchors = 9
         if retinanet_anchors == "one_square":
-            anchor_generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((1.0,),) * 5)
+            anchor_generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)),
+                                               ((1.0,),) * 5)
             num_anchors = 1
-        head = RetinaNetHead(pyramid.out_channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+        head = RetinaNetHead(pyramid.out_channels, num_anchors, num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"
-        detector = RetinaNet(pyramid, num_classes, head=head, anchor_generator=anchor_generator, **settings)
+        detector = RetinaNet(pyramid, num_classes, head=head, anchor_generator=anchor_generator,
+                             **settings)
         for tower in (detector.head.classification_head, detector.head.regression_head):
             tower.conv = tower.conv[:convs]  # torchvision fixes 4 blocks; keep gfldet's count
     detector.head.register_forward_hook(_fp32_outputs)

@@ -7,8 +7,7 @@ inside the box; a prior claimed by several boxes goes to the one it overlaps mos
 
 Everything runs for the whole batch at once: padded ground truth `[B, G, 4]` with a mask instead
 of a Python loop over images or boxes. The centre distances, the one O(A * G) part, are built per
-level and per block of boxes sized for the device (cache-sized on a CPU); everything else is
-O(B * G * k * levels).
+level and per block of boxes (`_box_block`); everything else is O(B * G * k * levels).
 
 Shape legend: `B` images, `A` priors (all levels), `G` ground-truth boxes (padded), `K` candidates
 per box (k per level, summed over levels).
@@ -23,7 +22,7 @@ from gfldet.boxes import aligned_box_iou, box_centers
 
 INSIDE_MARGIN = 0.01  # a candidate's centre must be > 0.01 px inside every edge (ATSS, mmdet)
 # Elements of one [B, g, n] distance block. CPU: small enough for the distance passes and topk to
-# run from cache (measured by benchmarks/assigner.py; benchmarks/README.md, "Last measured", item 4).
+# run from cache (`python benchmarks/assigner.py --blocks` times it against one block per level).
 # GPU: only a memory bound; blocks there would just add kernel launches.
 CPU_BLOCK_ELEMENTS = 2**19  # 2 MiB of float32
 GPU_BLOCK_ELEMENTS = 2**28  # 1 GiB of float32
@@ -122,13 +121,17 @@ def atss_assign(
 
     # 4. Priors claimed by several boxes go to the box of highest IoU (lowest index on ties,
     # like argmax). Scatter over flat (image, prior) indices, linear in the number of claims.
-    flat = (candidates + torch.arange(num_images, device=anchors.device)[:, None, None] * num_anchors).reshape(-1)
+    image_offset = torch.arange(num_images, device=anchors.device)[:, None, None] * num_anchors
+    flat = (candidates + image_offset).reshape(-1)
     claim_iou = torch.where(positive, ious, torch.full_like(ious, -1.0)).reshape(-1)
     best_iou = torch.full((num_images * num_anchors,), -1.0, device=anchors.device)
     best_iou.scatter_reduce_(0, flat, claim_iou, reduce="amax")
     wins = positive.reshape(-1) & (claim_iou == best_iou[flat])
-    gt_index = torch.arange(num_gts, device=anchors.device)[None, :, None].expand_as(candidates).reshape(-1)
-    winner = torch.full((num_images * num_anchors,), num_gts, dtype=torch.long, device=anchors.device)
-    winner.scatter_reduce_(0, flat, torch.where(wins, gt_index, torch.full_like(gt_index, num_gts)), reduce="amin")
+    gt_index = torch.arange(num_gts, device=anchors.device)[None, :, None].expand_as(candidates)
+    gt_index = gt_index.reshape(-1)
+    winner = torch.full((num_images * num_anchors,), num_gts, dtype=torch.long,
+                        device=anchors.device)
+    claims = torch.where(wins, gt_index, torch.full_like(gt_index, num_gts))
+    winner.scatter_reduce_(0, flat, claims, reduce="amin")
     assigned = torch.where(winner < num_gts, winner, torch.full_like(winner, -1))
     return assigned.view(num_images, num_anchors)

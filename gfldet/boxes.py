@@ -32,7 +32,7 @@ def box_centers(boxes: Tensor) -> Tensor:
 
 
 def ltrb_to_boxes(points: Tensor, ltrb: Tensor) -> Tensor:
-    """Decode distances from points to box edges. points [..., 2], ltrb [..., 4] -> [..., 4] xyxy."""
+    """Decode point-to-edge distances: points [..., 2], ltrb [..., 4] -> [..., 4] xyxy."""
     return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)
 
 

@@ -27,33 +27,25 @@ class _QualityFocalLoss(torch.autograd.Function):
 
     The target of entry (n, c) is `score[n]` if `c == labels[n]` and 0 otherwise, so the loss is
     the "all-negative" term sum_c softplus(x) * sigmoid(x)^beta plus a correction on one entry
-    per positive row. The [N, C] passes are what costs (memory bound), so the gradient is formed
-    in the forward pass from the sigmoid and softplus already there, and it is the only tensor
-    saved: backward is one multiply. Autograd would instead keep about five [N, C]
-    intermediates alive and recompute nothing, at twice the passes over memory.
+    per positive row. The [N, C] passes are what costs, so the gradient is formed in the forward
+    pass from the sigmoid and softplus already there and is the only tensor saved; backward is
+    one multiply. `python benchmarks/loss_overhead.py --qfl` times it against plain autograd.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, scores: Tensor, beta: float) -> Tensor:
-        num_rows, num_classes = logits.shape
+        num_classes = logits.shape[1]
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        needs_grad = ctx.needs_input_grad[0]
-        neg = torch.empty(num_rows, dtype=dtype, device=logits.device)
-        grad = torch.empty(logits.shape, dtype=dtype, device=logits.device) if needs_grad else None
-        # The [N, C] passes, a block of rows at a time so that the intermediates stay in cache.
-        block = _row_block(num_rows, num_classes, logits.device)
-        for first in range(0, num_rows, block):
-            rows = slice(first, first + block)
-            x = logits[rows].to(dtype)
-            sigma = torch.sigmoid(x)
-            softplus = F.softplus(x)
-            sigma_b = sigma.square() if beta == 2 else sigma.pow(beta)
-            # sum_c softplus * s^b without an [N, C] product
-            torch.linalg.vecdot(softplus, sigma_b, dim=1, out=neg[rows])
-            if grad is not None:
-                # d/dx [softplus(x) * s^b] = s^b * (s + b * softplus(x) * (1 - s)), s = sigmoid(x).
-                g = torch.addcmul(softplus, softplus, sigma, value=-1, out=grad[rows])  # softplus * (1 - s)
-                torch.add(sigma, g, alpha=beta, out=g).mul_(sigma_b)
+        x = logits.to(dtype)
+        sigma = torch.sigmoid(x)
+        softplus = F.softplus(x)
+        sigma_b = sigma.square() if beta == 2 else sigma.pow(beta)
+        neg = torch.linalg.vecdot(softplus, sigma_b, dim=1)  # [N], no [N, C] product
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # d/dx [softplus(x) * s^b] = s^b * (s + b * softplus(x) * (1 - s)), s = sigmoid(x).
+            grad = torch.addcmul(softplus, softplus, sigma, value=-1)  # softplus * (1 - s)
+            torch.add(sigma, grad, alpha=beta, out=grad).mul_(sigma_b)  # [N, C]
 
         # The positive entries (one per positive row): the correction to the all-negative term.
         is_pos = labels < num_classes
@@ -69,8 +61,8 @@ class _QualityFocalLoss(torch.autograd.Function):
         loss = neg + torch.where(is_pos, pos_term - neg_term_at_pos, torch.zeros_like(neg))
 
         if grad is not None:
-            # The positive entry: L = bce(x, y) * |s - y|^b, dL/dx = (s - y)|s - y|^b
-            #                                                + b * bce * sign(s - y)|s - y|^(b-1) * s(1 - s).
+            # The positive entry: L = bce(x, y) * |s - y|^b,
+            # dL/dx = (s - y)|s - y|^b + b * bce * sign(s - y)|s - y|^(b-1) * s(1 - s).
             g_pos = d * d_abs_b
             if beta != 0:
                 # sign(d)|d|^(b-1) is 0 at d = 0 for b > 1; guard b < 1, where the power diverges.
@@ -88,20 +80,8 @@ class _QualityFocalLoss(torch.autograd.Function):
         return grad * grad_loss[:, None], None, None, None
 
 
-# Elements of one block of QFL rows (1 MiB of fp32 per intermediate). CPU: a block's
-# intermediates stay in cache, so the elementwise passes do not each go to memory (measured by
-# benchmarks/loss_overhead.py; benchmarks/README.md, "Last measured", item 5). GPU: one block;
-# splitting would only add kernel launches.
-CPU_BLOCK_ELEMENTS = 2**18
-
-
-def _row_block(num_rows: int, num_classes: int, device: torch.device) -> int:
-    if device.type == "cuda" or num_rows == 0:
-        return max(num_rows, 1)
-    return max(1, CPU_BLOCK_ELEMENTS // max(num_classes, 1))
-
-
-def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: float = 2.0) -> Tensor:
+def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor,
+                       beta: float = 2.0) -> Tensor:
     """Quality Focal Loss (GFL Eq. 2), summed over classes.
 
     QFL(x, y) = BCE(sigmoid(x), y) * |y - sigmoid(x)|^beta, where the target y is the IoU
@@ -143,7 +123,8 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     right = (left + 1).clamp(max=logits.shape[1] - 1)
     chosen = torch.stack([left, right], dim=1)
     picked = logits.gather(1, chosen)  # [M, 2]
-    return torch.logsumexp(logits, dim=1) - (1 - weight_right) * picked[:, 0] - weight_right * picked[:, 1]
+    return (torch.logsumexp(logits, dim=1) - (1 - weight_right) * picked[:, 0]
+            - weight_right * picked[:, 1])
 
 
 def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
@@ -156,4 +137,5 @@ def focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float
     baseline for the QFL ablation. logits [N, C], labels [N] (C = background) -> [N]."""
     num_classes = logits.shape[1]
     onehot = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(logits.dtype)
-    return sigmoid_focal_loss(logits.float(), onehot.float(), alpha=alpha, gamma=gamma, reduction="none").sum(dim=1)
+    return sigmoid_focal_loss(logits.float(), onehot.float(), alpha=alpha, gamma=gamma,
+                              reduction="none").sum(dim=1)

@@ -27,7 +27,8 @@ def tiny_coco(tmp_path_factory) -> dict[str, Path]:
     from gfldet.data import generate_synthetic_coco
 
     out = tmp_path_factory.mktemp("tiny_coco")
-    return generate_synthetic_coco(out, num_train=16, num_val=4, image_size=(128, 160), seed=3, num_workers=1)
+    return generate_synthetic_coco(out, num_train=16, num_val=4, image_size=(128, 160), seed=3,
+                                   num_workers=1)
 
 
 def tiny_overrides(data: dict[str, Path], epochs: int = 2) -> list[str]:
@@ -58,7 +59,7 @@ def tiny_overrides(data: dict[str, Path], epochs: int = 2) -> list[str]:
         "train.device=cpu",
         "train.deterministic=true",
         "train.amp=none",
-        "train.report=false",  # the evaluation report costs seconds per run; tests/test_report.py turns it on
+        "train.report=false",  # seconds per run; tests/test_report.py turns it on
     ]
 
 
@@ -70,7 +71,8 @@ def _tool_module(script: Path) -> ModuleType:
     return module
 
 
-def run_in_process(script: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_in_process(script: str | Path, *args: str,
+                   check: bool = True) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` as the tool's `main(argv)` in this process, with the same exit code,
     stdout and stderr: for tools that need no process of their own (no signal, no torchrun), it
     saves the ~5 s a new interpreter spends importing torch and torchvision. An exception that
@@ -94,7 +96,8 @@ def run_in_process(script: str | Path, *args: str, check: bool = True) -> subpro
     code = 0 if code is None else code
     proc = subprocess.CompletedProcess([str(script), *args], code, out.getvalue(), err.getvalue())
     if check and code != 0:
-        raise AssertionError(f"{script} {args} failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{script} {args} failed ({code}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 

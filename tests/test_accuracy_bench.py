@@ -31,7 +31,8 @@ def tiny_cfg(tiny_coco):
 
 def first_batch(cfg, split: str):
     train = split == "train"
-    loader = build_dataloader(build_dataset(cfg, split), 4, 0, train=train, seed=0, distributed=False)
+    loader = build_dataloader(build_dataset(cfg, split), 4, 0, train=train, seed=0,
+                              distributed=False)
     if train:
         loader.batch_sampler.set_epoch(0)
     return next(iter(loader))
@@ -62,7 +63,8 @@ def test_torchvision_transform_does_not_resize(tiny_cfg, kind):
     # config's sizes and the demo's; a few are pushed through the transform itself.
     transform.eval()
     gen = torch.Generator().manual_seed(0)
-    for short_side, max_size in ((tiny_cfg.data.test_short_side, tiny_cfg.data.max_size), (256, 384), (800, 1333)):
+    sizes = ((tiny_cfg.data.test_short_side, tiny_cfg.data.max_size), (256, 384), (800, 1333))
+    for short_side, max_size in sizes:
         transform.min_size, transform.max_size = (short_side,), max_size
         for h, w in torch.randint(16, 2000, (500, 2), generator=gen).tolist():
             assert resize_scale(transform, *rescale_size(h, w, short_side, max_size)) == 1.0, (h, w)
@@ -75,7 +77,8 @@ def test_torchvision_transform_does_not_resize(tiny_cfg, kind):
 
 def test_to_original_clips_then_rescales_each_axis():
     det = {
-        "boxes": torch.tensor([[-5.0, 10.0, 170.0, 90.0], [160.0, 10.0, 200.0, 20.0], [30.0, -8.0, 60.0, 120.0]]),
+        "boxes": torch.tensor([[-5.0, 10.0, 170.0, 90.0], [160.0, 10.0, 200.0, 20.0],
+                               [30.0, -8.0, 60.0, 120.0]]),
         "scores": torch.tensor([0.9, 0.8, 0.7]),
         "labels": torch.tensor([1, 2, 3]),
     }
@@ -102,7 +105,8 @@ def test_eval_boxes_are_torchvision_boxes_mapped_like_gfldet(tiny_cfg):
                {"image_size": (96, 192), "orig_size": (300, 288)}]  # y * 3.125, x * 1.5
     with torch.no_grad():
         ours = model(images, targets)
-        direct = model.detector([images[0, :, :, :160], images[1, :, :96, :]])  # torchvision as it is used
+        # torchvision as it is used
+        direct = model.detector([images[0, :, :, :160], images[1, :, :96, :]])
     at_border = 0
     for det, ref, t in zip(ours, direct, targets, strict=True):
         (h, w), (oh, ow) = t["image_size"], t["orig_size"]
@@ -110,11 +114,13 @@ def test_eval_boxes_are_torchvision_boxes_mapped_like_gfldet(tiny_cfg):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         assert len(det["boxes"]) > 10
         torch.testing.assert_close(det["boxes"], boxes[keep])
-        assert torch.equal(det["scores"], ref["scores"][keep]) and torch.equal(det["labels"], ref["labels"][keep])
+        assert torch.equal(det["scores"], ref["scores"][keep])
+        assert torch.equal(det["labels"], ref["labels"][keep])
         assert det["boxes"].min() >= 0
         assert det["boxes"][:, [0, 2]].max() <= ow and det["boxes"][:, [1, 3]].max() <= oh
         at_border += int((det["boxes"][:, 2] == ow).any()) + int((det["boxes"][:, 3] == oh).any())
-    assert at_border > 0  # clipped at the right or bottom edge of the image (not of the padding), then scaled
+    # clipped at the right or bottom edge of the image (not of the padding), then scaled
+    assert at_border > 0
 
 
 def test_torchvision_entrants_share_the_gfl_trunk_initialisation(tiny_cfg):
@@ -128,27 +134,31 @@ def test_torchvision_entrants_share_the_gfl_trunk_initialisation(tiny_cfg):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for tower in (tv.detector.head.classification_head, tv.detector.head.regression_head):
         assert len(tower.conv) == tiny_cfg.model.head.stacked_convs
-        # Normalised towers (torchvision's v2 head): the v1 head's ReLUs all died on the demo budget.
-        assert sum(isinstance(m, torch.nn.GroupNorm) for m in tower.conv.modules()) == len(tower.conv)
+        # Normalised towers (torchvision's v2 head): the v1 head's ReLUs died on the demo budget.
+        norms = sum(isinstance(m, torch.nn.GroupNorm) for m in tower.conv.modules())
+        assert norms == len(tower.conv)
     assert tv.detector.head.regression_head._loss_type == "giou"
     assert tv.detector.anchor_generator.num_anchors_per_location()[0] == 9  # the head's num_anchors
 
 
 def test_retinanet_one_anchor_diagnostic_trains_with_one_square_anchor_per_location(tiny_cfg):
-    tv = build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data, retinanet_anchors="one_square")
+    tv = build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data,
+                                    retinanet_anchors="one_square")
     generator = tv.detector.anchor_generator
     assert generator.num_anchors_per_location() == [1] * 5
     assert [sizes[0] for sizes in generator.sizes] == [32, 64, 128, 256, 512]  # 4 strides, P3-P7
     assert generator.aspect_ratios == ((1.0,),) * 5
     num_classes = tiny_cfg.model.num_classes
-    assert tv.detector.head.classification_head.cls_logits.out_channels == num_classes  # 1 anchor x C
+    head = tv.detector.head.classification_head
+    assert head.cls_logits.out_channels == num_classes  # 1 anchor x C
     images, targets = first_batch(tiny_cfg, "train")
     sizes = [tuple(t["image_size"]) for t in targets]
     losses = tv.train()(normalize_batch(images, sizes), targets)
     assert set(losses) == {"classification", "bbox_regression"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     with pytest.raises(ValueError, match="retinanet_anchors"):
-        build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data, retinanet_anchors="nine")
+        build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data,
+                                   retinanet_anchors="nine")
 
 
 @pytest.fixture
@@ -160,10 +170,12 @@ def restore_process_state():
         signal.signal(sig, handler)
 
 
-def test_fcos_trains_in_gfldet_trainer_and_is_recorded(tiny_coco, tmp_path, capsys, restore_process_state):
+def test_fcos_trains_in_gfldet_trainer_and_is_recorded(tiny_coco, tmp_path, capsys,
+                                                       restore_process_state):
     work, md = tmp_path / "acc", tmp_path / "RESULTS.md"
-    options = [*tiny_overrides(tiny_coco, epochs=1), "data.batch_size=8", "data.aspect_ratio_grouping=false",
-               "train.deterministic=false"]  # 16 images in 2 batches of 8: 2 iterations
+    # 16 images in 2 batches of 8: 2 iterations
+    options = [*tiny_overrides(tiny_coco, epochs=1), "data.batch_size=8",
+               "data.aspect_ratio_grouping=false", "train.deterministic=false"]
     argv = ["--config", DEMO, "--entrants", "fcos", "--seeds", "0", "--work-dir", str(work),
             "--results-md", str(md), "--cfg-options", *options]
     assert accuracy.main(argv) == 0
@@ -174,7 +186,8 @@ def test_fcos_trains_in_gfldet_trainer_and_is_recorded(tiny_coco, tmp_path, caps
     assert all(k.startswith("detector.") for k in state["model"])
     assert not (run_dir / "best.pth").exists() and not (run_dir / "epoch_1.pth").exists()
     (record,) = json.loads((work / "results.json").read_text())
-    assert (record["entrant"], record["seed"], record["epochs"], record["status"]) == ("fcos", 0, 1, "ok")
+    assert (record["entrant"], record["seed"], record["epochs"], record["status"]) == (
+        "fcos", 0, 1, "ok")
     assert record["budget"]["iterations"] == 2 and record["budget"]["batch_size"] == 8
     assert set(record["metrics"]) == set(accuracy.METRICS)
     text = md.read_text()
@@ -206,14 +219,17 @@ def test_processes_appending_to_one_results_file_keep_every_record(tmp_path):
         w.join(timeout=120)
         assert w.exitcode == 0
     records = json.loads(path.read_text())
-    assert sorted((r["entrant"], r["seed"]) for r in records) == [(n, s) for n in "ab" for s in range(150)]
+    assert sorted((r["entrant"], r["seed"]) for r in records) == [
+        (n, s) for n in "ab" for s in range(150)]
 
 
 def record(entrant: str, seed: int, ap: float, status: str = "ok", epochs: int = 2) -> dict:
-    metrics = dict.fromkeys(accuracy.METRICS, ap) | {"APl": -1.0}  # pycocotools' -1: no large objects
+    # APl -1: pycocotools' value when there are no large objects
+    metrics = dict.fromkeys(accuracy.METRICS, ap) | {"APl": -1.0}
     return {"entrant": entrant, "seed": seed, "epochs": epochs, "status": status,
-            "metrics": metrics if status == "ok" else None, "wall_seconds": 600.0, "config": "demo.yaml",
-            "cfg_options": [], "command": "python benchmarks/accuracy.py", "machine": "test machine",
+            "metrics": metrics if status == "ok" else None, "wall_seconds": 600.0,
+            "config": "demo.yaml", "cfg_options": [], "command": "python benchmarks/accuracy.py",
+            "machine": "test machine",
             "budget": {"iterations": 500, "batch_size": 8, "train_short_side": [256, 256],
                        "test_short_side": 256, "max_size": 384, "amp": "bf16"}}
 
@@ -239,9 +255,11 @@ def test_report_mean_std_differences_and_missing_entrants():
     text = accuracy.report(records, epochs=2, results_path="results.json")
     assert "- Runs trained at commit(s): abc1234 (5 runs); not recorded (2 runs)" in text
 
-    table = table_rows(text, "All entrants")  # entrant, what, n, AP, AP50, AP75, APs, APm, APl, min/run
+    # entrant, what, n, AP, AP50, AP75, APs, APm, APl, min/run
+    table = table_rows(text, "All entrants")
     gfl = table["`gfl`"]
-    assert gfl[2] == "3" and gfl[3:8] == ["12.0 ± 2.0"] * 5 and gfl[8] == "n/a" and gfl[9] == "10.0"
+    assert gfl[2] == "3" and gfl[3:8] == ["12.0 ± 2.0"] * 5
+    assert gfl[8] == "n/a" and gfl[9] == "10.0"
     assert table["`fcos`"][2:4] == ["2", "6.0 ± 1.4"]  # sample std of 5 and 7: sqrt(2)
     assert table["`focal_dirac`"][2:4] == ["1", "8.0"]
     assert table["`qfl_dirac`"][2:4] == ["0 (+1 failed)", "–"]
@@ -262,6 +280,8 @@ def test_report_mean_std_differences_and_missing_entrants():
 
     anchors = table_rows(text, "RetinaNet's anchors")  # paired by seed, this budget only
     assert anchors["`retinanet_one_anchor` − `retinanet`"][1] == "not run"
-    more = [record("retinanet", 0, 0.06), record("retinanet", 1, 0.05), record("retinanet_one_anchor", 1, 0.25)]
-    anchors = table_rows(accuracy.report(records + more, epochs=2, results_path="results.json"), "RetinaNet's anchors")
+    more = [record("retinanet", 0, 0.06), record("retinanet", 1, 0.05),
+            record("retinanet_one_anchor", 1, 0.25)]
+    text = accuracy.report(records + more, epochs=2, results_path="results.json")
+    anchors = table_rows(text, "RetinaNet's anchors")
     assert anchors["`retinanet_one_anchor` − `retinanet`"][1:3] == ["1", "+20.0"]

@@ -25,7 +25,8 @@ def reference_atss(anchors, num_per_level, gt_boxes, topk=9):
         cands, start = [], 0
         for n in num_per_level:
             if n:
-                cands.append(dist[start : start + n].topk(min(topk, n), largest=False).indices + start)
+                nearest = dist[start : start + n].topk(min(topk, n), largest=False).indices
+                cands.append(nearest + start)
             start += n
         cands = torch.cat(cands)
         c_iou = ious[cands, g]
@@ -41,7 +42,8 @@ def reference_atss(anchors, num_per_level, gt_boxes, topk=9):
 
 def test_hand_built_case():
     # One level of four 16x16 anchors centred at (8, 8), (24, 8), (40, 8), (8, 24); top-k = 3.
-    anchors = torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [32, 0, 48, 16], [0, 16, 16, 32]]).float()
+    anchors = torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [32, 0, 48, 16],
+                            [0, 16, 16, 32]]).float()
     gts = torch.tensor([[0, 0, 20, 16], [6, 0, 36, 16], [0, 0, 18, 17]]).float()
     # gt0, centre (10, 8): nearest a0 (2), a1 (14), a3 (16.1). IoUs 256/320 = 0.8, 64/512 = 0.125,
     #   0. Threshold = mean 0.30833 + std 0.43036 = 0.73869 -> a0 passes, centre inside.
@@ -71,10 +73,12 @@ def test_centre_must_be_strictly_inside():
 
 def test_no_boxes_means_all_background():
     priors = make_priors([(8, 8), (4, 4)], [8, 16])
-    out = atss_assign(priors.boxes, priors.num_per_level, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool))
+    out = atss_assign(priors.boxes, priors.num_per_level, torch.zeros(2, 0, 4),
+                      torch.zeros(2, 0, dtype=torch.bool))
     assert out.shape == (2, 80) and (out == -1).all()
     # Padding-only boxes behave the same.
-    out = atss_assign(priors.boxes, priors.num_per_level, torch.rand(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
+    out = atss_assign(priors.boxes, priors.num_per_level, torch.rand(2, 3, 4),
+                      torch.zeros(2, 3, dtype=torch.bool))
     assert (out == -1).all()
 
 
@@ -134,7 +138,7 @@ def test_thousand_boxes_at_full_resolution():
     out = atss_assign(priors.boxes, priors.num_per_level, gt, mask)
     assert out.shape == (2, 22400)
     assert out.max() < 1000 and (out >= 0).sum() > 1000
-    assert assigner._box_block(2, 16800, torch.device("cpu")) < 1000  # P3's distances came in blocks
+    assert assigner._box_block(2, 16800, torch.device("cpu")) < 1000  # P3's distances in blocks
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(assigner, "CPU_BLOCK_ELEMENTS", 2 * 1000 * 16800)  # one block per level
         assert torch.equal(atss_assign(priors.boxes, priors.num_per_level, gt, mask), out)

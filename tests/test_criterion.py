@@ -33,10 +33,11 @@ def dense_reference(cls_logits, reg_logits, decode, priors, valid, gt_boxes, gt_
     pred = ltrb_to_boxes(centers, decode(reg_logits))
     target = torch.where(positive[..., None], target, priors.boxes / strides)
     quality = torch.where(positive, aligned_box_iou(pred.detach(), target), 0.0)
+    flat_logits, flat_labels = cls_logits.reshape(-1, c), labels.reshape(-1)
     if settings.cls_loss == "qfl":
-        cls = quality_focal_loss(cls_logits.reshape(-1, c), labels.reshape(-1), quality.reshape(-1), settings.qfl_beta)
+        cls = quality_focal_loss(flat_logits, flat_labels, quality.reshape(-1), settings.qfl_beta)
     else:
-        cls = focal_loss(cls_logits.reshape(-1, c), labels.reshape(-1), settings.focal_alpha, settings.focal_gamma)
+        cls = focal_loss(flat_logits, flat_labels, settings.focal_alpha, settings.focal_gamma)
     num_pos = positive.sum(dim=1).clamp(min=1).sum().float().clamp(min=1.0)
     weight = torch.where(positive, cls_logits.detach().amax(dim=2).sigmoid(), 0.0)
     weight_sum = weight.sum().clamp(min=1.0)
@@ -45,7 +46,8 @@ def dense_reference(cls_logits, reg_logits, decode, priors, valid, gt_boxes, gt_
     losses["loss_bbox"] = settings.giou_weight * (weight * giou).sum() / weight_sum
     if reg_max is not None and settings.dfl_weight > 0:
         ltrb = boxes_to_ltrb(centers, target).clamp(0, reg_max - 0.1)
-        dfl = distribution_focal_loss(reg_logits.reshape(-1, reg_max + 1), ltrb.reshape(-1)).view(b, a, 4).mean(2)
+        dfl = distribution_focal_loss(reg_logits.reshape(-1, reg_max + 1), ltrb.reshape(-1))
+        dfl = dfl.view(b, a, 4).mean(2)
         losses["loss_dfl"] = settings.dfl_weight * (weight * dfl).sum() / weight_sum
     return losses, positive
 
@@ -61,7 +63,8 @@ def batch(seed: int, sizes=((192, 256), (256, 160), (224, 224)), boxes=(7, 0, 3)
     for (h, w), n in zip(sizes, boxes, strict=True):
         wh = 8 + torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])
         xy = torch.rand(n, 2, generator=gen) * (torch.tensor([w, h]) - wh)
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, num_classes, (n,), generator=gen)})
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
+                        "labels": torch.randint(0, num_classes, (n,), generator=gen)})
     a = priors.boxes.shape[0]
     cls = (torch.randn(len(sizes), a, num_classes, generator=gen) - 3).requires_grad_()
     reg = torch.randn(len(sizes), a, 4 * (REG_MAX + 1), generator=gen).requires_grad_()
@@ -70,7 +73,8 @@ def batch(seed: int, sizes=((192, 256), (256, 160), (224, 224)), boxes=(7, 0, 3)
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("cls_loss", ["qfl", "focal"])
-def test_gathered_losses_and_gradients_equal_the_dense_computation(seed: int, cls_loss: str) -> None:
+def test_gathered_losses_and_gradients_equal_the_dense_computation(seed: int,
+                                                                   cls_loss: str) -> None:
     cls, reg, priors, valid, gt = batch(seed)
     settings = LossSettings(cls_loss=cls_loss)
     integral = Integral(REG_MAX)
@@ -109,10 +113,12 @@ def test_slots_hold_every_positive_even_when_boxes_crowd() -> None:
     priors = make_priors(levels, STRIDES)
     xy = torch.rand(1, 40, 2, generator=gen) * 64
     gt = torch.cat([xy, xy + 24 + torch.rand(1, 40, 2, generator=gen) * 40], dim=2)
-    assigned = atss_assign(priors.boxes, priors.num_per_level, gt, torch.ones(1, 40, dtype=torch.bool), 9)
+    assigned = atss_assign(priors.boxes, priors.num_per_level, gt,
+                           torch.ones(1, 40, dtype=torch.bool), 9)
     positive = assigned >= 0
     slots, slot_positive = positive_slots(positive, priors.num_per_level, 40, 9)
-    assert slots.shape == (1, min(priors.boxes.shape[0], 40 * sum(min(9, n) for n in priors.num_per_level)))
+    candidates = 40 * sum(min(9, n) for n in priors.num_per_level)
+    assert slots.shape == (1, min(priors.boxes.shape[0], candidates))
     held = slots[slot_positive]
     assert positive.sum() > 0 and held.numel() == positive.sum()
     assert torch.equal(held, positive[0].nonzero()[:, 0])  # every positive once, in prior order

@@ -53,7 +53,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     losses = model(images[half], targets[half])
     sum(losses.values()).backward()
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}, out)
+        torch.save({n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
+                   out)
     dist.destroy_process_group()
 
 
@@ -72,21 +73,27 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+VENV_TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(VENV_TORCHRUN),
+                    reason="torchrun not installed")
 def test_torchrun_two_cpu_processes_train(tiny_coco, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    torchrun = VENV_TORCHRUN
     work = tmp_path / "ddp"
-    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--nproc_per_node", "2", "--master_port",
-           str(30500 + os.getpid() % 1000), str(ROOT / "tools" / "train.py"),
+    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--nproc_per_node", "2",
+           "--master_port", str(30500 + os.getpid() % 1000), str(ROOT / "tools" / "train.py"),
            str(ROOT / "configs" / "demo_synthetic_cpu.yaml"), "--work-dir", str(work),
-           "--cfg-options", *tiny_overrides(tiny_coco, epochs=1), "data.batch_size=2", "optim.reference_batch_size=8"]
+           "--cfg-options", *tiny_overrides(tiny_coco, epochs=1), "data.batch_size=2",
+           "optim.reference_batch_size=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (work / "train.log").read_text()
     assert "2 process(es)" in log
     # 2 images per process and 2 processes: a total batch of 4 against the config's 8.
-    assert "lr scaled linearly from 0.01 (for a total batch of 8) to 0.005 for a total batch of 4" in log
+    assert ("lr scaled linearly from 0.01 (for a total batch of 8) to 0.005 for a total batch "
+            "of 4") in log
     # Each process takes half of the 16 images: 4 batches of 2, or 5 when the aspect-ratio
     # groups leave a partial batch.
     iters = int(log.split(" iterations per epoch")[0].split()[-1])
@@ -95,12 +102,15 @@ def test_torchrun_two_cpu_processes_train(tiny_coco, tmp_path):
 
 
 def _report_facts(report: checks.DatasetReport) -> dict:
-    return {"fatal": report.fatal, "fixed": dict(report.fixed), "examples": dict(report.fix_examples),
-            "warnings": report.warnings, "annotations": report.annotations,
-            "raw_orientation_ids": sorted(report.raw_orientation_ids), "decoded": report.images_decoded}
+    return {"fatal": report.fatal, "fixed": dict(report.fixed),
+            "examples": dict(report.fix_examples), "warnings": report.warnings,
+            "annotations": report.annotations,
+            "raw_orientation_ids": sorted(report.raw_orientation_ids),
+            "decoded": report.images_decoded}
 
 
-def _check_worker(rank: int, world: int, port: int, image_dir: str, ann_file: str, out: str) -> None:
+def _check_worker(rank: int, world: int, port: int, image_dir: str, ann_file: str,
+                  out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     probed: list[str] = []
@@ -131,7 +141,8 @@ def test_dataset_check_is_shared_between_processes(tiny_coco, tmp_path):
 
     out = str(tmp_path / "report")
     port = 29500 + (os.getpid() + 500) % 1000
-    mp.start_processes(_check_worker, args=(2, port, str(image_dir), str(tiny_coco["train_ann"]), out),
+    mp.start_processes(_check_worker,
+                       args=(2, port, str(image_dir), str(tiny_coco["train_ann"]), out),
                        nprocs=2, join=True, start_method="spawn")
     results = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
     for result in results:

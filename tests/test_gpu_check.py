@@ -37,14 +37,19 @@ def test_steps_below_one_exits_2(capsys) -> None:
 def test_arguments_and_their_defaults(tmp_path) -> None:
     args = parse_args([])
     assert args.parts == ["step", "loader", "decode", "nccl"] and args.out is None
-    args = parse_args(["--parts", "decode", "step", "--steps", "3", "--warmup", "0", "--out", str(tmp_path / "t.md")])
-    assert (args.parts, args.steps, args.warmup, args.out) == (["decode", "step"], 3, 0, tmp_path / "t.md")
+    args = parse_args(["--parts", "decode", "step", "--steps", "3", "--warmup", "0", "--out",
+                       str(tmp_path / "t.md")])
+    assert (args.parts, args.steps, args.warmup, args.out) == (["decode", "step"], 3, 0,
+                                                               tmp_path / "t.md")
+
+
+OOM = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
 def test_table_shows_measured_skipped_and_failed_rows() -> None:
     rows = [
         Row("step fp32", 12.345, 3071.6, "recipe"),
-        Row("step fp16 compile", error="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        Row("step fp16 compile", error=OOM),
         Row("loader 2 workers", 40.04, None, "240 JPEGs"),
         Row("nccl DDP step, 2 processes", notes="skipped: 1 GPU, 2 needed"),
     ]
@@ -52,7 +57,7 @@ def test_table_shows_measured_skipped_and_failed_rows() -> None:
         "| configuration | img/s | peak MiB | notes |",
         "|---|---|---|---|",
         "| step fp32 | 12.3 | 3072 | recipe |",
-        "| step fp16 compile | failed | - | OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB |",
+        f"| step fp16 compile | failed | - | {OOM} |",
         "| loader 2 workers | 40.0 | - | 240 JPEGs |",
         "| nccl DDP step, 2 processes | - | - | skipped: 1 GPU, 2 needed |",
     ])
@@ -63,7 +68,8 @@ def test_a_failing_configuration_becomes_a_row_with_its_first_line() -> None:
         raise RuntimeError("compile unsupported | on this GPU\nTraceback detail\nmore")
 
     row = measure("step bf16 compile", fails)
-    assert row == Row("step bf16 compile", error="RuntimeError: compile unsupported \\| on this GPU")
+    assert row == Row("step bf16 compile",
+                      error="RuntimeError: compile unsupported \\| on this GPU")
     # The error's own "|" is escaped, so the row keeps its four cells.
     assert format_table([row]).splitlines()[-1] == (
         "| step bf16 compile | failed | - | RuntimeError: compile unsupported \\| on this GPU |")
@@ -74,8 +80,8 @@ def test_without_cuda_it_says_so_exits_0_and_runs_nothing(monkeypatch, capsys, t
         raise AssertionError("a part ran without CUDA")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("step_row", "data_rows", "loader_row", "time_decode", "nccl_row", "generate_synthetic_coco",
-                 "environment_lines"):
+    for name in ("step_row", "data_rows", "loader_row", "time_decode", "nccl_row",
+                 "generate_synthetic_coco", "environment_lines"):
         monkeypatch.setattr(gpu_check, name, must_not_run)
     out = tmp_path / "table.md"
     assert gpu_check.main(["--out", str(out)]) == 0
@@ -85,18 +91,20 @@ def test_without_cuda_it_says_so_exits_0_and_runs_nothing(monkeypatch, capsys, t
 
 def test_script_exits_0_without_cuda() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA even where there is a GPU
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--parts", "decode"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=60)
-    assert (proc.returncode, proc.stdout) == (0, "no CUDA device: nothing to check\n"), proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--parts", "decode"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "no CUDA device: nothing to check\n"), (
+        proc.stderr[-2000:])
 
 
 def test_the_training_step_core_runs_on_cpu_with_a_tiny_model() -> None:
     tiny = ["model.backbone.depth=18", "model.fpn.out_channels=32", "model.head.feat_channels=64",
             "model.head.stacked_convs=1", "data.batch_size=1"]
     cfg = gpu_check.recipe_config("fp32", True, False, tiny)
-    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile, cfg.model.backbone.weights) == (
-        "none", True, False, None)
-    seconds, peak = gpu_check.time_step(cfg, torch.device("cpu"), steps=1, warmup=1, size=(128, 192))
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile,
+            cfg.model.backbone.weights) == ("none", True, False, None)
+    seconds, peak = gpu_check.time_step(cfg, torch.device("cpu"), steps=1, warmup=1,
+                                        size=(128, 192))
     assert math.isfinite(seconds) and seconds > 0
     assert peak is None  # peak memory is CUDA's max_memory_allocated only
 
@@ -108,7 +116,8 @@ def test_jpegs_that_cannot_be_generated_are_one_failed_row(monkeypatch) -> None:
     monkeypatch.setattr(gpu_check, "generate_synthetic_coco", no_space)
     rows: list[Row] = []
     gpu_check.data_rows(["loader", "decode"], torch.device("cpu"), 1, 0, rows.append)
-    assert rows == [Row("loader and decode: generating the JPEGs", error="OSError: [Errno 28] No space left on device")]
+    assert rows == [Row("loader and decode: generating the JPEGs",
+                        error="OSError: [Errno 28] No space left on device")]
 
 
 def test_decode_rows_on_cpu(tiny_coco) -> None:
@@ -136,13 +145,16 @@ def test_a_failed_configuration_does_not_stop_the_run(monkeypatch, capsys, tmp_p
     monkeypatch.setattr(gpu_check, "environment_lines", lambda: ["device: pretend GPU"])
     monkeypatch.setattr(gpu_check, "time_step", fake_time_step)
     out = tmp_path / "table.md"
-    assert gpu_check.main(["--parts", "step", "nccl", "--steps", "3", "--warmup", "1", "--out", str(out)]) == 0
+    assert gpu_check.main(["--parts", "step", "nccl", "--steps", "3", "--warmup", "1", "--out",
+                           str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 12 + 1
-    assert rows[0].startswith("| step fp32 | 4.0 | 1000 | recipe, 2x800x1333, median of 3 after 1 |")
-    failed = "| step fp16 channels_last compile | failed | - | OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB |"
+    assert rows[0].startswith(
+        "| step fp32 | 4.0 | 1000 | recipe, 2x800x1333, median of 3 after 1 |")
+    failed = f"| step fp16 channels_last compile | failed | - | {OOM} |"
     assert failed in rows
     assert sum("| failed |" in r for r in rows) == 2  # fp16 compile with and without channels_last
     assert rows[-1] == "| nccl DDP step, 2 processes | - | - | skipped: 1 GPU, 2 needed |"
-    assert out.read_text() == "device: pretend GPU\n\n" + "\n".join(printed.splitlines()[-15:]) + "\n"
+    table = "\n".join(printed.splitlines()[-15:])
+    assert out.read_text() == "device: pretend GPU\n\n" + table + "\n"

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gfldet import losses
 from gfldet.losses import distribution_focal_loss, focal_loss, giou_loss, quality_focal_loss
 
 
@@ -47,7 +46,8 @@ def test_qfl_minimum_at_target():
     # The global minimum of QFL is sigma = y (and the loss there is the BCE entropy times 0).
     y = 0.63
     xs = torch.linspace(-3, 3, 601)
-    losses = quality_focal_loss(xs[:, None], torch.zeros(601, dtype=torch.long), torch.full((601,), y))
+    losses = quality_focal_loss(xs[:, None], torch.zeros(601, dtype=torch.long),
+                                torch.full((601,), y))
     best = torch.sigmoid(xs[losses.argmin()]).item()
     assert best == pytest.approx(y, abs=0.01)
     assert losses.min().item() < 1e-5
@@ -69,16 +69,12 @@ def test_qfl_beta_zero_is_bce_and_binary_target_is_focal():
     p = x.sigmoid()
     p_t = torch.where(onehot == 1, p, 1 - p)
     fl = (-(1 - p_t) ** 2 * torch.log(p_t)).sum(1)
-    torch.testing.assert_close(quality_focal_loss(x, labels, torch.ones(20), beta=2.0), fl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(quality_focal_loss(x, labels, torch.ones(20), beta=2.0), fl,
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 2.5])
-@pytest.mark.parametrize("rows_per_block", [None, 5], ids=["one-block", "blocks-of-5-rows"])
-def test_qfl_closed_form_gradient_matches_autograd(beta, rows_per_block, monkeypatch):
-    if rows_per_block is not None:  # 64 rows: 12 full blocks and a partial one
-        monkeypatch.setattr(losses, "CPU_BLOCK_ELEMENTS", 7 * rows_per_block)
-    else:
-        monkeypatch.setattr(losses, "CPU_BLOCK_ELEMENTS", 7 * 64)
+def test_qfl_closed_form_gradient_matches_autograd(beta):
     torch.manual_seed(1)
     x = torch.randn(64, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 8, (64,))
@@ -104,7 +100,8 @@ def test_dfl_worked_example_split():
     # Seed example: an edge at y = 7.3 lies between bins 7 and 8, weighted 0.7 and 0.3:
     # DFL = 0.7 * CE(7) + 0.3 * CE(8). With uniform logits over 17 bins, CE = ln 17 for every bin.
     uniform = torch.zeros(1, 17)
-    assert distribution_focal_loss(uniform, torch.tensor([7.3])).item() == pytest.approx(math.log(17), abs=1e-5)
+    assert distribution_focal_loss(uniform, torch.tensor([7.3])).item() == pytest.approx(
+        math.log(17), abs=1e-5)
     # At the split (p7 = 0.7, p8 = 0.3, ~0 elsewhere) DFL is the entropy of (0.7, 0.3).
     probs = torch.full((17,), 1e-12)
     probs[7], probs[8] = 0.7, 0.3
@@ -114,7 +111,8 @@ def test_dfl_worked_example_split():
     logits = torch.randn(1, 17)
     ce = -logits.log_softmax(1)[0]
     expected = 0.7 * ce[7] + 0.3 * ce[8]
-    assert distribution_focal_loss(logits, torch.tensor([7.3])).item() == pytest.approx(expected.item(), abs=1e-5)
+    assert distribution_focal_loss(logits, torch.tensor([7.3])).item() == pytest.approx(
+        expected.item(), abs=1e-5)
 
 
 def test_dfl_minimum_is_the_split_and_recovers_the_target():

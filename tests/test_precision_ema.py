@@ -49,12 +49,13 @@ def fp16_loop(model: torch.nn.Module) -> TrainLoop:
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     progress = Progress(100, 10, 1, torch.device("cpu"), scalars=None, bar=False)
     ema = build_ema(model, decay=0.9998, warmup_iters=2000)
-    return TrainLoop(model, ema, opt, sched, scaler, torch.float16, torch.device("cpu"), load_config(DEMO), progress)
+    return TrainLoop(model, ema, opt, sched, scaler, torch.float16, torch.device("cpu"),
+                     load_config(DEMO), progress)
 
 
 def batch(image_id: int):
-    return torch.ones(1, 3, 4, 4, dtype=torch.uint8), [{"image_id": image_id, "boxes": torch.zeros(0, 4),
-                                                        "image_size": (4, 4)}]
+    targets = [{"image_id": image_id, "boxes": torch.zeros(0, 4), "image_size": (4, 4)}]
+    return torch.ones(1, 3, 4, 4, dtype=torch.uint8), targets
 
 
 def test_fp16_nan_loss_skips_the_step_and_the_next_step_runs():
@@ -63,7 +64,8 @@ def test_fp16_nan_loss_skips_the_step_and_the_next_step_runs():
     before, scale = model.weight.detach().clone(), loop.scaler.get_scale()
     loop.step(*batch(1), it=0)
     assert torch.equal(model.weight, before) and loop.bad_steps == 1
-    assert loop.ema.n_averaged.item() == 0 and loop.progress.count == 0, "a skipped step is not averaged or logged"
+    assert loop.ema.n_averaged.item() == 0 and loop.progress.count == 0, (
+        "a skipped step is not averaged or logged")
     # The NaN loss gave NaN gradients, so the scaler backed off as it does on any inf/NaN gradient.
     assert loop.scaler.get_scale() == scale / 2
     loop.step(*batch(2), it=1)  # raised "unscale_() has already been called" before the fix
@@ -97,7 +99,8 @@ def test_fp16_overflow_on_every_step_stops_the_run_naming_the_cause():
     loop = fp16_loop(model)
     for it in range(MAX_OVERFLOW_STEPS - 1):
         loop.step(*batch(it + 1), it=it)
-    with pytest.raises(FloatingPointError, match=rf"{MAX_OVERFLOW_STEPS} consecutive fp16 overflows"):
+    with pytest.raises(FloatingPointError,
+                       match=rf"{MAX_OVERFLOW_STEPS} consecutive fp16 overflows"):
         loop.step(*batch(MAX_OVERFLOW_STEPS), it=MAX_OVERFLOW_STEPS - 1)
 
 
@@ -130,8 +133,10 @@ def test_integral_stays_float32_under_bf16_autocast():
     assert (got - integral(logits)).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize(("dtype", "expected"), [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-                                                 (torch.float64, torch.float64)], ids=["half", "bf16", "double"])
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.float16, torch.float32),
+                                                 (torch.bfloat16, torch.float32),
+                                                 (torch.float64, torch.float64)],
+                         ids=["half", "bf16", "double"])
 def test_integral_of_a_converted_model_computes_in_at_least_float32(dtype, expected):
     """model.half() / .to(bf16) / .double() convert the `project` buffer too (a dtype error
     before the fix). The expectation is float32 for half weights and float64 for double ones
@@ -144,7 +149,8 @@ def test_integral_of_a_converted_model_computes_in_at_least_float32(dtype, expec
 
 
 @pytest.mark.parametrize(("dtype", "expected", "tolerance"), [
-    (torch.float16, torch.float32, 0.005), (torch.bfloat16, torch.float32, 0.03), (torch.float64, torch.float64, 1e-5),
+    (torch.float16, torch.float32, 0.005), (torch.bfloat16, torch.float32, 0.03),
+    (torch.float64, torch.float64, 1e-5),
 ], ids=["half", "bf16", "double"])
 def test_converted_detector_runs_with_float32_or_float64_boxes(dtype, expected, tolerance):
     """The whole detector after .half() / .to(bf16) / .double(), on the CPU: the head's
@@ -161,10 +167,12 @@ def test_converted_detector_runs_with_float32_or_float64_boxes(dtype, expected, 
     with torch.no_grad():
         reference = model.head.distances(model.head(model.neck(model.backbone(images)))[1])
         converted = model.to(dtype)
-        cls_logits, reg_logits = converted.head(converted.neck(converted.backbone(images.to(dtype))))
+        features = converted.neck(converted.backbone(images.to(dtype)))
+        cls_logits, reg_logits = converted.head(features)
         distances = converted.head.distances(reg_logits)
         detections = converted(images.to(dtype))
-    assert cls_logits.dtype == dtype and reg_logits.dtype == expected and distances.dtype == expected
+    assert cls_logits.dtype == dtype
+    assert reg_logits.dtype == expected and distances.dtype == expected
     assert (distances.double() - reference.double()).abs().max() < tolerance
     assert detections[0]["boxes"].dtype == expected and len(detections[0]["boxes"]) > 0
 
@@ -174,7 +182,8 @@ def test_converted_detector_runs_with_float32_or_float64_boxes(dtype, expected, 
 
 def test_ema_decay_formula():
     """decay * (1 - exp(-t / warmup)) at the t-th update (MMDetection's ExpMomentumEMA, YOLOX)."""
-    assert ema_decay(1, 0.9998, 2000) == pytest.approx(0.9998 * (1 - math.exp(-1 / 2000)), rel=1e-15)
+    assert ema_decay(1, 0.9998, 2000) == pytest.approx(0.9998 * (1 - math.exp(-1 / 2000)),
+                                                       rel=1e-15)
     assert ema_decay(2000, 0.9998, 2000) == pytest.approx(0.9998 * (1 - math.exp(-1)), rel=1e-15)
     assert ema_decay(10**6, 0.9998, 2000) == pytest.approx(0.9998, rel=1e-15)
     assert ema_decay(5, 0.9998, 0) == 0.9998  # no warmup: constant decay
@@ -191,7 +200,7 @@ def run_ema(values: list[float], warmup_iters: int, decay: float = 0.9998):
 
 
 def test_ema_follows_the_update_formula_exactly():
-    """Update 1 copies the weights; update t > 1 is ema = d_t * ema + (1 - d_t) * w, d_t as above."""
+    """Update 1 copies the weights; update t > 1 is ema = d_t * ema + (1 - d_t) * w, d_t above."""
     values = [0.0, 1.0, 3.0, -2.0]
     ema, _ = run_ema(values, warmup_iters=3, decay=0.9)
     expected = values[0]
@@ -238,14 +247,17 @@ def test_trained_ema_tracks_the_weights_of_a_short_run(tiny_coco, tmp_path):
     """Two epochs of 5 iterations with train.ema=true: the EMA has 10 updates and, ramped, stays
     close to the current weights. The constant decay left it at the first step's weights, as far
     from the final weights as the whole second epoch moved them."""
-    cfg = load_config(DEMO, [*tiny_overrides(tiny_coco, epochs=2), "train.eval_interval=0", "train.ema=true"])
+    cfg = load_config(DEMO, [*tiny_overrides(tiny_coco, epochs=2), "train.eval_interval=0",
+                             "train.ema=true"])
     train(cfg, tmp_path)
-    first, last = load_checkpoint(tmp_path / "epoch_1.pth"), load_checkpoint(tmp_path / "epoch_2.pth")
+    first = load_checkpoint(tmp_path / "epoch_1.pth")
+    last = load_checkpoint(tmp_path / "epoch_2.pth")
     assert last["ema"]["n_averaged"].item() == 10
     names = [k for k, v in last["model"].items() if v.is_floating_point()]
 
     def distance(a: dict, b: dict, prefix: str = "") -> float:
-        return sum((a[prefix + k].double() - b[k].double()).square().sum().item() for k in names) ** 0.5
+        return sum((a[prefix + k].double() - b[k].double()).square().sum().item()
+                   for k in names) ** 0.5
 
     moved = distance(last["model"], first["model"])
     assert moved > 0

@@ -45,7 +45,8 @@ HAND_DT = [  # (category, score, box)
     (3, 0.35, [10, 160, 30, 30])]   # TP of g8
 
 
-def coco_files(folder: Path, gt: list, dt: list, images: dict[int, tuple[int, int]]) -> tuple[Path, Path]:
+def coco_files(folder: Path, gt: list, dt: list,
+               images: dict[int, tuple[int, int]]) -> tuple[Path, Path]:
     """A COCO annotation file, a result file and the images (flat grey PNGs) in `folder`.
     gt: (annotation id, image id, category, box); dt: (image id, category, score, box)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,13 +54,20 @@ def coco_files(folder: Path, gt: list, dt: list, images: dict[int, tuple[int, in
         Image.new("RGB", (w, h), (128, 128, 128)).save(folder / f"{image_id}.png")
     gt_file, dt_file = folder / "gt.json", folder / "dt.json"
     gt_file.write_text(json.dumps({
-        "images": [{"id": i, "width": w, "height": h, "file_name": f"{i}.png"} for i, (w, h) in images.items()],
+        "images": [{"id": i, "width": w, "height": h, "file_name": f"{i}.png"}
+                   for i, (w, h) in images.items()],
         "categories": [{"id": c, "name": n} for c, n in ((1, "A"), (2, "B"), (3, "C"))],
-        "annotations": [{"id": a, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0,
-                         "segmentation": [[b[0], b[1], b[0] + b[2], b[1], b[0] + b[2], b[1] + b[3], b[0], b[1] + b[3]]]}
-                        for a, i, c, b in gt]}))
-    dt_file.write_text(json.dumps([{"image_id": i, "category_id": c, "score": s, "bbox": b} for i, c, s, b in dt]))
+        "annotations": [{"id": a, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3],
+                         "iscrowd": 0, "segmentation": [corners(b)]} for a, i, c, b in gt]}))
+    dt_file.write_text(json.dumps([{"image_id": i, "category_id": c, "score": s, "bbox": b}
+                                   for i, c, s, b in dt]))
     return gt_file, dt_file
+
+
+def corners(b: list) -> list:
+    """The polygon of an xywh box."""
+    x, y, w, h = b
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
 
 
 def run_cocoeval(gt_file: Path, dt_file: Path) -> COCOeval:
@@ -92,17 +100,20 @@ def random_case(tmp_path: Path, seed: int = 0) -> tuple[Path, Path]:
             gt.append((len(gt) + 1, i, c, [x, y, w, h]))
             for _ in range(rng.integers(0, 3)):
                 jitter = rng.normal(0, 0.15, 4) * [w, h, w, h]
-                dt.append((i, c if rng.random() < 0.8 else int(rng.integers(1, 4)), round(float(rng.random()), 2),
-                           [x + jitter[0], y + jitter[1], max(w + jitter[2], 2), max(h + jitter[3], 2)]))
+                dt.append((i, c if rng.random() < 0.8 else int(rng.integers(1, 4)),
+                           round(float(rng.random()), 2),
+                           [x + jitter[0], y + jitter[1], max(w + jitter[2], 2),
+                            max(h + jitter[3], 2)]))
         for _ in range(rng.integers(0, 3)):
-            dt.append((i, int(rng.integers(1, 4)), round(float(rng.random()), 2), [*rng.uniform(0, 200, 2), 30, 30]))
+            dt.append((i, int(rng.integers(1, 4)), round(float(rng.random()), 2),
+                       [*rng.uniform(0, 200, 2), 30, 30]))
     return coco_files(tmp_path / "random", gt, dt, images)
 
 
 def test_the_reports_pr_curves_are_pycocotools_arrays(tmp_path: Path) -> None:
     gt_file, dt_file = random_case(tmp_path)
-    write_report(tmp_path / "report", run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent,
-                 thresholds={"score threshold": 0.05})
+    write_report(tmp_path / "report", run_cocoeval(gt_file, dt_file), ["A", "B", "C"],
+                 gt_file.parent, thresholds={"score threshold": 0.05})
     written = json.loads((tmp_path / "report" / "report.json").read_text())["pr_curves"]
     ev = run_cocoeval(gt_file, dt_file)  # a fresh evaluation, not the report's object
     precision = ev.eval["precision"]  # [T, R, K, A, M]
@@ -112,7 +123,8 @@ def test_the_reports_pr_curves_are_pycocotools_arrays(tmp_path: Path) -> None:
             assert written[iou][name] == precision[t, :, k, 0, -1].tolist()
         per_class = precision[t, :, :, 0, -1]
         assert (per_class >= 0).all()  # every class has ground truth here: the mean is a plain one
-        np.testing.assert_allclose(written[iou]["all classes (mean)"], per_class.mean(axis=1), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(written[iou]["all classes (mean)"], per_class.mean(axis=1),
+                                   rtol=0, atol=1e-15)
 
 
 def test_the_breakdowns_base_ap_is_pycocotools_ap50(tmp_path: Path) -> None:
@@ -131,8 +143,8 @@ def test_confusion_matrix_of_the_hand_built_case(hand_case) -> None:
                                [0, 0, 2, 0],
                                [2, 1, 1, 0]]
     # From score 0.5 on, the Bkg detection and the TPs of g7 and g8 drop out: g7 and g8 are missed.
-    assert confusion_matrix(image_matches(run_cocoeval(*hand_case), 0.5), 3, score_thr=0.5).tolist() == [
-        [1, 0, 0, 2], [0, 1, 1, 1], [0, 0, 1, 1], [2, 1, 0, 0]]
+    counts = confusion_matrix(image_matches(run_cocoeval(*hand_case), 0.5), 3, score_thr=0.5)
+    assert counts.tolist() == [[1, 0, 0, 2], [0, 1, 1, 1], [0, 0, 1, 1], [2, 1, 0, 0]]
 
 
 # The hand-built case worked out (COCO's AP: precision made non-increasing, read at the 101
@@ -162,7 +174,8 @@ def test_tide_errors_of_the_hand_built_case(hand_case) -> None:
 
 
 @pytest.mark.parametrize("reference", ["hotcoco", "tidecv"])
-def test_tide_errors_agree_with_the_reference_implementations(hand_case, tmp_path, reference) -> None:
+def test_tide_errors_agree_with_the_reference_implementations(hand_case, tmp_path,
+                                                              reference) -> None:
     """Optional: hotcoco (maintained, Rust) and tidecv (the paper's code) are not dependencies."""
     gt_file, dt_file = hand_case
     mine = tide_errors(image_matches(run_cocoeval(gt_file, dt_file), 0.5))
@@ -180,7 +193,8 @@ def test_tide_errors_agree_with_the_reference_implementations(hand_case, tmp_pat
 
         tide = TIDE()
         with contextlib.redirect_stdout(io.StringIO()):
-            run = tide.evaluate(datasets.COCO(str(gt_file)), datasets.COCOResult(str(dt_file)), mode=TIDE.BOX)
+            run = tide.evaluate(datasets.COCO(str(gt_file)), datasets.COCOResult(str(dt_file)),
+                                mode=TIDE.BOX)
         delta = {k: v / 100 for k, v in tide.get_main_errors()[run.preds.name].items()}
         counts = {e.short_name: n for e, n in run.count_errors().items()}
     for kind in mine.delta_ap:
@@ -191,12 +205,13 @@ def test_tide_errors_agree_with_the_reference_implementations(hand_case, tmp_pat
 def test_worst_images_rank_a_case_with_a_known_answer(tmp_path: Path) -> None:
     box = [10, 10, 40, 40]
     far = [100, 100, 40, 40]
-    gt = [(1, 1, 1, box), (2, 2, 1, box), (3, 2, 2, far), (4, 3, 1, box), (5, 5, 1, box), (6, 5, 1, far)]
-    dt = [(1, 1, 0.9, box),                       # image 1: all found: F1 1
-          (2, 1, 0.9, box),                       # image 2: 1 of 2 found: F1 2/3
-          (3, 2, 0.9, box),                       # image 3: wrong class, box missed: F1 0
-          (4, 1, 0.2, box),                       # image 4: no ground truth, a detection under 0.3: F1 1
-          (5, 1, 0.9, box), (5, 1, 0.8, [12, 10, 40, 40])]  # image 5: 1 found, 1 dupe, 1 missed: 2/4
+    gt = [(1, 1, 1, box), (2, 2, 1, box), (3, 2, 2, far), (4, 3, 1, box), (5, 5, 1, box),
+          (6, 5, 1, far)]
+    dt = [(1, 1, 0.9, box),  # image 1: all found: F1 1
+          (2, 1, 0.9, box),  # image 2: 1 of 2 found: F1 2/3
+          (3, 2, 0.9, box),  # image 3: wrong class, box missed: F1 0
+          (4, 1, 0.2, box),  # image 4: no ground truth, a detection under 0.3: F1 1
+          (5, 1, 0.9, box), (5, 1, 0.8, [12, 10, 40, 40])]  # image 5: 1 found, 1 dupe, 1 missed
     ev = run_cocoeval(*coco_files(tmp_path, gt, dt, {i: (200, 200) for i in range(1, 6)}))
     ranked = worst_images(image_matches(ev, 0.5), score_thr=0.3, n=5)
     assert [s.image_id for s in ranked] == [3, 5, 2, 1, 4]
@@ -207,13 +222,13 @@ def test_worst_images_rank_a_case_with_a_known_answer(tmp_path: Path) -> None:
 def test_report_page_shows_every_part_and_keeps_a_users_folder(hand_case, tmp_path: Path) -> None:
     gt_file, dt_file = hand_case
     out = tmp_path / "report"
+    thresholds = {"score threshold": 0.05, "NMS IoU": 0.6, "max detections per image": 100}
     index = write_report(out, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent,
-                         thresholds={"score threshold": 0.05, "NMS IoU": 0.6, "max detections per image": 100},
-                         num_worst=1, score_thr=0.0)
+                         thresholds=thresholds, num_worst=1, score_thr=0.0)
     page = index.read_text()
-    for text in ("score threshold 0.05", "NMS IoU 0.6", "max detections per image 100", "Precision-recall",
-                 "AP by object size", "Confusion matrix", "background row", "TIDE", "localisation error",
-                 "duplicate", "missed box", "Worst images (1)"):
+    for text in ("score threshold 0.05", "NMS IoU 0.6", "max detections per image 100",
+                 "Precision-recall", "AP by object size", "Confusion matrix", "background row",
+                 "TIDE", "localisation error", "duplicate", "missed box", "Worst images (1)"):
         assert text in page, text
     sources = [s.split('"')[0] for s in page.split('<img src="')[1:]]
     assert sources == ["pr_curves.png", "sizes.png", "confusion.png", "tide.png", "worst_01.png"]
@@ -221,12 +236,14 @@ def test_report_page_shows_every_part_and_keeps_a_users_folder(hand_case, tmp_pa
     data = json.loads((out / "report.json").read_text())
     # 30x30 = 900 px² is small (< 32²), 40x40 medium
     assert [data["sizes"][s]["boxes"] for s in ("small", "medium", "large")] == [3, 5, 0]
-    write_report(out, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent, thresholds={})  # its own
+    write_report(out, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent,
+                 thresholds={})  # its own folder: rewritten
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep")
     with pytest.raises(ReportDirError, match="did not write"):
-        write_report(user, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent, thresholds={})
+        write_report(user, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent,
+                     thresholds={})
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
 
 
@@ -234,8 +251,8 @@ def test_report_page_shows_every_part_and_keeps_a_users_folder(hand_case, tmp_pa
 def tiny_run(tiny_coco, tmp_path_factory) -> Path:
     """A 1-epoch tiny run with the report on (the suite's other runs turn it off)."""
     work = tmp_path_factory.mktemp("report_run") / "run"
-    run_in_process(ROOT / "tools" / "train.py", str(CONFIG), "--work-dir", str(work), "--cfg-options",
-                   *tiny_overrides(tiny_coco, epochs=1), "train.report=true")
+    run_in_process(ROOT / "tools" / "train.py", str(CONFIG), "--work-dir", str(work),
+                   "--cfg-options", *tiny_overrides(tiny_coco, epochs=1), "train.report=true")
     return work
 
 
@@ -244,26 +261,28 @@ def test_training_and_eval_write_the_report(tiny_run: Path, tmp_path: Path) -> N
     assert "Training curves" in page and (tiny_run / "report" / "curves.png").is_file()
     assert "worst_01.png" in page  # 4 val images, each drawn
     out = tmp_path / "eval_report"
-    proc = run_in_process(ROOT / "tools" / "eval.py", str(tiny_run / "last.pth"), "--report", str(out),
-                          "--metrics", str(tmp_path / "m.json"))
+    proc = run_in_process(ROOT / "tools" / "eval.py", str(tiny_run / "last.pth"), "--report",
+                          str(out), "--metrics", str(tmp_path / "m.json"))
     assert f"report: {out / 'index.html'}" in proc.stdout
     assert "Training curves" in (out / "index.html").read_text()  # the checkpoint's run folder
 
 
 def test_report_off_writes_none(tiny_coco, tmp_path: Path) -> None:
     work = tmp_path / "run"
-    run_in_process(ROOT / "tools" / "train.py", str(CONFIG), "--work-dir", str(work), "--cfg-options",
-                   *tiny_overrides(tiny_coco, epochs=1), "train.report=false")
+    run_in_process(ROOT / "tools" / "train.py", str(CONFIG), "--work-dir", str(work),
+                   "--cfg-options", *tiny_overrides(tiny_coco, epochs=1), "train.report=false")
     assert (work / "last.pth").is_file() and not (work / "report").exists()
 
 
-def test_browse_dataset_draws_the_targets_the_trainer_trains_on(tiny_coco, tmp_path: Path, monkeypatch) -> None:
+def test_browse_dataset_draws_the_targets_the_trainer_trains_on(tiny_coco, tmp_path: Path,
+                                                                monkeypatch) -> None:
     from gfldet.config import load_config
     from gfldet.engine import trainer
 
     overrides = tiny_overrides(tiny_coco, epochs=1)
-    run_in_process(ROOT / "tools" / "browse_dataset.py", str(CONFIG), "--out", str(tmp_path / "browse"),
-                   "--images", "1", "--batches", "2", "--cfg-options", *overrides)
+    run_in_process(ROOT / "tools" / "browse_dataset.py", str(CONFIG), "--out",
+                   str(tmp_path / "browse"), "--images", "1", "--batches", "2", "--cfg-options",
+                   *overrides)
     drawn = json.loads((tmp_path / "browse" / "browse.json").read_text())["batches"]
     assert {p.name for p in (tmp_path / "browse").iterdir()} == {
         "annotated_00.png", "batch_00.png", "batch_01.png", "browse.json"}
@@ -275,7 +294,8 @@ def test_browse_dataset_draws_the_targets_the_trainer_trains_on(tiny_coco, tmp_p
 
     def record_step(self, images, targets, it):  # what the model would receive at iteration `it`
         received.append([{"image_id": t["image_id"], "image_size": list(t["image_size"]),
-                          "boxes": t["boxes"].tolist(), "labels": t["labels"].tolist()} for t in targets])
+                          "boxes": t["boxes"].tolist(), "labels": t["labels"].tolist()}
+                         for t in targets])
         if len(received) == 2:
             raise Enough
 
@@ -292,17 +312,20 @@ def test_plot_curves_overlays_runs(tiny_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     lines = (tiny_run / "scalars.jsonl").read_text().splitlines()
-    (other / "scalars.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "train/lo')  # a torn last line
+    torn = '\n{"step": 9, "train/lo'  # a torn last line
+    (other / "scalars.jsonl").write_text("\n".join(lines) + torn)
     assert read_scalars(other) == read_scalars(tiny_run)
-    assert {"train/loss", "train/loss_cls", "train/lr", "val/bbox_mAP"} <= read_scalars(tiny_run).keys()
+    tags = read_scalars(tiny_run).keys()
+    assert {"train/loss", "train/loss_cls", "train/lr", "val/bbox_mAP"} <= tags
     out = tmp_path / "curves.png"
-    proc = run_in_process(ROOT / "tools" / "plot_curves.py", str(tiny_run), str(other), "--out", str(out))
+    proc = run_in_process(ROOT / "tools" / "plot_curves.py", str(tiny_run), str(other), "--out",
+                          str(out))
     assert "2 run(s)" in proc.stdout and Image.open(out).size[0] > 400
 
 
-@pytest.mark.parametrize("case", ["eval_missing_checkpoint", "eval_report_into_users_folder", "eval_report_is_file",
-                                  "curves_missing_run", "curves_out_exists", "browse_missing_config",
-                                  "browse_users_folder"])
+@pytest.mark.parametrize("case", ["eval_missing_checkpoint", "eval_report_into_users_folder",
+                                  "eval_report_is_file", "curves_missing_run", "curves_out_exists",
+                                  "browse_missing_config", "browse_users_folder"])
 def test_bad_input_exits_2_with_a_message(case: str, tiny_run: Path, tmp_path: Path) -> None:
     user = tmp_path / "mine"
     user.mkdir()
@@ -310,17 +333,23 @@ def test_bad_input_exits_2_with_a_message(case: str, tiny_run: Path, tmp_path: P
     afile = tmp_path / "file.png"
     afile.write_text("keep")
     tools = ROOT / "tools"
+    last = str(tiny_run / "last.pth")
     args, message = {
-        "eval_missing_checkpoint": ((tools / "eval.py", str(tmp_path / "nope.pth"), "--report", str(tmp_path / "r")),
-                                    "nope.pth"),
-        "eval_report_into_users_folder": ((tools / "eval.py", str(tiny_run / "last.pth"), "--report", str(user)),
-                                          "did not write"),
-        "eval_report_is_file": ((tools / "eval.py", str(tiny_run / "last.pth"), "--report", str(afile)), "is a file"),
-        "curves_missing_run": ((tools / "plot_curves.py", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")),
-                               "not a folder"),
-        "curves_out_exists": ((tools / "plot_curves.py", str(tiny_run), "--out", str(afile)), "--overwrite"),
-        "browse_missing_config": ((tools / "browse_dataset.py", str(tmp_path / "nope.yaml")), "nope.yaml"),
-        "browse_users_folder": ((tools / "browse_dataset.py", str(CONFIG), "--out", str(user)), "did not write"),
+        "eval_missing_checkpoint": (
+            (tools / "eval.py", str(tmp_path / "nope.pth"), "--report", str(tmp_path / "r")),
+            "nope.pth"),
+        "eval_report_into_users_folder": (
+            (tools / "eval.py", last, "--report", str(user)), "did not write"),
+        "eval_report_is_file": ((tools / "eval.py", last, "--report", str(afile)), "is a file"),
+        "curves_missing_run": (
+            (tools / "plot_curves.py", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")),
+            "not a folder"),
+        "curves_out_exists": (
+            (tools / "plot_curves.py", str(tiny_run), "--out", str(afile)), "--overwrite"),
+        "browse_missing_config": (
+            (tools / "browse_dataset.py", str(tmp_path / "nope.yaml")), "nope.yaml"),
+        "browse_users_folder": (
+            (tools / "browse_dataset.py", str(CONFIG), "--out", str(user)), "did not write"),
     }[case]
     proc = run_in_process(*args, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -330,7 +359,8 @@ def test_bad_input_exits_2_with_a_message(case: str, tiny_run: Path, tmp_path: P
 
 
 def _screenshot_module():
-    spec = importlib.util.spec_from_file_location("report_screenshot", ROOT / "benchmarks" / "report_screenshot.py")
+    spec = importlib.util.spec_from_file_location("report_screenshot",
+                                                  ROOT / "benchmarks" / "report_screenshot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -340,10 +370,12 @@ def test_the_report_renders_in_headless_chromium(hand_case, tmp_path: Path) -> N
     shot = _screenshot_module()
     chromium = shot.find_chromium()
     if chromium is None:
-        pytest.skip("no Chromium binary on PATH (Debian: apt-get install chromium); the page is not rendered")
+        pytest.skip("no Chromium binary on PATH (Debian: apt-get install chromium); the page is "
+                    "not rendered")
     gt_file, dt_file = hand_case
     out = tmp_path / "report"
-    write_report(out, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent, thresholds={}, num_worst=1)
+    write_report(out, run_cocoeval(gt_file, dt_file), ["A", "B", "C"], gt_file.parent,
+                 thresholds={}, num_worst=1)
     states = shot.image_load_states(out, chromium)
     assert len(states) == 5 and all(width > 0 for _, width in states), states
     png = shot.screenshot(out, tmp_path / "shot.png", chromium, 900, 1200)
@@ -352,13 +384,15 @@ def test_the_report_renders_in_headless_chromium(hand_case, tmp_path: Path) -> N
     # The check sees a broken image: one PNG gone, its naturalWidth is 0.
     (out / "tide.png").unlink()
     assert dict(shot.image_load_states(out, chromium))["tide.png"] == 0
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".html") == ["index.html"]  # probe removed
+    pages = sorted(p.name for p in out.iterdir() if p.suffix == ".html")
+    assert pages == ["index.html"]  # the probe page removed
     shutil.rmtree(out)
 
 
 def test_report_cost_benchmark_prints_its_table(tiny_run: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_cost.py"), str(tiny_run / "last.pth"),
-                           "--repeats", "1", "--warmup", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_cost.py"),
+                           str(tiny_run / "last.pth"), "--repeats", "1", "--warmup", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 3 and table[2].startswith("| 4 |"), proc.stdout  # the 4 val images

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_in_process, tiny_overrides
-from test_train_cli import DEMO, TRAIN, run, run_overrides, trained_run  # noqa: F401  (fixture reused; same overrides)
+from test_train_cli import DEMO, TRAIN, run, run_overrides, trained_run  # noqa: F401 (fixture)
 
 from gfldet.config import Config
 from gfldet.engine.checkpoint import load_checkpoint
@@ -27,11 +27,14 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def start_training(work: Path, data, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), *extra, "--cfg-options", *run_overrides(data)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), *extra, "--cfg-options",
+           *run_overrides(data)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
-def wait_for_log_lines(work: Path, proc: subprocess.Popen, count: int, timeout: float = 300) -> None:
+def wait_for_log_lines(work: Path, proc: subprocess.Popen, count: int,
+                       timeout: float = 300) -> None:
     """Wait until train.log holds `count` iteration lines (log_interval is 1 in the tiny config)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -39,7 +42,8 @@ def wait_for_log_lines(work: Path, proc: subprocess.Popen, count: int, timeout: 
         if log.exists() and log.read_text().count("] lr: ") >= count:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training ended before {count} iterations:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"training ended before {count} iterations:\n"
+                                 f"{proc.stdout.read()[-3000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out waiting for training")
 
@@ -48,7 +52,8 @@ def iterations_per_epoch(work: Path) -> int:
     return int((work / "train.log").read_text().split(" iterations per epoch")[0].split()[-1])
 
 
-def test_sigkill_at_a_random_iteration_then_resume_matches(trained_run, tiny_coco, tmp_path):  # noqa: F811
+def test_sigkill_at_a_random_iteration_then_resume_matches(
+        trained_run, tiny_coco, tmp_path):  # noqa: F811
     reference, _ = trained_run
     per_epoch = iterations_per_epoch(reference)
     # Kill somewhere in the second epoch, after epoch_1.pth exists (before it, there is nothing to
@@ -60,11 +65,13 @@ def test_sigkill_at_a_random_iteration_then_resume_matches(trained_run, tiny_coc
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (work / "epoch_1.pth").is_file() and not (work / "epoch_2.pth").exists()
-    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *run_overrides(tiny_coco))
+    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options",
+        *run_overrides(tiny_coco))
     assert same_weights(reference / "last.pth", work / "last.pth")
 
 
-def test_sigterm_writes_a_mid_epoch_checkpoint_and_resume_matches(trained_run, tiny_coco, tmp_path):  # noqa: F811
+def test_sigterm_writes_a_mid_epoch_checkpoint_and_resume_matches(
+        trained_run, tiny_coco, tmp_path):  # noqa: F811
     reference, _ = trained_run
     work = tmp_path / "preempted"
     proc = start_training(work, tiny_coco)
@@ -75,20 +82,22 @@ def test_sigterm_writes_a_mid_epoch_checkpoint_and_resume_matches(trained_run, t
     state = load_checkpoint(work / "last.pth")
     assert state["epoch"] == 0 and state["batch"] >= 2, "the checkpoint is mid-epoch"
     assert "continue with --resume" in (work / "train.log").read_text()
-    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *run_overrides(tiny_coco))
+    run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options",
+        *run_overrides(tiny_coco))
     assert same_weights(reference / "last.pth", work / "last.pth")
 
 
-def test_a_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(tiny_coco, tmp_path):
+def test_a_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(tiny_coco,
+                                                                                tmp_path):
     """SLURM's scancel and `timeout` signal every process of the job, the DataLoader workers too:
     the run still stops after the iteration with last.pth, no traceback. (Ctrl-C, SIGINT to the
     terminal's process group, ends the same way.)"""
     sig = signal.SIGTERM
     work = tmp_path / "group"
-    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), "--cfg-options", *run_overrides(tiny_coco),
-           "data.num_workers=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a job's
+    cmd = [sys.executable, TRAIN, DEMO, "--work-dir", str(work), "--cfg-options",
+           *run_overrides(tiny_coco), "data.num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # its own process group, as a job's
     wait_for_log_lines(work, proc, 2)
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
@@ -103,10 +112,12 @@ def test_schedule_change_on_resume_must_be_explicit(trained_run, tiny_coco, tmp_
     work.mkdir()
     (work / "last.pth").write_bytes((reference / "last.pth").read_bytes())
     longer = [*run_overrides(tiny_coco), "schedule.epochs=3"]
-    proc = run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options", *longer, check=False)
+    proc = run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options",
+                          *longer, check=False)
     assert proc.returncode == 2 and "schedule.epochs: 2 -> 3" in proc.stderr
     assert "--allow-schedule-change" in proc.stderr
-    run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--allow-schedule-change", "--cfg-options", *longer)
+    run_in_process(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--allow-schedule-change",
+                   "--cfg-options", *longer)
     assert "schedule changed on resume" in (work / "train.log").read_text()
     assert load_checkpoint(work / "last.pth")["epoch"] == 3
 
@@ -139,8 +150,8 @@ def make_loop(model: torch.nn.Module, max_bad_steps: int = 3) -> TrainLoop:
 
 def batch(image_id: int):
     """A loader batch: uint8 images and targets with their unpadded size."""
-    return torch.ones(1, 3, 4, 4, dtype=torch.uint8), [{"image_id": image_id, "boxes": torch.zeros(0, 4),
-                                                        "image_size": (4, 4)}]
+    targets = [{"image_id": image_id, "boxes": torch.zeros(0, 4), "image_size": (4, 4)}]
+    return torch.ones(1, 3, 4, 4, dtype=torch.uint8), targets
 
 
 def test_non_finite_loss_skips_the_step(caplog):

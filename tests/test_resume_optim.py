@@ -56,13 +56,14 @@ def folder_with(tmp_path: Path, name: str, **files: Path | dict) -> Path:
 
 
 def mid_epoch(state: dict, batch: int = 1) -> dict:
-    """`state` (written at an epoch boundary) as a SIGTERM would have left it `batch` steps later."""
+    """`state` (written at an epoch boundary) as a SIGTERM would leave it `batch` steps later."""
     return {**state, "batch": batch, "iteration": state["iteration"] + batch}
 
 
 def without_setup_record(state: dict) -> dict:
     """`state` as gfldet wrote checkpoints before they recorded the processes and batch size."""
-    return {k: v for k, v in state.items() if k not in ("world_size", "batch_size", "iters_per_epoch")}
+    return {k: v for k, v in state.items()
+            if k not in ("world_size", "batch_size", "iters_per_epoch")}
 
 
 class Evaluations:
@@ -96,8 +97,8 @@ def grouped_run(tiny_coco, tmp_path_factory):
 
 
 def _train_worker(rank: int, world: int, port: int, overrides: list[str], work: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -117,12 +118,13 @@ def ddp_run(tiny_coco, tmp_path_factory):
     """A real 2-process gloo run of 2 epochs (on this CPU): its checkpoints record world size 2."""
     work = tmp_path_factory.mktemp("ddp")
     port = 29500 + (os.getpid() + 250) % 1000
-    mp.start_processes(_train_worker, args=(2, port, [*tiny_overrides(tiny_coco), *DDP_EXTRA], str(work)),
-                       nprocs=2, join=True, start_method="spawn")
+    overrides = [*tiny_overrides(tiny_coco), *DDP_EXTRA]
+    mp.start_processes(_train_worker, args=(2, port, overrides, str(work)), nprocs=2, join=True,
+                       start_method="spawn")
     return work
 
 
-# ------------------------------------------------------------------ 1. a changed world size or batch
+# ----------------------------------------------------------- 1. a changed world size or batch
 
 
 def test_checkpoints_record_world_size_and_batch_size(ddp_run, grouped_run):
@@ -133,7 +135,8 @@ def test_checkpoints_record_world_size_and_batch_size(ddp_run, grouped_run):
     assert (single["world_size"], single["batch_size"]) == (1, 4)
 
 
-def test_two_process_checkpoint_resumed_by_one_process_at_an_epoch_boundary(ddp_run, tiny_coco, tmp_path):
+def test_two_process_checkpoint_resumed_by_one_process_at_an_epoch_boundary(ddp_run, tiny_coco,
+                                                                            tmp_path):
     """Epoch 1 on 2 processes x 2 images, epoch 2 on 1 process x 2 images: the sampler restarts at
     the epoch, so the run continues at the start of epoch 2 of the new setup; the lr follows the
     linear scaling rule to the new total batch (0.01 x 4/16 -> 0.01 x 2/16) and the schedule's
@@ -154,7 +157,8 @@ def test_two_process_checkpoint_resumed_by_one_process_at_an_epoch_boundary(ddp_
     sched = final["scheduler"]
     assert sched["last_epoch"] == 2 * ipe  # not the checkpoint's ddp_ipe + this run's ipe
     assert sched["base_lrs"] == [pytest.approx(0.00125)]
-    assert [f["milestones"] for f in sched["lr_lambdas"]] == [[ipe]]  # milestone epoch 1, new iterations
+    # milestone epoch 1, in the new iterations
+    assert [f["milestones"] for f in sched["lr_lambdas"]] == [[ipe]]
     group = final["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == pytest.approx(0.00125)
     assert group["lr"] == pytest.approx(0.00125 * 0.1)  # after the milestone
@@ -164,7 +168,8 @@ def test_two_process_checkpoint_resumed_by_one_process_at_an_epoch_boundary(ddp_
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "older-checkpoint"])
-def test_two_process_checkpoint_mid_epoch_is_refused_on_one_process(ddp_run, tiny_coco, tmp_path, recorded):
+def test_two_process_checkpoint_mid_epoch_is_refused_on_one_process(ddp_run, tiny_coco, tmp_path,
+                                                                    recorded):
     """Mid-epoch, the batches left in the epoch depend on the old processes x batch size: refused,
     naming the change and the two ways on. A checkpoint from before the record gives its world size
     by its per-process RNG states."""
@@ -198,36 +203,41 @@ def gfldet_log(caplog, monkeypatch):
     return caplog
 
 
-def test_older_checkpoint_at_an_epoch_boundary_resumes_and_says_so(grouped_run, tiny_coco, caplog, monkeypatch):
+def test_older_checkpoint_at_an_epoch_boundary_resumes_and_says_so(grouped_run, tiny_coco, caplog,
+                                                                   monkeypatch):
     work0, _ = grouped_run
-    state = without_setup_record(load_checkpoint(work0 / "epoch_1.pth"))
+    path = work0 / "epoch_1.pth"
+    state = without_setup_record(load_checkpoint(path))
     setup = RunSetup(1, 4, iterations_per_epoch(work0))
     log = gfldet_log(caplog, monkeypatch)
-    assert check_resumable(config(tiny_coco, *GROUPED_EXTRA), state, work0 / "epoch_1.pth", False, setup) is False
+    cfg = config(tiny_coco, *GROUPED_EXTRA)
+    assert check_resumable(cfg, state, path, False, setup) is False
     assert "records no world size or batch size" in log.text and "1 process(es)" in log.text
     with pytest.raises(ConfigError, match="images per process 4 -> 2"):  # and still compared
-        check_resumable(config(tiny_coco, *GROUPED_EXTRA), mid_epoch(state), work0 / "epoch_1.pth", False,
+        check_resumable(cfg, mid_epoch(state), path, False,
                         RunSetup(1, 2, 2 * setup.iters_per_epoch))
 
 
-# ------------------------------------------------------------------ 2. what a resume may change
+# ----------------------------------------------------------- 2. what a resume may change
 
 
-@pytest.mark.parametrize("override", ["model.backbone.weights=/gone/resnet18.pth", "model.backbone.weights=torchvision",
+@pytest.mark.parametrize("override", ["model.backbone.weights=/gone/resnet18.pth",
+                                      "model.backbone.weights=torchvision",
                                       "model.test.score_thr=0.3", "model.test.nms_iou=0.5",
                                       "model.test.max_per_img=10", "model.test.nms_pre=50"])
-def test_imagenet_weights_and_test_settings_may_change(grouped_run, tiny_coco, caplog, monkeypatch, override):
+def test_imagenet_weights_and_test_settings_may_change(grouped_run, tiny_coco, caplog, monkeypatch,
+                                                       override):
     work0, _ = grouped_run
     state = load_checkpoint(work0 / "epoch_1.pth")
     setup = RunSetup(1, 4, iterations_per_epoch(work0))
     log = gfldet_log(caplog, monkeypatch)
-    assert check_resumable(config(tiny_coco, *GROUPED_EXTRA, override), state, work0 / "epoch_1.pth", False,
-                           setup) is False
+    assert check_resumable(config(tiny_coco, *GROUPED_EXTRA, override), state,
+                           work0 / "epoch_1.pth", False, setup) is False
     assert f"resume: {override.split('=')[0]}: " in log.text
 
 
-def test_resume_with_a_moved_imagenet_weights_file_and_another_score_threshold(grouped_run, tiny_coco, tmp_path,
-                                                                              monkeypatch):
+def test_resume_with_a_moved_imagenet_weights_file_and_another_score_threshold(
+        grouped_run, tiny_coco, tmp_path, monkeypatch):
     """The backbone's ImageNet weights only initialise a run: a resumed run's come from the
     checkpoint, so a path that no longer exists does not stop it (nothing is loaded). The test
     post-processing is the new config's: evaluation keeps only scores above the new threshold."""
@@ -239,10 +249,11 @@ def test_resume_with_a_moved_imagenet_weights_file_and_another_score_threshold(g
     work = folder_with(tmp_path, "thr", last=work0 / "epoch_1.pth")
     evaluations = Evaluations()
     monkeypatch.setattr(trainer_mod, "evaluate", evaluations)
-    train(config(tiny_coco, *GROUPS, f"model.test.score_thr={thr}", f"model.backbone.weights={moved}"), work,
-          resume=True)
+    train(config(tiny_coco, *GROUPS, f"model.test.score_thr={thr}",
+                 f"model.backbone.weights={moved}"), work, resume=True)
     log = (work / "train.log").read_text()
-    assert f"model.test.score_thr: 0.0 -> {thr}" in log and f"model.backbone.weights: null -> '{moved}'" in log
+    assert f"model.test.score_thr: 0.0 -> {thr}" in log
+    assert f"model.backbone.weights: null -> '{moved}'" in log
     assert same_weights(work / "last.pth", work0 / "last.pth")
     settings, detections = evaluations.calls[-1]
     assert settings.score_thr == thr
@@ -257,18 +268,19 @@ def test_resume_with_a_moved_imagenet_weights_file_and_another_score_threshold(g
     ("optim.bias_lr_factor=1", "optim.bias_lr_factor: 2.0 -> 1.0"),
     ("optim.weight_decay=0.001", "optim.weight_decay: 0.0001 -> 0.001"),
 ])
-def test_resume_refuses_a_changed_model_or_optimizer_naming_the_key(grouped_run, tiny_coco, tmp_path, override,
-                                                                    named):
+def test_resume_refuses_a_changed_model_or_optimizer_naming_the_key(grouped_run, tiny_coco,
+                                                                    tmp_path, override, named):
     work = folder_with(tmp_path, "model", last=grouped_run[0] / "epoch_1.pth")
     saved_config = work / "config.yaml"
     saved_config.write_text("# the run's own config.yaml\n")
     with pytest.raises(ConfigError) as err:
         train(config(tiny_coco, *GROUPED_EXTRA, override), work, resume=True)
     assert named in str(err.value) and "last.pth" in str(err.value)
-    assert saved_config.read_text() == "# the run's own config.yaml\n"  # the refused config is not written
+    # the refused config is not written
+    assert saved_config.read_text() == "# the run's own config.yaml\n"
 
 
-# ------------------------------------------------------------------ 3. parameter groups
+# ----------------------------------------------------------- 3. parameter groups
 
 
 def tiny_model(*options: str):
@@ -282,7 +294,8 @@ def tiny_model(*options: str):
 def expected_kind(name: str) -> str:
     """Written from the names, not from module types, so that the test does not restate the code:
     BatchNorm (bn*, downsample.1) and GroupNorm (tower index 1) parameters are norm; the biases of
-    the FPN convs and of the two output convs are biases; conv weights and head.scales are weights."""
+    the FPN convs and of the two output convs are biases; conv weights and head.scales are
+    weights."""
     if re.search(r"\.bn\d\.|downsample\.1\.|_tower\.1\.", name):
         return "norm"
     if name.endswith(".bias"):
@@ -318,17 +331,20 @@ def test_groups_put_each_parameter_where_the_options_say(name):
     assert {expected_kind(n) for n, _ in named} == set(expected)
     for n, p in named:
         assert (groups[id(p)]["lr"], groups[id(p)]["weight_decay"]) == expected[expected_kind(n)], n
-    assert groups[id(model.head.scales)]["lr"] == 0.01  # the learnt per-level scales: ordinary weights
+    assert groups[id(model.head.scales)]["lr"] == 0.01  # the learnt per-level scales: weights
     assert groups[id(model.head.cls_tower[1].bias)]["lr"] == 0.01  # a norm bias is not a bias here
     assert len(optimizer.param_groups) == 3
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
-    assert not any(id(p) in groups for p in model.parameters() if not p.requires_grad)  # frozen stages
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert not any(id(p) in groups for p in frozen)
 
 
 def test_a_group_option_equal_to_the_default_adds_no_group():
     model = tiny_model("model.head.norm=none")  # towers without GroupNorm: their convs have biases
-    optimizer = build_optimizer(model, OptimConfig(norm_weight_decay=1e-4, bias_weight_decay=0.0), lr=0.01)
-    assert len(optimizer.param_groups) == 2  # norm decay = weight_decay: BatchNorm stays with the weights
+    optimizer = build_optimizer(model, OptimConfig(norm_weight_decay=1e-4, bias_weight_decay=0.0),
+                                lr=0.01)
+    # norm decay = weight_decay: BatchNorm stays with the weights
+    assert len(optimizer.param_groups) == 2
     groups = group_of(optimizer)
     assert groups[id(model.head.cls_tower[0].bias)]["weight_decay"] == 0.0
     assert groups[id(model.backbone.layer4[0].bn1.weight)]["weight_decay"] == 1e-4
@@ -336,8 +352,10 @@ def test_a_group_option_equal_to_the_default_adds_no_group():
 
 def test_lr_schedule_scales_every_group_from_its_own_base_lr():
     model = tiny_model()
-    optimizer = build_optimizer(model, OptimConfig(bias_lr_factor=2.0, norm_weight_decay=0.0), lr=0.01)
-    schedule = ScheduleConfig(epochs=3, milestones=[1, 2], gamma=0.1, warmup_iters=5, warmup_ratio=0.1)
+    optimizer = build_optimizer(model, OptimConfig(bias_lr_factor=2.0, norm_weight_decay=0.0),
+                                lr=0.01)
+    schedule = ScheduleConfig(epochs=3, milestones=[1, 2], gamma=0.1, warmup_iters=5,
+                              warmup_ratio=0.1)
     scheduler = build_lr_scheduler(optimizer, schedule, iters_per_epoch=4)
     factor = LrFactor(schedule, 4)
     bases = [0.01, 0.01, 0.02]  # weights, norm, biases: in order of their first parameter
@@ -361,18 +379,21 @@ def test_resume_restores_the_groups_and_continues_exactly(grouped_run, tiny_coco
     assert same_weights(work / "last.pth", work0 / "last.pth")
     a, b = (load_checkpoint(w / "last.pth")["optimizer"] for w in (work, work0))
     assert a["param_groups"] == b["param_groups"]
-    assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in b["state"])
+    assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"])
+               for k in b["state"])
 
 
 def test_schedule_change_on_resume_applies_to_every_group(grouped_run, tiny_coco, tmp_path):
     """--allow-schedule-change swaps the lr function of every parameter group, not of the first:
     the finished 2-epoch run (milestone 1) continues for a third epoch with milestones 1 and 2."""
     work = folder_with(tmp_path, "longer", last=grouped_run[0] / "epoch_2.pth")
-    train(config(tiny_coco, *GROUPED_EXTRA, NO_EVAL, "schedule.milestones=[1, 2]", epochs=3), work, resume=True,
-          allow_schedule_change=True)
+    train(config(tiny_coco, *GROUPED_EXTRA, NO_EVAL, "schedule.milestones=[1, 2]", epochs=3),
+          work, resume=True, allow_schedule_change=True)
     ipe = iterations_per_epoch(work)
-    assert f"lr schedule continues at iteration {2 * ipe} of {3 * ipe}" in (work / "train.log").read_text()
+    log = (work / "train.log").read_text()
+    assert f"lr schedule continues at iteration {2 * ipe} of {3 * ipe}" in log
     final = load_checkpoint(work / "last.pth")
     assert [f["milestones"] for f in final["scheduler"]["lr_lambdas"]] == [[ipe, 2 * ipe]] * 3
     # x0.01 after both new milestones (the old lr function would give x0.1)
-    assert [g["lr"] for g in final["optimizer"]["param_groups"]] == pytest.approx([1e-4, 1e-4, 2e-4])
+    lrs = [g["lr"] for g in final["optimizer"]["param_groups"]]
+    assert lrs == pytest.approx([1e-4, 1e-4, 2e-4])

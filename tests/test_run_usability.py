@@ -28,9 +28,11 @@ CPU = torch.device("cpu")
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -52,7 +54,8 @@ def test_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     assert "no native bf16" in chosen.reason and "AVX2" in chosen.reason
 
 
-@pytest.mark.parametrize(("avx512_bf16", "amx", "named"), [(True, False, "AVX512-BF16"), (False, True, "AMX")])
+@pytest.mark.parametrize(("avx512_bf16", "amx", "named"),
+                         [(True, False, "AVX512-BF16"), (False, True, "AMX")])
 def test_auto_is_bf16_on_a_cpu_with_native_bf16(monkeypatch, avx512_bf16, amx, named):
     fake_cpu(monkeypatch, "AVX512", avx512_bf16=avx512_bf16, amx=amx)
     chosen = resolve_precision("auto", CPU)
@@ -61,7 +64,7 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16(monkeypatch, avx512_bf16, amx, n
 
 
 def test_the_avx2_imitation_counts_as_no_native_bf16(monkeypatch):
-    """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: its kernels cannot use bf16."""
+    """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: the kernels cannot use it."""
     fake_cpu(monkeypatch, "AVX512", avx512_bf16=True, amx=True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert cpu_bf16_support()[0] is False and resolve_precision("auto", CPU).dtype is None
@@ -100,12 +103,14 @@ def test_fp16_off_cuda_is_refused():
 
 def test_progress_logs_after_the_first_iteration_then_every_interval(tmp_path, caplog):
     scalars = ScalarLog(tmp_path)
-    progress = Progress(total_iters=10, interval=4, images_per_iter=2, device=CPU, scalars=scalars, bar=False)
+    progress = Progress(total_iters=10, interval=4, images_per_iter=2, device=CPU, scalars=scalars,
+                        bar=False)
     logged = []
     with caplog.at_level(logging.INFO, logger="gfldet"):
         for it in range(10):
             progress.record_data_time(0.01)
-            progress.update({"loss_a": torch.tensor(float(it)), "loss_b": torch.tensor(1.0)}, torch.tensor(2.0 * it))
+            progress.update({"loss_a": torch.tensor(float(it)), "loss_b": torch.tensor(1.0)},
+                            torch.tensor(2.0 * it))
             if progress.maybe_log(it, 0, 1, it, 10, lr=0.1, force=it == 9) is not None:
                 logged.append(it + 1)
     scalars.close()
@@ -115,14 +120,16 @@ def test_progress_logs_after_the_first_iteration_then_every_interval(tmp_path, c
     assert [r["step"] for r in records] == logged
     # Iterations 2-4: loss_a 1, 2, 3 (mean 2), loss_b 1, grad norm 2, 4, 6 (mean 4).
     second = records[1]
-    assert second["train/loss_a"] == pytest.approx(2.0) and second["train/loss"] == pytest.approx(3.0)
+    assert second["train/loss_a"] == pytest.approx(2.0)
+    assert second["train/loss"] == pytest.approx(3.0)
     assert second["train/grad_norm"] == pytest.approx(4.0)
     assert second["train/data_time"] == pytest.approx(0.01)
     assert second["train/memory_mib"] > 1
     for line, record in zip(lines, records, strict=True):  # the log line shows the record's values
         assert f"loss: {record['train/loss']:.4f}" in line
         assert f"grad_norm: {record['train/grad_norm']:.3f}" in line
-        assert f"time: {record['train/time']:.3f} s/it (data {record['train/data_time']:.3f})" in line
+        assert (f"time: {record['train/time']:.3f} s/it "
+                f"(data {record['train/data_time']:.3f})") in line
         assert f"mem: {record['train/memory_mib']:.0f} MiB" in line and "eta: " in line
 
 
@@ -130,8 +137,9 @@ def test_progress_logs_after_the_first_iteration_then_every_interval(tmp_path, c
 
 
 def tiny_args(data, work: Path, *extra: str) -> list[str]:
+    # score_thr 0: AP > 0 when barely trained
     return [TRAIN, DEMO, "--work-dir", str(work), *extra, "--cfg-options", *tiny_overrides(data),
-            "train.log_interval=50", "train.amp=auto", "model.test.score_thr=0.0"]  # AP > 0 when barely trained
+            "train.log_interval=50", "train.amp=auto", "model.test.score_thr=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +166,8 @@ def test_the_log_names_the_precision_and_the_first_iteration(tiny_run):
     # A few iterations per epoch, log_interval 50: a line after iteration 1 all the same.
     per_epoch = iterations_per_epoch(log)
     first = next(line for line in log.splitlines() if "epoch [1/2]" in line)
-    assert f"epoch [1/2][1/{per_epoch}]" in first and "s/it" in first and "mem:" in first and "grad_norm" in first
+    assert f"epoch [1/2][1/{per_epoch}]" in first and "s/it" in first
+    assert "mem:" in first and "grad_norm" in first
     # Each split's dataset check summary is logged once (val is checked before training too).
     assert log.count("result: usable") == 2
 
@@ -169,7 +178,8 @@ def test_scalars_jsonl_holds_the_log_lines_values(tiny_run):
     records = [json.loads(r) for r in (work / "scalars.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "train/loss" in r]
     per_epoch = iterations_per_epoch((work / "train.log").read_text())
-    assert [r["step"] for r in train_records] == [1, per_epoch, 2 * per_epoch]  # first iteration, epoch ends
+    # the first iteration and the epochs' ends
+    assert [r["step"] for r in train_records] == [1, per_epoch, 2 * per_epoch]
     for line, record in zip(lines, train_records, strict=True):
         for name in ("loss_cls", "loss_bbox", "loss_dfl"):
             assert f"{name}: {record[f'train/{name}']:.4f}" in line
@@ -196,8 +206,8 @@ def test_overwrite_deletes_only_the_earlier_runs_outputs(tiny_coco, tmp_path):
     run_in_process(*tiny_args(tiny_coco, work), "schedule.epochs=1", "schedule.milestones=[]")
     (work / "notes.txt").write_text("mine")
     old_last = digests(work)["last.pth"]
-    proc = run_in_process(*tiny_args(tiny_coco, work, "--overwrite"), "schedule.epochs=1", "schedule.milestones=[]",
-               "train.seed=1")
+    proc = run_in_process(*tiny_args(tiny_coco, work, "--overwrite"), "schedule.epochs=1",
+                          "schedule.milestones=[]", "train.seed=1")
     assert (work / "notes.txt").read_text() == "mine"
     assert digests(work)["last.pth"] != old_last
     log = (work / "train.log").read_text()
@@ -248,27 +258,31 @@ def test_eval_from_the_checkpoint_alone_matches_training(tiny_run, tmp_path):
     for key in ("bbox_mAP", "bbox_mAP_50", "AR_100"):
         assert metrics[key] == pytest.approx(trained[key], abs=1e-9), key
     # A YAML config before the checkpoint still wins, and --cfg-options apply to the stored one.
-    run_in_process(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m2.json"), "--out", str(tmp_path / "d.json"),
-        "--cfg-options", "model.test.max_per_img=1")
+    run_in_process(EVAL, str(work / "last.pth"), "--metrics", str(tmp_path / "m2.json"), "--out",
+                   str(tmp_path / "d.json"), "--cfg-options", "model.test.max_per_img=1")
     detections = json.loads((tmp_path / "d.json").read_text())
     per_image = [d["image_id"] for d in detections]
     assert detections and all(per_image.count(i) == 1 for i in per_image)
-    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--metrics", str(tmp_path / "m3.json"))
-    assert json.loads((tmp_path / "m3.json").read_text())["bbox_mAP"] == pytest.approx(trained["bbox_mAP"], abs=1e-9)
+    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--metrics",
+                          str(tmp_path / "m3.json"))
+    again = json.loads((tmp_path / "m3.json").read_text())["bbox_mAP"]
+    assert again == pytest.approx(trained["bbox_mAP"], abs=1e-9)
 
 
 def test_predict_and_export_from_the_checkpoint_alone(tiny_run, tiny_coco, tmp_path):
     work, _ = tiny_run
     out = tmp_path / "pred"
-    proc = run_in_process(PREDICT, str(work / "last.pth"), str(tiny_coco["val_images"]), "--out", str(out),
-               "--score-thr", "0.0")
+    proc = run_in_process(PREDICT, str(work / "last.pth"), str(tiny_coco["val_images"]), "--out",
+                          str(out), "--score-thr", "0.0")
     assert "image(s)" in proc.stdout
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert len(records) == 4 and all(r["detections"] for r in records)
-    proc = run_in_process(EXPORT, str(work / "last.pth"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
-               "--verify-images", str(tiny_coco["val_images"]), "--num-verify", "1")
+    proc = run_in_process(EXPORT, str(work / "last.pth"), "--format", "torchscript", "--out",
+                          str(tmp_path / "m.pt"), "--verify-images", str(tiny_coco["val_images"]),
+                          "--num-verify", "1")
     assert "verified against PyTorch" in proc.stdout and (tmp_path / "m.pt").is_file()
-    proc = run_in_process(EXPORT, str(work / "last.pth"), "--format", "weights", "--out", str(tmp_path / "w.pth"))
+    proc = run_in_process(EXPORT, str(work / "last.pth"), "--format", "weights", "--out",
+                          str(tmp_path / "w.pth"))
     assert re.search(r"w-[0-9a-f]{8}\.pth", proc.stdout)
 
 

@@ -20,9 +20,11 @@ DEMO = str(ROOT / "configs" / "demo_synthetic_cpu.yaml")
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -31,7 +33,8 @@ def run_overrides(data) -> list[str]:
     # emulated bf16 is several times slower) and channels_last, the numerics tools/eval.py must
     # reproduce; and every detection kept (score_thr 0), so that the AP of a barely trained model
     # is not 0 and "the same AP" is a real check.
-    return [*tiny_overrides(data), "train.amp=auto", "train.channels_last=true", "model.test.score_thr=0.0"]
+    return [*tiny_overrides(data), "train.amp=auto", "train.channels_last=true",
+            "model.test.score_thr=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +54,22 @@ def test_training_writes_checkpoints_log_tensorboard_and_config(trained_run, tin
     assert "loss_cls" in log and "img/s" in log and "eta" in log
     assert "final bbox AP" in proc.stdout
     state = load_checkpoint(work / "last.pth")
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "iteration", "rng", "config"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "iteration", "rng",
+            "config"} <= set(state)
     assert state["epoch"] == 2 and state["config"]["schedule"]["epochs"] == 2
     # Class names travel with the weights (label order = sorted category id), so a checkpoint
     # still names its classes once the annotation files are gone.
     categories = json.loads(tiny_coco["train_ann"].read_text())["categories"]
-    assert state["meta"]["class_names"] == [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+    by_id = sorted(categories, key=lambda c: c["id"])
+    assert state["meta"]["class_names"] == [c["name"] for c in by_id]
     # The resolved config is a complete, loadable config equal to what was trained.
     from gfldet.config import load_config
 
     assert load_config(work / "config.yaml").data.batch_size == 4
 
 
-def test_a_training_checkpoint_names_its_classes_without_the_annotation_files(trained_run, tmp_path):
+def test_a_training_checkpoint_names_its_classes_without_the_annotation_files(trained_run,
+                                                                              tmp_path):
     from gfldet.engine.checkpoint import save_checkpoint
     from gfldet.inference import Detector
 
@@ -78,8 +84,8 @@ def test_a_training_checkpoint_names_its_classes_without_the_annotation_files(tr
 def test_eval_reproduces_the_training_ap(trained_run, tiny_coco, tmp_path):
     work, _ = trained_run
     out = tmp_path / "dets.json"
-    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--out", str(out),
-               "--metrics", str(tmp_path / "m.json"))
+    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--out",
+                          str(out), "--metrics", str(tmp_path / "m.json"))
     summary = [line for line in proc.stdout.splitlines() if line.startswith(" Average ")]
     assert len(summary) == 12
     assert "category" in proc.stdout  # per-class table
@@ -94,8 +100,8 @@ def test_eval_reproduces_the_training_ap(trained_run, tiny_coco, tmp_path):
 def test_eval_with_faster_coco_eval_matches_pycocotools(trained_run, tmp_path):
     pytest.importorskip("faster_coco_eval")
     work, _ = trained_run
-    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--backend", "faster_coco_eval",
-               "--metrics", str(tmp_path / "fast.json"))
+    proc = run_in_process(EVAL, str(work / "config.yaml"), str(work / "last.pth"), "--backend",
+                          "faster_coco_eval", "--metrics", str(tmp_path / "fast.json"))
     # faster-coco-eval's summary has AR@.5/AR@.75 lines after the 12 standard ones: it really ran.
     assert len([line for line in proc.stdout.splitlines() if line.startswith(" Average ")]) > 12
     fast = json.loads((tmp_path / "fast.json").read_text())
@@ -125,18 +131,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained_run, tiny
     resumed.mkdir()
     (resumed / "last.pth").write_bytes((work / "epoch_1.pth").read_bytes())
     shutil.copytree(work / "dataset_check", resumed / "dataset_check")  # the run's check cache
-    run(TRAIN, DEMO, "--work-dir", str(resumed), "--resume", "--cfg-options", *run_overrides(tiny_coco))
+    run(TRAIN, DEMO, "--work-dir", str(resumed), "--resume", "--cfg-options",
+        *run_overrides(tiny_coco))
     a = load_checkpoint(work / "last.pth")["model"]
     b = load_checkpoint(resumed / "last.pth")["model"]
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged from the whole one"
     # The resume decoded no image for the check: every result came from the cache, as logged.
     first_log, resumed_log = (work / "train.log").read_text(), (resumed / "train.log").read_text()
     for split, n in (("train", 16), ("val", 4)):
-        assert f"{n} image files decoded (no check cache yet; writing {work / 'dataset_check' / split}.json)" in first_log
-        assert (f"0 image files decoded, {n} unchanged since their last full decode (checked index "
-                f"{resumed / 'dataset_check' / split}.index.npz: the annotation file and all {n} image files "
-                "are unchanged") in resumed_log
+        assert (f"{n} image files decoded (no check cache yet; writing "
+                f"{work / 'dataset_check' / split}.json)") in first_log
+        assert (f"0 image files decoded, {n} unchanged since their last full decode (checked "
+                f"index {resumed / 'dataset_check' / split}.index.npz: the annotation file and "
+                f"all {n} image files are unchanged") in resumed_log
 
 
 def test_misspelt_key_is_named(tiny_coco, tmp_path):

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint's COCO box AP on its config's val set.
 
-    python tools/eval.py CHECKPOINT [--out DETECTIONS.json] [--backend faster_coco_eval] [--cfg-options ...]
+    python tools/eval.py CHECKPOINT [--out DETECTIONS.json] [--backend faster_coco_eval]
+        [--cfg-options ...]
     python tools/eval.py CHECKPOINT --report DIR    # also an HTML report: DIR/index.html
     python tools/eval.py CONFIG CHECKPOINT          # a YAML config instead of the checkpoint's own
     torchrun --nproc_per_node 8 tools/eval.py CHECKPOINT
@@ -42,29 +43,39 @@ from gfldet.inference import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT",
-                        help="a checkpoint, optionally preceded by a YAML config to use instead of its own")
+                        help="a checkpoint, optionally preceded by a YAML config to use instead "
+                             "of its own")
     parser.add_argument("--out", help="write the detections (COCO result json) here")
     parser.add_argument("--metrics", help="metrics json path (default: <checkpoint>.metrics.json)")
-    parser.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools",
+    parser.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"],
+                        default="pycocotools",
                         help="COCO scorer: pycocotools (default) or faster-coco-eval (pip install "
-                             "faster-coco-eval; same numbers, several times faster on COCO-sized sets)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
+                             "faster-coco-eval; same numbers, several times faster on COCO-sized "
+                             "sets)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="evaluate the raw weights even if EMA weights exist")
     parser.add_argument("--report", metavar="DIR", help="write the HTML evaluation report into DIR")
-    parser.add_argument("--run-dir", help="training run folder whose scalars.jsonl the report plots "
-                                          "(default: the checkpoint's folder, when it holds one)")
+    parser.add_argument("--run-dir",
+                        help="training run folder whose scalars.jsonl the report plots "
+                             "(default: the checkpoint's folder, when it holds one)")
     parser.add_argument("--report-score-thr", type=float, default=0.3,
-                        help="score of the detections the report draws and counts in its confusion matrix "
-                             "and worst-image ranking (default 0.3; AP counts every detection)")
-    parser.add_argument("--report-images", type=int, default=12, help="worst images the report shows (default 12)")
+                        help="score of the detections the report draws and counts in its "
+                             "confusion matrix and worst-image ranking (default 0.3; AP counts "
+                             "every detection)")
+    parser.add_argument("--report-images", type=int, default=12,
+                        help="worst images the report shows (default 12)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if args.report_images < 0 or not 0.0 <= args.report_score_thr <= 1.0:
         parser.error("--report-images must be >= 0 and --report-score-thr in [0, 1]")
     if args.report and args.backend != "pycocotools":
-        parser.error("--report reads pycocotools' matches; use it with --backend pycocotools (the default)")
+        parser.error("--report reads pycocotools' matches; use it with --backend pycocotools "
+                     "(the default)")
     try:
         config_path, (checkpoint,) = split_config_argument(args.paths, ["CHECKPOINT"])
         check_backend(args.backend)  # fail now, not after predicting the whole val set
@@ -73,17 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path(checkpoint).parent
     try:
         if args.report:  # before the val set is predicted
-            from gfldet.report import check_report_dir  # matplotlib only when a report is asked for
+            from gfldet.report import check_report_dir  # matplotlib only for a report
 
             check_report_dir(Path(args.report))
             if args.run_dir and not (run_dir / "scalars.jsonl").is_file():
-                raise FileNotFoundError(f"--run-dir {run_dir}: no scalars.jsonl there; give a training run folder")
+                raise FileNotFoundError(f"--run-dir {run_dir}: no scalars.jsonl there; give a "
+                                        "training run folder")
         try:
             device = init_distributed(args.device)
         except RuntimeError as err:  # e.g. --device cuda without CUDA
             raise ConfigError(f"--device {args.device}: {err}") from None
         setup_logging(None)
-        # A YAML config and its val split are checked before the (possibly large) checkpoint is read.
+        # A YAML config and its val split are checked before the (large) checkpoint is read.
         cfg = load_config(config_path, args.cfg_options) if config_path else None
         dataset = build_dataset(cfg, "val") if cfg is not None else None
         state = load_checkpoint(checkpoint)
@@ -95,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
                  precision.name, precision.reason)
         if precision.warning:
             log.warning("%s", precision.warning)
-        model = build_inference_model(cfg)  # every weight comes from the checkpoint: no ImageNet download
-        load_model_weights(model, model_weights(state, use_ema=not args.no_ema, source=checkpoint), strict=True,
-                           source=checkpoint)
+        model = build_inference_model(cfg)  # every weight from the checkpoint: no ImageNet download
+        weights = model_weights(state, use_ema=not args.no_ema, source=checkpoint)
+        load_model_weights(model, weights, strict=True, source=checkpoint)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers, train=False,
-                              seed=cfg.train.seed, distributed=is_distributed(), size_divisor=cfg.data.size_divisor)
+    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers,
+                              train=False, seed=cfg.train.seed, distributed=is_distributed(),
+                              size_divisor=cfg.data.size_divisor)
     model = model.to(device)
-    if cfg.train.channels_last:  # the weights' format training evaluated with: same bf16 round-off, same AP
+    if cfg.train.channels_last:  # the format training evaluated with: same bf16 round-off and AP
         model = model.to(memory_format=torch.channels_last)
     metrics = evaluate(model, loader, device, precision.dtype, backend=args.backend,
                        keep_coco_eval=bool(args.report))

@@ -3,7 +3,7 @@
     python tools/export.py CHECKPOINT --format weights      # inference-only .pth
     python tools/export.py CHECKPOINT --format onnx [--nms] [--dynamic] [--shape H W]
     python tools/export.py CHECKPOINT --format torchscript [--nms]
-    python tools/export.py CONFIG CHECKPOINT --format ...   # a YAML config instead of the checkpoint's own
+    python tools/export.py CONFIG CHECKPOINT --format ...   # a YAML config, not the checkpoint's
 
 The checkpoint's stored config is used unless a YAML CONFIG is given before it; --cfg-options
 apply to either. Export runs on the CPU (graphs traced there run anywhere).
@@ -61,26 +61,36 @@ from gfldet.inference import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT",
-                        help="checkpoint written by tools/train.py (or an exported .pth), optionally preceded "
-                             "by a YAML config to use instead of its own")
+                        help="checkpoint written by tools/train.py (or an exported .pth), "
+                             "optionally preceded by a YAML config to use instead of its own")
     parser.add_argument("--format", required=True, choices=("weights", "onnx", "torchscript"))
-    parser.add_argument("--out", help="output file (default: beside the checkpoint, named after the config)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing onnx/torchscript output file")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
-    parser.add_argument("--nms", action="store_true", help="onnx/torchscript: include post-processing and NMS")
-    parser.add_argument("--dynamic", action="store_true", help="onnx: free batch, height and width axes")
+    parser.add_argument("--out",
+                        help="output file (default: beside the checkpoint, named after the config)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing onnx/torchscript output file")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="export the raw weights even if EMA weights exist")
+    parser.add_argument("--nms", action="store_true",
+                        help="onnx/torchscript: include post-processing and NMS")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="onnx: free batch, height and width axes")
     parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"),
-                        help="fixed input shape, multiples of 32 (default: the largest landscape test "
-                             "input, data.test_short_side x data.max_size rounded up to 32)")
-    parser.add_argument("--verify-images", help="image file, folder or glob to verify on (default: config's val images)")
+                        help="fixed input shape, multiples of 32 (default: the largest landscape "
+                             "test input, data.test_short_side x data.max_size rounded up to 32)")
+    parser.add_argument("--verify-images",
+                        help="image file, folder or glob to verify on (default: config's val "
+                             "images)")
     parser.add_argument("--num-verify", type=int, default=4, help="images to verify on")
     parser.add_argument("--rtol", type=float, default=1e-4,
-                        help="tolerance: scores absolute, boxes relative to the largest original image side")
+                        help="tolerance: scores absolute, boxes relative to the largest original "
+                             "image side")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
-    parser.add_argument("--score-thr", type=float, help="--nms: score threshold baked into the graph "
-                        "(default: model.test.score_thr)")
+    parser.add_argument("--score-thr", type=float,
+                        help="--nms: score threshold baked into the graph "
+                             "(default: model.test.score_thr)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
@@ -99,12 +109,14 @@ def default_output(args: argparse.Namespace) -> Path:
     base = folder / (folder.name if name == "config" else name)
     if args.format == "weights":
         return base.with_suffix(".pth")
-    tags = ("_nms" if args.nms else "") + ("_dynamic" if args.dynamic and args.format == "onnx" else "")
+    dynamic = args.dynamic and args.format == "onnx"
+    tags = ("_nms" if args.nms else "") + ("_dynamic" if dynamic else "")
     suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
     return base.with_name(base.name + tags + suffix)
 
 
-def verification_images(cfg: Config, source: str | None, count: int) -> tuple[list[np.ndarray], str]:
+def verification_images(cfg: Config, source: str | None,
+                        count: int) -> tuple[list[np.ndarray], str]:
     """RGB images to verify on, and where they came from."""
     if source is not None:
         paths = list_images(source)[:count]
@@ -121,23 +133,27 @@ def verification_images(cfg: Config, source: str | None, count: int) -> tuple[li
     # No dataset on this machine: synthetic scenes (shapes on textured backgrounds), as the
     # bundled dataset renders them, at a few sizes and aspect ratios.
     sizes = [(320, 416), (416, 320), (288, 288), (352, 480)]
-    images = [render_image(np.random.default_rng(i), *sizes[i % len(sizes)], SynthParams())[0] for i in range(count)]
+    images = [render_image(np.random.default_rng(i), *sizes[i % len(sizes)], SynthParams())[0]
+              for i in range(count)]
     return images, "generated synthetic scenes (no val images found)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else default_output(args)
-    if args.format != "weights" and out.exists() and not args.overwrite:  # weights: named by their hash
-        print(f"error: {out} exists; pass --overwrite to replace it, or --out another file", file=sys.stderr)
+    if args.format != "weights" and out.exists() and not args.overwrite:  # weights: hash-named
+        print(f"error: {out} exists; pass --overwrite to replace it, or --out another file",
+              file=sys.stderr)
         return 2
     use_ema = not args.no_ema
     try:
-        cfg = load_config(args.config, args.cfg_options) if args.config else None  # before the checkpoint
+        # The config before the checkpoint; weights that do not fit: an error naming the file.
+        cfg = load_config(args.config, args.cfg_options) if args.config else None
         state = load_checkpoint(args.checkpoint)
         cfg = cfg or config_for_checkpoint(state, None, args.checkpoint, args.cfg_options)
-        model = build_inference_model(cfg)  # weights that do not fit: an error naming the file, for every format
-        load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True, source=args.checkpoint)
+        model = build_inference_model(cfg)
+        load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True,
+                           source=args.checkpoint)
         if args.format == "weights":
             weights_path, config_path = publish_weights(args.checkpoint, cfg, out, use_ema)
             print(f"weights: {weights_path}\nconfig:  {config_path}")
@@ -152,16 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(args.shape) if args.shape else None
     if shape is None and args.format == "onnx" and not args.dynamic:
         divisor = cfg.data.size_divisor
-        shape = (math.ceil(cfg.data.test_short_side / divisor) * divisor, math.ceil(cfg.data.max_size / divisor) * divisor)
+        shape = (math.ceil(cfg.data.test_short_side / divisor) * divisor,
+                 math.ceil(cfg.data.max_size / divisor) * divisor)
     if shape is not None and any(s % 32 for s in shape):
-        print(f"error: --shape {shape[0]} {shape[1]}: both sides must be multiples of 32", file=sys.stderr)
+        print(f"error: --shape {shape[0]} {shape[1]}: both sides must be multiples of 32",
+              file=sys.stderr)
         return 2
     try:
         images, origin = verification_images(cfg, args.verify_images, args.num_verify)
     except FileNotFoundError as err:
         print(f"error: --verify-images: {err}", file=sys.stderr)
         return 2
-    transform = build_transforms(train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size)
+    transform = build_transforms(train=False, short_side=cfg.data.test_short_side,
+                                 max_size=cfg.data.max_size)
     inputs = verification_inputs(images, transform, cfg.data.size_divisor, shape)
     example = feeds_from_batch(*inputs[0])
 
@@ -176,16 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = f"{args.format} export {out}"
-    print(f"wrote {out} (input {'dynamic' if args.dynamic and args.format == 'onnx' else list(example['images'].shape)}"
+    dynamic = args.dynamic and args.format == "onnx"
+    print(f"wrote {out} (input {'dynamic' if dynamic else list(example['images'].shape)}"
           f"{', with NMS' if args.nms else ''})")
     try:
         report = verify(runner, model, inputs, args.nms, settings, args.rtol, what)
     except ExportVerificationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    sizes = ", ".join("+".join("x".join(map(str, t["image_size"])) for t in targets) for _, targets in inputs)
-    print(f"verified against PyTorch evaluation (GFL.forward) on {len(inputs)} input(s) (resized sizes {sizes}) "
-          f"from {origin}: {report.summary()}")
+    sizes = ", ".join("+".join("x".join(map(str, t["image_size"])) for t in targets)
+                      for _, targets in inputs)
+    print(f"verified against PyTorch evaluation (GFL.forward) on {len(inputs)} input(s) (resized "
+          f"sizes {sizes}) from {origin}: {report.summary()}")
     return 0
 
 

@@ -27,8 +27,10 @@ def run_names(dirs: list[Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (with scalars.jsonl)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="training run folders (with scalars.jsonl)")
     parser.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
@@ -38,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir():
             raise FileExistsError(f"--out {out} is a folder; give a .png file name")
         if out.exists() and not args.overwrite:
-            raise FileExistsError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
+            raise FileExistsError(f"--out {out} exists; add --overwrite to replace it, or choose "
+                                  "another --out")
         if out.suffix.lower() != ".png":
-            raise ValueError(f"--out {out}: the figure is written as PNG; give a name ending in .png")
+            raise ValueError(f"--out {out}: the figure is written as PNG; give a name ending in "
+                             ".png")
         runs = {name: read_scalars(d) for name, d in zip(run_names(dirs), dirs, strict=True)}
     except (CurvesError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     python tools/predict.py CHECKPOINT INPUT [--out DIR] [--score-thr 0.3]
     python tools/predict.py work_dirs/demo_synthetic_cpu/best.pth "data/synthetic/val/*.jpg"
-    python tools/predict.py CONFIG CHECKPOINT INPUT      # a YAML config instead of the checkpoint's own
+    python tools/predict.py CONFIG CHECKPOINT INPUT      # a YAML config, not the checkpoint's own
 
 For each image NAME.ext, writes DIR/NAME.ext (boxes, class names and scores drawn) and
 DIR/NAME.json: {"image", "width", "height", "detections": [{"box": [x1, y1, x2, y2] (pixels
@@ -68,30 +68,38 @@ def _written_by_predict(record: Path) -> bool:
 def check_outputs(out: Path, paths: list[Path], files: list[tuple[Path, Path]]) -> None:
     """FileExistsError saying why when writing `files` into `out` would replace a user's file."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a folder; give predict a folder to write into")
+        raise FileExistsError(f"--out {out} is a file, not a folder; give predict a folder to "
+                              "write into")
     inputs = {p.resolve() for p in paths}
     overwritten = [str(f) for pair in files for f in pair if f.resolve() in inputs]
     if overwritten:
-        raise FileExistsError(f"--out {out} would overwrite input images ({', '.join(overwritten[:5])}); "
-                              "write the drawn images to another folder")
+        raise FileExistsError(f"--out {out} would overwrite input images "
+                              f"({', '.join(overwritten[:5])}); write the drawn images to another "
+                              "folder")
     foreign = [str(f) for image, record in files for f in (image, record)
                if f.exists() and not (record.is_file() and _written_by_predict(record))]
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise FileExistsError(f"--out {out} holds files predict did not write, which it would replace: "
-                              f"{', '.join(foreign[:5])}{more}; choose another --out folder")
+        raise FileExistsError(f"--out {out} holds files predict did not write, which it would "
+                              f"replace: {', '.join(foreign[:5])}{more}; choose another --out "
+                              "folder")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT INPUT",
-                        help="a gfldet checkpoint (training, exported or converted), optionally preceded by a "
-                             "YAML config to use instead of its own, then an image, a folder of images, or a "
-                             "glob such as 'photos/*.jpg' (quoted)")
-    parser.add_argument("--out", default="outputs/predict", help="output folder (default: outputs/predict)")
-    parser.add_argument("--score-thr", type=float, default=0.3, help="draw and keep detections above this score")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
+                        help="a gfldet checkpoint (training, exported or converted), optionally "
+                             "preceded by a YAML config to use instead of its own, then an image, "
+                             "a folder of images, or a glob such as 'photos/*.jpg' (quoted)")
+    parser.add_argument("--out", default="outputs/predict",
+                        help="output folder (default: outputs/predict)")
+    parser.add_argument("--score-thr", type=float, default=0.3,
+                        help="draw and keep detections above this score")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="use the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
@@ -99,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     device = default_device(args.device)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and not torch.cuda.is_available()):
-        print(f"error: --device {args.device}: not available here; use auto or cpu", file=sys.stderr)
+    known = re.fullmatch(r"cpu|cuda(:\d+)?", device)
+    if not known or (device != "cpu" and not torch.cuda.is_available()):
+        print(f"error: --device {args.device}: not available here; use auto or cpu",
+              file=sys.stderr)
         return 2
     out = Path(args.out)
     try:
-        cfg = load_config(config, args.cfg_options) if config else None  # before the checkpoint is read
+        cfg = load_config(config, args.cfg_options) if config else None  # before the checkpoint
         paths = list_images(source)
         files = output_files(out, paths)
         check_outputs(out, paths, files)
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, (drawn, record_file) in zip(paths, files, strict=True):
         try:
             image = to_rgb_array(path)
-        except Exception as err:  # PIL reports bad files with many types (OSError, SyntaxError, ...)
+        except Exception as err:  # PIL raises many types for a bad file (OSError, SyntaxError, ...)
             unreadable.append(f"{path}: {type(err).__name__}: {err}")
             continue
         det = detector(image)
@@ -134,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         total += len(det["scores"])
     seconds = time.perf_counter() - start
     done = len(paths) - len(unreadable)
-    print(f"{done} image(s), {total} detection(s) above {args.score_thr} in {seconds:.1f} s -> {out}")
+    print(f"{done} image(s), {total} detection(s) above {args.score_thr} in {seconds:.1f} s -> "
+          f"{out}")
     if unreadable:
-        print(f"error: {len(unreadable)} of {len(paths)} image(s) could not be read (nothing written for them): "
-              + "; ".join(unreadable[:10]) + (f"; ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""),
-              file=sys.stderr)
+        more = f"; ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        print(f"error: {len(unreadable)} of {len(paths)} image(s) could not be read (nothing "
+              "written for them): " + "; ".join(unreadable[:10]) + more, file=sys.stderr)
         return 2
     return 0
 

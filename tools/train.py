@@ -1,6 +1,7 @@
 """Train a GFL detector from a YAML config.
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT] | --overwrite] [--cfg-options a.b=c ...]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT] | --overwrite]
+        [--cfg-options a.b=c ...]
 
 The run folder (default work_dirs/<config name>) must not hold another run: continue one with
 --resume, or delete its outputs and start again with --overwrite.
@@ -28,19 +29,27 @@ from gfldet.engine.trainer import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--work-dir", help="run folder (default: train.work_dir or work_dirs/<config name>)")
+    parser.add_argument("--work-dir",
+                        help="run folder (default: train.work_dir or work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
-                        help="continue from CKPT, or from the run folder's latest checkpoint when no path is given")
+                        help="continue from CKPT, or from the run folder's latest checkpoint when "
+                             "no path is given")
     parser.add_argument("--overwrite", action="store_true",
-                        help="the run folder holds an earlier run: delete that run's outputs (checkpoints, logs, "
-                             "scalars, metrics) and start again. Without it such a folder is refused")
+                        help="the run folder holds an earlier run: delete that run's outputs "
+                             "(checkpoints, logs, scalars, metrics) and start again. Without it "
+                             "such a folder is refused")
     parser.add_argument("--allow-schedule-change", action="store_true",
-                        help="with --resume: continue on the config's schedule even if it differs from the checkpoint's")
-    parser.add_argument("--load-from", help="initialise from a checkpoint's weights where they match (fine-tuning)")
+                        help="with --resume: continue on the config's schedule even if it differs "
+                             "from the checkpoint's")
+    parser.add_argument("--load-from",
+                        help="initialise from a checkpoint's weights where they match "
+                             "(fine-tuning)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config values, e.g. optim.lr=0.005 schedule.milestones=[16,22]")
+                        help="override config values, e.g. optim.lr=0.005 "
+                             "schedule.milestones=[16,22]")
     return parser.parse_args(argv)
 
 
@@ -56,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics, run = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change,
                              overwrite=args.overwrite)
-    except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:  # bad input: a message, not a traceback
+    except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:  # a message, no trace
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
         latest = find_latest_checkpoint(work_dir)
         where = (f"the last complete checkpoint is {latest} (continue with --resume)" if latest
                  else f"{work_dir} holds no checkpoint of it")
-        print(f"interrupted: a second Ctrl-C (or one before training started) stopped the run at once; {where}",
-              file=sys.stderr)
+        print("interrupted: a second Ctrl-C (or one before training started) stopped the run at "
+              f"once; {where}", file=sys.stderr)
         return 128 + signal.SIGINT
     if run.stopped_by is not None:
         return 128 + run.stopped_by  # the shell's convention for "ended by signal N"

@@ -28,8 +28,8 @@ log = logging.getLogger("gfldet")
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None
-                    ) -> tuple[list[dict], dict[int, str]]:
+def predict_dataset(model: nn.Module, loader, device: torch.device,
+                    amp_dtype: torch.dtype | None = None) -> tuple[list[dict], dict[int, str]]:
     """COCO-format detections of this process's share of the loader's dataset, and the images
     that failed to decode (image id -> "file (image id N): error"). The convolutions follow the
     memory format of the model's weights (train.channels_last), whatever the images'."""
@@ -40,7 +40,8 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, targets in loader:
         with autocast:
-            images = normalize_batch(images.to(device, non_blocking=True), [t["image_size"] for t in targets])
+            images = normalize_batch(images.to(device, non_blocking=True),
+                                     [t["image_size"] for t in targets])
             results = model(images, targets)
         # An image that failed to decode was replaced by another one (logged by the dataset);
         # its detections would count twice, so they are left out.
@@ -48,9 +49,10 @@ def predict_dataset(model: nn.Module, loader, device: torch.device, amp_dtype: t
             for f in t.get("decode_failed", []):
                 failed[f["image_id"]] = f"{f['file']} (image id {f['image_id']}): {f['error']}"
         kept = [i for i, t in enumerate(targets) if not t.get("decode_failed")]
-        results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in results[i].items()}
-                   for i in kept]
-        detections += detections_to_coco(results, [targets[i]["image_id"] for i in kept], dataset.label_to_cat_id)
+        results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
+                    for k, v in results[i].items()} for i in kept]
+        detections += detections_to_coco(results, [targets[i]["image_id"] for i in kept],
+                                         dataset.label_to_cat_id)
     return detections, failed
 
 
@@ -70,7 +72,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     if left_out:
         log.warning("%s (their ground truth is not scored)",
                     describe_left_out(left_out, dataset.num_images_in_file, "the evaluation"))
-    metrics = evaluate_coco(dataset.ground_truth(), all_detections, dataset.class_names, backend=backend,
+    metrics = evaluate_coco(dataset.ground_truth(), all_detections, dataset.class_names,
+                            backend=backend,
                             image_ids=[i for i in dataset.image_ids.tolist() if i not in failed],
                             keep_eval=keep_coco_eval)
     log.info("per-class AP:\n%s", format_per_class_table(metrics["per_class"]))

@@ -38,27 +38,32 @@ def cpu_bf16_support() -> tuple[bool, str]:
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     found = [name for name, present in (("AVX512-BF16", avx512_bf16), ("AMX", amx)) if present]
     if not found:
-        return False, f"no native bf16 on this CPU (torch's CPU capability: {capability}; no AVX512-BF16 or AMX)"
+        return False, (f"no native bf16 on this CPU (torch's CPU capability: {capability}; "
+                       "no AVX512-BF16 or AMX)")
     if not capability.upper().startswith(("AVX512", "AMX")):
-        return False, f"the CPU has {'/'.join(found)}, but torch's kernels are capped at {capability} (ATEN_CPU_CAPABILITY)"
+        return False, (f"the CPU has {'/'.join(found)}, but torch's kernels are capped at "
+                       f"{capability} (ATEN_CPU_CAPABILITY)")
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     if onednn_cap and not any(tag in onednn_cap.upper() for tag in _ONEDNN_ISAS_WITH_BF16):
-        return False, f"the CPU has {'/'.join(found)}, but oneDNN is capped at {onednn_cap} (ONEDNN_MAX_CPU_ISA)"
+        return False, (f"the CPU has {'/'.join(found)}, but oneDNN is capped at {onednn_cap} "
+                       "(ONEDNN_MAX_CPU_ISA)")
     return True, f"native bf16 on this CPU ({'/'.join(found)})"
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """`train.amp` ("auto", "none", "bf16" or "fp16") for `device`. Raises ValueError for fp16 off CUDA."""
+    """`train.amp` ("auto", "none", "bf16" or "fp16") for `device`; fp16 off CUDA: ValueError."""
     if amp == "none":
         return Precision(None, "train.amp is none")
     if device.type == "cuda":
         if amp == "auto":
             if torch.cuda.is_bf16_supported():
                 return Precision(torch.bfloat16, "train.amp is auto and this GPU supports bf16")
-            return Precision(torch.float16, "train.amp is auto and this GPU has no bf16: fp16 with the gradient scaler")
+            return Precision(torch.float16, "train.amp is auto and this GPU has no bf16: fp16 "
+                             "with the gradient scaler")
         return Precision(torch.float16 if amp == "fp16" else torch.bfloat16, f"train.amp is {amp}")
     if amp == "fp16":
-        raise ValueError(f"train.amp: fp16 needs a CUDA device, and this run is on {device.type}; use auto, bf16 or none")
+        raise ValueError(f"train.amp: fp16 needs a CUDA device, and this run is on {device.type}; "
+                         "use auto, bf16 or none")
     native, found = cpu_bf16_support()
     if amp == "auto":
         return Precision(torch.bfloat16 if native else None, f"train.amp is auto and {found}")
@@ -66,7 +71,7 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
         return Precision(torch.bfloat16, f"train.amp is bf16; {found}")
     return Precision(
         torch.bfloat16, f"train.amp is bf16; {found}",
-        warning="bf16 is emulated on this CPU: expect it to run roughly 10x slower than fp32 "
-                "(a convolution's forward and backward; see benchmarks/README.md). "
-                "Set train.amp: auto (or none) to train in fp32 here.",
+        warning="bf16 is emulated on this CPU: expect it to run several times slower than fp32 "
+                "(benchmarks/bf16_conv.py measures it). Set train.amp: auto (or none) to train "
+                "in fp32 here.",
     )

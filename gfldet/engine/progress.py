@@ -27,7 +27,7 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS: bytes, Linux: KiB
 
 
 class ScalarLog:
@@ -60,8 +60,8 @@ class Progress:
 
     def __init__(self, total_iters: int, interval: int, images_per_iter: int, device: torch.device,
                  scalars: ScalarLog | None, start_iter: int = 0, bar: bool | None = None) -> None:
-        self.total_iters, self.interval, self.images_per_iter = total_iters, interval, images_per_iter
-        self.device, self.scalars = device, scalars
+        self.total_iters, self.interval = total_iters, interval
+        self.images_per_iter, self.device, self.scalars = images_per_iter, device, scalars
         self.sums: dict[str, torch.Tensor] = {}
         self.grad_norm_sum: torch.Tensor | float = 0.0
         self.count = 0  # steps taken since the last log line (skipped ones excluded)
@@ -80,7 +80,8 @@ class Progress:
     def record_data_time(self, seconds: float) -> None:
         self.data_time += seconds
 
-    def update(self, losses: dict[str, torch.Tensor] | None, grad_norm: torch.Tensor | None) -> None:
+    def update(self, losses: dict[str, torch.Tensor] | None,
+               grad_norm: torch.Tensor | None) -> None:
         """Count one iteration; `losses` and `grad_norm` are None for a skipped step."""
         self.iters += 1
         if losses is not None:
@@ -122,11 +123,15 @@ class Progress:
         eta = self._eta(sec_per_iter, it + 1)
         losses = " ".join(f"{k.removeprefix('train/')}: {v:.4f}" for k, v in scalars.items()
                           if k.startswith("train/loss"))
-        grad = f" grad_norm: {scalars['train/grad_norm']:.3f}" if "train/grad_norm" in scalars else ""
+        grad = ""
+        if "train/grad_norm" in scalars:
+            grad = f" grad_norm: {scalars['train/grad_norm']:.3f}"
         log.info(
-            "epoch [%d/%d][%d/%d] lr: %.3e %s%s  time: %.3f s/it (data %.3f)  %.1f img/s  eta: %s  mem: %.0f MiB",
+            "epoch [%d/%d][%d/%d] lr: %.3e %s%s  time: %.3f s/it (data %.3f)  %.1f img/s  "
+            "eta: %s  mem: %.0f MiB",
             epoch + 1, epochs, batch + 1, batches, lr, losses or "(every step skipped)", grad,
-            sec_per_iter, scalars["train/data_time"], scalars["train/images_per_s"], eta, scalars["train/memory_mib"],
+            sec_per_iter, scalars["train/data_time"], scalars["train/images_per_s"], eta,
+            scalars["train/memory_mib"],
         )
         if self.scalars is not None:
             self.scalars.write(it + 1, epoch + 1, scalars)

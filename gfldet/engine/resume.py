@@ -59,7 +59,8 @@ class RunSetup:
         if self.batch_size != new.batch_size:
             out.append(f"images per process {self.batch_size} -> {new.batch_size}")
         if out:
-            out.append(f"total batch {self.world_size * self.batch_size} -> {new.world_size * new.batch_size}")
+            out.append(f"total batch {self.world_size * self.batch_size} -> "
+                       f"{new.world_size * new.batch_size}")
         if self.iters_per_epoch is not None and self.iters_per_epoch != new.iters_per_epoch:
             out.append(f"iterations per epoch {self.iters_per_epoch} -> {new.iters_per_epoch}")
         return out
@@ -74,8 +75,9 @@ def saved_setup(state: dict, saved: Config, path: Path) -> RunSetup:
     world = len(rng) if isinstance(rng, list) and rng else 1
     epoch, batch = state["epoch"], state.get("batch", 0)
     iters = (state["iteration"] - batch) // epoch if epoch > 0 and "iteration" in state else None
-    log.info("%s records no world size or batch size (written by an older gfldet): taken as %d process(es) "
-             "(its RNG states) x %d images (its config's data.batch_size)", path, world, saved.data.batch_size)
+    log.info("%s records no world size or batch size (written by an older gfldet): taken as %d "
+             "process(es) (its RNG states) x %d images (its config's data.batch_size)", path, world,
+             saved.data.batch_size)
     return RunSetup(world, saved.data.batch_size, iters)
 
 
@@ -99,7 +101,8 @@ def _text(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
 
 
-def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change: bool, setup: RunSetup) -> bool:
+def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change: bool,
+                    setup: RunSetup) -> bool:
     """Raise `ConfigError` unless `cfg` on `setup` can continue the run of checkpoint `state`; log
     what changed that is allowed. Returns whether the lr schedule must be rebuilt for this run
     (`continue_schedule`): a new schedule or base lr, or another setup at an epoch boundary."""
@@ -108,10 +111,11 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
     model = config_changes(old["model"], new["model"], "model")
     free = {k: v for k, v in model.items() if any(k.startswith(p) for p in FREE_MODEL_KEYS)}
     if len(free) < len(model):
+        fixed_model = {k: v for k, v in model.items() if k not in free}
         raise ConfigError(
-            f"{path} was trained with another model: {_text({k: v for k, v in model.items() if k not in free})}. "
-            f"A resume continues the same run: use the checkpoint's values, or start a new run from its weights "
-            f"with --load-from {path}")
+            f"{path} was trained with another model: {_text(fixed_model)}. A resume continues the "
+            "same run: use the checkpoint's values, or start a new run from its weights with "
+            f"--load-from {path}")
     for key, change in free.items():
         why = next(why for prefix, why in FREE_MODEL_KEYS.items() if key.startswith(prefix))
         log.info("resume: %s (%s)", _text({key: change}), why)
@@ -120,17 +124,20 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
     fixed = {k: v for k, v in optim.items() if k not in LR_KEYS + FREE_OPTIM_KEYS}
     if fixed:
         raise ConfigError(
-            f"{path} was trained with another optimizer: {_text(fixed)}. The optimizer state in the checkpoint "
-            f"was built with these values: resume with them, or start a new run with --load-from {path}")
+            f"{path} was trained with another optimizer: {_text(fixed)}. The optimizer state in "
+            "the checkpoint was built with these values: resume with them, or start a new run "
+            f"with --load-from {path}")
     if "optim.grad_clip" in optim:
-        log.info("resume: %s (applies from the next step)", _text({"optim.grad_clip": optim["optim.grad_clip"]}))
+        log.info("resume: %s (applies from the next step)",
+                 _text({"optim.grad_clip": optim["optim.grad_clip"]}))
 
     schedule = config_changes(old["schedule"], new["schedule"], "schedule")
     schedule.update({k: v for k, v in optim.items() if k in LR_KEYS})
     if schedule and not allow_schedule_change:
         raise ConfigError(
-            f"the config's schedule differs from the one {path} was trained with ({_text(schedule)}). "
-            "Resume with the same schedule, or pass --allow-schedule-change to continue on the new one.")
+            f"the config's schedule differs from the one {path} was trained with "
+            f"({_text(schedule)}). Resume with the same schedule, or pass "
+            "--allow-schedule-change to continue on the new one.")
     if schedule:
         log.warning("schedule changed on resume (--allow-schedule-change): %s", _text(schedule))
     setup_changed = check_setup(state, saved, path, setup)
@@ -138,7 +145,7 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
 
 
 def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool:
-    """Whether `setup` differs from the checkpoint's; a difference mid-epoch raises `ConfigError`."""
+    """Whether `setup` differs from the checkpoint's; a change mid-epoch raises `ConfigError`."""
     before = saved_setup(state, saved, path)
     changes = before.changes(setup)
     if not changes:
@@ -149,22 +156,27 @@ def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool
         if (n, before.batch_size) == (setup.world_size, setup.batch_size):
             same = "the same training images, so that the epoch has as many batches as before"
         else:
-            launch = f"torchrun --nproc_per_node {n}, or {n} over several machines" if n > 1 else "without torchrun"
+            launch = "without torchrun"
+            if n > 1:
+                launch = f"torchrun --nproc_per_node {n}, or {n} over several machines"
             same = f"{n} process(es) ({launch}) and data.batch_size={before.batch_size}"
         raise ConfigError(
-            f"{path} stopped in the middle of epoch {epoch + 1} (after {batch} batches) with {n} process(es) x "
-            f"{before.batch_size} images; this run has {setup.world_size} x {setup.batch_size} "
-            f"({', '.join(changes)}). The rest of that epoch is made of the old setup's batches, so the run "
-            f"cannot continue where it stopped. Continue it with {same}, or resume from "
-            f"{latest_epoch_checkpoint(path.parent) or 'the last epoch_N.pth of the run'}, written at the end of "
-            "an epoch: there the number of processes, the batch size and the data may change.")
-    log.warning("resuming at the start of epoch %d with another setup: %s. The sampler starts the epoch anew "
-                "for this setup", epoch + 1, ", ".join(changes))
+            f"{path} stopped in the middle of epoch {epoch + 1} (after {batch} batches) with {n} "
+            f"process(es) x {before.batch_size} images; this run has {setup.world_size} x "
+            f"{setup.batch_size} ({', '.join(changes)}). The rest of that epoch is made of the old "
+            "setup's batches, so the run cannot continue where it stopped. Continue it with "
+            f"{same}, or resume from "
+            f"{latest_epoch_checkpoint(path.parent) or 'the last epoch_N.pth of the run'}, "
+            "written at the end of an epoch: there the number of processes, the batch size and "
+            "the data may change.")
+    log.warning("resuming at the start of epoch %d with another setup: %s. The sampler starts the "
+                "epoch anew for this setup", epoch + 1, ", ".join(changes))
     return True
 
 
-def continue_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                      base_lrs: list[float], schedule: ScheduleConfig, iters_per_epoch: int, iteration: int) -> None:
+def continue_schedule(optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float],
+                      schedule: ScheduleConfig, iters_per_epoch: int, iteration: int) -> None:
     """Put `scheduler` at `iteration` of `schedule` in this run's iterations per epoch, from this
     run's `base_lrs` (one per parameter group, as built for its total batch) instead of the
     checkpoint's. Every group gets the new lr function. The optimizer's state (SGD momentum, Adam
@@ -178,6 +190,6 @@ def continue_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.l
         group["lr"] = base * factor(iteration)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     lr = f"lr {old[0]:g} -> {base_lrs[0]:g}" if old != base_lrs else f"lr {base_lrs[0]:g}"
-    log.info("lr schedule continues at iteration %d of %d (%d per epoch), %s%s", iteration, factor.total_iters,
-             iters_per_epoch, lr,
+    log.info("lr schedule continues at iteration %d of %d (%d per epoch), %s%s", iteration,
+             factor.total_iters, iters_per_epoch, lr,
              " (each parameter group keeps its factor)" if len(base_lrs) > 1 else "")

@@ -18,8 +18,8 @@ from pathlib import Path
 _CHECKPOINTS = ("epoch_*.pth", "last.pth", "best.pth")  # other .pth files (exports, a user's) stay
 # The dataset check's cache (gfldet.data.checks), one JSON file per split.
 CHECK_CACHE_DIR = "dataset_check"
-RUN_OUTPUTS = (*_CHECKPOINTS, "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json", "tb",
-               CHECK_CACHE_DIR, "report")
+RUN_OUTPUTS = (*_CHECKPOINTS, "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json",
+               "tb", CHECK_CACHE_DIR, "report")
 # Signs that a run trained here: a checkpoint, a logged step, or an evaluation.
 _RUN_EVIDENCE = (*_CHECKPOINTS, "scalars.jsonl", "metrics_epoch_*.json")
 # Temporary files of `save_checkpoint` (".NAME.XXXX.tmp") and of `publish_weights`.
@@ -68,7 +68,8 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
     Returns a message describing what `overwrite` removed (None if nothing). Raises
     `RunDirError` naming the files found, `--resume` and `--overwrite`."""
     if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other: continue the run, or start it again")
+        raise RunDirError("--resume and --overwrite contradict each other: continue the run, or "
+                          "start it again")
     if resume:
         return None
     found = earlier_run_files(work_dir)
@@ -76,8 +77,8 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
         return None
     if overwrite:
         removed = remove_run_outputs(work_dir)
-        return f"--overwrite: removed the earlier run's {len(removed)} outputs in {work_dir}: " + ", ".join(
-            p.name for p in removed)
+        return (f"--overwrite: removed the earlier run's {len(removed)} outputs in {work_dir}: "
+                + ", ".join(p.name for p in removed))
     names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
     has_checkpoint = any(p.suffix == ".pth" for p in found)
     resume_hint = "continue it with --resume, " if has_checkpoint else ""

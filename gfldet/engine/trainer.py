@@ -103,7 +103,8 @@ def init_distributed(device_setting: str) -> torch.device:
             return torch.device(device_setting)
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device_setting.startswith("cuda"):
-        raise RuntimeError(f"train.device is {device_setting!r} but CUDA is not available; use 'auto' or 'cpu'")
+        raise RuntimeError(f"train.device is {device_setting!r} but CUDA is not available; "
+                           "use 'auto' or 'cpu'")
     return torch.device("cpu")
 
 
@@ -120,7 +121,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def run_precision(cfg: Config, device: torch.device) -> Precision:
-    """`train.amp` resolved for `device` (see `gfldet.engine.precision`); a bad choice is a ConfigError."""
+    """`train.amp` resolved for `device` (`gfldet.engine.precision`); a bad one is a ConfigError."""
     try:
         return resolve_precision(cfg.train.amp, device)
     except ValueError as err:
@@ -143,7 +144,8 @@ class StopRequested:
         if cls.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         cls.signum = signum
-        log.warning("received %s: stopping after this iteration with a checkpoint", signal.Signals(signum).name)
+        log.warning("received %s: stopping after this iteration with a checkpoint",
+                    signal.Signals(signum).name)
 
 
 @dataclass
@@ -156,8 +158,9 @@ class RunState:
     stopped_by: int | None = None  # signal number when the run stopped early
 
 
-def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_from: str | None = None,
-          allow_schedule_change: bool = False, model: nn.Module | None = None,
+def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
+          load_from: str | None = None, allow_schedule_change: bool = False,
+          model: nn.Module | None = None,
           overwrite: bool = False) -> tuple[dict, RunState]:
     """Train `cfg` into `work_dir`. `resume=True` continues from the folder's latest checkpoint,
     a path from that checkpoint. A `work_dir` that holds an earlier run raises `RunDirError`
@@ -175,7 +178,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         raise ConfigError(str(err)) from None
     rank, world = get_rank(), get_world_size()
     work_dir = Path(work_dir)
-    check_start(work_dir, resume, overwrite, load_from)  # before anything is built, written or removed
+    check_start(work_dir, resume, overwrite, load_from)  # before anything is built or removed
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
@@ -192,18 +195,23 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
 
     # Both splits are checked before anything is trained; val first, as it is usually the smaller.
     # The run folder keeps each split's check results, so a --resume decodes only changed files.
-    val_set = build_dataset(cfg, "val", work_dir / CHECK_CACHE_DIR / "val.json") if cfg.train.eval_interval > 0 else None
+    val_set = None
+    if cfg.train.eval_interval > 0:
+        val_set = build_dataset(cfg, "val", work_dir / CHECK_CACHE_DIR / "val.json")
     train_set = build_dataset(cfg, "train", work_dir / CHECK_CACHE_DIR / "train.json")
-    reports = {"train": train_set.check_report, "val": val_set.check_report if val_set is not None else None}
-    problems = split_problems(cfg.model.num_classes, {k: r for k, r in reports.items() if r is not None})
+    reports = {"train": train_set.check_report}
+    if val_set is not None:
+        reports["val"] = val_set.check_report
+    problems = split_problems(cfg.model.num_classes, reports)
     if problems:
         raise DatasetError("the datasets do not fit together; nothing was trained:\n"
                            + "\n".join(f"  - {p}" for p in problems)
                            + "\nRun tools/check_dataset.py CONFIG for the full report.")
     d = cfg.data
     train_loader = build_dataloader(
-        train_set, d.batch_size, d.num_workers, train=True, seed=cfg.train.seed, distributed=is_distributed(),
-        aspect_ratio_grouping=d.aspect_ratio_grouping, size_divisor=d.size_divisor,
+        train_set, d.batch_size, d.num_workers, train=True, seed=cfg.train.seed,
+        distributed=is_distributed(), aspect_ratio_grouping=d.aspect_ratio_grouping,
+        size_divisor=d.size_divisor,
     )
     val_loader = None
     if val_set is not None:
@@ -216,7 +224,9 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
 
     # A resumed run's weights come from its checkpoint: the ImageNet weights are not loaded (nor
     # downloaded), so a moved file or an offline machine does not stop a resume.
-    model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)) if resume else cfg.model
+    model_cfg = cfg.model
+    if resume:
+        model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None))
     model = (build_model(model_cfg) if model is None else model).to(device)
     if load_from is not None:
         load_matching_weights(model, load_from)
@@ -241,7 +251,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0), best_ap=state.get("best_ap", -1.0))
+        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0),
+                       best_ap=state.get("best_ap", -1.0))
         if rebuild_schedule:  # the saved lr function is the old schedule's, batch or setup's
             continue_schedule(optimizer, scheduler, base_lrs, cfg.schedule, iters_per_epoch,
                               run.epoch * iters_per_epoch + run.batch)
@@ -262,12 +273,13 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
     if cfg.train.compile:
         train_model = torch.compile(model, dynamic=True)
     if is_distributed():
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
 
     scalars = ScalarLog(work_dir) if is_main_process() else None
     epochs = cfg.schedule.epochs
-    progress = Progress(epochs * iters_per_epoch, cfg.train.log_interval, total_batch, device, scalars,
-                        start_iter=run.epoch * iters_per_epoch + run.batch)
+    progress = Progress(epochs * iters_per_epoch, cfg.train.log_interval, total_batch, device,
+                        scalars, start_iter=run.epoch * iters_per_epoch + run.batch)
     loop = TrainLoop(train_model, ema, optimizer, scheduler, scaler, dtype, device, cfg, progress)
 
     def checkpoint(names: list[str]) -> None:
@@ -307,23 +319,29 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None, load_fr
                 if run.batch < iters_per_epoch:  # stopped by a signal
                     run.stopped_by = StopRequested.signum
                     checkpoint(["last.pth"])
-                    log.warning("stopped at epoch %d, batch %d: last.pth written; continue with --resume",
-                                run.epoch + 1, run.batch)
+                    log.warning("stopped at epoch %d, batch %d: last.pth written; continue with "
+                                "--resume", run.epoch + 1, run.batch)
                     break
                 run.epoch, run.batch = run.epoch + 1, 0
-                eval_now = cfg.train.eval_interval and (run.epoch % cfg.train.eval_interval == 0 or run.epoch == epochs)
+                interval = cfg.train.eval_interval
+                eval_now = interval and (run.epoch % interval == 0 or run.epoch == epochs)
                 names = []
                 if eval_now and val_loader is not None:
-                    metrics = evaluate(ema.module if ema is not None else model, val_loader, device, dtype,
+                    metrics = evaluate(ema.module if ema is not None else model, val_loader,
+                                       device, dtype,
                                        keep_coco_eval=cfg.train.report and run.epoch == epochs)
                     metrics.pop("detections", None)
                     final_eval = metrics.pop("coco_eval", None)
                     if is_main_process():
-                        write_metrics_json({"epoch": run.epoch, **metrics}, work_dir / f"metrics_epoch_{run.epoch}.json")
-                        keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
-                        scalars.write(run.epoch * iters_per_epoch, run.epoch, {f"val/{k}": metrics[k] for k in keys})
-                        log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch, metrics["bbox_mAP"],
-                                 metrics["bbox_mAP_50"], metrics["bbox_mAP_75"])
+                        write_metrics_json({"epoch": run.epoch, **metrics},
+                                           work_dir / f"metrics_epoch_{run.epoch}.json")
+                        keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s",
+                                "bbox_mAP_m", "bbox_mAP_l")
+                        scalars.write(run.epoch * iters_per_epoch, run.epoch,
+                                      {f"val/{k}": metrics[k] for k in keys})
+                        log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch,
+                                 metrics["bbox_mAP"], metrics["bbox_mAP_50"],
+                                 metrics["bbox_mAP_75"])
                     ap = all_gather_objects(metrics.get("bbox_mAP", -1.0))[0]
                     if ap > run.best_ap:
                         run.best_ap = ap
@@ -351,14 +369,17 @@ def write_run_report(work_dir: Path, cfg: Config, coco_eval, dataset) -> None:
         write_report(work_dir / "report", coco_eval, dataset.class_names, dataset.image_dir,
                      thresholds=post_processing_settings(cfg.model.test), run_dir=work_dir)
     except Exception as err:  # a plotting or disk problem must not fail a finished run
-        log.warning("evaluation report not written: %s: %s", type(err).__name__, err, exc_info=True)
+        log.warning("evaluation report not written: %s: %s", type(err).__name__, err,
+                    exc_info=True)
 
 
-def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool, load_from: str | None) -> None:
+def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
+                load_from: str | None) -> None:
     """What the command line names, checked before anything is built, written or removed: the
     run folder is a folder, and the checkpoint to resume from or to load exists."""
     if work_dir.exists() and not work_dir.is_dir():
-        raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with --work-dir DIR")
+        raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with "
+                          "--work-dir DIR")
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
         path = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
         if path is None:
@@ -378,19 +399,20 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool, load
 
 def load_matching_weights(model: nn.Module, path: str) -> None:
     """--load-from: the checkpoint's model weights whose names and shapes match (fine-tuning)."""
-    report = load_model_weights(model, model_weights(load_checkpoint(path), use_ema=False, source=path),
-                                strict=False)
+    weights = model_weights(load_checkpoint(path), use_ema=False, source=path)
+    report = load_model_weights(model, weights, strict=False)
     if not report["loaded"]:
         examples = (report["mismatched"] + report["unexpected"])[:5]
         raise CheckpointError(
-            f"--load-from {path}: none of its tensors fits this model (different names or shapes, e.g. "
-            f"{examples}); is it a gfldet checkpoint of this backbone? (tools/convert_mmdet.py converts "
-            "MMDetection files)")
+            f"--load-from {path}: none of its tensors fits this model (different names or "
+            f"shapes, e.g. {examples}); is it a gfldet checkpoint of this backbone? "
+            "(tools/convert_mmdet.py converts MMDetection files)")
     log.info("loaded %d tensors from %s; not loaded: %s", len(report["loaded"]), path,
              {k: v for k, v in report.items() if k != "loaded" and v})
 
 
-def prepare_work_dir(work_dir: Path, resume: bool, overwrite: bool) -> tuple[str | None, list[Path]]:
+def prepare_work_dir(work_dir: Path, resume: bool,
+                     overwrite: bool) -> tuple[str | None, list[Path]]:
     """Rank 0 checks the run folder (`check_run_dir`) and removes stale temporary files; every
     process gets the same outcome, so all of them stop together on a refusal."""
     outcome: tuple[str, str | None, list[Path]] = ("ok", None, [])
@@ -407,7 +429,7 @@ def prepare_work_dir(work_dir: Path, resume: bool, overwrite: bool) -> tuple[str
 
 
 def gather_rng_states() -> list[dict]:
-    """Every rank's RNG state (collective under torchrun), so that a resume restores each rank's."""
+    """Every rank's RNG state (a collective under torchrun), for a resume to restore each."""
     return all_gather_objects(capture_rng_state())
 
 
@@ -419,9 +441,11 @@ MAX_OVERFLOW_STEPS = 40
 class TrainLoop:
     """One optimisation step per batch, with the checks that keep a run alive."""
 
-    def __init__(self, model, ema, optimizer, scheduler, scaler, dtype, device, cfg: Config, progress: Progress):
+    def __init__(self, model, ema, optimizer, scheduler, scaler, dtype, device, cfg: Config,
+                 progress: Progress):
         self.model, self.ema, self.optimizer, self.scheduler = model, ema, optimizer, scheduler
-        self.scaler, self.dtype, self.device, self.cfg, self.progress = scaler, dtype, device, cfg, progress
+        self.scaler, self.dtype, self.device = scaler, dtype, device
+        self.cfg, self.progress = cfg, progress
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.bad_steps = 0
         self.overflow_steps = 0  # fp16 overflows in a row (not bad steps: the scaler calibrating)
@@ -438,8 +462,9 @@ class TrainLoop:
             it = epoch * iters_per_epoch + batch
             stop = self.step(images, targets, it)
             batch += 1
-            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch - 1, iters_per_epoch,
-                                    self.optimizer.param_groups[0]["lr"], force=batch == iters_per_epoch)
+            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch - 1,
+                                    iters_per_epoch, self.optimizer.param_groups[0]["lr"],
+                                    force=batch == iters_per_epoch)
             if stop:
                 break
             tic = time.perf_counter()
@@ -448,19 +473,22 @@ class TrainLoop:
     def step(self, images, targets, it: int) -> bool:
         """One iteration; returns True when a stop was requested (on any process)."""
         cfg = self.cfg
-        images = normalize_batch(images.to(self.device, non_blocking=True), [t["image_size"] for t in targets])
+        images = normalize_batch(images.to(self.device, non_blocking=True),
+                                 [t["image_size"] for t in targets])
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in t.items()} for t in targets]
+        autocast = nullcontext()
+        if self.dtype is not None:
+            autocast = torch.autocast(self.device.type, dtype=self.dtype)
         with autocast:
             losses = self.model(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)  # fp16: the norm and the clipping see true gradients
+            self.scaler.unscale_(self.optimizer)  # fp16: norm and clipping see true gradients
         grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.optim.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
@@ -483,17 +511,18 @@ class TrainLoop:
         elif bad_loss or not self.scaler.is_enabled():
             self.skip_step(losses, targets, it, "gradient" if not bad_loss else None)
         else:
-            # fp16 overflowed (a finite loss, inf/NaN gradients): expected while the scaler's scale
-            # calibrates, so not a bad step. scaler.step would skip it too (its check is ours, on
-            # the same unscaled gradients); skipping here keeps it out of the EMA and the logged losses.
+            # fp16 overflowed (a finite loss, inf/NaN gradients): expected while the scaler's
+            # scale calibrates, so not a bad step. scaler.step would skip it too; skipping here
+            # keeps it out of the EMA and the logged losses.
             self.overflow_steps += 1
             if self.overflow_steps >= MAX_OVERFLOW_STEPS:
                 raise FloatingPointError(
-                    f"{self.overflow_steps} consecutive fp16 overflows (inf/NaN gradients with a finite "
-                    f"loss) up to iteration {it + 1}, images {[t['image_id'] for t in targets]}: the "
-                    f"gradient scale fell to {self.scaler.get_scale():.3g} and they still overflow. The "
-                    "last checkpoint is intact; train with train.amp=bf16 or none, lower optim.lr, or "
-                    "set optim.grad_clip.")
+                    f"{self.overflow_steps} consecutive fp16 overflows (inf/NaN gradients with a "
+                    f"finite loss) up to iteration {it + 1}, images "
+                    f"{[t['image_id'] for t in targets]}: the gradient scale fell to "
+                    f"{self.scaler.get_scale():.3g} and they still overflow. The last checkpoint "
+                    "is intact; train with train.amp=bf16 or none, lower optim.lr, or set "
+                    "optim.grad_clip.")
 
         # Every iteration ends the scaler's step, taken or not: after unscale_, only update()
         # readies it for the next one (else the next unscale_ raises). It backs the scale off when
@@ -501,8 +530,8 @@ class TrainLoop:
         # is the safe side when the cause is unknown. A no-op without fp16.
         self.scaler.update()
         if stepped and self.ema is not None:
-            self.ema.update_parameters(self.model.module if isinstance(self.model, DistributedDataParallel)
-                                       else self.model)
+            ddp = isinstance(self.model, DistributedDataParallel)
+            self.ema.update_parameters(self.model.module if ddp else self.model)
         self.progress.update(losses if stepped else None, grad_norm if stepped else None)
         self.scheduler.step()
         return stop
@@ -510,12 +539,14 @@ class TrainLoop:
     def skip_step(self, losses: dict, targets: list[dict], it: int, what: str | None) -> None:
         self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        names = [k for k, v in losses.items() if not torch.isfinite(v)] or [what or "loss on another process"]
+        names = ([k for k, v in losses.items() if not torch.isfinite(v)]
+                 or [what or "loss on another process"])
         ids = [t["image_id"] for t in targets]
         log.warning("iteration %d: non-finite %s on images %s; step skipped (%d in a row)",
                     it + 1, names, ids, self.bad_steps)
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise FloatingPointError(
-                f"{self.bad_steps} consecutive non-finite steps: {names} at iteration {it + 1}, images {ids}. "
-                "The last checkpoint is intact; lower optim.lr, set optim.grad_clip, or check these images."
+                f"{self.bad_steps} consecutive non-finite steps: {names} at iteration {it + 1}, "
+                f"images {ids}. The last checkpoint is intact; lower optim.lr, set "
+                "optim.grad_clip, or check these images."
             )

@@ -45,7 +45,8 @@ def check_report_dir(out_dir: Path) -> None:
         raise ReportDirError(f"report folder {out_dir} is a file; give the report a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         index = out_dir / "index.html"
-        if not (index.is_file() and html.MARKER in index.read_text(encoding="utf-8", errors="replace")[:2000]):
+        head = index.read_text(encoding="utf-8", errors="replace")[:2000] if index.is_file() else ""
+        if html.MARKER not in head:
             raise ReportDirError(f"report folder {out_dir} holds files the report did not write; "
                                  "give an empty or new folder")
 
@@ -53,14 +54,16 @@ def check_report_dir(out_dir: Path) -> None:
 def post_processing_settings(test) -> dict[str, float | int]:
     """The `model.test` settings (a `PostProcessSettings`) that produced the detections, as shown."""
     return {"score threshold": test.score_thr, "NMS IoU": test.nms_iou,
-            "max detections per image": test.max_per_img, "top-k per level before NMS": test.nms_pre}
+            "max detections per image": test.max_per_img,
+            "top-k per level before NMS": test.nms_pre}
 
 
 def curves_at(coco_eval, iou: float, area: str = "all", max_dets: int | None = None) -> np.ndarray:
     """pycocotools' precision [R, K] at IoU `iou` (-1 where a class has no ground truth)."""
     p = coco_eval.params
     m = list(p.maxDets).index(max_dets) if max_dets is not None else len(p.maxDets) - 1
-    return np.asarray(coco_eval.eval["precision"])[iou_index(coco_eval, iou), :, :, list(p.areaRngLbl).index(area), m]
+    area_index = list(p.areaRngLbl).index(area)
+    return np.asarray(coco_eval.eval["precision"])[iou_index(coco_eval, iou), :, :, area_index, m]
 
 
 def mean_valid(a: np.ndarray, axis=None) -> np.ndarray | float:
@@ -74,27 +77,31 @@ def mean_valid(a: np.ndarray, axis=None) -> np.ndarray | float:
 
 def per_class_table(coco_eval, class_names: Sequence[str]) -> list[list[object]]:
     """Rows (class, AP, AP50, AP75, boxes) from the precision array: area all, max detections."""
-    precision = np.asarray(coco_eval.eval["precision"])[:, :, :, list(coco_eval.params.areaRngLbl).index("all"), -1]
+    area_all = list(coco_eval.params.areaRngLbl).index("all")
+    precision = np.asarray(coco_eval.eval["precision"])[:, :, :, area_all, -1]
     ap = mean_valid(precision.transpose(2, 0, 1).reshape(precision.shape[2], -1), axis=1)
     ap50 = mean_valid(curves_at(coco_eval, 0.5), axis=0)
     ap75 = mean_valid(curves_at(coco_eval, 0.75), axis=0)
     gt = coco_eval.cocoGt
     boxes = [sum(1 for a in gt.loadAnns(gt.getAnnIds(imgIds=coco_eval.params.imgIds, catIds=[c]))
                  if not a.get("iscrowd", 0)) for c in coco_eval.params.catIds]
-    return [[name, float(ap[k]), float(ap50[k]), float(ap75[k]), boxes[k]] for k, name in enumerate(class_names)]
+    return [[name, float(ap[k]), float(ap50[k]), float(ap75[k]), boxes[k]]
+            for k, name in enumerate(class_names)]
 
 
 def size_counts(coco_eval) -> dict[str, int]:
-    """Non-crowd ground-truth boxes per COCO area range, by the `area` field as COCOeval reads it."""
+    """Non-crowd ground-truth boxes per COCO area range, by their `area` field, as COCOeval."""
     p = coco_eval.params
     gt = coco_eval.cocoGt
-    anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=p.imgIds, catIds=p.catIds)) if not a.get("iscrowd", 0)]
+    anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=p.imgIds, catIds=p.catIds))
+            if not a.get("iscrowd", 0)]
     ranges = dict(zip(p.areaRngLbl, p.areaRng, strict=True))
     return {s: sum(1 for a in anns if ranges[s][0] <= a["area"] <= ranges[s][1]) for s in SIZES}
 
 
-def _draw_worst(out_dir: Path, coco_eval, by_id: Mapping[int, ImageMatches], worst, class_names: Sequence[str],
-                image_dir: Path, score_thr: float) -> list[tuple[str, str]]:
+def _draw_worst(out_dir: Path, coco_eval, by_id: Mapping[int, ImageMatches], worst,
+                class_names: Sequence[str], image_dir: Path,
+                score_thr: float) -> list[tuple[str, str]]:
     """A PNG per worst image; returns (file name, caption) pairs."""
     drawn = []
     for rank, s in enumerate(worst, start=1):
@@ -108,19 +115,21 @@ def _draw_worst(out_dir: Path, coco_eval, by_id: Mapping[int, ImageMatches], wor
         keep = m.det_scores >= score_thr
         found = np.zeros(len(m.gt_ids), dtype=bool)
         found[m.det_gt[keep & (m.det_gt >= 0)]] = True
-        caption = (f"#{rank} {info['file_name']} (id {s.image_id}): F1 {s.f1:.2f}, {s.true_positives} found, "
-                   f"{s.false_positives} false positive, {s.missed} missed")
+        caption = (f"#{rank} {info['file_name']} (id {s.image_id}): F1 {s.f1:.2f}, "
+                   f"{s.true_positives} found, {s.false_positives} false positive, "
+                   f"{s.missed} missed")
         name = f"worst_{rank:02d}.png"
         image_figure(pixels, m.gt_boxes, [class_names[k] for k in m.gt_labels], found,
-                     m.det_boxes[keep], [class_names[k] for k in m.det_labels[keep]], m.det_scores[keep],
-                     m.det_gt[keep] >= 0, caption, out_dir / name)
+                     m.det_boxes[keep], [class_names[k] for k in m.det_labels[keep]],
+                     m.det_scores[keep], m.det_gt[keep] >= 0, caption, out_dir / name)
         drawn.append((name, caption))
     return drawn
 
 
-def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], image_dir: str | Path, *,
-                 thresholds: Mapping[str, float | int], run_dir: str | Path | None = None,
-                 score_thr: float = 0.3, num_worst: int = 12, title: str = "gfldet evaluation report") -> Path:
+def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
+                 image_dir: str | Path, *, thresholds: Mapping[str, float | int],
+                 run_dir: str | Path | None = None, score_thr: float = 0.3, num_worst: int = 12,
+                 title: str = "gfldet evaluation report") -> Path:
     """Write the report of `coco_eval` (pycocotools, after evaluate/accumulate/summarize) into
     `out_dir` and return its `index.html`. `thresholds`: the post-processing that produced the
     detections (shown with the numbers). `score_thr`: detections drawn and counted in the
@@ -133,24 +142,27 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], ima
     out_dir.mkdir(parents=True, exist_ok=True)
     index = out_dir / "index.html"
     # First a placeholder page, so that a report that fails half-way can be written again.
-    index.write_text(html.page(title, [("Not finished", "<p>This report is being written.</p>")]), encoding="utf-8")
+    placeholder = [("Not finished", "<p>This report is being written.</p>")]
+    index.write_text(html.page(title, placeholder), encoding="utf-8")
     for old in out_dir.glob("worst_*.png"):  # an earlier report's; this one may draw fewer
         old.unlink()
     if len(class_names) != len(coco_eval.params.catIds):
-        raise ValueError(f"{len(class_names)} class names for {len(coco_eval.params.catIds)} categories")
+        raise ValueError(f"{len(class_names)} class names for {len(coco_eval.params.catIds)} "
+                         "categories")
     names = list(class_names)
     sections: list[tuple[str, str]] = []
     data: dict = {"thresholds": dict(thresholds), "report_score_thr": score_thr}
 
     # The numbers.
-    stats = dict(zip(STAT_NAMES, (float(s) for s in coco_eval.stats[: len(STAT_NAMES)]), strict=True))
+    stats = dict(zip(STAT_NAMES, (float(s) for s in coco_eval.stats[: len(STAT_NAMES)]),
+                     strict=True))
     rows = per_class_table(coco_eval, names)
     data |= {"stats": stats, "per_class": rows, "images": len(coco_eval.params.imgIds)}
     setting = ", ".join(f"{k} {v}" for k, v in thresholds.items())
     sections.append(("Numbers", (
-        f"<p>{len(coco_eval.params.imgIds)} images; detections from post-processing with {html.escape(setting)}. "
-        "Published results are often measured with a lower score threshold (0.001) and more detections per "
-        "image (300), which raises AP a little.</p>"
+        f"<p>{len(coco_eval.params.imgIds)} images; detections from post-processing with "
+        f"{html.escape(setting)}. Published results are often measured with a lower score "
+        "threshold (0.001) and more detections per image (300), which raises AP a little.</p>"
         + html.table(["metric", "value"], [[k, v] for k, v in stats.items()])
         + html.table(["class", "AP", "AP50", "AP75", "boxes"], rows))))
 
@@ -161,25 +173,27 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], ima
     curves |= {n: {0.5: at50[:, k], 0.75: at75[:, k]} for k, n in enumerate(names)}
     pr_curves_figure(recall, curves, out_dir / "pr_curves.png")
     data["pr_curves"] = {"recall": recall.tolist(),
-                         **{str(iou): {n: c[iou].tolist() for n, c in curves.items()} for iou in (0.5, 0.75)}}
+                         **{str(iou): {n: c[iou].tolist() for n, c in curves.items()}
+                            for iou in (0.5, 0.75)}}
     sections.append(("Precision-recall curves", (
         "<p>From pycocotools' <code>eval['precision']</code> (area all, at most "
-        f"{coco_eval.params.maxDets[-1]} detections per image), at IoU 0.5 and 0.75; the first panel is "
-        "the mean over the classes that have ground truth. Precision is made non-increasing in recall, "
-        "as COCO's AP reads it.</p>" + html.image("pr_curves.png", "precision-recall curves"))))
+        f"{coco_eval.params.maxDets[-1]} detections per image), at IoU 0.5 and 0.75; the first "
+        "panel is the mean over the classes that have ground truth. Precision is made "
+        "non-increasing in recall, as COCO's AP reads it.</p>"
+        + html.image("pr_curves.png", "precision-recall curves"))))
 
     # AP by object size.
     counts = size_counts(coco_eval)
     size_ap = [stats[f"bbox_mAP_{s[0]}"] for s in SIZES]
     size_ap50 = [float(mean_valid(curves_at(coco_eval, 0.5, s))) for s in SIZES]
     size_figure(SIZES, size_ap, size_ap50, [counts[s] for s in SIZES], out_dir / "sizes.png")
-    data["sizes"] = {s: {"AP": a, "AP50": b, "boxes": counts[s]} for s, a, b in zip(SIZES, size_ap, size_ap50,
-                                                                                     strict=True)}
+    by_size = list(zip(SIZES, size_ap, size_ap50, strict=True))
+    data["sizes"] = {s: {"AP": a, "AP50": b, "boxes": counts[s]} for s, a, b in by_size}
     sections.append(("AP by object size", (
-        "<p>COCO's area ranges: small &lt; 32&sup2; px, medium 32&sup2;-96&sup2;, large &gt; 96&sup2; "
-        "(box area in the original image).</p>"
+        "<p>COCO's area ranges: small &lt; 32&sup2; px, medium 32&sup2;-96&sup2;, large &gt; "
+        "96&sup2; (box area in the original image).</p>"
         + html.table(["size", "AP", "AP50", "boxes"],
-                     [[s, a, b, counts[s]] for s, a, b in zip(SIZES, size_ap, size_ap50, strict=True)])
+                     [[s, a, b, counts[s]] for s, a, b in by_size])
         + html.image("sizes.png", "AP by object size"))))
 
     # Confusion matrix and TIDE, from the matches at IoU 0.5.
@@ -188,36 +202,39 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], ima
     confusion_figure(confusion, names, out_dir / "confusion.png")
     data["confusion_matrix"] = confusion.tolist()
     sections.append(("Confusion matrix (IoU 0.5)", (
-        f"<p>Detections scoring at least {score_thr}. Rows: the ground truth's class; columns: the class "
-        "detected. A detection matched to a box of its class counts on the diagonal; one that is not takes "
-        "the box of another class it overlaps most (IoU &ge; 0.5) that no detection took; else it is in the "
-        "<b>background row</b> (false positives, duplicates included). The <b>background column</b> counts "
-        "the boxes nothing found. Colours: share of the row.</p>"
+        f"<p>Detections scoring at least {score_thr}. Rows: the ground truth's class; columns: "
+        "the class detected. A detection matched to a box of its class counts on the diagonal; "
+        "one that is not takes the box of another class it overlaps most (IoU &ge; 0.5) that no "
+        "detection took; else it is in the <b>background row</b> (false positives, duplicates "
+        "included). The <b>background column</b> counts the boxes nothing found. Colours: share "
+        "of the row.</p>"
         + html.image("confusion.png", "confusion matrix"))))
 
     tide = tide_errors(matches)
     tide_figure(tide.delta_ap, out_dir / "tide.png")
     data["tide"] = {"ap50": tide.ap, "delta_ap": tide.delta_ap, "counts": tide.counts}
     sections.append(("Errors (TIDE)", (
-        "<p>As in Bolya et al., <i>TIDE: A General Toolbox for Identifying Object Detection Errors</i> "
-        f"(ECCV 2020): the AP50 ({100 * tide.ap:.1f} here) gained by fixing each error type alone, all "
-        "detections counted (no score threshold). Each false positive gets one type, from its highest "
-        "IoU with the ground truth:</p>" + html.definitions()
+        "<p>As in Bolya et al., <i>TIDE: A General Toolbox for Identifying Object Detection "
+        f"Errors</i> (ECCV 2020): the AP50 ({100 * tide.ap:.1f} here) gained by fixing each error "
+        "type alone, all detections counted (no score threshold). Each false positive gets one "
+        "type, from its highest IoU with the ground truth:</p>" + html.definitions()
         + html.table(["error", "dAP50 (points)", "count"],
                      [[k, 100 * tide.delta_ap[k], tide.counts[k]] for k in tide.delta_ap])
         + html.image("tide.png", "TIDE error breakdown"))))
 
     # The worst images.
     worst = worst_images(matches, score_thr, num_worst)
-    drawn = _draw_worst(out_dir, coco_eval, {m.image_id: m for m in matches}, worst, names, Path(image_dir),
-                        score_thr)
+    drawn = _draw_worst(out_dir, coco_eval, {m.image_id: m for m in matches}, worst, names,
+                        Path(image_dir), score_thr)
     data["worst_images"] = [vars(s) for s in worst]
-    gallery = "".join(f"<figure>{html.image(f, c)}<figcaption>{html.escape(c)}</figcaption></figure>"
-                      for f, c in drawn)
+    gallery = "".join(
+        f"<figure>{html.image(f, c)}<figcaption>{html.escape(c)}</figcaption></figure>"
+        for f, c in drawn)
     sections.append((f"Worst images ({len(drawn)})", (
-        f"<p>Ranked by the F1 of the detections scoring at least {score_thr} (matched as COCO matches them, "
-        "IoU 0.5); ties go to more errors. Ground truth: solid lines, name above (green found, orange "
-        "missed). Detections: dashed, name and score below (blue correct, red false positive).</p>"
+        f"<p>Ranked by the F1 of the detections scoring at least {score_thr} (matched as COCO "
+        "matches them, IoU 0.5); ties go to more errors. Ground truth: solid lines, name above "
+        "(green found, orange missed). Detections: dashed, name and score below (blue correct, "
+        "red false positive).</p>"
         f'<div class="gallery">{gallery}</div>')))
 
     # Training curves.
@@ -225,8 +242,8 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str], ima
         try:
             curves_figure({Path(run_dir).name: read_scalars(run_dir)}, out_dir / "curves.png")
             sections.append(("Training curves", (
-                f"<p>From {html.escape(str(Path(run_dir) / 'scalars.jsonl'))}: every logged loss term, the "
-                "learning rate, and AP / AP50 / AP75 at each evaluation.</p>"
+                f"<p>From {html.escape(str(Path(run_dir) / 'scalars.jsonl'))}: every logged loss "
+                "term, the learning rate, and AP / AP50 / AP75 at each evaluation.</p>"
                 + html.image("curves.png", "training curves"))))
         except CurvesError as err:
             log.warning("report: no training curves: %s", err)

@@ -1,4 +1,4 @@
-"""Training curves from runs' `scalars.jsonl`: each loss term, the learning rate, AP per evaluation."""
+"""Training curves from runs' `scalars.jsonl`: each loss term, the lr, AP per evaluation."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     not JSON (a run killed mid-write) is skipped; no file or no scalars raise CurvesError."""
     path = Path(run_dir) / SCALARS
     if not Path(run_dir).is_dir():
-        raise CurvesError(f"{run_dir} is not a folder; give a training run folder (it holds {SCALARS})")
+        raise CurvesError(f"{run_dir} is not a folder; give a training run folder (it holds "
+                          f"{SCALARS})")
     if not path.is_file():
-        raise CurvesError(f"{path} does not exist; is {run_dir} a gfldet run folder (tools/train.py writes it)?")
+        raise CurvesError(f"{path} does not exist; is {run_dir} a gfldet run folder "
+                          "(tools/train.py writes it)?")
     series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -98,7 +98,7 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
     num_gt: dict[int, int] = defaultdict(int)
     missed: list[tuple[int, int]] = []  # (image position, gt index)
     targeted: set[tuple[int, int]] = set()
-    best_fix: dict[tuple[int, int], int] = {}  # target box -> index in points of its best Cls/Loc error
+    best_fix: dict[tuple[int, int], int] = {}  # target box -> point of its best Cls/Loc error
     per_image: dict[int, dict[str, int]] = {}
     for pos, m in enumerate(images):
         for k in m.gt_labels.tolist():
@@ -108,7 +108,8 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
         for d in range(len(m.det_ids)):
             point = _Point(int(m.det_labels[d]), float(m.det_scores[d]), bool(m.det_gt[d] >= 0))
             if not point.tp:
-                kind, j = classify_false_positive(iou[d], m.gt_labels == point.label, m.gt_matched, fg, bg)
+                kind, j = classify_false_positive(iou[d], m.gt_labels == point.label,
+                                                  m.gt_matched, fg, bg)
                 point.error = kind
                 counts[kind] += 1
                 if kind in ("Cls", "Loc") and not m.gt_matched[j]:
@@ -177,7 +178,9 @@ def confusion_matrix(images: list[ImageMatches], num_classes: int, score_thr: fl
         iou = m.iou()
         unmatched = np.flatnonzero(keep & (m.det_gt < 0))
         for d in unmatched[np.argsort(-m.det_scores[unmatched], kind="mergesort")].tolist():
-            free = np.where(~taken & (m.gt_labels != m.det_labels[d]), iou[d], -1.0) if len(taken) else iou[d]
+            free = iou[d]
+            if len(taken):
+                free = np.where(~taken & (m.gt_labels != m.det_labels[d]), iou[d], -1.0)
             j = int(free.argmax()) if len(free) else -1
             if j >= 0 and free[j] >= iou_thr:
                 taken[j] = True

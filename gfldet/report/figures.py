@@ -49,8 +49,8 @@ def pr_curves_figure(recall: np.ndarray, curves: dict[str, dict[float, np.ndarra
     return save_figure(fig, path, tight=False)
 
 
-def size_figure(labels: Sequence[str], ap: Sequence[float], ap50: Sequence[float], gt_counts: Sequence[int],
-                path: Path) -> Path:
+def size_figure(labels: Sequence[str], ap: Sequence[float], ap50: Sequence[float],
+                gt_counts: Sequence[int], path: Path) -> Path:
     """AP and AP50 per object size, with each size's ground-truth count under its bars."""
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -95,13 +95,15 @@ def tide_figure(delta_ap: dict[str, float], path: Path) -> Path:
 def draw_box(ax, box: Sequence[float], colour, style: str, text: str, above: bool) -> None:
     x, y, w, h = box
     ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linestyle=style,
-                                              linewidth=2))
-    ax.text(x, y if above else y + h, text, fontsize=7, color="white", va="bottom" if above else "top",
+                           linewidth=2))
+    ax.text(x, y if above else y + h, text, fontsize=7, color="white",
+            va="bottom" if above else "top",
             bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
 
 
-def image_figure(image: np.ndarray, gt_boxes: np.ndarray, gt_names: Sequence[str], gt_found: np.ndarray,
-                 det_boxes: np.ndarray, det_names: Sequence[str], det_scores: np.ndarray,
+def image_figure(image: np.ndarray, gt_boxes: np.ndarray, gt_names: Sequence[str],
+                 gt_found: np.ndarray, det_boxes: np.ndarray, det_names: Sequence[str],
+                 det_scores: np.ndarray,
                  det_correct: np.ndarray, title: str, path: Path) -> Path:
     """An image with its ground truth (solid lines, name above; green found, orange missed) and
     detections (dashed, name and score below; blue correct, red false positive)."""

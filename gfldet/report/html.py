@@ -46,8 +46,8 @@ def fmt(value: float | int | None, digits: int = 3) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c if isinstance(c, str) else fmt(c))}</td>" for c in row)
-                   + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{escape(c if isinstance(c, str) else fmt(c))}</td>"
+                                    for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -65,4 +65,5 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
 
 
 def definitions() -> str:
-    return "<dl>" + "".join(f"<dt>{k}</dt><dd>{escape(v)}</dd>" for k, v in TIDE_DEFINITIONS.items()) + "</dl>"
+    items = "".join(f"<dt>{k}</dt><dd>{escape(v)}</dd>" for k, v in TIDE_DEFINITIONS.items())
+    return f"<dl>{items}</dl>"

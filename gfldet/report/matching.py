@@ -41,7 +41,8 @@ def iou_index(coco_eval, iou_thr: float) -> int:
     """Index of `iou_thr` in `coco_eval.params.iouThrs`; ValueError when it is not evaluated."""
     found = np.flatnonzero(np.isclose(coco_eval.params.iouThrs, iou_thr))
     if not found.size:
-        raise ValueError(f"IoU {iou_thr} is not among the evaluated thresholds {coco_eval.params.iouThrs}")
+        raise ValueError(f"IoU {iou_thr} is not among the evaluated thresholds "
+                         f"{coco_eval.params.iouThrs}")
     return int(found[0])
 
 
@@ -65,9 +66,11 @@ def image_matches(coco_eval, iou_thr: float = 0.5) -> list[ImageMatches]:
             e = coco_eval.evalImgs[k * num_areas * num_images + area * num_images + i]
             if e is None:
                 continue
-            gts += [(g, k) for g, ignore in zip(e["gtIds"], e["gtIgnore"], strict=True) if not ignore]
+            gts += [(g, k) for g, ignore in zip(e["gtIds"], e["gtIgnore"], strict=True)
+                    if not ignore]
             dets += [(d, k, s, int(m)) for d, s, m, ignore in zip(
-                e["dtIds"], e["dtScores"], e["dtMatches"][t], e["dtIgnore"][t], strict=True) if not ignore]
+                e["dtIds"], e["dtScores"], e["dtMatches"][t], e["dtIgnore"][t], strict=True)
+                if not ignore]
         gt_index = {g: j for j, (g, _) in enumerate(gts)}
         det_gt = np.array([gt_index[m] if m else -1 for *_, m in dets], dtype=np.int64)
         gt_matched = np.zeros(len(gts), dtype=bool)
@@ -76,12 +79,14 @@ def image_matches(coco_eval, iou_thr: float = 0.5) -> list[ImageMatches]:
             image_id=int(image_id),
             gt_ids=np.array([g for g, _ in gts], dtype=np.int64),
             gt_labels=np.array([k for _, k in gts], dtype=np.int64),
-            gt_boxes=np.array([gt_anns[g]["bbox"] for g, _ in gts], dtype=np.float64).reshape(-1, 4),
+            gt_boxes=np.array([gt_anns[g]["bbox"] for g, _ in gts],
+                              dtype=np.float64).reshape(-1, 4),
             gt_matched=gt_matched,
             det_ids=np.array([d for d, *_ in dets], dtype=np.int64),
             det_labels=np.array([k for _, k, *_ in dets], dtype=np.int64),
             det_scores=np.array([s for _, _, s, _ in dets], dtype=np.float64),
-            det_boxes=np.array([dt_anns[d]["bbox"] for d, *_ in dets], dtype=np.float64).reshape(-1, 4),
+            det_boxes=np.array([dt_anns[d]["bbox"] for d, *_ in dets],
+                               dtype=np.float64).reshape(-1, 4),
             det_gt=det_gt,
         ))
     return out

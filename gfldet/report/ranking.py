@@ -35,6 +35,7 @@ def image_score(m: ImageMatches, score_thr: float) -> ImageScore:
 def worst_images(images: list[ImageMatches], score_thr: float, n: int) -> list[ImageScore]:
     """The `n` images with the lowest F1; ties go to more errors (FP + FN), then lower image id."""
     scores = [image_score(m, score_thr) for m in images]
-    order = np.lexsort(([s.image_id for s in scores], [-(s.false_positives + s.missed) for s in scores],
+    order = np.lexsort(([s.image_id for s in scores],
+                        [-(s.false_positives + s.missed) for s in scores],
                         [s.f1 for s in scores]))
     return [scores[i] for i in order[:n]]
