@@ -234,8 +234,8 @@ def test_rng_roundtrip_through_checkpoint(tmp_path: Path) -> None:
 class _Head(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        self.cls_out = nn.Conv2d(8, num_classes, 3, padding=1)
-        self.reg_out = nn.Conv2d(8, 4, 3, padding=1)
+        self.gfl_cls = nn.Conv2d(8, num_classes, 3, padding=1)
+        self.gfl_reg = nn.Conv2d(8, 4, 3, padding=1)
 
 
 class _Det(nn.Module):
@@ -252,13 +252,13 @@ def test_strict_mismatch_lists_keys_and_shapes() -> None:
     src = _Det(81, extra=True).state_dict()
     model = _Det(6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    del src["head.reg_out.bias"]
+    del src["head.gfl_reg.bias"]
     with pytest.raises(CheckpointError) as exc:
         load_model_weights(model, src, strict=True)
     msg = str(exc.value)
-    assert "head.cls_out.weight: checkpoint (81, 8, 3, 3) vs model (6, 8, 3, 3)" in msg
-    assert "head.cls_out.bias: checkpoint (81,) vs model (6,)" in msg
-    assert "head.reg_out.bias" in msg  # missing
+    assert "head.gfl_cls.weight: checkpoint (81, 8, 3, 3) vs model (6, 8, 3, 3)" in msg
+    assert "head.gfl_cls.bias: checkpoint (81,) vs model (6,)" in msg
+    assert "head.gfl_reg.bias" in msg  # missing
     assert "neck.weight" in msg and "neck.bias" in msg  # unexpected
     assert "--load-from" in msg and "strict=False" in msg
     # Nothing was loaded by the failed strict call.
@@ -271,18 +271,18 @@ def test_non_strict_loads_matching_only() -> None:
     src_model = _Det(81, extra=True)
     src = src_model.state_dict()
     model = _Det(6)
-    head_before = model.head.cls_out.weight.detach().clone()
+    head_before = model.head.gfl_cls.weight.detach().clone()
     report = load_model_weights(model, src, strict=False)
     assert torch.equal(model.backbone[0].weight, src["backbone.0.weight"])
     assert torch.equal(model.backbone[1].running_mean, src["backbone.1.running_mean"])
-    assert torch.equal(model.head.reg_out.weight, src["head.reg_out.weight"])
-    assert torch.equal(model.head.cls_out.weight, head_before)  # shape mismatch: untouched
+    assert torch.equal(model.head.gfl_reg.weight, src["head.gfl_reg.weight"])
+    assert torch.equal(model.head.gfl_cls.weight, head_before)  # shape mismatch: untouched
     assert "backbone.0.weight" in report["loaded"]
     assert sorted(report["unexpected"]) == ["neck.bias", "neck.weight"]
     assert report["missing"] == []
     assert [m.split(":")[0] for m in report["mismatched"]] == [
-        "head.cls_out.weight",
-        "head.cls_out.bias",
+        "head.gfl_cls.weight",
+        "head.gfl_cls.bias",
     ]
 
 
@@ -292,11 +292,11 @@ def test_ddp_prefix_and_wrapped_model() -> None:
     model = _Det(6)
     report = load_model_weights(model, src, strict=True)
     assert report["missing"] == report["unexpected"] == report["mismatched"] == []
-    assert torch.equal(model.head.cls_out.weight, src["module.head.cls_out.weight"])
+    assert torch.equal(model.head.gfl_cls.weight, src["module.head.gfl_cls.weight"])
     # A DataParallel-wrapped model is unwrapped too.
     wrapped = nn.DataParallel(_Det(6))
     load_model_weights(wrapped, src, strict=True)
-    assert torch.equal(wrapped.module.head.cls_out.weight, src["module.head.cls_out.weight"])
+    assert torch.equal(wrapped.module.head.gfl_cls.weight, src["module.head.gfl_cls.weight"])
 
 
 def test_long_lists_are_truncated() -> None:

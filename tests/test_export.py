@@ -65,7 +65,7 @@ def tiny_model(num_classes: int = 3):
     model = build_inference_model(tiny_config(num_classes))
     # Zero class bias (instead of the -4.6 prior) so that a random model scores ~0.5 and the
     # NMS variant has plenty of detections to compare.
-    torch.nn.init.zeros_(model.head.cls_out.bias)
+    torch.nn.init.zeros_(model.head.gfl_cls.bias)
     return model.eval()
 
 

@@ -280,9 +280,9 @@ def tiny_model(**kwargs):
 
 def expected_kind(name: str) -> str:
     """Written from the names, not from module types, so that the test does not restate the code:
-    BatchNorm (bn*, downsample.1) and GroupNorm (tower index 1) parameters are norm; the biases of
-    the FPN convs and of the two output convs are biases; conv weights and head.scales are weights."""
-    if re.search(r"\.bn\d\.|downsample\.1\.|_tower\.1\.", name):
+    BatchNorm (bn*, downsample.1) and GroupNorm (*.gn) parameters are norm; the biases of the FPN
+    convs and of the two output convs are biases; conv weights and head.scales are weights."""
+    if re.search(r"\.bn\d\.|downsample\.1\.|\.gn\.", name):
         return "norm"
     if name.endswith(".bias"):
         return "bias"
@@ -318,7 +318,7 @@ def test_groups_put_each_parameter_where_the_options_say(name):
     for n, p in named:
         assert (groups[id(p)]["lr"], groups[id(p)]["weight_decay"]) == expected[expected_kind(n)], n
     assert groups[id(model.head.scales)]["lr"] == 0.01  # the learnt per-level scales: ordinary weights
-    assert groups[id(model.head.cls_tower[1].bias)]["lr"] == 0.01  # a norm bias is not a bias here
+    assert groups[id(model.head.cls_convs[0].gn.bias)]["lr"] == 0.01  # a norm bias is not a bias here
     assert len(optimizer.param_groups) == 3
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
     assert not any(id(p) in groups for p in model.parameters() if not p.requires_grad)  # frozen stages
@@ -329,7 +329,7 @@ def test_a_group_option_equal_to_the_default_adds_no_group():
     optimizer = build_optimizer(model, OptimConfig(norm_weight_decay=1e-4, bias_weight_decay=0.0), lr=0.01)
     assert len(optimizer.param_groups) == 2  # norm decay = weight_decay: BatchNorm stays with the weights
     groups = group_of(optimizer)
-    assert groups[id(model.head.cls_tower[0].bias)]["weight_decay"] == 0.0
+    assert groups[id(model.head.cls_convs[0].conv.bias)]["weight_decay"] == 0.0
     assert groups[id(model.backbone.layer4[0].bn1.weight)]["weight_decay"] == 1e-4
 
 
