@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from gfldet.config import Config, config_to_dict
-from gfldet.engine.checkpoint import load_checkpoint, save_checkpoint
+from gfldet.engine.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
 
 _DEPTHS = {  # (blocks per stage, bottleneck) -> ResNet depth
     ((2, 2, 2, 2), False): 18,
@@ -334,6 +334,7 @@ def convert_checkpoint(
     save_checkpoint(
         {
             "model": converted,
+            "model_format": MODEL_FORMAT,
             "config": config_to_dict(cfg),
             "meta": {
                 "class_names": names,

@@ -208,7 +208,7 @@ def test_cli_converts_a_wrapped_checkpoint_and_detector_loads_it(tmp_path, capsy
     text = capsys.readouterr().out
     assert "ResNet-18" in text and "integral.project" in text
     state = load_checkpoint(out)
-    assert state["meta"]["class_names"] == ["cat", "dog", "bird"]
+    assert state["meta"]["class_names"] == ["cat", "dog", "bird"] and state["model_format"] == 2
     detector = Detector.from_checkpoint(out)  # the config stored in the file describes the model
     assert detector.class_names == ["cat", "dog", "bird"]
     assert torch.equal(detector.model.state_dict()["neck.fpn_convs.4.conv.weight"], mmdet["neck.fpn_convs.4.conv.weight"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides, to_format_1
 
 from gfldet.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from gfldet.engine import trainer as trainer_mod
@@ -360,6 +360,26 @@ def test_resume_restores_the_groups_and_continues_exactly(grouped_run, tiny_coco
     assert same_weights(work / "last.pth", work0 / "last.pth")
     a, b = (load_checkpoint(w / "last.pth")["optimizer"] for w in (work, work0))
     assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in b["state"])
+
+
+def test_resume_from_a_model_format_1_checkpoint_continues_exactly(grouped_run, tiny_coco, tmp_path):
+    """A checkpoint as gfldet wrote it before MMDetection's module names (old model keys, no
+    "model_format") resumes to the same weights and momentum. The optimizer state is keyed by
+    parameter index, not by name, so the model's keys are all that needs the map."""
+    work0, _ = grouped_run
+    state = load_checkpoint(work0 / "epoch_1.pth")
+    assert state["model_format"] == 2
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])
+    assert not any("param_names" in g for g in state["optimizer"]["param_groups"])
+    old = {k: v for k, v in state.items() if k != "model_format"}
+    old["model"] = to_format_1(state["model"])
+    assert "backbone.stem.0.weight" in old["model"]
+    work = folder_with(tmp_path, "format1", last=old)
+    train(config(tiny_coco, *GROUPED_EXTRA, NO_EVAL), work, resume=True)
+    assert (work / "train.log").read_text().count("model format 1") == 1
+    assert same_weights(work / "last.pth", work0 / "last.pth")
+    a, b = (load_checkpoint(w / "last.pth")["optimizer"] for w in (work, work0))
     assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in b["state"])
 
 

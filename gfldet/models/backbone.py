@@ -147,14 +147,16 @@ def load_imagenet_weights(depth: int, weights: str) -> dict[str, Tensor]:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"backbone weights file not found: {path} (model.backbone.weights). Give the path to "
-                f"a torchvision ResNet-{depth} state dict, 'torchvision' to download it, or null."
+                f"backbone weights file not found: {path} (model.backbone.weights). Give the "
+                f"path to a torchvision ResNet-{depth} state dict, 'torchvision' to download it, "
+                "or null."
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k: v for k, v in _RESNETS[depth][0](weights=None).state_dict().items() if not k.startswith("fc.")}
+    reference = _RESNETS[depth][0](weights=None).state_dict()
+    expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     reshaped = [
