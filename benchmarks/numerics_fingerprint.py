@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
              for r in records if any(k.startswith("train/loss") for k in r)]
     aps = [r["val/bbox_mAP"] for r in records if "val/bbox_mAP" in r]
     weight_hash = hashlib.sha256()
-    for tensor in weights.values():  # registration order, names left out: a renaming keeps the digest
+    # Registration order, names left out: a renaming of modules keeps the digest.
+    for tensor in weights.values():
         weight_hash.update(tensor.cpu().contiguous().numpy().tobytes())
     print(f"logged steps: {len(steps)}, losses and grad norms sha256 {digest(json.dumps(steps).encode())}")
     print(f"final weights ({len(weights)} tensors) sha256 {weight_hash.hexdigest()[:16]}")

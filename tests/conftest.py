@@ -140,7 +140,8 @@ def to_format_1(state_dict: dict) -> dict:
     (or (conv, ReLU) without norm), `cls_out`, `reg_out` and DGQP's `hidden` and `out`. Written
     from that layout, independently of gfldet's own map."""
     slots = 3 if any(".gn." in k for k in state_dict) else 2
-    fpn = {"0": "output_convs.0", "1": "output_convs.1", "2": "output_convs.2", "3": "p6", "4": "p7"}
+    fpn = {"0": "output_convs.0", "1": "output_convs.1", "2": "output_convs.2", "3": "p6",
+           "4": "p7"}
     out = {}
     for key, value in state_dict.items():
         prefix = "module." if key.startswith("module.") else ""

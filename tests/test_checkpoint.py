@@ -389,7 +389,8 @@ def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, v
         for tensor in ema.module.state_dict().values():
             if tensor.is_floating_point():
                 tensor.mul_(0.5)
-    old = {"model": to_format_1(model.state_dict()), "ema": to_format_1(ema.state_dict()), "epoch": 1}
+    old = {"model": to_format_1(model.state_dict()), "ema": to_format_1(ema.state_dict()),
+           "epoch": 1}
     assert "head.cls_out.weight" in old["model"] and "module.backbone.stem.0.weight" in old["ema"]
     save_checkpoint(old, tmp_path / "old.pth")
     caplog.set_level("WARNING", logger="gfldet")
@@ -414,7 +415,9 @@ def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, v
             assert torch.equal(got, expected)
 
 
-def test_current_format_and_plain_checkpoints_load_unchanged_and_unannounced(tmp_path, caplog) -> None:
+def test_current_format_and_plain_checkpoints_load_unchanged_and_unannounced(
+    tmp_path, caplog
+) -> None:
     model = _tiny_gfl()
     save_checkpoint({"model": model.state_dict(), "model_format": 2}, tmp_path / "new.pth")
     save_checkpoint(_state(1), tmp_path / "plain.pth")  # no format entry, no old names

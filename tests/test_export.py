@@ -296,7 +296,8 @@ def test_published_weights_strip_training_state_and_detect_identically(tmp_path)
     assert load_config(published.with_suffix(".yaml")).model.num_classes == 3  # config beside it
 
     state = load_checkpoint(published)
-    assert set(state) == {"model", "model_format", "config", "meta"} and state["meta"]["ema"] is True
+    assert set(state) == {"model", "model_format", "config", "meta"}
+    assert state["meta"]["ema"] is True
     assert state["model_format"] == 2
     original = load_checkpoint(tmp_path / "last.pth")
     ema = {k.removeprefix("module."): v for k, v in original["ema"].items() if k != "n_averaged"}

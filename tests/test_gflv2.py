@@ -86,7 +86,7 @@ def test_head_class_output_is_the_joint_logit():
         num_levels=1,
         dgqp=DGQP(reg_max=4, channels=8),
     ).double()
-    for p in head.reg_conf.parameters():  # away from init, so that the quality is not ~0.5 everywhere
+    for p in head.reg_conf.parameters():  # away from init: a quality not ~0.5 everywhere
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
     cls_logits, reg_logits = head([x])  # [B, A, C], [B, A, 4(R+1)]
@@ -444,7 +444,8 @@ def test_cli_converts_an_official_gflv2_checkpoint_and_detector_loads_it(tmp_pat
     assert "GFLv2: DGQP (top-4 + mean, 64 channels)" in proc.stdout
     assert "background class channel" in proc.stdout and "[4, 64, 3, 3] -> first 3" in proc.stdout
     detector = Detector.from_checkpoint(out)
-    assert detector.class_names == ["cat", "dog", "bird"] and detector.model.head.reg_conf is not None
+    assert detector.class_names == ["cat", "dog", "bird"]
+    assert detector.model.head.reg_conf is not None
     assert torch.equal(
         detector.model.state_dict()["head.reg_conf.2.bias"], sd["bbox_head.reg_conf.2.bias"]
     )

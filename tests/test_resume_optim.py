@@ -318,7 +318,7 @@ def test_groups_put_each_parameter_where_the_options_say(name):
     for n, p in named:
         assert (groups[id(p)]["lr"], groups[id(p)]["weight_decay"]) == expected[expected_kind(n)], n
     assert groups[id(model.head.scales)]["lr"] == 0.01  # the learnt per-level scales: ordinary weights
-    assert groups[id(model.head.cls_convs[0].gn.bias)]["lr"] == 0.01  # a norm bias is not a bias here
+    assert groups[id(model.head.cls_convs[0].gn.bias)]["lr"] == 0.01  # a norm's, not "biases"
     assert len(optimizer.param_groups) == 3
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
     assert not any(id(p) in groups for p in model.parameters() if not p.requires_grad)  # frozen stages
@@ -363,7 +363,9 @@ def test_resume_restores_the_groups_and_continues_exactly(grouped_run, tiny_coco
     assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in b["state"])
 
 
-def test_resume_from_a_model_format_1_checkpoint_continues_exactly(grouped_run, tiny_coco, tmp_path):
+def test_resume_from_a_model_format_1_checkpoint_continues_exactly(
+    grouped_run, tiny_coco, tmp_path
+):
     """A checkpoint as gfldet wrote it before MMDetection's module names (old model keys, no
     "model_format") resumes to the same weights and momentum. The optimizer state is keyed by
     parameter index, not by name, so the model's keys are all that needs the map."""
@@ -380,7 +382,8 @@ def test_resume_from_a_model_format_1_checkpoint_continues_exactly(grouped_run, 
     assert (work / "train.log").read_text().count("model format 1") == 1
     assert same_weights(work / "last.pth", work0 / "last.pth")
     a, b = (load_checkpoint(w / "last.pth")["optimizer"] for w in (work, work0))
-    assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in b["state"])
+    for k in b["state"]:
+        assert torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"])
 
 
 def test_schedule_change_on_resume_applies_to_every_group(grouped_run, tiny_coco, tmp_path):
