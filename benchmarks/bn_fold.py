@@ -38,7 +38,8 @@ NUM_CLASSES = 80
 
 def unfolded_forward(backbone: ResNetBackbone, images: Tensor) -> list[Tensor]:
     """torchvision's own module calls: every convolution followed by its BatchNorm module."""
-    x = backbone.layer1(backbone.stem(images))
+    stem = torch.relu(backbone.bn1(backbone.conv1(images)))
+    x = backbone.layer1(backbone.maxpool(stem))
     c3 = backbone.layer2(x)
     c4 = backbone.layer3(c3)
     return [c3, c4, backbone.layer4(c4)]

@@ -121,7 +121,7 @@ def main() -> None:
     fcos = torchvision_detector("fcos", min_size=height, max_size=width).eval()
     retina = torchvision_detector("retinanet", min_size=height, max_size=width).eval()
     if args.scores == "dense":
-        for bias in (gfl.head.cls_out.bias, fcos.head.classification_head.cls_logits.bias,
+        for bias in (gfl.head.gfl_cls.bias, fcos.head.classification_head.cls_logits.bias,
                      retina.head.classification_head.cls_logits.bias):
             torch.nn.init.zeros_(bias)
 
@@ -148,10 +148,10 @@ def compare_gflv2(
                                     head=HeadConfig(dgqp=DGQPConfig()))).eval()
     # the same trunk and head weights; only DGQP keeps its initialisation
     missing, unexpected = gflv2.load_state_dict(gfl.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("head.dgqp.") for k in missing)
+    assert not unexpected and all(k.startswith("head.reg_conf.") for k in missing)
     if args.scores == "dense":
         for model in (gfl, gflv2):
-            torch.nn.init.zeros_(model.head.cls_out.bias)
+            torch.nn.init.zeros_(model.head.gfl_cls.bias)
     rows, counts = [], {}
     for batch in args.batch:
         t, counts[batch] = measure_gflv2(gfl, gflv2, batch, height, width, padded, args.repeats)

@@ -43,7 +43,12 @@ from torch import Tensor, nn
 from gfldet import __version__
 from gfldet.config import Config, config_to_dict, dump_config, load_config
 from gfldet.data import build_transforms, normalize_batch
-from gfldet.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from gfldet.engine.checkpoint import (
+    MODEL_FORMAT,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from gfldet.inference import (
     ImageInput,
     build_inference_model,
@@ -498,6 +503,7 @@ def publish_weights(
     used_ema = bool(use_ema and state.get("ema") is not None)
     published = {
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model_format": MODEL_FORMAT,
         "config": config_to_dict(cfg),
         "meta": {
             "class_names": class_names_for(cfg, state),

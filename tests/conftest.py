@@ -144,3 +144,35 @@ def _gfldet_logger_as_before():
     _restore_gfldet_logger()
     yield
     _restore_gfldet_logger()
+
+
+def to_format_1(state_dict: dict) -> dict:
+    """A state dict of today's model (or of its EMA, "module."-prefixed) renamed back to model
+    format 1, gfldet's module layout before MMDetection's names: a `stem` Sequential (conv1, bn1),
+    FPN `output_convs.i`, `p6`, `p7`, one Sequential per head tower of (conv, GroupNorm, ReLU)
+    (or (conv, ReLU) without norm), `cls_out`, `reg_out` and DGQP's `hidden` and `out`. Written
+    from that layout, independently of gfldet's own map."""
+    slots = 3 if any(".gn." in k for k in state_dict) else 2
+    fpn = {"0": "output_convs.0", "1": "output_convs.1", "2": "output_convs.2", "3": "p6",
+           "4": "p7"}
+    out = {}
+    for key, value in state_dict.items():
+        prefix = "module." if key.startswith("module.") else ""
+        parts = key.removeprefix(prefix).split(".")
+        if parts[:2] == ["backbone", "conv1"]:
+            parts[1:2] = ["stem", "0"]
+        elif parts[:2] == ["backbone", "bn1"]:
+            parts[1:2] = ["stem", "1"]
+        elif parts[:2] == ["neck", "lateral_convs"]:
+            del parts[3]  # .conv
+        elif parts[:2] == ["neck", "fpn_convs"]:
+            parts[1:4] = fpn[parts[2]].split(".")
+        elif parts[0] == "head" and parts[1] in ("cls_convs", "reg_convs"):
+            index = slots * int(parts[2]) + (parts[3] == "gn")
+            parts[1:4] = [parts[1].replace("convs", "tower"), str(index)]
+        elif parts[:2] in (["head", "gfl_cls"], ["head", "gfl_reg"]):
+            parts[1] = {"gfl_cls": "cls_out", "gfl_reg": "reg_out"}[parts[1]]
+        elif parts[:2] == ["head", "reg_conf"]:
+            parts[1:3] = ["dgqp", {"0": "hidden", "2": "out"}[parts[2]]]
+        out[prefix + ".".join(parts)] = value
+    return out

@@ -603,7 +603,7 @@ ckpt_kind("ckpt_of_another_model", _other_model, "{ckpt}",
 ckpt_kind("ckpt_wrong_num_classes", None, "{ckpt}", shared=_five_classes,
           expect={"eval": 2, "predict": 2, "export": 2, "train --resume": 2,
                   "train --load-from": 0},  # --load-from is how one fine-tunes to other classes
-          tool_names={t: ("head.cls_out.weight: checkpoint (5, 64, 3, 3) vs model (2, 64, 3, 3)",)
+          tool_names={t: ("head.gfl_cls.weight: checkpoint (5, 64, 3, 3) vs model (2, 64, 3, 3)",)
                       for t in WEIGHTS_READERS})
 
 

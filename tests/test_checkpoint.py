@@ -234,8 +234,8 @@ def test_rng_roundtrip_through_checkpoint(tmp_path: Path) -> None:
 class _Head(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        self.cls_out = nn.Conv2d(8, num_classes, 3, padding=1)
-        self.reg_out = nn.Conv2d(8, 4, 3, padding=1)
+        self.gfl_cls = nn.Conv2d(8, num_classes, 3, padding=1)
+        self.gfl_reg = nn.Conv2d(8, 4, 3, padding=1)
 
 
 class _Det(nn.Module):
@@ -252,13 +252,13 @@ def test_strict_mismatch_lists_keys_and_shapes() -> None:
     src = _Det(81, extra=True).state_dict()
     model = _Det(6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    del src["head.reg_out.bias"]
+    del src["head.gfl_reg.bias"]
     with pytest.raises(CheckpointError) as exc:
         load_model_weights(model, src, strict=True)
     msg = str(exc.value)
-    assert "head.cls_out.weight: checkpoint (81, 8, 3, 3) vs model (6, 8, 3, 3)" in msg
-    assert "head.cls_out.bias: checkpoint (81,) vs model (6,)" in msg
-    assert "head.reg_out.bias" in msg  # missing
+    assert "head.gfl_cls.weight: checkpoint (81, 8, 3, 3) vs model (6, 8, 3, 3)" in msg
+    assert "head.gfl_cls.bias: checkpoint (81,) vs model (6,)" in msg
+    assert "head.gfl_reg.bias" in msg  # missing
     assert "neck.weight" in msg and "neck.bias" in msg  # unexpected
     assert "--load-from" in msg and "strict=False" in msg
     # Nothing was loaded by the failed strict call.
@@ -271,18 +271,18 @@ def test_non_strict_loads_matching_only() -> None:
     src_model = _Det(81, extra=True)
     src = src_model.state_dict()
     model = _Det(6)
-    head_before = model.head.cls_out.weight.detach().clone()
+    head_before = model.head.gfl_cls.weight.detach().clone()
     report = load_model_weights(model, src, strict=False)
     assert torch.equal(model.backbone[0].weight, src["backbone.0.weight"])
     assert torch.equal(model.backbone[1].running_mean, src["backbone.1.running_mean"])
-    assert torch.equal(model.head.reg_out.weight, src["head.reg_out.weight"])
-    assert torch.equal(model.head.cls_out.weight, head_before)  # shape mismatch: untouched
+    assert torch.equal(model.head.gfl_reg.weight, src["head.gfl_reg.weight"])
+    assert torch.equal(model.head.gfl_cls.weight, head_before)  # shape mismatch: untouched
     assert "backbone.0.weight" in report["loaded"]
     assert sorted(report["unexpected"]) == ["neck.bias", "neck.weight"]
     assert report["missing"] == []
     assert [m.split(":")[0] for m in report["mismatched"]] == [
-        "head.cls_out.weight",
-        "head.cls_out.bias",
+        "head.gfl_cls.weight",
+        "head.gfl_cls.bias",
     ]
 
 
@@ -292,11 +292,11 @@ def test_ddp_prefix_and_wrapped_model() -> None:
     model = _Det(6)
     report = load_model_weights(model, src, strict=True)
     assert report["missing"] == report["unexpected"] == report["mismatched"] == []
-    assert torch.equal(model.head.cls_out.weight, src["module.head.cls_out.weight"])
+    assert torch.equal(model.head.gfl_cls.weight, src["module.head.gfl_cls.weight"])
     # A DataParallel-wrapped model is unwrapped too.
     wrapped = nn.DataParallel(_Det(6))
     load_model_weights(wrapped, src, strict=True)
-    assert torch.equal(wrapped.module.head.cls_out.weight, src["module.head.cls_out.weight"])
+    assert torch.equal(wrapped.module.head.gfl_cls.weight, src["module.head.gfl_cls.weight"])
 
 
 def test_long_lists_are_truncated() -> None:
@@ -349,3 +349,97 @@ def test_prune_checkpoints(tmp_path: Path) -> None:
 
 def test_module_exports_checkpoint_error_as_runtime_error() -> None:
     assert issubclass(ckpt_mod.CheckpointError, RuntimeError)
+
+
+# --------------------------------------------------------------------------- model format
+
+
+def _tiny_gfl(**variant) -> nn.Module:
+    from gfldet.models import build_gfl
+
+    torch.manual_seed(0)
+    model = build_gfl(num_classes=3, depth=18, fpn_channels=32, feat_channels=32, stacked_convs=2,
+                      frozen_stages=-1, norm_eval=False, **variant)
+    with torch.no_grad():  # away from the initialisation, so that every tensor matters
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn_like(tensor) * 0.05)
+    return model.eval()
+
+
+def _outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        return [*model.head(model.neck(model.backbone(images)))]
+
+
+@pytest.mark.parametrize("variant", [{}, {"dgqp": True}, {"norm": "none"}])
+def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, variant) -> None:
+    """A checkpoint as gfldet wrote it before the MMDetection names (no "model_format", old keys
+    in "model" and in the EMA's "module."-prefixed state) loads into today's model, with its EMA,
+    and gives the same outputs; the log says so once."""
+    from conftest import to_format_1
+
+    from gfldet.engine.ema import build_ema
+    from gfldet.inference import model_weights
+
+    model = _tiny_gfl(**variant)
+    ema = build_ema(model, 0.9, 10)
+    with torch.no_grad():
+        for tensor in ema.module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.mul_(0.5)
+    old = {"model": to_format_1(model.state_dict()), "ema": to_format_1(ema.state_dict()),
+           "epoch": 1}
+    assert "head.cls_out.weight" in old["model"] and "module.backbone.stem.0.weight" in old["ema"]
+    save_checkpoint(old, tmp_path / "old.pth")
+    caplog.set_level("WARNING", logger="gfldet")
+    with_propagation = ckpt_mod.log.propagate
+    ckpt_mod.log.propagate = True
+    try:
+        state = load_checkpoint(tmp_path / "old.pth")
+    finally:
+        ckpt_mod.log.propagate = with_propagation
+    notes = [r.getMessage() for r in caplog.records if "model format 1" in r.getMessage()]
+    assert len(notes) == 1 and "model and ema" in notes[0] and "old.pth" in notes[0]
+    assert list(state["model"]) == list(model.state_dict()) and state["model_format"] == 2
+    assert list(state["ema"]) == list(ema.state_dict())
+    images = torch.randn(1, 3, 128, 160)  # P7 2 x 3: GroupNorm needs more than one value
+    for use_ema, reference in ((False, model), (True, ema.module)):
+        fresh = _tiny_gfl(**variant)
+        with torch.no_grad():
+            for tensor in fresh.state_dict().values():
+                tensor.zero_()
+        load_model_weights(fresh, model_weights(state, use_ema=use_ema), strict=True)
+        for got, expected in zip(_outputs(fresh, images), _outputs(reference, images), strict=True):
+            assert torch.equal(got, expected)
+
+
+def test_current_format_and_plain_checkpoints_load_unchanged_and_unannounced(
+    tmp_path, caplog
+) -> None:
+    model = _tiny_gfl()
+    save_checkpoint({"model": model.state_dict(), "model_format": 2}, tmp_path / "new.pth")
+    save_checkpoint(_state(1), tmp_path / "plain.pth")  # no format entry, no old names
+    caplog.set_level("WARNING", logger="gfldet")
+    ckpt_mod.log.propagate, before = True, ckpt_mod.log.propagate
+    try:
+        assert list(load_checkpoint(tmp_path / "new.pth")["model"]) == list(model.state_dict())
+        assert "model_format" not in load_checkpoint(tmp_path / "plain.pth")
+    finally:
+        ckpt_mod.log.propagate = before
+    assert not [r for r in caplog.records if "model format" in r.getMessage()]
+
+
+def test_newer_model_format_is_refused_naming_the_versions(tmp_path) -> None:
+    save_checkpoint({"model": {"w": torch.zeros(1)}, "model_format": 3}, tmp_path / "future.pth")
+    with pytest.raises(CheckpointError, match=r"model format 3.*model formats 1 to 2"):
+        load_checkpoint(tmp_path / "future.pth")
+
+
+def test_format_1_state_dict_given_directly_gets_a_hint() -> None:
+    from conftest import to_format_1
+
+    model = _tiny_gfl()
+    with pytest.raises(CheckpointError, match=r"model format 1 names .*load_checkpoint"):
+        load_model_weights(model, to_format_1(model.state_dict()))

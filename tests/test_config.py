@@ -376,7 +376,7 @@ def test_dirac_init_distance_reaches_the_head(options, expected):
     cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml",
                       ["model.head.box_repr=dirac", "model.loss.dfl_weight=0", *options])
     head = build_model(cfg.model).head
-    assert head.box_repr == "dirac" and torch.equal(head.reg_out.bias, torch.full((4,), expected))
+    assert head.box_repr == "dirac" and torch.equal(head.gfl_reg.bias, torch.full((4,), expected))
 
 
 def test_cosine_ignores_milestones():

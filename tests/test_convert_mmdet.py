@@ -108,26 +108,38 @@ def test_r50_maps_every_key_both_ways(r50):
     assert len(mmdet) - 1 == len(converted) + 4 == report.mapped + 4
     # Keys whose shapes cannot tell them apart go where MMDetection's forward uses them.
     pairs = {
-        "backbone.stem.0.weight": "backbone.conv1.weight",
-        "backbone.stem.1.running_var": "backbone.bn1.running_var",
-        "backbone.stem.1.num_batches_tracked": "backbone.bn1.num_batches_tracked",
+        "backbone.conv1.weight": "backbone.conv1.weight",
+        "backbone.bn1.running_var": "backbone.bn1.running_var",
+        "backbone.bn1.num_batches_tracked": "backbone.bn1.num_batches_tracked",
         "backbone.layer3.5.bn2.bias": "backbone.layer3.5.bn2.bias",
         "backbone.layer2.0.downsample.1.running_mean": "backbone.layer2.0.downsample.1.running_mean",
-        "neck.lateral_convs.2.weight": "neck.lateral_convs.2.conv.weight",
-        "neck.output_convs.0.weight": "neck.fpn_convs.0.conv.weight",
-        "neck.output_convs.2.bias": "neck.fpn_convs.2.conv.bias",
-        "neck.p6.weight": "neck.fpn_convs.3.conv.weight",
-        "neck.p7.weight": "neck.fpn_convs.4.conv.weight",
-        "head.cls_tower.0.weight": "bbox_head.cls_convs.0.conv.weight",
-        "head.cls_tower.4.bias": "bbox_head.cls_convs.1.gn.bias",
-        "head.reg_tower.9.weight": "bbox_head.reg_convs.3.conv.weight",
-        "head.reg_tower.10.weight": "bbox_head.reg_convs.3.gn.weight",
-        "head.cls_out.bias": "bbox_head.gfl_cls.bias",
-        "head.reg_out.weight": "bbox_head.gfl_reg.weight",
+        "neck.lateral_convs.2.conv.weight": "neck.lateral_convs.2.conv.weight",
+        "neck.fpn_convs.0.conv.weight": "neck.fpn_convs.0.conv.weight",
+        "neck.fpn_convs.2.conv.bias": "neck.fpn_convs.2.conv.bias",
+        "neck.fpn_convs.3.conv.weight": "neck.fpn_convs.3.conv.weight",
+        "neck.fpn_convs.4.conv.weight": "neck.fpn_convs.4.conv.weight",
+        "head.cls_convs.0.conv.weight": "bbox_head.cls_convs.0.conv.weight",
+        "head.cls_convs.1.gn.bias": "bbox_head.cls_convs.1.gn.bias",
+        "head.reg_convs.3.conv.weight": "bbox_head.reg_convs.3.conv.weight",
+        "head.reg_convs.3.gn.weight": "bbox_head.reg_convs.3.gn.weight",
+        "head.gfl_cls.bias": "bbox_head.gfl_cls.bias",
+        "head.gfl_reg.weight": "bbox_head.gfl_reg.weight",
     }
     for ours, theirs in pairs.items():
         assert torch.equal(converted[ours], mmdet[theirs]), f"{ours} should come from {theirs}"
     assert torch.allclose(converted["head.scales"], torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4]))
+
+
+def test_gfldet_keys_are_mmdetections_but_for_the_exception_table(r50):
+    """Apart from the table in gfldet.convert_mmdet's docstring (the 5 scalar scales are one
+    tensor, the Integral's bins are not saved), every MMDetection key is a gfldet key with
+    `bbox_head.` read as `head.`, and the other way round."""
+    mmdet, target, _ = r50
+    exceptions = {k for k in mmdet if k.startswith("bbox_head.scales.")}
+    exceptions.add("bbox_head.integral.project")
+    assert {k.replace("bbox_head.", "head.", 1) for k in set(mmdet) - exceptions} == set(target) - {
+        "head.scales"
+    }
 
 
 def test_converted_weights_load_and_run(r50):
@@ -146,7 +158,8 @@ def test_missing_key_is_refused(r50, key):
     broken = {k: v for k, v in mmdet.items() if k != key}
     with pytest.raises(ConversionError, match="missing") as err:
         convert_state_dict(broken, target)
-    expected = {"neck.fpn_convs.4.conv.bias": "neck.p7.bias", "bbox_head.scales.2.scale": "head.scales",
+    expected = {"neck.fpn_convs.4.conv.bias": "neck.fpn_convs.4.conv.bias",
+                "bbox_head.scales.2.scale": "head.scales",
                 "backbone.layer4.2.bn3.running_var": "backbone.layer4.2.bn3.running_var"}[key]
     assert expected in str(err.value)
 
@@ -201,17 +214,18 @@ def test_cli_converts_a_wrapped_checkpoint_and_detector_loads_it(tmp_path, capsy
     text = capsys.readouterr().out
     assert "ResNet-18" in text and "integral.project" in text
     state = load_checkpoint(out)
-    assert state["meta"]["class_names"] == ["cat", "dog", "bird"]
+    assert state["meta"]["class_names"] == ["cat", "dog", "bird"] and state["model_format"] == 2
     detector = Detector.from_checkpoint(out)  # the config stored in the file describes the model
     assert detector.class_names == ["cat", "dog", "bird"]
-    assert torch.equal(detector.model.state_dict()["neck.p7.weight"], mmdet["neck.fpn_convs.4.conv.weight"])
+    p7 = "neck.fpn_convs.4.conv.weight"  # the same name on both sides
+    assert torch.equal(detector.model.state_dict()[p7], mmdet[p7])
 
     # A refused conversion writes nothing and names the key.
     del mmdet["bbox_head.gfl_cls.bias"]
     torch.save({"state_dict": mmdet}, src)
     bad = tmp_path / "bad.pth"
     assert convert.main([str(src), str(bad)]) == 1
-    assert "head.cls_out.bias" in capsys.readouterr().err and not bad.exists()
+    assert "head.gfl_cls.bias" in capsys.readouterr().err and not bad.exists()
 
 
 def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):

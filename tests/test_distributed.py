@@ -26,7 +26,7 @@ def make_model():
     # Confident scores make the box-loss normaliser (the sum of the max scores of the positives)
     # exceed 1 on each process; below 1 its clamp at 1 (MMDetection's, for batches with no
     # positives) applies per process and the two setups legitimately differ.
-    torch.nn.init.constant_(model.head.cls_out.bias, 3.0)
+    torch.nn.init.constant_(model.head.gfl_cls.bias, 3.0)
     return model
 
 

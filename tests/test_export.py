@@ -65,7 +65,7 @@ def tiny_model(num_classes: int = 3):
     model = build_inference_model(tiny_config(num_classes))
     # Zero class bias (instead of the -4.6 prior) so that a random model scores ~0.5 and the
     # NMS variant has plenty of detections to compare.
-    torch.nn.init.zeros_(model.head.cls_out.bias)
+    torch.nn.init.zeros_(model.head.gfl_cls.bias)
     return model.eval()
 
 
@@ -296,7 +296,9 @@ def test_published_weights_strip_training_state_and_detect_identically(tmp_path)
     assert load_config(published.with_suffix(".yaml")).model.num_classes == 3  # config beside it
 
     state = load_checkpoint(published)
-    assert set(state) == {"model", "config", "meta"} and state["meta"]["ema"] is True
+    assert set(state) == {"model", "model_format", "config", "meta"}
+    assert state["meta"]["ema"] is True
+    assert state["model_format"] == 2
     original = load_checkpoint(tmp_path / "last.pth")
     ema = {k.removeprefix("module."): v for k, v in original["ema"].items() if k != "n_averaged"}
     assert all(torch.equal(state["model"][k], ema[k]) for k in state["model"])  # EMA became the model

@@ -54,12 +54,12 @@ def test_dgqp_worked_by_hand():
     # class logit z = 0: joint score s = 0.5 * q = 0.36552928931500245
     dgqp = DGQP(reg_max=4, topk=4, channels=2, add_mean=True).double()
     with torch.no_grad():
-        dgqp.hidden.weight.zero_()
-        dgqp.hidden.weight[0, [0, 5, 10, 15], 0, 0] = 1.0
-        dgqp.hidden.weight[1, [4, 9, 14, 19], 0, 0] = -1.0
-        dgqp.hidden.bias.copy_(torch.tensor([-1.0, 0.0]))
-        dgqp.out.weight.copy_(torch.tensor([2.0, 5.0]).reshape(1, 2, 1, 1))
-        dgqp.out.bias.fill_(0.2)
+        dgqp[0].weight.zero_()
+        dgqp[0].weight[0, [0, 5, 10, 15], 0, 0] = 1.0
+        dgqp[0].weight[1, [4, 9, 14, 19], 0, 0] = -1.0
+        dgqp[0].bias.copy_(torch.tensor([-1.0, 0.0]))
+        dgqp[2].weight.copy_(torch.tensor([2.0, 5.0]).reshape(1, 2, 1, 1))
+        dgqp[2].bias.fill_(0.2)
     reg = _side_logits(
         [0.10, 0.40, 0.20, 0.25, 0.05], [0.60, 0.30, 0.04, 0.03, 0.03], [0.2] * 5, [0.2] * 5
     )
@@ -71,10 +71,10 @@ def test_dgqp_worked_by_hand():
 
 
 def test_dgqp_without_mean_has_4k_inputs_and_checks_topk():
-    assert DGQP(reg_max=16, topk=3, channels=64, add_mean=False).hidden.in_channels == 12
+    assert DGQP(reg_max=16, topk=3, channels=64, add_mean=False)[0].in_channels == 12
     paper = DGQP(reg_max=16, **dataclasses.asdict(DGQPConfig()))  # the config's defaults
-    assert paper.hidden.in_channels == 20 and paper.out.out_channels == 1  # paper: 4 x (4 + 1)
-    assert paper.hidden.out_channels == 64
+    assert paper[0].in_channels == 20 and paper[2].out_channels == 1  # paper: 4 x (4 + 1)
+    assert paper[0].out_channels == 64
     with pytest.raises(ValueError, match="topk"):
         DGQP(reg_max=2, topk=4, channels=64, add_mean=True)
 
@@ -93,13 +93,13 @@ def test_head_class_output_is_the_joint_logit():
         dirac_init_distance=None,
         dgqp={"topk": 4, "channels": 8, "add_mean": True},
     ).double()
-    for p in head.dgqp.parameters():  # away from init, so that the quality is not ~0.5 everywhere
+    for p in head.reg_conf.parameters():  # away from init: a quality not ~0.5 everywhere
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
     cls_logits, reg_logits = head([x])  # [B, A, C], [B, A, 4(R+1)]
-    z = head.cls_out(head.cls_tower(x)).permute(0, 2, 3, 1).flatten(1, 2)
+    z = head.gfl_cls(head.cls_convs(x)).permute(0, 2, 3, 1).flatten(1, 2)
     u = (
-        head.dgqp(head.reg_out(head.reg_tower(x)) * head.scales[0])
+        head.reg_conf(head.gfl_reg(head.reg_convs(x)) * head.scales[0])
         .permute(0, 2, 3, 1)
         .flatten(1, 2)
     )
@@ -208,7 +208,7 @@ def test_gflv2_trains_under_bf16_autocast_with_finite_losses_and_gradients():
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), name
-    assert model.head.dgqp.hidden.weight.grad.abs().sum() > 0
+    assert model.head.reg_conf[0].weight.grad.abs().sum() > 0
 
 
 def test_gflv2_starts_with_a_gflv1_sized_classification_loss():
@@ -223,18 +223,18 @@ def test_gflv2_starts_with_a_gflv1_sized_classification_loss():
 
 def test_dgqp_off_builds_exactly_the_gflv1_model():
     v1, off = _tiny_model(dgqp=False), _tiny_model(dgqp=False)
-    assert off.head.dgqp is None
+    assert off.head.reg_conf is None
     v2 = _tiny_model(dgqp=True)
     extra = set(v2.state_dict()) - set(v1.state_dict())
     assert extra == {
-        "head.dgqp.hidden.weight",
-        "head.dgqp.hidden.bias",
-        "head.dgqp.out.weight",
-        "head.dgqp.out.bias",
+        "head.reg_conf.0.weight",
+        "head.reg_conf.0.bias",
+        "head.reg_conf.2.weight",
+        "head.reg_conf.2.bias",
     }
     assert sum(v2.state_dict()[k].numel() for k in extra) == 20 * 64 + 64 + 64 + 1  # 1,409 (paper)
-    assert math.isclose(v2.head.dgqp.hidden.weight.std().item(), 0.01, rel_tol=0.2)  # N(0, 0.01)
-    assert v2.head.dgqp.out.bias.abs().sum() == 0
+    assert math.isclose(v2.head.reg_conf[0].weight.std().item(), 0.01, rel_tol=0.2)  # N(0, 0.01)
+    assert v2.head.reg_conf[2].bias.abs().sum() == 0
 
 
 # --------------------------------------------------------------------------- every tool, GFLv2
@@ -255,7 +255,7 @@ def V2_OPTIONS(data) -> list[str]:  # noqa: N802 - reads as the constant it is
 def test_gflv2_trains_saves_its_switch_and_eval_reproduces_the_training_ap(v2_run, tmp_path):
     state = load_checkpoint(v2_run / "last.pth")
     assert state["config"]["model"]["head"]["dgqp"] == {"topk": 4, "channels": 64, "add_mean": True}
-    assert "head.dgqp.hidden.weight" in state["model"]
+    assert "head.reg_conf.0.weight" in state["model"]
     assert load_config(v2_run / "config.yaml").model.head.dgqp
     run_in_process(
         EVAL,
@@ -295,7 +295,7 @@ def test_gflv2_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_run, tin
 
 def test_gflv2_detector_and_predict(v2_run, tiny_coco, tmp_path):
     detector = Detector.from_checkpoint(v2_run / "last.pth", score_thr=0.0)
-    assert detector.model.head.dgqp is not None
+    assert detector.model.head.reg_conf is not None
     paths = sorted(tiny_coco["val_images"].iterdir())
     got = detector(paths)
     assert sum(len(d["scores"]) for d in got) > 0
@@ -410,13 +410,13 @@ def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_he
     assert set(converted) == set(target) and report.dropped == ["bbox_head.integral.project"]
     assert len(sd) - 1 == report.mapped + 4  # every official tensor used once (5 scales -> 1)
     for ours, theirs in (
-        ("head.dgqp.hidden.weight", "bbox_head.reg_conf.0.weight"),
-        ("head.dgqp.hidden.bias", "bbox_head.reg_conf.0.bias"),
-        ("head.dgqp.out.weight", "bbox_head.reg_conf.2.weight"),
-        ("head.dgqp.out.bias", "bbox_head.reg_conf.2.bias"),
+        ("head.reg_conf.0.weight", "bbox_head.reg_conf.0.weight"),
+        ("head.reg_conf.0.bias", "bbox_head.reg_conf.0.bias"),
+        ("head.reg_conf.2.weight", "bbox_head.reg_conf.2.weight"),
+        ("head.reg_conf.2.bias", "bbox_head.reg_conf.2.bias"),
     ):
         assert torch.equal(converted[ours], sd[theirs])
-    assert torch.equal(converted["head.cls_out.weight"], sd["bbox_head.gfl_cls.weight"][:3])
+    assert torch.equal(converted["head.gfl_cls.weight"], sd["bbox_head.gfl_cls.weight"][:3])
 
     model.load_state_dict(converted, strict=True)
     x = torch.randn(2, 32, 6, 7)
@@ -436,7 +436,7 @@ def test_gflv1_model_refuses_an_official_gflv2_state_dict_naming_reg_conf():
     settings = {**infer_model_settings(sd), "dgqp": False}
     target = build_model(config_from_settings(settings).model).state_dict()
     with pytest.raises(
-        ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.dgqp\.hidden\.weight"
+        ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.reg_conf\.0\.weight"
     ):
         convert_state_dict(extra_class_channel(sd, 3)[0], target)
 
@@ -453,9 +453,10 @@ def test_cli_converts_an_official_gflv2_checkpoint_and_detector_loads_it(tmp_pat
     assert "GFLv2: DGQP (top-4 + mean, 64 channels)" in proc.stdout
     assert "background class channel" in proc.stdout and "[4, 64, 3, 3] -> first 3" in proc.stdout
     detector = Detector.from_checkpoint(out)
-    assert detector.class_names == ["cat", "dog", "bird"] and detector.model.head.dgqp is not None
+    assert detector.class_names == ["cat", "dog", "bird"]
+    assert detector.model.head.reg_conf is not None
     assert torch.equal(
-        detector.model.state_dict()["head.dgqp.out.bias"], sd["bbox_head.reg_conf.2.bias"]
+        detector.model.state_dict()["head.reg_conf.2.bias"], sd["bbox_head.reg_conf.2.bias"]
     )
 
 

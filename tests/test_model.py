@@ -66,8 +66,8 @@ def test_head_output_shapes():
     num = 16 * 24 + 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2
     assert cls.shape == (2, num, 80) and reg.shape == (2, num, 68) and reg.dtype == torch.float32
     # Initial class prior 0.01 everywhere (bias -log(99)).
-    assert torch.sigmoid(head.cls_out.bias).allclose(torch.full((80,), 0.01))
-    assert sum(isinstance(m, nn.GroupNorm) for m in head.cls_tower) == 4
+    assert torch.sigmoid(head.gfl_cls.bias).allclose(torch.full((80,), 0.01))
+    assert sum(isinstance(m, nn.GroupNorm) for m in head.cls_convs.modules()) == 4
     assert head.distances(reg).shape == (2, num, 4)
 
 
@@ -114,8 +114,8 @@ def test_fpn_extra_levels_come_from_p5_output_without_relu():
     fpn = FPN([8, 16, 32], out_channels=32)
     feats = [torch.randn(1, 8, 16, 16), torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4)]
     p3, p4, p5, p6, p7 = fpn(feats)
-    torch.testing.assert_close(p6, fpn.p6(p5))
-    torch.testing.assert_close(p7, fpn.p7(p6))  # P6 may be negative: no ReLU in between
+    torch.testing.assert_close(p6, fpn.fpn_convs[3](p5))
+    torch.testing.assert_close(p7, fpn.fpn_convs[4](p6))  # P6 may be negative: no ReLU in between
     assert (p6 < 0).any()
     assert [p.shape[-1] for p in (p3, p4, p5, p6, p7)] == [16, 8, 4, 2, 1]
 
@@ -123,7 +123,7 @@ def test_fpn_extra_levels_come_from_p5_output_without_relu():
 def test_backbone_freezing_and_norm_eval():
     backbone = ResNetBackbone(depth=18, weights=None, frozen_stages=1, norm_eval=True)
     backbone.train()
-    assert not any(p.requires_grad for p in backbone.stem.parameters())
+    assert not any(p.requires_grad for m in (backbone.conv1, backbone.bn1) for p in m.parameters())
     assert not any(p.requires_grad for p in backbone.layer1.parameters())
     assert all(p.requires_grad for p in backbone.layer2.parameters())  # BN affine still trains
     assert all(not m.training for m in backbone.modules() if isinstance(m, nn.BatchNorm2d))
@@ -133,9 +133,16 @@ def test_backbone_freezing_and_norm_eval():
     assert backbone.out_channels == [128, 256, 512]
 
 
+def test_backbone_has_torchvisions_resnet_names():
+    for depth, resnet in ((18, torchvision.models.resnet18), (50, torchvision.models.resnet50)):
+        expected = [k for k in resnet(weights=None).state_dict() if not k.startswith("fc.")]
+        assert list(ResNetBackbone(depth=depth).state_dict()) == expected  # same order too
+
+
 def _torchvision_forward(backbone: ResNetBackbone, images: torch.Tensor) -> list[torch.Tensor]:
     """The unfolded reference: torchvision's own module forwards (conv, then BatchNorm)."""
-    x = backbone.layer1(backbone.stem(images))
+    stem = torch.relu(backbone.bn1(backbone.conv1(images)))
+    x = backbone.layer1(backbone.maxpool(stem))
     c3 = backbone.layer2(x)
     c4 = backbone.layer3(c3)
     return [c3, c4, backbone.layer4(c4)]
@@ -239,7 +246,8 @@ def test_r50_recipe_training_step_is_finite():
     sum(losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model.head.cls_out.weight.grad.abs().sum() > 0 and model.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
+    assert model.head.gfl_cls.weight.grad.abs().sum() > 0
+    assert model.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
 
 
 def test_image_without_boxes_gives_zero_box_losses():
@@ -304,7 +312,7 @@ def test_tiny_model_overfits_two_images():
 def test_eval_output_contract_and_rescaling():
     torch.manual_seed(0)
     model = tiny_model(num_classes=2).eval()
-    nn.init.constant_(model.head.cls_out.bias, 2.0)  # make every prior a confident detection
+    nn.init.constant_(model.head.gfl_cls.bias, 2.0)  # make every prior a confident detection
     images = torch.randn(2, 3, 64, 96)
     meta = [{"image_size": (64, 96), "orig_size": (128, 192)}, {"image_size": (40, 60), "orig_size": (40, 60)}]
     with torch.no_grad():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT, build_from_options, tiny_overrides
+from conftest import ROOT, build_from_options, tiny_overrides, to_format_1
 
 from gfldet.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from gfldet.engine import trainer as trainer_mod
@@ -293,10 +293,9 @@ def tiny_model(*options: str):
 
 def expected_kind(name: str) -> str:
     """Written from the names, not from module types, so that the test does not restate the code:
-    BatchNorm (bn*, downsample.1) and GroupNorm (tower index 1) parameters are norm; the biases of
-    the FPN convs and of the two output convs are biases; conv weights and head.scales are
-    weights."""
-    if re.search(r"\.bn\d\.|downsample\.1\.|_tower\.1\.", name):
+    BatchNorm (bn*, downsample.1) and GroupNorm (*.gn) parameters are norm; the biases of the FPN
+    convs and of the two output convs are biases; conv weights and head.scales are weights."""
+    if re.search(r"\.bn\d\.|downsample\.1\.|\.gn\.", name):
         return "norm"
     if name.endswith(".bias"):
         return "bias"
@@ -332,7 +331,7 @@ def test_groups_put_each_parameter_where_the_options_say(name):
     for n, p in named:
         assert (groups[id(p)]["lr"], groups[id(p)]["weight_decay"]) == expected[expected_kind(n)], n
     assert groups[id(model.head.scales)]["lr"] == 0.01  # the learnt per-level scales: weights
-    assert groups[id(model.head.cls_tower[1].bias)]["lr"] == 0.01  # a norm bias is not a bias here
+    assert groups[id(model.head.cls_convs[0].gn.bias)]["lr"] == 0.01  # a norm's, not "biases"
     assert len(optimizer.param_groups) == 3
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -346,7 +345,7 @@ def test_a_group_option_equal_to_the_default_adds_no_group():
     # norm decay = weight_decay: BatchNorm stays with the weights
     assert len(optimizer.param_groups) == 2
     groups = group_of(optimizer)
-    assert groups[id(model.head.cls_tower[0].bias)]["weight_decay"] == 0.0
+    assert groups[id(model.head.cls_convs[0].conv.bias)]["weight_decay"] == 0.0
     assert groups[id(model.backbone.layer4[0].bn1.weight)]["weight_decay"] == 1e-4
 
 
@@ -381,6 +380,29 @@ def test_resume_restores_the_groups_and_continues_exactly(grouped_run, tiny_coco
     assert a["param_groups"] == b["param_groups"]
     assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"])
                for k in b["state"])
+
+
+def test_resume_from_a_model_format_1_checkpoint_continues_exactly(
+    grouped_run, tiny_coco, tmp_path
+):
+    """A checkpoint as gfldet wrote it before MMDetection's module names (old model keys, no
+    "model_format") resumes to the same weights and momentum. The optimizer state is keyed by
+    parameter index, not by name, so the model's keys are all that needs the map."""
+    work0, _ = grouped_run
+    state = load_checkpoint(work0 / "epoch_1.pth")
+    assert state["model_format"] == 2
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])
+    assert not any("param_names" in g for g in state["optimizer"]["param_groups"])
+    old = {k: v for k, v in state.items() if k != "model_format"}
+    old["model"] = to_format_1(state["model"])
+    assert "backbone.stem.0.weight" in old["model"]
+    work = folder_with(tmp_path, "format1", last=old)
+    train(config(tiny_coco, *GROUPED_EXTRA, NO_EVAL), work, resume=True)
+    assert (work / "train.log").read_text().count("model format 1") == 1
+    assert same_weights(work / "last.pth", work0 / "last.pth")
+    a, b = (load_checkpoint(w / "last.pth")["optimizer"] for w in (work, work0))
+    for k in b["state"]:
+        assert torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"])
 
 
 def test_schedule_change_on_resume_applies_to_every_group(grouped_run, tiny_coco, tmp_path):

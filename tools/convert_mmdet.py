@@ -5,9 +5,11 @@ official GFLv2 one (implus/GFocalV2 `GFocalHead`: DGQP, 81-channel gfl_cls; gfld
         checkpoints/gfl_r50_fpn_1x_coco.pth [--config configs/gfl_r50_fpn_1x_coco.yaml]
     python tools/eval.py configs/gfl_r50_fpn_1x_coco.yaml checkpoints/gfl_r50_fpn_1x_coco.pth
 
-Every MMDetection key must map onto exactly one gfldet key with the same shape (or be one of
-the keys dropped on purpose: the Integral's `project` bins, a classifier `fc`), and every gfldet
-key must be filled; otherwise nothing is written and the offending keys are listed (exit 1).
+gfldet's modules carry MMDetection's names, so every MMDetection key is its own gfldet key
+(`bbox_head.` read as `head.`) except for the short table in gfldet/convert_mmdet.py. Every
+MMDetection key must land on exactly one gfldet key with the same shape (or be one of the keys
+dropped on purpose: the Integral's `project` bins, a classifier `fc`), and every gfldet key must
+be filled; otherwise nothing is written and the offending keys are listed (exit 1).
 Without --config the model (depth, channels, classes) is inferred from the file. A file that is
 missing, damaged or unsafe, or an existing OUT (without --overwrite): a message, exit 2.
 """
@@ -24,18 +26,25 @@ from gfldet.engine.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mmdet_checkpoint", help="MMDetection GFL checkpoint (.pth)")
     parser.add_argument("out", help="gfldet checkpoint to write (.pth)")
-    parser.add_argument("--config", help="gfldet config describing the same model (default: inferred from the file)")
+    parser.add_argument(
+        "--config", help="gfldet config describing the same model (default: inferred from the file)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(args.config) if args.config else None  # a bad config: status 2, like every tool
+    # A bad config: status 2, like every tool.
+    cfg = load_config_or_exit(args.config) if args.config else None
     if Path(args.out).exists() and not args.overwrite:
-        print(f"error: {args.out} exists; pass --overwrite to replace it, or give another OUT", file=sys.stderr)
+        print(f"error: {args.out} exists; pass --overwrite to replace it, or give another OUT",
+              file=sys.stderr)
         return 2
     if Path(args.out).resolve() == Path(args.mmdet_checkpoint).resolve():
-        print(f"error: OUT {args.out} is the MMDetection checkpoint itself; give another OUT", file=sys.stderr)
+        print(f"error: OUT {args.out} is the MMDetection checkpoint itself; give another OUT",
+              file=sys.stderr)
         return 2
     try:
         out, report, cfg = convert_checkpoint(args.mmdet_checkpoint, args.out, cfg)
@@ -48,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.model
     print(
         f"wrote {out}: ResNet-{m.backbone.depth} FPN({m.fpn.out_channels}) GFL head "
-        f"({m.head.stacked_convs} x {m.head.feat_channels} ch, {m.head.norm}, reg_max {m.head.reg_max}), "
+        f"({m.head.stacked_convs} x {m.head.feat_channels} ch, {m.head.norm}, "
+        f"reg_max {m.head.reg_max}), "
         f"{m.num_classes} classes"
     )
     print(f"mapped {report.mapped} tensors; dropped {report.dropped or 'nothing'}")
@@ -59,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print("dropped the official GFLv2 background class channel (trained to 0, no class): "
               + "; ".join(report.sliced))
     if report.filled:
-        print(f"filled {len(report.filled)} BatchNorm num_batches_tracked counters absent from the file with 0")
+        print(f"filled {len(report.filled)} BatchNorm num_batches_tracked counters absent from "
+              "the file with 0")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Safe, atomic checkpoint I/O: weights_only loading, RNG state capture, partial weight loading."""
+"""Safe, atomic checkpoint I/O: weights_only loading, RNG state capture, partial weight loading,
+and the model-format version of what gfldet saves (older formats are mapped when loaded)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import pickletools
@@ -21,6 +23,13 @@ from torch import nn
 
 _EPOCH_RE = re.compile(r"epoch_(\d+)\.pth")
 _MAX_LISTED = 20
+log = logging.getLogger("gfldet")
+
+# The version of the state-dict names in a checkpoint's "model" (and "ema"), saved as
+# "model_format". 1 (files without the entry): gfldet's own names (`backbone.stem.0`,
+# `neck.output_convs.i`, `neck.p6`, `head.cls_tower.k`, `head.cls_out`, `head.dgqp.hidden`).
+# 2: torchvision's ResNet and MMDetection's FPN and GFL head names.
+MODEL_FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -147,7 +156,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         with warnings.catch_warnings():
             # A plain pickle (not torch's zip format) makes torch warn about its protocol before
             # the refusal below, which says all there is to say.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol", category=UserWarning
+            )
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if _is_unsafe_global_refusal(e):
@@ -180,22 +191,95 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
-    return obj
+    return _to_current_format(obj, path)
+
+
+# --------------------------------------------------------------------------- model format
+
+
+def _to_current_format(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`state` with its model (and EMA) keys in MODEL_FORMAT names, said once in the log when
+    names were mapped. Files without a "model" entry (MMDetection's, bare state dicts) are left
+    as they are; a format newer than this gfldet's is a CheckpointError naming both."""
+    if not isinstance(state.get("model"), Mapping):
+        return state
+    version = state.get("model_format", 1)
+    if version == MODEL_FORMAT:
+        return state
+    if version != 1:
+        raise CheckpointError(
+            f"{path} holds model format {version!r}, written by another gfldet version; this one "
+            f"reads model formats 1 to {MODEL_FORMAT}. Load it with the gfldet that wrote it."
+        )
+    mapped = {k: format_1_to_current(state[k]) for k in ("model", "ema")
+              if isinstance(state.get(k), Mapping)}
+    renamed = [k for k, sd in mapped.items() if list(sd) != list(state[k])]
+    if not renamed:
+        return state
+    log.warning(
+        "%s: model format 1 (gfldet's module names before torchvision's and MMDetection's): "
+        "the keys of its %s are mapped to model format %d",
+        path, " and ".join(renamed), MODEL_FORMAT,
+    )
+    return {**state, **mapped, "model_format": MODEL_FORMAT}
+
+
+_FORMAT_1_RENAMES = [  # (model format 1 pattern, MODEL_FORMAT replacement), for re.sub
+    (r"backbone\.stem\.0\.", "backbone.conv1."),
+    (r"backbone\.stem\.1\.", "backbone.bn1."),
+    (r"neck\.lateral_convs\.(\d+)\.(weight|bias)$", r"neck.lateral_convs.\1.conv.\2"),
+    (r"neck\.output_convs\.(\d+)\.", r"neck.fpn_convs.\1.conv."),
+    (r"neck\.p6\.", "neck.fpn_convs.3.conv."),
+    (r"neck\.p7\.", "neck.fpn_convs.4.conv."),
+    (r"head\.cls_out\.", "head.gfl_cls."),
+    (r"head\.reg_out\.", "head.gfl_reg."),
+    (r"head\.dgqp\.hidden\.", "head.reg_conf.0."),
+    (r"head\.dgqp\.out\.", "head.reg_conf.2."),
+]
+_FORMAT_1_TOWER = re.compile(r"head\.(cls|reg)_tower\.(\d+)\.(weight|bias)")
+
+
+def format_1_to_current(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict (a model's, or an EMA's with its "module." prefix) with model format 1 names
+    renamed to MODEL_FORMAT's, in the same order; other keys are kept as they are.
+
+    A format-1 head tower was one Sequential of (conv, GroupNorm, ReLU) x n, or (conv, ReLU) x n
+    without norm: its entry k is conv k // 3 (or k // 2), the GroupNorm when k % 3 == 1."""
+    with_gn = any(re.search(r"head\.cls_tower\.1\.weight$", k) for k in state_dict)
+    slots = 3 if with_gn else 2
+
+    def rename(key: str) -> str:
+        prefix = "module." if key.startswith("module.") else ""
+        name = key.removeprefix(prefix)
+        tower = _FORMAT_1_TOWER.fullmatch(name)
+        if tower:
+            branch, k, entry = tower[1], int(tower[2]), tower[3]
+            layer = "gn" if with_gn and k % slots == 1 else "conv"
+            return f"{prefix}head.{branch}_convs.{k // slots}.{layer}.{entry}"
+        for pattern, replacement in _FORMAT_1_RENAMES:
+            name = re.sub(f"^{pattern}", replacement, name)
+        return prefix + name
+
+    return {rename(k): v for k, v in state_dict.items()}
 
 
 # What tools/train.py writes into a checkpoint, and --resume reads back.
-TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "rng", "config")
+TRAINING_STATE = (
+    "model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "rng", "config"
+)
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``load_checkpoint`` for --resume: CheckpointError unless the file is a training checkpoint."""
+    """``load_checkpoint`` for --resume: CheckpointError unless the file is a training
+    checkpoint."""
     state = load_checkpoint(path)
     missing = [k for k in TRAINING_STATE if k not in state]
     if missing:
+        held = ", ".join(sorted(map(str, state))[:8]) or "nothing"
         raise CheckpointError(
-            f"{path} is not a training checkpoint of tools/train.py (it has no {', '.join(missing)}; "
-            f"it holds {', '.join(sorted(map(str, state))[:8]) or 'nothing'}): --resume continues a run from "
-            f"its last.pth or epoch_N.pth. To start a new run from these weights, use --load-from {path}")
+            f"{path} is not a training checkpoint of tools/train.py (it has no "
+            f"{', '.join(missing)}; it holds {held}): --resume continues a run from its last.pth "
+            f"or epoch_N.pth. To start a new run from these weights, use --load-from {path}")
     return state
 
 
@@ -260,7 +344,10 @@ def _fmt_list(title: str, items: list[str]) -> str:
 
 
 def load_model_weights(
-    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, source: str | Path | None = None
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    strict: bool = True,
+    source: str | Path | None = None,
 ) -> dict[str, list[str]]:
     """Load ``state_dict`` into ``model`` after checking keys and shapes (``source``: the file
     it came from, named in the error).
@@ -312,6 +399,12 @@ def load_model_weights(
         if not matched and any(k in sd for k in ("model", "state_dict")):
             parts.append(
                 "  hint: this looks like a full training checkpoint; pass checkpoint['model']."
+            )
+        if list(format_1_to_current(sd)) != list(sd):
+            parts.append(
+                f"  hint: these are model format 1 names (gfldet's before format {MODEL_FORMAT}); "
+                "read the file with load_checkpoint, which maps them, or map them with "
+                "format_1_to_current."
             )
         parts.append(
             "To load only the matching weights (e.g. fine-tuning with a different number of "

@@ -47,6 +47,7 @@ from gfldet.engine.build import (
     scaled_lr,
 )
 from gfldet.engine.checkpoint import (
+    MODEL_FORMAT,
     CheckpointError,
     capture_rng_state,
     find_checkpoint_file,
@@ -288,6 +289,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
             return
         state = {
             "model": model.state_dict(),
+            "model_format": MODEL_FORMAT,  # the names of the model's (and EMA's) keys
             "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

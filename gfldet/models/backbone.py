@@ -9,8 +9,10 @@ A BatchNorm in eval mode (frozen statistics: `norm_eval`, a frozen stage, or inf
 affine map per channel, so the backbone folds it into the convolution before it
 (`conv_bn`): one convolution with a rescaled weight and a bias instead of a convolution plus two
 extra passes over the activation in forward and backward. The fold is recomputed from the
-parameters at every call, so the BatchNorm affine parameters still train and the state dict
-keeps torchvision's keys.
+parameters at every call, so the BatchNorm affine parameters still train.
+
+The module names are torchvision's (`conv1`, `bn1`, `layer1`..`layer4`, without `fc`), so the
+state dict has the keys of torchvision's and MMDetection's ResNet.
 """
 
 from __future__ import annotations
@@ -44,23 +46,26 @@ class ResNetBackbone(nn.Module):
         resnet = build(weights=None)
         if weights is not None:
             resnet.load_state_dict(load_imagenet_weights(depth, weights))
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.conv1, self.bn1, self.maxpool = resnet.conv1, resnet.bn1, resnet.maxpool
         self.layer1, self.layer2 = resnet.layer1, resnet.layer2
         self.layer3, self.layer4 = resnet.layer3, resnet.layer4
         # Channels of C3, C4, C5: 128/256/512 (ResNet-18/34) or 512/1024/2048 (50/101).
-        self.out_channels = [_last_conv(s).out_channels for s in (self.layer2, self.layer3, self.layer4)]
+        self.out_channels = [_last_conv(s).out_channels for s in (self.layer2, self.layer3,
+                                                                 self.layer4)]
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._freeze_stages()
 
-    def _stages(self) -> list[nn.Module]:
-        return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+    def _stages(self) -> list[list[nn.Module]]:
+        """The stem (conv1, bn1) and the four residual stages, the units `frozen_stages` counts."""
+        return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
 
     def _freeze_stages(self) -> None:
         for stage in self._stages()[: self.frozen_stages + 1]:
-            stage.eval()
-            for param in stage.parameters():
-                param.requires_grad_(False)
+            for module in stage:
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad_(False)
 
     def train(self, mode: bool = True) -> ResNetBackbone:
         super().train(mode)
@@ -72,8 +77,7 @@ class ResNetBackbone(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        conv, bn, _, maxpool = self.stem
-        x = maxpool(F.relu(conv_bn(conv, bn, images), inplace=True))
+        x = self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, images), inplace=True))  # stride 4
         outputs = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
@@ -139,14 +143,16 @@ def load_imagenet_weights(depth: int, weights: str) -> dict[str, Tensor]:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"backbone weights file not found: {path} (model.backbone.weights). Give the path to "
-                f"a torchvision ResNet-{depth} state dict, 'torchvision' to download it, or null."
+                f"backbone weights file not found: {path} (model.backbone.weights). Give the "
+                f"path to a torchvision ResNet-{depth} state dict, 'torchvision' to download it, "
+                "or null."
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k: v for k, v in _RESNETS[depth][0](weights=None).state_dict().items() if not k.startswith("fc.")}
+    reference = _RESNETS[depth][0](weights=None).state_dict()
+    expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     reshaped = [

@@ -3,6 +3,9 @@ add_extra_convs='on_output', num_outs=5)`): lateral 1x1 convs on C3-C5, a neares
 top-down pathway, 3x3 output convs, then P6 by a stride-2 3x3 conv on the P5 *output* and P7 by
 another on P6, with no ReLU in between. No normalisation, Xavier-uniform init.
 
+The names are MMDetection's: `lateral_convs.i.conv` (C3-C5) and `fpn_convs.i.conv`, where
+`fpn_convs.0..2` give P3-P5 and `fpn_convs.3` / `.4` are the extra convs giving P6 / P7.
+
 torchvision's `FeaturePyramidNetwork` + `LastLevelP6P7` differs (ReLU before P7, Kaiming init),
 hence this module.
 """
@@ -12,18 +15,19 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gfldet.models.conv_module import ConvModule
+
 
 class FPN(nn.Module):
     """forward: [C3, C4, C5] -> [P3, P4, P5, P6, P7], each with `out_channels` channels."""
 
     def __init__(self, in_channels: list[int], *, out_channels: int) -> None:
         super().__init__()
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
-        self.output_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
+        self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(
+            [ConvModule(out_channels, out_channels, 3) for _ in in_channels]
+            + [ConvModule(out_channels, out_channels, 3, stride=2) for _ in range(2)]  # P6, P7
         )
-        self.p6 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
-        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
         self.out_channels = out_channels
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -36,7 +40,8 @@ class FPN(nn.Module):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
             )
-        outs = [conv(x) for conv, x in zip(self.output_convs, laterals, strict=True)]
-        p6 = self.p6(outs[-1])
-        p7 = self.p7(p6)  # no ReLU between P6 and P7 (relu_before_extra_convs=False)
-        return [*outs, p6, p7]
+        levels = len(laterals)
+        outs = [conv(x) for conv, x in zip(self.fpn_convs[:levels], laterals, strict=True)]  # P3-P5
+        for conv in self.fpn_convs[levels:]:  # P6 from the P5 output, P7 from P6
+            outs.append(conv(outs[-1]))  # no ReLU before them (relu_before_extra_convs=False)
+        return outs

@@ -3,6 +3,10 @@ tower giving each box edge as a discrete distribution over `reg_max + 1` bins (G
 
 Shape legend: `B` images, `A` priors over all levels, `C` classes, `R` = reg_max. The head's
 outputs are flattened per level row-major and concatenated P3 -> P7, matching `make_priors`.
+
+The module names are MMDetection's GFLHead's (`cls_convs.i.conv` / `.gn`, `reg_convs`, `gfl_cls`,
+`gfl_reg`, `scales`) and, for GFLv2, the official GFocalV2 head's `reg_conf.0` / `reg_conf.2`;
+gfldet.convert_mmdet lists the few differences.
 """
 
 from __future__ import annotations
@@ -15,16 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gfldet.models.conv_module import ConvModule
+
 
 def _tower(in_channels: int, feat_channels: int, num_convs: int, norm: str) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(num_convs):
-        conv_in = in_channels if i == 0 else feat_channels
-        layers.append(nn.Conv2d(conv_in, feat_channels, 3, padding=1, bias=norm == "none"))
-        if norm == "gn":
-            layers.append(nn.GroupNorm(32, feat_channels))
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    """`num_convs` x (3x3 conv, norm, ReLU): MMDetection's `cls_convs` / `reg_convs`."""
+    channels = [in_channels if i == 0 else feat_channels for i in range(num_convs)]
+    return nn.Sequential(*(ConvModule(c, feat_channels, 3, norm=norm, relu=True) for c in channels))
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -55,23 +56,25 @@ class Integral(nn.Module):
             return probs @ self.project.to(probs.dtype)
 
 
-class DGQP(nn.Module):
+class DGQP(nn.Sequential):
     """GFLv2's Distribution-Guided Quality Predictor (GFLv2 Sec. 3.3): the shape of each side's
     distribution says how good the box is, so a sharp peak should mean a high quality.
 
     forward: [B, 4 (R + 1), H, W] regression logits of one level -> [B, 1, H, W] logit u of the
     quality q = sigmoid(u). The statistics per side are its `topk` largest bin probabilities,
     followed by their mean when `add_mean` (the mean of those k values, as in the official code):
-    4 x (k + 1) channels, side-major, then two 1x1 convs with a ReLU between them.
+    4 x (k + 1) channels, side-major, then two 1x1 convs with a ReLU between them. These layers
+    are the official `reg_conf` Sequential's [0] (hidden conv), [1] (ReLU) and [2] (output conv),
+    without its final Sigmoid: the head works with the logit (`joint_logit`).
     """
 
     def __init__(self, reg_max: int, *, topk: int, channels: int, add_mean: bool) -> None:
-        super().__init__()
         if not 1 <= topk <= reg_max + 1:
             raise ValueError(f"topk must be in [1, reg_max + 1 = {reg_max + 1}], got {topk}")
+        super().__init__(
+            nn.Conv2d(4 * (topk + int(add_mean)), channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1)
+        )
         self.reg_max, self.topk, self.add_mean = reg_max, topk, add_mean
-        self.hidden = nn.Conv2d(4 * (topk + int(add_mean)), channels, 1)
-        self.out = nn.Conv2d(channels, 1, 1)
 
     def forward(self, reg_logits: Tensor) -> Tensor:
         batch, _, height, width = reg_logits.shape
@@ -79,7 +82,7 @@ class DGQP(nn.Module):
         stats = probs.topk(self.topk, dim=2).values  # [B, 4, k, H, W], descending
         if self.add_mean:
             stats = torch.cat([stats, stats.mean(dim=2, keepdim=True)], dim=2)  # [B, 4, k+1, H, W]
-        return self.out(F.relu(self.hidden(stats.flatten(1, 2))))  # [B, 1, H, W]
+        return super().forward(stats.flatten(1, 2))  # [B, 1, H, W]
 
 
 def joint_logit(cls_logits: Tensor, quality_logit: Tensor) -> Tensor:
@@ -151,25 +154,25 @@ class GFLHead(nn.Module):
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.box_repr = box_repr
-        self.cls_tower = _tower(in_channels, feat_channels, stacked_convs, norm)
-        self.reg_tower = _tower(in_channels, feat_channels, stacked_convs, norm)
-        self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
+        self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, norm)
+        self.reg_convs = _tower(in_channels, feat_channels, stacked_convs, norm)
+        self.gfl_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.reg_channels = 4 * (reg_max + 1) if box_repr == "distribution" else 4
-        self.reg_out = nn.Conv2d(feat_channels, self.reg_channels, 3, padding=1)
+        self.gfl_reg = nn.Conv2d(feat_channels, self.reg_channels, 3, padding=1)
         # One learnable scalar per level multiplying the regression *logits* before the softmax:
         # a per-level temperature (MMDetection `Scale` in GFLHead.forward_single).
         self.scales = nn.Parameter(torch.ones(num_levels))
         self.integral = Integral(reg_max)
-        self.dgqp = dgqp
+        self.reg_conf = dgqp  # the official GFLv2 name
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         # Prior probability 0.01 for every class at the start (RetinaNet Sec. 4.1): -log(99).
-        nn.init.constant_(self.cls_out.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.constant_(self.gfl_cls.bias, -math.log((1 - 0.01) / 0.01))
         if box_repr == "dirac":  # the per-level scales start at 1, so the bias is the distance
-            nn.init.constant_(self.reg_out.bias, dirac_init_distance)
+            nn.init.constant_(self.gfl_reg.bias, dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
@@ -177,10 +180,10 @@ class GFLHead(nn.Module):
         With DGQP, cls_logits are the joint scores' logits (`joint_logit`), in at least float32."""
         cls_levels, reg_levels = [], []
         for level, x in enumerate(features):
-            cls = self.cls_out(self.cls_tower(x))
-            reg = self.reg_out(self.reg_tower(x)) * self.scales[level]
-            if self.dgqp is not None:  # softmax statistics of the float32 logits, as official
-                cls = joint_logit(cls, self.dgqp(_at_least_float32(reg)))  # [B, C, H, W]
+            cls = self.gfl_cls(self.cls_convs(x))
+            reg = self.gfl_reg(self.reg_convs(x)) * self.scales[level]
+            if self.reg_conf is not None:  # softmax statistics of the float32 logits, as official
+                cls = joint_logit(cls, self.reg_conf(_at_least_float32(reg)))  # [B, C, H, W]
             cls_levels.append(cls.permute(0, 2, 3, 1).flatten(1, 2))  # [B, H*W, C]
             reg_levels.append(_at_least_float32(reg).permute(0, 2, 3, 1).flatten(1, 2))  # fp32 under AMP
         return torch.cat(cls_levels, dim=1), torch.cat(reg_levels, dim=1)
