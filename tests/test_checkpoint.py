@@ -354,12 +354,15 @@ def test_module_exports_checkpoint_error_as_runtime_error() -> None:
 # --------------------------------------------------------------------------- model format
 
 
-def _tiny_gfl(**variant) -> nn.Module:
-    from gfldet.models import build_gfl
+def _tiny_gfl(*variant: str) -> nn.Module:
+    from conftest import build_from_options
 
     torch.manual_seed(0)
-    model = build_gfl(num_classes=3, depth=18, fpn_channels=32, feat_channels=32, stacked_convs=2,
-                      frozen_stages=-1, norm_eval=False, **variant)
+    model = build_from_options(
+        "model.num_classes=3", "model.backbone.depth=18", "model.backbone.frozen_stages=-1",
+        "model.backbone.norm_eval=false", "model.fpn.out_channels=32",
+        "model.head.feat_channels=32", "model.head.stacked_convs=2", *variant,
+    )
     with torch.no_grad():  # away from the initialisation, so that every tensor matters
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
@@ -373,7 +376,7 @@ def _outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
         return [*model.head(model.neck(model.backbone(images)))]
 
 
-@pytest.mark.parametrize("variant", [{}, {"dgqp": True}, {"norm": "none"}])
+@pytest.mark.parametrize("variant", [(), ("model.head.dgqp={}",), ("model.head.norm=none",)])
 def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, variant) -> None:
     """A checkpoint as gfldet wrote it before the MMDetection names (no "model_format", old keys
     in "model" and in the EMA's "module."-prefixed state) loads into today's model, with its EMA,
@@ -383,7 +386,7 @@ def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, v
     from gfldet.engine.ema import build_ema
     from gfldet.inference import model_weights
 
-    model = _tiny_gfl(**variant)
+    model = _tiny_gfl(*variant)
     ema = build_ema(model, 0.9, 10)
     with torch.no_grad():
         for tensor in ema.module.state_dict().values():
@@ -406,7 +409,7 @@ def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, v
     assert list(state["ema"]) == list(ema.state_dict())
     images = torch.randn(1, 3, 128, 160)  # P7 2 x 3: GroupNorm needs more than one value
     for use_ema, reference in ((False, model), (True, ema.module)):
-        fresh = _tiny_gfl(**variant)
+        fresh = _tiny_gfl(*variant)
         with torch.no_grad():
             for tensor in fresh.state_dict().values():
                 tensor.zero_()
