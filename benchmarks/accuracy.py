@@ -22,13 +22,13 @@ combinations recorded there, and refuses to run if a recorded run's resolved con
 the one it would get now (an edited config file, other --cfg-options). Several processes may
 train disjoint parts of the grid (other --entrants or --seeds) into one work-dir at once, e.g. two
 with OMP_NUM_THREADS=1 on a 2-core machine: records are appended under a file lock, and each
-diverged (train.max_bad_steps non-finite steps) is recorded as failed and shown as such; a run
-stopped by a signal is not recorded and starts over on the next invocation. Each run's folder
+process skips runs another has recorded. A run the trainer stops as diverged
+(train.max_bad_steps non-finite steps) is recorded as failed and shown as such; a run stopped by a
+signal is not recorded and starts over on the next invocation. Each run's folder
 `<work-dir>/<entrant>/seed<S>_ep<E>/` keeps `last.pth` (a wrapper state dict for fcos/retinanet,
-not loadable by tools/eval.py), `train.log`,
-the metrics JSON and TensorBoard events; the other checkpoints are deleted (one evaluation, so
-best.pth is last.pth). At the end (or with `--report-only`) the tables are printed and written to
-`--results-md`.
+not loadable by tools/eval.py), `train.log`, the metrics JSON and TensorBoard events; the other
+checkpoints are deleted (one evaluation, so best.pth is last.pth). At the end (or with
+`--report-only`) the tables are printed and written to `--results-md`.
 """
 
 from __future__ import annotations

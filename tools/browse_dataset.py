@@ -82,8 +82,9 @@ def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
         columns = min(4, len(targets))
         rows = -(-len(targets) // columns)
         height, width = images.shape[2:]
-        fig, axes = plt.subplots(rows, columns,
-                                 figsize=(3.5 * columns, 3.5 * rows * height / width), squeeze=False)
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(3.5 * columns, 3.5 * rows * height / width), squeeze=False
+        )
         record = []
         for ax, image, t in zip(axes.flat, images, targets, strict=False):
             boxes, labels = t["boxes"].numpy(), t["labels"].tolist()
