@@ -2,7 +2,8 @@
 and torchvision's FCOS and RetinaNet, each trained by gfldet's trainer on the bundled synthetic
 dataset and scored with COCO box AP on its val split, over several seeds.
 
-    python benchmarks/accuracy.py [--config configs/synthetic_accuracy.yaml] [--entrants gfl fcos ...]
+    python benchmarks/accuracy.py [--config configs/synthetic_accuracy.yaml]
+        [--entrants gfl fcos ...]
         [--seeds 0 1 2] [--epochs N] [--work-dir work_dirs/accuracy] [--report-only]
         [--results-md benchmarks/RESULTS.md] [--cfg-options KEY=VALUE ...]
 
@@ -21,13 +22,13 @@ combinations recorded there, and refuses to run if a recorded run's resolved con
 the one it would get now (an edited config file, other --cfg-options). Several processes may
 train disjoint parts of the grid (other --entrants or --seeds) into one work-dir at once, e.g. two
 with OMP_NUM_THREADS=1 on a 2-core machine: records are appended under a file lock, and each
-process skips runs another has recorded. A run the trainer stops as
-diverged (train.max_bad_steps non-finite steps) is recorded as failed and shown as such; a run
-stopped by a signal is not recorded and starts over on the next invocation. Each run's folder `<work-dir>/<entrant>/seed<S>_ep<E>/` keeps
-`last.pth` (a wrapper state dict for fcos/retinanet, not loadable by tools/eval.py), `train.log`,
-the metrics JSON and TensorBoard events; the other checkpoints are deleted (one evaluation, so
-best.pth is last.pth). At the end (or with `--report-only`) the tables are printed and written to
-`--results-md`.
+process skips runs another has recorded. A run the trainer stops as diverged
+(train.max_bad_steps non-finite steps) is recorded as failed and shown as such; a run stopped by a
+signal is not recorded and starts over on the next invocation. Each run's folder
+`<work-dir>/<entrant>/seed<S>_ep<E>/` keeps `last.pth` (a wrapper state dict for fcos/retinanet,
+not loadable by tools/eval.py), `train.log`, the metrics JSON and TensorBoard events; the other
+checkpoints are deleted (one evaluation, so best.pth is last.pth). At the end (or with
+`--report-only`) the tables are printed and written to `--results-md`.
 """
 
 from __future__ import annotations
@@ -97,15 +98,18 @@ ENTRANTS = {e.name: e for e in (
     # GFLv2: the gfl entrant plus the Distribution-Guided Quality Predictor (paper defaults).
     Entrant("gflv2", "GFLv2: gfl + DGQP (distribution-guided quality)", ("model.head.dgqp={}",)),
     Entrant("fcos", "torchvision FCOS on gfldet's backbone + FPN", torchvision="fcos"),
-    Entrant("retinanet", "torchvision RetinaNet on gfldet's backbone + FPN", torchvision="retinanet"),
+    Entrant("retinanet", "torchvision RetinaNet on gfldet's backbone + FPN",
+            torchvision="retinanet"),
     # Diagnostic: RetinaNet with one square anchor of 4 strides per location instead of 9.
     Entrant("retinanet_one_anchor", "retinanet with 1 anchor per location (a square of 4 strides)",
             torchvision="retinanet", retinanet_anchors="one_square"),
 )}
 # GFL paper Table 3 (QFL, DFL) rows with the paper's COCO AP / AP50 / AP75 (R-50, 1x), then the
 # extra distribution-without-DFL row, which Table 3 does not have.
-ABLATION = (("focal_dirac", "", "", "39.2 / 57.4 / 42.2"), ("qfl_dirac", "✓", "", "39.9 / 58.5 / 43.0"),
-            ("focal_dfl", "", "✓", "39.5 / 57.3 / 42.8"), ("gfl", "✓", "✓", "40.2 / 58.6 / 43.4"),
+ABLATION = (("focal_dirac", "", "", "39.2 / 57.4 / 42.2"),
+            ("qfl_dirac", "✓", "", "39.9 / 58.5 / 43.0"),
+            ("focal_dfl", "", "✓", "39.5 / 57.3 / 42.8"),
+            ("gfl", "✓", "✓", "40.2 / 58.6 / 43.4"),
             ("qfl_nodfl", "✓", "no (distribution, DFL weight 0)", "–"))
 VERSUS = (("gfl", "fcos"), ("gfl", "retinanet"))
 GFLV2_VERSUS = (("gflv2", "gfl"),)
@@ -114,15 +118,19 @@ ONE_ANCHOR_DIAGNOSTIC = (("retinanet_one_anchor", "retinanet"),)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/synthetic_accuracy.yaml")
     parser.add_argument("--entrants", nargs="+", choices=list(ENTRANTS), default=list(ENTRANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None,
-                        help="override schedule.epochs (quick runs; recorded, and reported separately)")
+                        help="override schedule.epochs "
+                        "(quick runs; recorded, and reported separately)")
     parser.add_argument("--work-dir", default="work_dirs/accuracy")
-    parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="where the report is written")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; report the recorded runs")
+    parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"),
+                        help="where the report is written")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing; report the recorded runs")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="passed to every run (before the entrant's own keys)")
     return parser.parse_args(argv)
@@ -156,7 +164,8 @@ def run_one(cfg: Config, entrant: Entrant, run_dir: Path) -> tuple[dict | None, 
     if entrant.torchvision is not None:
         # train() seeds exactly so before it builds a GFL model: same backbone + FPN init.
         torch.manual_seed(cfg.train.seed)
-        model = build_torchvision_detector(entrant.torchvision, cfg.model, cfg.data, entrant.retinanet_anchors)
+        model = build_torchvision_detector(entrant.torchvision, cfg.model, cfg.data,
+                                           entrant.retinanet_anchors)
     tic = time.perf_counter()
     try:
         metrics, state = train(cfg, run_dir, model=model)
@@ -232,15 +241,18 @@ def prune_run_dir(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_recorded(args: argparse.Namespace, records: Sequence[dict], epochs: int, results_path: Path) -> None:
+def check_recorded(
+    args: argparse.Namespace, records: Sequence[dict], epochs: int, results_path: Path
+) -> None:
     """Every recorded run of this budget must have the config this invocation would give it, so
     that a report never mixes configs (e.g. a config file edited since, other --cfg-options)."""
     for r in records:
         if r["epochs"] == epochs and r["config_digest"] != config_digest(
                 run_config(args, ENTRANTS[r["entrant"]], r["seed"], epochs)):
             raise ConfigError(
-                f"{results_path} holds {r['entrant']} seed {r['seed']} trained with another config "
-                f"({r['config']} with --cfg-options {r['cfg_options']}, or the file was edited since); "
+                f"{results_path} holds {r['entrant']} seed {r['seed']} trained with another "
+                f"config ({r['config']} with --cfg-options {r['cfg_options']}, "
+                "or the file was edited since); "
                 "use another --work-dir"
             )
 
@@ -255,7 +267,8 @@ def run_all(args: argparse.Namespace, epochs: int) -> int:
     for i, (seed, name) in enumerate(plan, start=1):
         step = f"[{i}/{len(plan)}] {name} seed {seed}, {epochs} epoch{'s' * (epochs != 1)}"
         # Re-read: another process on this work-dir may have recorded it meanwhile.
-        finished = {(r["entrant"], r["seed"]) for r in load_results(results_path) if r["epochs"] == epochs}
+        finished = {(r["entrant"], r["seed"]) for r in load_results(results_path)
+                    if r["epochs"] == epochs}
         if (name, seed) in finished:
             print(f"{step}: recorded, skipped", flush=True)
             continue
@@ -268,7 +281,8 @@ def run_all(args: argparse.Namespace, epochs: int) -> int:
         except Stopped as stop:
             print(f"{step}: {stop}; not recorded (a rerun starts it over)", file=sys.stderr)
             return 128 + stop.signum  # the shell's convention for "ended by signal N"
-        append_result(make_record(args, cfg, entrant, seed, run_dir, metrics, wall, failure), results_path)
+        append_result(make_record(args, cfg, entrant, seed, run_dir, metrics, wall, failure),
+                      results_path)
         prune_run_dir(run_dir)
         result = f"AP {100 * metrics['bbox_mAP']:.1f}" if metrics else failure
         print(f"{step}: {result}, {wall / 60:.1f} min", flush=True)
@@ -304,7 +318,8 @@ def cell(values: Sequence[float | None], signed: bool = False) -> str:
 
 def by_seed(records: Sequence[dict], name: str) -> dict[int, dict]:
     """The successful runs of an entrant, by seed."""
-    return {r["seed"]: r["metrics"] for r in records if r["entrant"] == name and r["status"] == "ok"}
+    return {r["seed"]: r["metrics"] for r in records
+            if r["entrant"] == name and r["status"] == "ok"}
 
 
 def runs_cell(records: Sequence[dict], name: str) -> str:
@@ -323,7 +338,8 @@ def metric_cells(records: Sequence[dict], name: str) -> list[str]:
 def entrant_table(records: Sequence[dict], names: Sequence[str]) -> str:
     rows = []
     for name in names:
-        walls = [r["wall_seconds"] / 60 for r in records if r["entrant"] == name and r["status"] == "ok"]
+        walls = [r["wall_seconds"] / 60 for r in records
+                 if r["entrant"] == name and r["status"] == "ok"]
         wall = f"{statistics.fmean(walls):.1f}" if walls else "–"
         rows.append([f"`{name}`", ENTRANTS[name].what, runs_cell(records, name),
                      *metric_cells(records, name), wall])
@@ -337,7 +353,8 @@ def versus_table(records: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> s
         runs_a, runs_b = by_seed(records, a), by_seed(records, b)
         seeds = sorted(set(runs_a) & set(runs_b))
         diffs = [
-            cell([runs_a[s][k] - runs_b[s][k] if measured(runs_a[s][k]) and measured(runs_b[s][k]) else None
+            cell([runs_a[s][k] - runs_b[s][k]
+                  if measured(runs_a[s][k]) and measured(runs_b[s][k]) else None
                   for s in seeds], signed=True)
             for k in METRICS
         ]
@@ -348,7 +365,8 @@ def versus_table(records: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> s
 def ablation_table(records: Sequence[dict]) -> str:
     rows = [[qfl, dfl, f"`{name}`", runs_cell(records, name), *metric_cells(records, name), paper]
             for name, qfl, dfl, paper in ABLATION]
-    return markdown_table(["QFL", "DFL", "entrant", "n", *METRICS, "paper, COCO: AP / AP50 / AP75"], rows)
+    return markdown_table(["QFL", "DFL", "entrant", "n", *METRICS, "paper, COCO: AP / AP50 / AP75"],
+                          rows)
 
 
 def budget_lines(records: Sequence[dict], epochs: int) -> list[str]:
@@ -359,7 +377,8 @@ def budget_lines(records: Sequence[dict], epochs: int) -> list[str]:
         lo, hi = b["train_short_side"]
         train_side = f"{lo}" if lo == hi else f"{lo}-{hi}"
         lines.append(
-            f"{epochs} epoch{'s' * (epochs != 1)} = {b['iterations']} iterations × {b['batch_size']} images "
+            f"{epochs} epoch{'s' * (epochs != 1)} = {b['iterations']} iterations "
+            f"× {b['batch_size']} images "
             f"({b['iterations'] * b['batch_size']:,} images); short side {train_side} px (train) / "
             f"{b['test_short_side']} px (val), long side ≤ {b['max_size']} px; AMP {b['amp']}"
         )
@@ -387,7 +406,8 @@ def report(records: Sequence[dict], epochs: int, results_path: str, date: str | 
         "`python benchmarks/accuracy.py --report-only` (same `--work-dir` and `--epochs`).",
         "",
         *([f"- Report written at commit: {commit}"] if commit else []),
-        f"- Runs trained at commit(s): {'; '.join(f'{c} ({n} runs)' for c, n in runs_per_commit.items()) or 'none yet'}",
+        "- Runs trained at commit(s): "
+        f"{'; '.join(f'{c} ({n} runs)' for c, n in runs_per_commit.items()) or 'none yet'}",
         f"- Command(s): {'; '.join(commands) or 'none yet'}",
         f"- Machine: {'; '.join(machines)}",
         f"- Config: {'; '.join(configs) or 'none yet'}",
@@ -449,8 +469,8 @@ def report(records: Sequence[dict], epochs: int, results_path: str, date: str | 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=HERE, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=HERE, timeout=10)
     except OSError:
         return None
     return out.stdout.strip() or None

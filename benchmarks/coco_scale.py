@@ -428,7 +428,8 @@ def table(args: argparse.Namespace, meta: dict[str, Any], res: dict[str, Any]) -
             t = res["start"][key]
             est = ""
             if extra:
-                est = f"; with real 640x480 files ≈ {t['first_iter'] + extra:.0f} s (extrapolated)"
+                est = (f"; with real 640x480 files ≈ {t['first_iter'] + extra:.0f} s "
+                       "(extrapolated)")
             rows.append([f"launch to first iteration, {label}", f"{t['first_iter']:.1f} s",
                          f"datasets built at {t.get('built', float('nan')):.1f} s{est}"])
     if "throughput" in res:

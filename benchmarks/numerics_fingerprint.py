@@ -29,8 +29,10 @@ def digest(data: bytes) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to take configs/ and tests/ from")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of 4 iterations, evaluated after each")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the checkout to take configs/ and tests/ from")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of 4 iterations, evaluated after each")
     parser.add_argument("overrides", nargs="*", help="extra --cfg-options, e.g. train.ema=true")
     args = parser.parse_args(argv)
 
@@ -45,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate_synthetic_coco(Path(tmp) / "data", num_train=16, num_val=4, image_size=(128, 160),
-                                       seed=3, num_workers=1)
+        data = generate_synthetic_coco(Path(tmp) / "data", num_train=16, num_val=4,
+                                       image_size=(128, 160), seed=3, num_workers=1)
         cfg = load_config(args.root / "configs" / "demo_synthetic_cpu.yaml",
-                          [*tiny_overrides(data, epochs=args.epochs), "model.test.score_thr=0.0", *args.overrides])
+                          [*tiny_overrides(data, epochs=args.epochs), "model.test.score_thr=0.0",
+                           *args.overrides])
         metrics, _ = train(cfg, Path(tmp) / "run")
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "scalars.jsonl").read_text().splitlines()]
+        records = [json.loads(line)
+                   for line in (Path(tmp) / "run" / "scalars.jsonl").read_text().splitlines()]
         weights = load_checkpoint(Path(tmp) / "run" / "last.pth")["model"]
     steps = [{k: v for k, v in r.items() if k.startswith("train/loss") or k == "train/grad_norm"}
              for r in records if any(k.startswith("train/loss") for k in r)]
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     weight_hash = hashlib.sha256()
     for tensor in weights.values():
         weight_hash.update(tensor.cpu().contiguous().numpy().tobytes())
-    print(f"logged steps: {len(steps)}, losses and grad norms sha256 {digest(json.dumps(steps).encode())}")
+    print(f"logged steps: {len(steps)}, "
+          f"losses and grad norms sha256 {digest(json.dumps(steps).encode())}")
     print(f"final weights ({len(weights)} tensors) sha256 {weight_hash.hexdigest()[:16]}")
     print(f"bbox AP per epoch: {aps}; last {metrics.get('bbox_mAP')!r}")
     print(f"last step: {json.dumps(steps[-1])}")

@@ -39,7 +39,9 @@ ImageInput = str | Path | Image.Image | np.ndarray
 # --------------------------------------------------------------------------- checkpoints
 
 
-def model_weights(state: Mapping[str, Any], use_ema: bool = True, source: str = "checkpoint") -> dict[str, Tensor]:
+def model_weights(
+    state: Mapping[str, Any], use_ema: bool = True, source: str = "checkpoint"
+) -> dict[str, Tensor]:
     """The model state dict inside any gfldet checkpoint.
 
     Training checkpoints hold `model` and `ema` (a `torch.optim.swa_utils.AveragedModel` state
@@ -73,24 +75,29 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     if not isinstance(state.get("config"), dict):
         raise ConfigError(
             f"{source} stores no config; pass the YAML config it was trained with "
-            "(tools: before the checkpoint; Python: Detector.from_checkpoint(path, config='configs/....yaml'))"
+            "(tools: before the checkpoint; Python: "
+            "Detector.from_checkpoint(path, config='configs/....yaml'))"
         )
     return config_from_dict(state["config"], f"{source} (stored config)", overrides)
 
 
-def split_config_argument(positionals: Sequence[str], names: Sequence[str]) -> tuple[str | None, list[str]]:
+def split_config_argument(
+    positionals: Sequence[str], names: Sequence[str]
+) -> tuple[str | None, list[str]]:
     """A tool's positional arguments `[CONFIG] NAMES...`: the config is optional (the checkpoint
     stores one), so one extra leading argument is the config. Returns (config or None, the rest).
     Raises ValueError with the usage when the count is wrong."""
     if len(positionals) == len(names):
         if Path(positionals[0]).suffix.lower() in (".yaml", ".yml"):
-            raise ValueError(f"{positionals[0]} is a YAML config, so expected {' '.join(['CONFIG', *names])}; "
+            raise ValueError(f"{positionals[0]} is a YAML config, so expected "
+                             f"{' '.join(['CONFIG', *names])}; "
                              f"got only {len(positionals)} argument(s)")
         return None, list(positionals)
     if len(positionals) == len(names) + 1:
         return positionals[0], list(positionals[1:])
     usage = " ".join(["[CONFIG]", *names])
-    raise ValueError(f"expected {usage}, got {len(positionals)} argument(s): {' '.join(positionals) or '(none)'}")
+    raise ValueError(f"expected {usage}, got {len(positionals)} argument(s): "
+                     f"{' '.join(positionals) or '(none)'}")
 
 
 def default_device(device: str = "auto") -> str:
@@ -139,12 +146,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(source: str | Path) -> list[Path]:
-    """An image file, a folder (its images, not recursive) or a glob pattern -> image paths, sorted."""
+    """An image file, a folder (its images, not recursive) or a glob pattern -> image paths,
+    sorted."""
     path = Path(source)
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = sorted(
+            p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
         if not found:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
         return found
@@ -176,7 +186,8 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
         # when no resize is needed; torch warns about non-writable tensors.
         return np.ascontiguousarray(image) if image.flags.writeable else image.copy()
     raise TypeError(
-        f"expected an image path, a PIL image or a uint8 [H, W, 3] numpy array, got {type(image).__name__}"
+        "expected an image path, a PIL image or a uint8 [H, W, 3] numpy array, "
+        f"got {type(image).__name__}"
     )
 
 
@@ -184,7 +195,10 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
 
 
 def prepare_batch(
-    images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32, device: str | torch.device = "cpu"
+    images: Sequence[np.ndarray],
+    transform: Any,
+    size_divisor: int = 32,
+    device: str | torch.device = "cpu",
 ) -> tuple[Tensor, list[dict[str, Any]]]:
     """uint8 RGB arrays -> (normalised batch [B, 3, H', W'] on `device`, zero-padded to
     `size_divisor`, and one target per image with `image_size` (resized, unpadded) and
@@ -193,8 +207,15 @@ def prepare_batch(
     empty_boxes, empty_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
     samples = []
     for image in images:
-        tensor = torch.as_tensor(transform(image=image, bboxes=empty_boxes, labels=empty_labels)["image"])
-        samples.append((tensor.contiguous(), {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]}))
+        tensor = torch.as_tensor(
+            transform(image=image, bboxes=empty_boxes, labels=empty_labels)["image"]
+        )
+        samples.append(
+            (
+                tensor.contiguous(),
+                {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]},
+            )
+        )
     batch, targets = collate(samples, size_divisor)
     return normalize_batch(batch.to(device), [t["image_size"] for t in targets]), targets
 
@@ -223,9 +244,13 @@ class Detector:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.size_divisor = size_divisor
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(model.num_classes)]
+        self.class_names = (
+            list(class_names) if class_names else [f"class_{i}" for i in range(model.num_classes)]
+        )
         if len(self.class_names) != model.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for a model of {model.num_classes} classes")
+            raise ValueError(
+                f"{len(self.class_names)} class names for a model of {model.num_classes} classes"
+            )
         self.batch_size = max(1, int(batch_size))
         self.transform = build_transforms(train=False, short_side=short_side, max_size=max_size)
 
@@ -252,7 +277,9 @@ class Detector:
             cfg = copy.deepcopy(cfg)
             cfg.model.test.score_thr = float(score_thr)
         model = build_inference_model(cfg)
-        load_model_weights(model, model_weights(state, use_ema, str(path)), strict=True, source=path)
+        load_model_weights(
+            model, model_weights(state, use_ema, str(path)), strict=True, source=path
+        )
         return cls(
             model, cfg.data.test_short_side, cfg.data.max_size, cfg.data.size_divisor,
             class_names_for(cfg, state), device, batch_size,
@@ -284,7 +311,9 @@ class Detector:
                 })
         return results
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any] | list[dict[str, Any]]:
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput]
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """One image -> one dict; a list or tuple of images -> a list of dicts."""
         if isinstance(images, list | tuple):
             return self.predict(images)
@@ -295,7 +324,8 @@ class Detector:
 
 
 def detections_to_json(det: Mapping[str, Any], decimals: int = 2) -> list[dict[str, Any]]:
-    """One image's detections as JSON-able dicts: box [x1, y1, x2, y2] pixels, score, label, class_name."""
+    """One image's detections as JSON-able dicts: box [x1, y1, x2, y2] pixels, score, label,
+    class_name."""
     return [
         {
             "box": [round(float(v), decimals) for v in box],
@@ -303,7 +333,9 @@ def detections_to_json(det: Mapping[str, Any], decimals: int = 2) -> list[dict[s
             "label": int(label),
             "class_name": name,
         }
-        for box, score, label, name in zip(det["boxes"], det["scores"], det["labels"], det["class_names"], strict=True)
+        for box, score, label, name in zip(
+            det["boxes"], det["scores"], det["labels"], det["class_names"], strict=True
+        )
     ]
 
 

@@ -52,19 +52,27 @@ def postprocess(
 
 
 def dense_detections(
-    cls_logits: Tensor, distances: Tensor, priors: Priors, valid: Tensor, image_sizes: Tensor, orig_sizes: Tensor
+    cls_logits: Tensor,
+    distances: Tensor,
+    priors: Priors,
+    valid: Tensor,
+    image_sizes: Tensor,
+    orig_sizes: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Every prior's box and class scores, before any selection (the raw graph's outputs).
 
     Returns boxes [B, A, 4] xyxy original-image pixels, clipped to the image, and scores
     [B, A, C] (sigmoid), 0 at priors that are not `valid` (outside the image's own padded extent).
     """
-    scores = cls_logits.to(distances.dtype).sigmoid().masked_fill(~valid[..., None], 0.0)  # [B, A, C] boxes' dtype (NMS)
-    boxes = ltrb_to_boxes(priors.centers, distances * priors.strides[:, None])  # [B, A, 4] resized pixels
+    # [B, A, C] in the boxes' dtype (NMS)
+    scores = cls_logits.to(distances.dtype).sigmoid().masked_fill(~valid[..., None], 0.0)
+    # [B, A, 4] resized pixels
+    boxes = ltrb_to_boxes(priors.centers, distances * priors.strides[:, None])
     size_hw = image_sizes.to(boxes)
     max_xy = size_hw[:, XYXY_FROM_HW][:, None, :]  # [B, 1, 4] (w, h, w, h)
     boxes = torch.minimum(boxes.clamp(min=0), max_xy)
-    scale = (orig_sizes.to(boxes) / size_hw)[:, XYXY_FROM_HW][:, None, :]  # [B, 1, 4] orig / resized
+    # [B, 1, 4] orig / resized
+    scale = (orig_sizes.to(boxes) / size_hw)[:, XYXY_FROM_HW][:, None, :]
     return boxes * scale, scores
 
 
@@ -90,7 +98,9 @@ def select_detections(
     start = 0
     for count in num_per_level:
         level_scores = scores[:, start : start + count].flatten(1)  # [B, n * C]
-        padded = torch.cat([level_scores, level_scores.new_full((num_images, s.nms_pre), -1.0)], dim=1)
+        padded = torch.cat(
+            [level_scores, level_scores.new_full((num_images, s.nms_pre), -1.0)], dim=1
+        )
         top_scores, top_idx = padded.topk(s.nms_pre, dim=1)  # [B, nms_pre]
         prior = (top_idx // num_classes).clamp(max=count - 1) + start  # padding -> any valid row
         cand_boxes.append(boxes.gather(1, prior[..., None].expand(-1, -1, 4)))
@@ -101,7 +111,9 @@ def select_detections(
     scores = torch.cat(cand_scores, dim=1)  # [B, P]
     labels = torch.cat(cand_labels, dim=1)  # [B, P]
     num_cands = len(num_per_level) * s.nms_pre  # a Python int, also while tracing
-    keep = (scores > s.score_thr) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    keep = (
+        (scores > s.score_thr) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    )
 
     # One NMS call for the whole batch: boxes of other images or classes never suppress each other.
     flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
@@ -121,7 +133,9 @@ def select_detections(
     return out_boxes, out_scores, out_labels, found.sum(dim=1)
 
 
-def _class_aware_nms(boxes: Tensor, scores: Tensor, groups: Tensor, idx: Tensor, iou: float) -> Tensor:
+def _class_aware_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, idx: Tensor, iou: float
+) -> Tensor:
     """NMS within each group over the candidates `idx`; returns positions into `idx`.
 
     Eager: torchvision's `batched_nms`. While tracing, its coordinate trick written out, because

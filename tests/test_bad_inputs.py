@@ -46,7 +46,8 @@ from gfldet.engine.evaluator import evaluate
 from gfldet.inference import build_inference_model
 from gfldet.models.detector import STRIDES
 
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # train's @record under capture
+# train's @record under capture
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 TOOL_NAMES = ("train", "eval", "predict", "export", "check_dataset", "convert_mmdet")
 TOOLS = {name: load_tool(name) for name in TOOL_NAMES}
@@ -55,7 +56,8 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic_cpu.yam
 # The tiny run: 4 training and 2 val images of 64x48 px, ResNet-18 with a 32-channel FPN and a
 # one-conv head; one epoch of one iteration. The frozen backbone keeps the optimizer state small.
 TINY = [
-    "data.synthetic=null", "data.train_short_side=[64,64]", "data.test_short_side=64", "data.max_size=96",
+    "data.synthetic=null", "data.train_short_side=[64,64]", "data.test_short_side=64",
+    "data.max_size=96",
     "data.batch_size=4", "data.val_batch_size=2", "data.num_workers=0", "model.num_classes=2",
     "model.backbone.frozen_stages=4", "model.fpn.out_channels=32", "model.head.feat_channels=64",
     "model.head.stacked_convs=1", "optim.name=sgd", "schedule.epochs=1", "schedule.milestones=[]",
@@ -75,7 +77,9 @@ def write_split(folder: Path, n: int, seed: int) -> None:
     for i, im in enumerate(images):
         noisy_png(folder / "images" / im["file_name"], im["width"], im["height"], seed=seed + i)
     anns = [_ann(i, i, [4, 4, 30, 24], cat=3 if i % 2 else 7) for i in range(1, n + 1)]
-    (folder / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))
+    (folder / "ann.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": CATS})
+    )
 
 
 def tiny_config(data: Path):
@@ -147,7 +151,8 @@ class World:
     export_args: list[str] = field(default_factory=lambda: ["--format", "weights"])
     mmdet: Path | None = None  # convert_mmdet's input
     run_is_users: bool = False  # the run/out folders hold the user's files (part of the snapshot)
-    patches: list[tuple[object, str, object]] = field(default_factory=list)  # monkeypatched for the run
+    # monkeypatched for the run
+    patches: list[tuple[object, str, object]] = field(default_factory=list)
 
     @property
     def data(self) -> Path:
@@ -175,9 +180,11 @@ class World:
         path.write_text(json.dumps(data))
 
     def fields(self) -> dict[str, str]:
-        return {"cfg": str(self.cfg), "ckpt": str(self.ckpt), "run": str(self.run), "root": str(self.root),
+        return {"cfg": str(self.cfg), "ckpt": str(self.ckpt), "run": str(self.run),
+                "root": str(self.root),
                 "train_ann": str(self.split("train")[1]), "val_ann": str(self.split("val")[1]),
-                "train_images": str(self.split("train")[0]), "val_images": str(self.split("val")[0])}
+                "train_images": str(self.split("train")[0]),
+                "val_images": str(self.split("val")[0])}
 
     def argv(self, tool: str) -> list[str]:
         opts = ["--cfg-options", *self.opts] if self.opts else []
@@ -186,18 +193,20 @@ class World:
             return [str(self.cfg), *opts]
         if tool in ("train", "train --resume", "train --load-from"):
             flags = {"train --resume": ["--resume", str(self.ckpt)],
-                     "train --load-from": ["--load-from", str(self.ckpt)]}.get(tool, self.train_flags)
+                     "train --load-from": ["--load-from", str(self.ckpt)]}.get(
+                         tool, self.train_flags)
             return [str(self.cfg), "--work-dir", str(self.run), *flags, *opts]
         if tool == "eval":
             return [*lead, str(self.ckpt), "--metrics", str(self.out / "metrics.json"), *opts]
         if tool == "predict":
             source = self.input or self.split("val")[0]
-            return [*lead, str(self.ckpt), str(source), "--out", str(self.out / "predict"), "--device", "cpu",
-                    *opts]
+            return [*lead, str(self.ckpt), str(source), "--out", str(self.out / "predict"),
+                    "--device", "cpu", *opts]
         if tool == "export":
             return [*lead, str(self.ckpt), *self.export_args, *opts]
         if tool == "convert_mmdet":
-            return [str(self.mmdet or self.ckpt), str(self.out / "converted.pth"), "--config", str(self.cfg)]
+            return [str(self.mmdet or self.ckpt), str(self.out / "converted.pth"),
+                    "--config", str(self.cfg)]
         raise ValueError(tool)
 
 
@@ -219,7 +228,8 @@ def run_tool(tool: str, argv: list[str], capsys) -> tuple[int, str]:
         code = exc.code
     except BaseException:  # noqa: BLE001 - KeyboardInterrupt too: that is a traceback as well
         captured = capsys.readouterr()
-        pytest.fail(f"{tool} {argv} raised:\n{traceback.format_exc()}\n{captured.out[-2000:]}{captured.err[-2000:]}")
+        pytest.fail(f"{tool} {argv} raised:\n{traceback.format_exc()}\n"
+                    f"{captured.out[-2000:]}{captured.err[-2000:]}")
     finally:
         for sig, handler in handlers.items():  # train() installs its stop handlers
             signal.signal(sig, handler)
@@ -239,17 +249,22 @@ class Kind:
     make: Callable[[World], None]
     expect: dict[str, int]
     names: tuple[str, ...] = ()
-    absent: tuple[str, ...] = ()  # must not appear in the output of a refusal (e.g. a training step)
-    tool_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # named by that tool as well
+    # must not appear in the output of a refusal (e.g. a training step)
+    absent: tuple[str, ...] = ()
+    # named by that tool as well
+    tool_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     check: Callable[[World, str, str], None] | None = None  # extra assertions (world, tool, output)
 
 
 KINDS: list[Kind] = []
 DATA_VAL = {"check_dataset": 1, "train": 2, "eval": 2}  # fatal problem in the val split
-DATA_TRAIN = {"check_dataset": 1, "train": 2}  # fatal problem in the train split (eval reads val only)
-FIXED_VAL = {"check_dataset": 0, "train": 0, "eval": 0}  # accepted (fixed or worked around, and said)
+# fatal problem in the train split (eval reads val only)
+DATA_TRAIN = {"check_dataset": 1, "train": 2}
+# accepted (fixed or worked around, and said)
+FIXED_VAL = {"check_dataset": 0, "train": 0, "eval": 0}
 FIXED_TRAIN = {"check_dataset": 0, "train": 0}
-CONFIG_TOOLS = {"check_dataset": 2, "train": 2, "eval": 2, "predict": 2, "export": 2, "convert_mmdet": 2}
+CONFIG_TOOLS = {"check_dataset": 2, "train": 2, "eval": 2, "predict": 2, "export": 2,
+                "convert_mmdet": 2}
 CKPT_TOOLS = {"eval": 2, "predict": 2, "export": 2, "train --resume": 2, "train --load-from": 2,
               "convert_mmdet": 2}
 STEP = "] lr: "  # in every training log line: nothing may be trained before bad data is found
@@ -307,7 +322,8 @@ def _(w):
     w.edit_json("val", lambda d: d["annotations"].append({**d["annotations"][0], "image_id": 2}))
 
 
-@kind("annotation_of_unknown_image", DATA_VAL, "image id 99, which is not in images", absent=(STEP,))
+@kind("annotation_of_unknown_image", DATA_VAL, "image id 99, which is not in images",
+      absent=(STEP,))
 def _(w):
     w.edit_json("val", lambda d: d["annotations"].append(_ann(50, 99, [1, 1, 5, 5])))
 
@@ -327,7 +343,8 @@ def _(w):
     w.edit_json("val", lambda d: d["annotations"][0].update(bbox=[1, 1, 5]))
 
 
-@kind("image_without_width", DATA_VAL, "image id 1", "'width' must be a positive integer", absent=(STEP,))
+@kind("image_without_width", DATA_VAL, "image id 1", "'width' must be a positive integer",
+      absent=(STEP,))
 def _(w):
     w.edit_json("val", lambda d: d["images"][0].pop("width"))
 
@@ -342,7 +359,8 @@ def _(w):
     w.edit_json("val", lambda d: d["images"][0].update(width=100))
 
 
-@kind("image_folder_missing", DATA_VAL, "{val_images}", "not found", absent=(STEP,))  # a typo in data.val.images
+# a typo in data.val.images
+@kind("image_folder_missing", DATA_VAL, "{val_images}", "not found", absent=(STEP,))
 def _(w):
     shutil.rmtree(w.split("val")[0])
 
@@ -353,12 +371,14 @@ def _(w):
         path.write_bytes(b"")
 
 
-@kind("categories_disagree", DATA_TRAIN, "train and val categories differ", "c7", "seven", absent=(STEP,))
+@kind("categories_disagree", DATA_TRAIN, "train and val categories differ", "c7", "seven",
+      absent=(STEP,))
 def _(w):
     w.edit_json("val", lambda d: d["categories"][1].update(name="seven"))
 
 
-@kind("num_classes_wrong", {**DATA_VAL, "train": 2}, "model.num_classes", "2 categories", absent=(STEP,))
+@kind("num_classes_wrong", {**DATA_VAL, "train": 2}, "model.num_classes", "2 categories",
+      absent=(STEP,))
 def _(w):
     w.opts = ["model.num_classes=5"]
 
@@ -418,14 +438,17 @@ bad_val_image("val_image_zero_bytes", lambda p: p.write_bytes(b""))
 bad_val_image("val_image_is_text", lambda p: p.write_text("not an image\n"))
 
 
-def val_image_variant(name: str, write: Callable[[Path], str], size: tuple[int, int] = (64, 48)) -> None:
+def val_image_variant(
+    name: str, write: Callable[[Path], str], size: tuple[int, int] = (64, 48)
+) -> None:
     """Image 2 of the val split replaced by a file in another form, which must simply work."""
 
     def make(w: World) -> None:
         folder = w.split("val")[0]
         (folder / "2.png").unlink()
         new_name = write(folder)
-        w.edit_json("val", lambda d: d["images"][1].update(file_name=new_name, width=size[0], height=size[1]))
+        w.edit_json("val", lambda d: d["images"][1].update(file_name=new_name, width=size[0],
+                                                           height=size[1]))
 
     KINDS.append(Kind(name, make, FIXED_VAL, absent=("cannot decode", "left out")))
 
@@ -445,7 +468,8 @@ def _png16(folder: Path) -> str:
 
 
 def _exif(folder: Path) -> str:
-    exif_jpeg(folder / "2.jpg", (48, 64), orientation=6)  # stored 48x64, upright 64x48 as in the JSON
+    # stored 48x64, upright 64x48 as in the JSON
+    exif_jpeg(folder / "2.jpg", (48, 64), orientation=6)
     return "2.jpg"
 
 
@@ -478,7 +502,8 @@ def config_kind(name: str, text: str | bytes | None, *names: str, opts: tuple[st
     KINDS.append(Kind(name, make, expect, names, absent=(STEP,)))
 
 
-CFG_OPTIONS_TOOLS = {k: v for k, v in CONFIG_TOOLS.items() if k != "convert_mmdet"}  # it has no --cfg-options
+# convert_mmdet has no --cfg-options
+CFG_OPTIONS_TOOLS = {k: v for k, v in CONFIG_TOOLS.items() if k != "convert_mmdet"}
 config_kind("cfg_unknown_key", "batch_sise: 2\n", "batch_sise", "batch_size")
 config_kind("cfg_duplicate_key", "train:\n  seed: 1\n", "duplicate key 'train'")
 config_kind("cfg_yaml_syntax", "oops: [1, 2\n", "{cfg}", "malformed YAML")
@@ -489,15 +514,19 @@ config_kind("cfg_empty", b"", "{cfg}", "empty")
 config_kind("cfg_a_list", b"- a\n- b\n", "{cfg}", "top level must be a YAML mapping")
 config_kind("cfg_options_no_equals", None, "'model.num_classes' is not of the form key=value",
             opts=("model.num_classes",), expect=CFG_OPTIONS_TOOLS)
-config_kind("cfg_options_unknown_key", None, "model.nun_classes", "num_classes", opts=("model.nun_classes=2",),
+config_kind("cfg_options_unknown_key", None, "model.nun_classes", "num_classes",
+            opts=("model.nun_classes=2",), expect=CFG_OPTIONS_TOOLS)
+config_kind("cfg_options_bad_yaml", None, "optim.lr=[1,", opts=("optim.lr=[1,",),
             expect=CFG_OPTIONS_TOOLS)
-config_kind("cfg_options_bad_yaml", None, "optim.lr=[1,", opts=("optim.lr=[1,",), expect=CFG_OPTIONS_TOOLS)
-config_kind("cfg_wrong_type", None, "optim.lr", "expected float", opts=("optim.lr=fast",), expect=CFG_OPTIONS_TOOLS)
+config_kind("cfg_wrong_type", None, "optim.lr", "expected float", opts=("optim.lr=fast",),
+            expect=CFG_OPTIONS_TOOLS)
 config_kind("cfg_out_of_range", None, "data.flip_prob=2.0", "in [0, 1]", opts=("data.flip_prob=2",),
             expect=CFG_OPTIONS_TOOLS)
-config_kind("cfg_gn_one_channel_per_group", None, "model.head.feat_channels=32", "data.test_short_side=128",
-            "GroupNorm", opts=("model.head.feat_channels=32", "data.test_short_side=128",
-                               "data.train_short_side=[128,128]", "data.max_size=192"), expect=CFG_OPTIONS_TOOLS)
+config_kind("cfg_gn_one_channel_per_group", None, "model.head.feat_channels=32",
+            "data.test_short_side=128", "GroupNorm",
+            opts=("model.head.feat_channels=32", "data.test_short_side=128",
+                  "data.train_short_side=[128,128]", "data.max_size=192"),
+            expect=CFG_OPTIONS_TOOLS)
 
 
 @kind("cfg_missing", CONFIG_TOOLS, "{cfg}", "not found", absent=(STEP,))
@@ -526,7 +555,8 @@ def _(w):
 
 
 def ckpt_kind(name: str, write: Callable[[Path, World], None] | None, *names: str,
-              expect: dict[str, int] = CKPT_TOOLS, tool_names: dict[str, tuple[str, ...]] | None = None,
+              expect: dict[str, int] = CKPT_TOOLS,
+              tool_names: dict[str, tuple[str, ...]] | None = None,
               shared: Callable[[Path], None] | None = None) -> None:
     """A bad checkpoint written by `write` into the world, or made once by `shared` in the vault."""
 
@@ -567,7 +597,8 @@ def _evil_pickle(path: Path, w: World) -> None:
 
 
 def _other_model(path: Path, w: World) -> None:
-    torch.save({"model": {"fc.weight": torch.zeros(3, 4)}, "config": config_to_dict(tiny_config(w.data))}, path)
+    torch.save({"model": {"fc.weight": torch.zeros(3, 4)},
+                "config": config_to_dict(tiny_config(w.data))}, path)
 
 
 def in_vault(w: World, name: str, make: Callable[[Path], None]) -> Path:
@@ -583,7 +614,8 @@ def in_vault(w: World, name: str, make: Callable[[Path], None]) -> Path:
 def _five_classes(path: Path) -> None:
     cfg = tiny_config(path.parents[1] / "data")
     cfg.model.num_classes = 5
-    torch.save({"model": build_inference_model(cfg).state_dict(), "config": config_to_dict(cfg)}, path)
+    torch.save({"model": build_inference_model(cfg).state_dict(), "config": config_to_dict(cfg)},
+               path)
 
 
 ckpt_kind("ckpt_missing", lambda p, w: None, "{ckpt}", "not found")
@@ -595,7 +627,8 @@ ckpt_kind("ckpt_malicious_pickle", _evil_pickle, "{ckpt}", "refused", "nothing i
 ckpt_kind("ckpt_is_a_folder", lambda p, w: p.mkdir(), "{ckpt}")
 ckpt_kind("ckpt_a_tensor", lambda p, w: torch.save(torch.zeros(3), p), "{ckpt}", "expected a dict")
 ckpt_kind("ckpt_without_weights", lambda p, w: torch.save({"epoch": 3}, p), "{ckpt}",
-          expect={**CKPT_TOOLS, "convert_mmdet": 1})  # not an MMDetection checkpoint: a conversion error
+          # not an MMDetection checkpoint: a conversion error
+          expect={**CKPT_TOOLS, "convert_mmdet": 1})
 WEIGHTS_READERS = ("eval", "predict", "export", "train --load-from")
 ckpt_kind("ckpt_of_another_model", _other_model, "{ckpt}",
           expect={**CKPT_TOOLS, "convert_mmdet": 1},  # a conversion error, documented as exit 1
@@ -608,7 +641,8 @@ ckpt_kind("ckpt_wrong_num_classes", None, "{ckpt}", shared=_five_classes,
 
 
 def _without_config(path: Path) -> None:
-    torch.save({"model": build_inference_model(tiny_config(path.parents[1] / "data")).state_dict()}, path)
+    torch.save({"model": build_inference_model(tiny_config(path.parents[1] / "data")).state_dict()},
+               path)
 
 
 def _stored_config_invalid(path: Path) -> None:
@@ -618,13 +652,15 @@ def _stored_config_invalid(path: Path) -> None:
     torch.save({"model": build_inference_model(cfg).state_dict(), "config": stored}, path)
 
 
-@kind("ckpt_without_config", {"eval": 2, "predict": 2, "export": 2}, "{ckpt}", "stores no config", absent=(STEP,))
+@kind("ckpt_without_config", {"eval": 2, "predict": 2, "export": 2}, "{ckpt}", "stores no config",
+      absent=(STEP,))
 def _(w):
     w.ckpt = in_vault(w, "bare.pth", _without_config)
     w.positional_config = False
 
 
-@kind("ckpt_stored_config_invalid", {"eval": 2, "predict": 2, "export": 2}, "batch_sise", absent=(STEP,))
+@kind("ckpt_stored_config_invalid", {"eval": 2, "predict": 2, "export": 2}, "batch_sise",
+      absent=(STEP,))
 def _(w):
     w.ckpt = in_vault(w, "stored_config_invalid.pth", _stored_config_invalid)
     w.positional_config = False
@@ -645,23 +681,26 @@ def _nothing_created(w: World, tool: str, out: str) -> None:
     assert not w.run.exists(), "the run folder was created"
 
 
-@kind("resume_without_checkpoint", {"train": 2}, "{run}", "start without --resume", absent=(STEP, "dataset "),
-      check=_nothing_created)
+@kind("resume_without_checkpoint", {"train": 2}, "{run}", "start without --resume",
+      absent=(STEP, "dataset "), check=_nothing_created)
 def _(w):
     w.train_flags = ["--resume"]
 
 
-@kind("resume_path_missing", {"train": 2}, "{root}/nope.pth", absent=(STEP, "dataset "), check=_nothing_created)
+@kind("resume_path_missing", {"train": 2}, "{root}/nope.pth", absent=(STEP, "dataset "),
+      check=_nothing_created)
 def _(w):
     w.train_flags = ["--resume", str(w.root / "nope.pth")]
 
 
-@kind("resume_and_overwrite", {"train": 2}, "--resume and --overwrite", absent=(STEP,), check=_nothing_created)
+@kind("resume_and_overwrite", {"train": 2}, "--resume and --overwrite", absent=(STEP,),
+      check=_nothing_created)
 def _(w):
     w.train_flags = ["--resume", "--overwrite"]
 
 
-@kind("load_from_missing", {"train": 2}, "{root}/nope.pth", absent=(STEP, "dataset "), check=_nothing_created)
+@kind("load_from_missing", {"train": 2}, "{root}/nope.pth", absent=(STEP, "dataset "),
+      check=_nothing_created)
 def _(w):
     w.train_flags = ["--load-from", str(w.root / "nope.pth")]
 
@@ -697,7 +736,8 @@ def _last_written(w: World, tool: str, out: str) -> None:
     assert (w.run / "last.pth").is_file() and not (w.run / "epoch_1.pth").exists()
 
 
-KINDS.append(Kind("sigterm_mid_epoch", _signal_at_first_step((signal.SIGTERM,)), {"train": 128 + signal.SIGTERM},
+KINDS.append(Kind("sigterm_mid_epoch", _signal_at_first_step((signal.SIGTERM,)),
+                  {"train": 128 + signal.SIGTERM},
                   ("last.pth written; continue with --resume",), check=_last_written))
 KINDS.append(Kind("sigint_twice", _signal_at_first_step((signal.SIGINT, signal.SIGINT)),
                   {"train": 128 + signal.SIGINT}, ("second Ctrl-C", "{run}")))
@@ -783,7 +823,8 @@ def _(w):
 MATRIX = [(k, tool) for k in KINDS for tool in k.expect]
 
 
-@pytest.mark.parametrize(("kind", "tool"), MATRIX, ids=[f"{k.name}-{t.replace(' ', '')}" for k, t in MATRIX])
+@pytest.mark.parametrize(("kind", "tool"), MATRIX,
+                         ids=[f"{k.name}-{t.replace(' ', '')}" for k, t in MATRIX])
 def test_bad_input(kind: Kind, tool: str, vault, tmp_path, capsys, monkeypatch) -> None:
     world = make_world(tmp_path, vault)
     kind.make(world)
@@ -796,7 +837,9 @@ def test_bad_input(kind: Kind, tool: str, vault, tmp_path, capsys, monkeypatch) 
     assert code == kind.expect[tool], f"exit {code}, expected {kind.expect[tool]}:\n{out[-4000:]}"
     assert "Traceback" not in out, out[-4000:]
     for name in kind.names:
-        assert name.format(**world.fields()) in out, f"{name.format(**world.fields())!r} not named:\n{out[-4000:]}"
+        assert name.format(**world.fields()) in out, (
+            f"{name.format(**world.fields())!r} not named:\n{out[-4000:]}"
+        )
     for name in kind.tool_names.get(tool, ()):
         assert name in out, f"{name!r} not named:\n{out[-4000:]}"
     for text in kind.absent if kind.expect[tool] else ():
@@ -839,7 +882,8 @@ def test_the_groupnorm_rule_is_exactly_where_the_model_fails(feat_channels, vaul
             works = False
         options = [f"model.head.feat_channels={feat_channels}", "data.max_size=512"]
         for key, value in (("data.test_short_side", side), ("data.train_short_side", [side, side])):
-            other = "data.train_short_side=[256,256]" if key == "data.test_short_side" else "data.test_short_side=256"
+            other = ("data.train_short_side=[256,256]" if key == "data.test_short_side"
+                     else "data.test_short_side=256")
             try:
                 load_config(DEMO, [*TINY, *options, other, f"{key}={value}"])
                 accepted = True
@@ -871,7 +915,9 @@ class PerfectDetector(torch.nn.Module):
 
 
 @pytest.mark.parametrize("when", ["before the check", "after the check"])
-def test_an_unreadable_val_image_is_left_out_of_the_score_not_scored_as_missed(when, vault, tmp_path, caplog):
+def test_an_unreadable_val_image_is_left_out_of_the_score_not_scored_as_missed(
+    when, vault, tmp_path, caplog
+):
     world = make_world(tmp_path, vault)
     cfg = tiny_config(world.data)
     missing = world.split("val")[0] / "2.png"  # the only image of category 7
@@ -885,7 +931,9 @@ def test_an_unreadable_val_image_is_left_out_of_the_score_not_scored_as_missed(w
         metrics = evaluate(PerfectDetector(dataset), loader, torch.device("cpu"))
     # Scored as a miss, category 7 would have AP 0 and the mean 0.5.
     assert metrics["bbox_mAP"] == pytest.approx(1.0)
-    assert [name.split(": ")[0] for name in metrics["images_left_out"]] == [f"{missing} (image id 2)"]
+    assert [name.split(": ")[0] for name in metrics["images_left_out"]] == [
+        f"{missing} (image id 2)"
+    ]
     assert f"1 of 2 images left out of the evaluation: {missing} (image id 2)" in caplog.text
 
 

@@ -28,7 +28,9 @@ from gfldet.data.coco import CocoDetection, clip_and_filter_boxes
 from gfldet.data.images import load_image_rgb
 
 
-def reference_records(coco_dict: dict, raw_orientation_ids=frozenset(), min_size: int | None = 32) -> list[dict]:
+def reference_records(
+    coco_dict: dict, raw_orientation_ids=frozenset(), min_size: int | None = 32
+) -> list[dict]:
     """Per-image records exactly as the per-object implementation built them."""
     coco = COCO()
     coco.dataset = coco_dict
@@ -53,12 +55,15 @@ def reference_records(coco_dict: dict, raw_orientation_ids=frozenset(), min_size
             np.array(boxes, dtype=np.float32), np.array(labels, dtype=np.int64), height, width)
         if min_size is not None and (min(height, width) < min_size or len(kept_boxes) == 0):
             continue
-        records.append({"image_id": image_id, "file_name": info["file_name"], "height": height, "width": width,
-                        "boxes": kept_boxes, "labels": kept_labels, "apply_exif": image_id not in raw_orientation_ids})
+        records.append({"image_id": image_id, "file_name": info["file_name"], "height": height,
+                        "width": width, "boxes": kept_boxes, "labels": kept_labels,
+                        "apply_exif": image_id not in raw_orientation_ids})
     return records
 
 
-def reference_sample(image_dir: Path, record: dict, transform, seed: int) -> tuple[torch.Tensor, dict]:
+def reference_sample(
+    image_dir: Path, record: dict, transform, seed: int
+) -> tuple[torch.Tensor, dict]:
     image = load_image_rgb(image_dir / record["file_name"], apply_exif=record["apply_exif"])
     transform.set_random_seed(seed)
     out = transform(image=image, bboxes=record["boxes"].copy(), labels=record["labels"].copy())
@@ -74,7 +79,8 @@ def awkward(tmp_path_factory) -> dict[str, Path]:
     image, degenerate and sub-pixel boxes, an image without annotations, one below min_size,
     and a non-ASCII file name."""
     root = tmp_path_factory.mktemp("awkward")
-    paths = generate_synthetic_coco(root, num_train=24, num_val=2, image_size=(96, 128), seed=11, num_workers=1)
+    paths = generate_synthetic_coco(root, num_train=24, num_val=2, image_size=(96, 128), seed=11,
+                                    num_workers=1)
     data = json.loads(Path(paths["train_ann"]).read_text())
     rng = np.random.default_rng(0)
     cat_map = {c["id"]: 10 * c["id"] + 3 for c in data["categories"]}
@@ -85,7 +91,8 @@ def awkward(tmp_path_factory) -> dict[str, Path]:
     images = data["images"]
     first, second, third = images[0], images[1], images[2]
     renamed = "bild_ä_1.png"
-    os.rename(Path(paths["train_images"]) / first["file_name"], Path(paths["train_images"]) / renamed)
+    os.rename(Path(paths["train_images"]) / first["file_name"],
+              Path(paths["train_images"]) / renamed)
     first["file_name"] = renamed
     next_id = max(a["id"] for a in data["annotations"]) + 1
     cat = data["categories"][0]["id"]
@@ -105,8 +112,8 @@ def awkward(tmp_path_factory) -> dict[str, Path]:
         next_id += 1
     # Only crowd boxes: left out of training with its reason.
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != second["id"]]
-    data["annotations"].append({"id": next_id, "image_id": second["id"], "category_id": cat, "area": 1.0,
-                                "bbox": [1.0, 1.0, 30.0, 30.0], "iscrowd": 1})
+    data["annotations"].append({"id": next_id, "image_id": second["id"], "category_id": cat,
+                                "area": 1.0, "bbox": [1.0, 1.0, 30.0, 30.0], "iscrowd": 1})
     # No annotations at all.
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != third["id"]]
     # A small image (below data.min_size=32).
@@ -116,7 +123,8 @@ def awkward(tmp_path_factory) -> dict[str, Path]:
     data["annotations"].append({"id": next_id + 1, "image_id": 999, "category_id": cat, "area": 1.0,
                                 "bbox": [2.0, 2.0, 10.0, 10.0], "iscrowd": 0})
     data["images"] = [data["images"][i] for i in rng.permutation(len(data["images"]))]
-    data["annotations"] = [data["annotations"][i] for i in rng.permutation(len(data["annotations"]))]
+    data["annotations"] = [data["annotations"][i]
+                           for i in rng.permutation(len(data["annotations"]))]
     ann_file = root / "awkward.json"
     ann_file.write_text(json.dumps(data))
     return {"images": Path(paths["train_images"]), "ann": ann_file}
@@ -136,7 +144,8 @@ def test_index_gives_the_reference_samples_bit_for_bit(awkward, check: bool) -> 
     assert ds.aspect_ratios.tolist() == [r["width"] / r["height"] for r in reference]
     assert ds.class_names == [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
     reasons = "\n".join(ds.left_out)
-    assert "no annotations" in reasons and "crowd/ignored" in reasons and "below data.min_size=32" in reasons
+    assert ("no annotations" in reasons and "crowd/ignored" in reasons
+            and "below data.min_size=32" in reasons)
     for i, ref in enumerate(reference):
         boxes, labels = ds.get_annotations(i)
         assert boxes.dtype == np.float32 and boxes.tobytes() == ref["boxes"].tobytes()
@@ -185,8 +194,8 @@ def _objects_reachable(root: object) -> int:
 def test_dataset_keeps_no_python_object_per_image_or_box(tmp_path: Path) -> None:
     counts = {}
     for n in (8, 64):
-        paths = generate_synthetic_coco(tmp_path / str(n), num_train=n, num_val=1, image_size=(64, 64), seed=1,
-                                        num_workers=1)
+        paths = generate_synthetic_coco(tmp_path / str(n), num_train=n, num_val=1,
+                                        image_size=(64, 64), seed=1, num_workers=1)
         ds = checked_dataset(paths["train_images"], paths["train_ann"], min_size=0)
         assert len(ds) == n
         counts[n] = _objects_reachable(ds)
@@ -200,7 +209,8 @@ def test_dataset_keeps_no_python_object_per_image_or_box(tmp_path: Path) -> None
 def split(tmp_path: Path, tiny_coco) -> dict[str, Path]:
     shutil.copytree(tiny_coco["train_images"], tmp_path / "images")
     shutil.copy(tiny_coco["train_ann"], tmp_path / "ann.json")
-    return {"images": tmp_path / "images", "ann": tmp_path / "ann.json", "cache": tmp_path / "run" / "train.json"}
+    return {"images": tmp_path / "images", "ann": tmp_path / "ann.json",
+            "cache": tmp_path / "run" / "train.json"}
 
 
 def _check(split) -> tuple:
@@ -214,13 +224,15 @@ def test_cache_decodes_only_what_changed(split, monkeypatch) -> None:
     n = len(files)
     assert _check(split) == (n, 0) and split["cache"].is_file()
     with monkeypatch.context() as m:  # a witness: the cached check opens no image
-        m.setattr("gfldet.data.checks.open_image", lambda *a, **k: pytest.fail("an image was opened"))
+        m.setattr("gfldet.data.checks.open_image",
+                  lambda *a, **k: pytest.fail("an image was opened"))
         assert _check(split) == (0, n)
     # A rewritten image (same pixels, new modification time) and a changed one are decoded again.
     a, b = split["images"] / files[0], split["images"] / files[1]
     os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
     img = Image.open(b).convert("RGB")
-    img.resize((img.width, img.height)).save(b, quality=50) if b.suffix == ".jpg" else img.rotate(180).save(b)
+    (img.resize((img.width, img.height)).save(b, quality=50) if b.suffix == ".jpg"
+     else img.rotate(180).save(b))
     assert _check(split) == (2, n - 2)
     assert _check(split) == (0, n)
 
@@ -241,8 +253,10 @@ def test_cache_results_equal_a_full_decode(split) -> None:
     from the cache equals the report of a full decode."""
     victim = sorted(split["images"].iterdir())[2]
     victim.write_bytes(victim.read_bytes()[:200])  # truncated
-    first = check_dataset(split["images"], split["ann"], cache=split["cache"], max_bad_image_fraction=0.2)
-    cached = check_dataset(split["images"], split["ann"], cache=split["cache"], max_bad_image_fraction=0.2)
+    first = check_dataset(split["images"], split["ann"], cache=split["cache"],
+                          max_bad_image_fraction=0.2)
+    cached = check_dataset(split["images"], split["ann"], cache=split["cache"],
+                           max_bad_image_fraction=0.2)
     full = check_dataset(split["images"], split["ann"], max_bad_image_fraction=0.2)
     assert cached.images_decoded == 0 and full.images_from_cache == 0
     assert cached.unreadable == first.unreadable == full.unreadable and len(full.unreadable) == 1
@@ -257,7 +271,7 @@ def test_an_unreadable_cache_is_said_and_rewritten(split) -> None:
     assert _check(split) == (0, n)
 
 
-# ------------------------------------------------------------------ the checked index beside the cache
+# --------------------------------------------------------------- the checked index beside the cache
 
 
 def _checked(split, **options) -> CocoDetection:
@@ -265,26 +279,35 @@ def _checked(split, **options) -> CocoDetection:
 
 
 def _same_split(a: CocoDetection, b: CocoDetection) -> bool:
-    return (all(np.array_equal(getattr(a.index, f), getattr(b.index, f)) for f in a.index.__dataclass_fields__)
+    return (all(np.array_equal(getattr(a.index, f), getattr(b.index, f))
+                for f in a.index.__dataclass_fields__)
             and a.left_out == b.left_out and a.class_names == b.class_names
-            and a.label_to_cat_id == b.label_to_cat_id and a.num_images_in_file == b.num_images_in_file
-            and a.check_report.fixed == b.check_report.fixed and a.check_report.warnings == b.check_report.warnings)
+            and a.label_to_cat_id == b.label_to_cat_id
+            and a.num_images_in_file == b.num_images_in_file
+            and a.check_report.fixed == b.check_report.fixed
+            and a.check_report.warnings == b.check_report.warnings)
 
 
-def test_an_unchanged_split_loads_its_checked_index_without_reading_the_json(split, monkeypatch) -> None:
+def test_an_unchanged_split_loads_its_checked_index_without_reading_the_json(
+    split, monkeypatch
+) -> None:
     data = json.loads(split["ann"].read_text())
-    data["annotations"][0]["bbox"][0] = -3.0  # a fix (clipped), so that the report has something to keep
+    data["annotations"][0]["bbox"][0] = -3.0  # a fix (clipped): the report has something to keep
     split["ann"].write_text(json.dumps(data))
     first = _checked(split)
     assert first.check_report.fixed and (split["cache"].parent / "train.index.npz").is_file()
     with monkeypatch.context() as m:  # witnesses: neither the check nor the JSON parser runs
-        m.setattr("gfldet.data.checked_split.check_dataset", lambda *a, **k: pytest.fail("checked again"))
-        m.setattr("gfldet.data.checked_split.index_split", lambda *a, **k: pytest.fail("indexed again"))
+        m.setattr("gfldet.data.checked_split.check_dataset",
+                  lambda *a, **k: pytest.fail("checked again"))
+        m.setattr("gfldet.data.checked_split.index_split",
+                  lambda *a, **k: pytest.fail("indexed again"))
         again = _checked(split)
     assert _same_split(first, again)
-    assert "checked index" in again.check_report.summary() and again.check_report.images_decoded == 0
-    assert [again[i][1]["boxes"].tolist() for i in range(len(again))] == [first[i][1]["boxes"].tolist()
-                                                                          for i in range(len(first))]
+    assert ("checked index" in again.check_report.summary()
+            and again.check_report.images_decoded == 0)
+    assert [again[i][1]["boxes"].tolist() for i in range(len(again))] == [
+        first[i][1]["boxes"].tolist() for i in range(len(first))
+    ]
 
 
 @pytest.mark.parametrize("change", ["image", "annotations", "option"])

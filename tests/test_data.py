@@ -240,7 +240,9 @@ def test_normalize_is_bit_identical_to_albumentations() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     image[0, :3] = [[0, 0, 0], [255, 255, 255], [128, 7, 250]]  # both ends of the range
-    reference = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0)(image=image)["image"]
+    reference = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0)(
+        image=image
+    )["image"]
     got = normalize_batch(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous())
     assert torch.equal(got[0], torch.from_numpy(reference).permute(2, 0, 1))
 

@@ -241,7 +241,8 @@ def test_many_broken_boxes_warn_about_the_box_format(tmp_path: Path) -> None:
 
 
 def test_unknown_category_is_fatal_with_ids(tmp_path: Path) -> None:
-    anns = [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 1, [1, 1, 5, 5], cat=99), _ann(3, 1, [2, 2, 5, 5], cat=99)]
+    anns = [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 1, [1, 1, 5, 5], cat=99),
+            _ann(3, 1, [2, 2, 5, 5], cat=99)]
     img_dir, ann_file = write_dataset(tmp_path, [_img(1)], anns)
     report = check_dataset(img_dir, ann_file)
     msg = only_fatal(report, "category_id 99")
@@ -303,7 +304,8 @@ def test_missing_and_corrupt_images_dropped_within_budget(tmp_path: Path, caplog
     report = check_dataset(img_dir, ann_file, max_bad_image_fraction=0.5)
     msg = only_fatal(report, "4 of 4 image files are missing or unreadable")
     for piece in ("2.jpg (image id 2): OSError: image file is truncated",
-                  "3.png (image id 3): UnidentifiedImageError", "4.png (image id 4): file not found"):
+                  "3.png (image id 3): UnidentifiedImageError",
+                  "4.png (image id 4): file not found"):
         assert piece in msg
     # Without decoding only the missing file is seen.
     fast = check_dataset(img_dir, ann_file, check_images=False, max_bad_image_fraction=0.5)
@@ -342,8 +344,8 @@ def test_truncation_detected_even_if_load_truncated_images_was_set(tmp_path: Pat
 
 def test_very_large_images_allowed_up_to_the_limit(tmp_path: Path) -> None:
     # 10000 x 9000 = 90 MP: above PIL's warning threshold, below gfldet's default limit.
-    img_dir, ann_file = write_dataset(tmp_path, [_img(1, 10000, 9000)], [_ann(1, 1, [1, 1, 50, 50])],
-                                      files=False)
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1, 10000, 9000)],
+                                      [_ann(1, 1, [1, 1, 50, 50])], files=False)
     Image.new("1", (10000, 9000)).save(img_dir / "1.png")  # 1-bit: a few KB, decodes fast
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
@@ -379,7 +381,8 @@ def test_exif_rotation_not_in_json_means_raw_pixels(tmp_path: Path) -> None:
     exif_jpeg(img_dir / "r.jpg", (30, 12), 6)
     # Recorded as stored (30 x 12), and a box only valid in that frame.
     ann_file.write_text(json.dumps({"images": [_img(1, 30, 12, "r.jpg")],
-                                    "annotations": [_ann(1, 1, [0, 0, 10, 4])], "categories": CATS}))
+                                    "annotations": [_ann(1, 1, [0, 0, 10, 4])],
+                                    "categories": CATS}))
     report = check_dataset(img_dir, ann_file)
     assert report.ok and report.fixed == {FIX_RAW_ORIENTATION: 1}
     assert report.raw_orientation_ids == {1}
@@ -410,8 +413,8 @@ def _png16_rgb(path: Path) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", 3, 2, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def _write_mode(path_base: Path, mode: str, rgb: np.ndarray) -> Path:
@@ -475,7 +478,7 @@ def test_16bit_rgb_png_and_in_memory_modes(tmp_path: Path) -> None:
                           np.asarray(Image.fromarray(rgb).convert("P").convert("RGB")))
 
 
-# --------------------------------------------------------------------------- a checked CocoDetection
+# -------------------------------------------------------------------------- a checked CocoDetection
 
 
 def test_check_true_trains_on_the_fixed_annotations(tmp_path: Path) -> None:
@@ -490,8 +493,9 @@ def test_check_true_trains_on_the_fixed_annotations(tmp_path: Path) -> None:
                                      FIX_BAD_IMAGE: 1, FIX_BAD_IMAGE_ANNS: 1}
     assert ds[0][1]["boxes"].tolist() == [[0, 2, 16, 12]]
     # What training reads is the fixed data: the clipped box, nothing of the dropped ones.
-    assert [ds.get_annotations(i)[0].tolist() for i in range(len(ds))] == [[[0, 2, 16, 12]], [[2, 2, 10, 10]],
-                                                                          [[2, 2, 10, 10]]]
+    assert [ds.get_annotations(i)[0].tolist() for i in range(len(ds))] == [
+        [[0, 2, 16, 12]], [[2, 2, 10, 10]], [[2, 2, 10, 10]]
+    ]
     assert ds.check_report.kept == (3, 3)  # annotations 1 (clipped), 4 and 6
     with pytest.raises(DatasetError, match="1 of 4 image files"):  # budget 0: strict
         checked_dataset(img_dir, ann_file, max_decode_failures=0.0)
@@ -511,7 +515,8 @@ def test_decode_failure_is_replaced_logged_and_consistent(tmp_path: Path, caplog
     assert image[0, 0, 0].item() == _value(3)  # ... with its own pixels ...
     assert torch.equal(target["boxes"], samples[2][1]["boxes"])  # ... and its own boxes
     assert target["decode_failed"] == [
-        {"image_id": 2, "file": str(img_dir / "2.png"), "error": target["decode_failed"][0]["error"]}]
+        {"image_id": 2, "file": str(img_dir / "2.png"),
+         "error": target["decode_failed"][0]["error"]}]
     assert target["decode_failed"][0]["error"]  # the exception type and message
     assert all("decode_failed" not in t for i, (_, t) in enumerate(samples) if i != 1)
     assert "2.png (image id 2)" in caplog.text
@@ -584,7 +589,8 @@ def _tool_args(train: tuple[Path, Path], val: tuple[Path, Path], options: tuple[
 
 @pytest.fixture(scope="module")
 def tool_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
-    """The tool on a good, a broken and a misconfigured setup, run concurrently (imports are slow)."""
+    """The tool on a good, a broken and a misconfigured setup, run concurrently (imports are
+    slow)."""
     root = tmp_path_factory.mktemp("tool")
     good = simple_dataset(root / "good", n=4)
     bad_images = [_img(1), _img(2)]
@@ -597,7 +603,8 @@ def tool_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.
         "bad": _tool_args(good, bad),
         "config": _tool_args(good, good, overrides=("data.batch_sise=2",)),
     }
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=ROOT)
              for k, c in commands.items()}
     out = {}
     for key, proc in procs.items():
@@ -657,7 +664,9 @@ def test_tool_cross_checks_classes_and_splits(tmp_path: Path, capsys) -> None:
     assert tool.main(args) == 1
     out = capsys.readouterr().out
     assert "train and val categories differ" in out and "(8, 'c8')" in out
-    assert tool.main([*_tool_args(good, other, ("--split", "train"), ("model.num_classes=5",))[2:]]) == 1
+    assert tool.main(
+        [*_tool_args(good, other, ("--split", "train"), ("model.num_classes=5",))[2:]]
+    ) == 1
     assert "set model.num_classes: 2" in capsys.readouterr().out
     assert tool.main([*_tool_args(good, good)[2:], "--split", "train"]) == 0
 
@@ -665,7 +674,9 @@ def test_tool_cross_checks_classes_and_splits(tmp_path: Path, capsys) -> None:
 def test_pil_png_reader_rejects_truncation_by_default() -> None:
     """Guard: the checks rely on PIL raising for truncated data (LOAD_TRUNCATED_IMAGES False)."""
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(
+        buf, "PNG"
+    )
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     with pytest.raises(OSError, match="truncated"):
         Image.open(io.BytesIO(buf.getvalue()[:800])).load()

@@ -33,7 +33,9 @@ def imported_modules(path: Path) -> set[str]:
 
     class Visitor(ast.NodeVisitor):
         def visit_If(self, node: ast.If) -> None:
-            for child in node.orelse if _is_type_checking(node.test) else [*node.body, *node.orelse]:
+            for child in (
+                node.orelse if _is_type_checking(node.test) else [*node.body, *node.orelse]
+            ):
                 self.visit(child)
 
         def visit_Import(self, node: ast.Import) -> None:
@@ -54,7 +56,8 @@ def imported_modules(path: Path) -> set[str]:
 def test_the_import_graph_finds_a_cycle_where_there_is_one(tmp_path: Path) -> None:
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text("def f():\n    from gfldet.data.checks import check_dataset\n")
-    b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from gfldet.data.coco import CocoDetection\n")
+    b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                 "    from gfldet.data.coco import CocoDetection\n")
     assert imported_modules(a) == {"gfldet.data.checks"}
     assert imported_modules(b) == set()
 

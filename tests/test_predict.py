@@ -21,7 +21,8 @@ def run(tmp_path_factory, tiny_coco):
     """A tiny checkpoint and a config whose val split is the tiny dataset (for class names)."""
     folder = tmp_path_factory.mktemp("predict")
     cfg = config_to_dict(training_checkpoint(folder / "last.pth", num_classes=len(CATEGORIES)))
-    cfg["data"]["val"] = {"images": str(tiny_coco["val_images"]), "annotations": str(tiny_coco["val_ann"])}
+    cfg["data"]["val"] = {"images": str(tiny_coco["val_images"]),
+                          "annotations": str(tiny_coco["val_ann"])}
     config_path = folder / "tiny.yaml"
     config_path.write_text(json.dumps(cfg))
     return folder, config_path
@@ -32,18 +33,23 @@ def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
     detector = Detector.from_checkpoint(folder / "last.pth", config=config_path, score_thr=0.2)
     assert detector.class_names == [name for _, name in CATEGORIES]
     dataset = CocoDetection(tiny_coco["val_images"], tiny_coco["val_ann"],
-                            build_transforms(train=False, short_side=128, max_size=192), filter_empty=False)
+                            build_transforms(train=False, short_side=128, max_size=192),
+                            filter_empty=False)
     paths = [tiny_coco["val_images"] / dataset.index.file_name(i) for i in range(len(dataset))]
     got = detector(paths)
     assert isinstance(got, list) and len(got) == len(paths)
     with torch.no_grad():
         for i, det in enumerate(got):
             images, targets = collate([dataset[i]])
-            (ref,) = detector.model(normalize_batch(images, [t["image_size"] for t in targets]), targets)
-            assert np.allclose(det["boxes"], ref["boxes"].numpy()) and np.allclose(det["scores"], ref["scores"].numpy())
+            (ref,) = detector.model(normalize_batch(images, [t["image_size"] for t in targets]),
+                                    targets)
+            assert np.allclose(det["boxes"], ref["boxes"].numpy()) and np.allclose(
+                det["scores"], ref["scores"].numpy()
+            )
             assert det["class_names"] == [detector.class_names[j] for j in det["labels"]]
             h, w = int(dataset.index.heights[i]), int(dataset.index.widths[i])
-            if len(det["boxes"]):  # original pixels: clipped to the original image, not the resized one
+            # original pixels: clipped to the original image, not the resized one
+            if len(det["boxes"]):
                 assert det["boxes"][:, [0, 2]].max() <= w and det["boxes"][:, [1, 3]].max() <= h
     assert sum(len(d["scores"]) for d in got) > 0
 
@@ -61,14 +67,16 @@ def test_draw_detections_draws_boxes():
            "labels": np.array([1]), "class_names": ["square"]}
     drawn = np.asarray(draw_detections(image, det))
     assert drawn.shape == image.shape
-    assert (drawn[50, 10] != 200).any() and (drawn[50, 35] == 200).all()  # edge drawn, inside untouched
+    # edge drawn, inside untouched
+    assert (drawn[50, 10] != 200).any() and (drawn[50, 35] == 200).all()
     assert (drawn[:20, 10:60] != 200).any()  # the label sits above the box
 
 
 def test_predict_writes_drawn_images_and_json_for_a_folder(run, tiny_coco, tmp_path, capsys):
     folder, config_path = run
     out = tmp_path / "out"
-    code = load_tool("predict").main([str(config_path), str(folder / "last.pth"), str(tiny_coco["val_images"]),
+    code = load_tool("predict").main([str(config_path), str(folder / "last.pth"),
+                                      str(tiny_coco["val_images"]),
                                       "--out", str(out), "--score-thr", "0.3"])
     assert code == 0
     sources = sorted(tiny_coco["val_images"].iterdir())
@@ -86,9 +94,11 @@ def test_predict_writes_drawn_images_and_json_for_a_folder(run, tiny_coco, tmp_p
 
     # A glob works too, and an input matching nothing is a clear error.
     code = load_tool("predict").main([str(config_path), str(folder / "last.pth"),
-                                      str(tiny_coco["val_images"] / "*.jpg"), "--out", str(tmp_path / "glob")])
+                                      str(tiny_coco["val_images"] / "*.jpg"),
+                                      "--out", str(tmp_path / "glob")])
     assert code == 0 and len(list((tmp_path / "glob").glob("*.json"))) == len(sources)
-    assert load_tool("predict").main([str(config_path), str(folder / "last.pth"), str(tmp_path / "nothing*.png")]) == 2
+    assert load_tool("predict").main([str(config_path), str(folder / "last.pth"),
+                                      str(tmp_path / "nothing*.png")]) == 2
 
 
 def test_pil_input_is_made_upright_by_its_exif_orientation_like_a_path(tmp_path):

@@ -38,7 +38,8 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise FileExistsError(f"--out {out} holds files browse_dataset did not write; choose another --out folder")
+        raise FileExistsError(f"--out {out} holds files browse_dataset did not write; "
+                              "choose another --out folder")
 
 
 def draw_panel(ax, image: np.ndarray, boxes_xyxy: np.ndarray, names: list[str], title: str) -> None:
@@ -65,7 +66,8 @@ def draw_annotated(dataset, count: int, out: Path) -> int:
 
 
 def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
-    """The first `count` batches of `epoch` as the trainer's loader yields them; returns what was drawn."""
+    """The first `count` batches of `epoch` as the trainer's loader yields them; returns what
+    was drawn."""
     from gfldet.data import build_dataloader
 
     d = cfg.data
@@ -80,30 +82,38 @@ def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
         columns = min(4, len(targets))
         rows = -(-len(targets) // columns)
         height, width = images.shape[2:]
-        fig, axes = plt.subplots(rows, columns, figsize=(3.5 * columns, 3.5 * rows * height / width), squeeze=False)
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(3.5 * columns, 3.5 * rows * height / width), squeeze=False
+        )
         record = []
         for ax, image, t in zip(axes.flat, images, targets, strict=False):
             boxes, labels = t["boxes"].numpy(), t["labels"].tolist()
-            draw_panel(ax, image.permute(1, 2, 0).numpy(), boxes, [dataset.class_names[k] for k in labels],
-                       f"id {t['image_id']}, {t['image_size'][1]}x{t['image_size'][0]} in {width}x{height}")
+            draw_panel(ax, image.permute(1, 2, 0).numpy(), boxes,
+                       [dataset.class_names[k] for k in labels],
+                       f"id {t['image_id']}, {t['image_size'][1]}x{t['image_size'][0]} "
+                       f"in {width}x{height}")
             record.append({"image_id": t["image_id"], "image_size": list(t["image_size"]),
                            "boxes": boxes.tolist(), "labels": labels})
         for ax in list(axes.flat)[len(targets):]:
             ax.axis("off")
-        fig.suptitle(f"epoch {epoch}, batch {b}: what the model receives (padded, before normalisation)",
-                     fontsize=9)
+        fig.suptitle(f"epoch {epoch}, batch {b}: "
+                     "what the model receives (padded, before normalisation)", fontsize=9)
         save_figure(fig, out / f"batch_{b:02d}.png")
         drawn.append({"batch": b, "images": record})
     return drawn
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--out", default="outputs/browse_dataset", help="output folder")
-    parser.add_argument("--images", type=int, default=8, help="training images drawn as annotated (default 8)")
-    parser.add_argument("--batches", type=int, default=4, help="augmented training batches drawn (default 4)")
-    parser.add_argument("--epoch", type=int, default=0, help="the epoch whose batches are drawn (0 = the first)")
+    parser.add_argument("--images", type=int, default=8,
+                        help="training images drawn as annotated (default 8)")
+    parser.add_argument("--batches", type=int, default=4,
+                        help="augmented training batches drawn (default 4)")
+    parser.add_argument("--epoch", type=int, default=0,
+                        help="the epoch whose batches are drawn (0 = the first)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if min(args.images, args.batches, args.epoch) < 0:
@@ -125,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     annotated = draw_annotated(dataset, args.images, out)
     batches = draw_batches(cfg, dataset, args.batches, args.epoch, out)
-    (out / MANIFEST).write_text(json.dumps({"config": str(args.config), "epoch": args.epoch, "batches": batches},
-                                           indent=1) + "\n")
+    (out / MANIFEST).write_text(json.dumps(
+        {"config": str(args.config), "epoch": args.epoch, "batches": batches}, indent=1) + "\n")
     print(f"{annotated} annotated image(s) and {len(batches)} batch(es) -> {out}")
     return 0
 

@@ -140,7 +140,11 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            kind = "norm" if isinstance(module, NORM_LAYERS) else "biases" if name == "bias" else "weights"
+            kind = (
+                "norm" if isinstance(module, NORM_LAYERS)
+                else "biases" if name == "bias"
+                else "weights"
+            )
             groups.setdefault(settings[kind], []).append(param)
             if kind not in kinds.setdefault(settings[kind], []):
                 kinds[settings[kind]].append(kind)
@@ -154,7 +158,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
         out.append(group)
     if len(out) > 1:
         log.info("optimizer parameter groups: %s", "; ".join(
-            f"{' and '.join(kinds[key])}: {len(params)} tensors at lr {key[0]:g}, weight decay {key[1]:g}"
+            f"{' and '.join(kinds[key])}: {len(params)} tensors at lr {key[0]:g}, "
+            f"weight decay {key[1]:g}"
             for key, params in groups.items()))
     return out
 
@@ -164,7 +169,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     groups = param_groups(model, cfg, lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+    )
 
 
 class LrFactor:
@@ -188,7 +195,9 @@ class LrFactor:
             decay = self.gamma ** sum(it >= m for m in self.milestones)
         else:
             progress = min(it / max(self.total_iters, 1), 1.0)
-            decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
         if it < self.warmup_iters:
             decay *= self.warmup_ratio + (1 - self.warmup_ratio) * it / self.warmup_iters
         return decay

@@ -1,4 +1,5 @@
-"""The exponential moving average (EMA) of a model's weights, its decay ramped up over the first updates.
+"""The exponential moving average (EMA) of a model's weights, its decay ramped up over the
+first updates.
 
 A constant decay of 0.9998 keeps 0.9998^1499 = 74 % of the first step's weights after 1,500
 updates, so the EMA of a short or fine-tuning run would be a nearly untrained model. The decay of
@@ -30,7 +31,9 @@ def build_ema(model: nn.Module, decay: float, warmup_iters: int) -> AveragedMode
     copies them, the t-th moves them by ema = d_t * ema + (1 - d_t) * weights. The update count
     is its `n_averaged` buffer, part of its state_dict, so a resumed run continues the ramp."""
 
-    def update(ema_tensors: list[Tensor], model_tensors: list[Tensor], num_averaged: Tensor) -> None:
+    def update(
+        ema_tensors: list[Tensor], model_tensors: list[Tensor], num_averaged: Tensor
+    ) -> None:
         # num_averaged counts the updates before this one. Reading it syncs with the device, as
         # AveragedModel.update_parameters itself does (it checks n_averaged == 0).
         step = get_ema_multi_avg_fn(ema_decay(int(num_averaged) + 1, decay, warmup_iters))

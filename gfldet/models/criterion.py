@@ -50,7 +50,9 @@ def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tens
     return boxes.view(len(targets), -1, 4), labels, mask
 
 
-def positive_slots(positive: Tensor, num_per_level: list[int], num_boxes: int, topk: int) -> tuple[Tensor, Tensor]:
+def positive_slots(
+    positive: Tensor, num_per_level: list[int], num_boxes: int, topk: int
+) -> tuple[Tensor, Tensor]:
     """M slots per image holding all of its positives: (prior index [B, M], is-positive [B, M]).
 
     The positives fill the first slots in prior order; the remaining slots point at prior 0 and
@@ -63,7 +65,9 @@ def positive_slots(positive: Tensor, num_per_level: list[int], num_boxes: int, t
     rank = positive.cumsum(dim=1) - 1  # slot of each positive
     column = torch.where(positive, rank, slots)  # non-positives all go to a spare column, dropped
     prior_index = torch.arange(num_priors, device=positive.device).expand(num_images, -1)
-    index = positive.new_zeros(num_images, slots + 1, dtype=torch.long).scatter_(1, column, prior_index)
+    index = positive.new_zeros(num_images, slots + 1, dtype=torch.long).scatter_(
+        1, column, prior_index
+    )
     is_positive = torch.arange(slots, device=positive.device) < positive.sum(dim=1, keepdim=True)
     return index[:, :slots], is_positive
 
@@ -107,25 +111,39 @@ def gfl_loss(
     slot_gt = gt_index.gather(1, slots)
     strides = priors.strides[slots][..., None]  # [B, M, 1]
     centers = priors.centers[slots] / strides  # [B, M, 2] stride units (GFL regresses 0..R strides)
-    slot_reg = reg_logits.gather(1, slots[..., None].expand(-1, -1, reg_logits.shape[2]))  # [B, M, 4(R+1)]
+    slot_reg = reg_logits.gather(
+        1, slots[..., None].expand(-1, -1, reg_logits.shape[2])
+    )  # [B, M, 4(R+1)]
     pred_boxes = ltrb_to_boxes(centers, decode(slot_reg))  # [B, M, 4]
     target_boxes = gt_boxes.gather(1, slot_gt[..., None].expand(-1, -1, 4)) / strides  # [B, M, 4]
     # Non-positive slots regress onto their own anchor box so that every term stays finite.
-    target_boxes = torch.where(slot_positive[..., None], target_boxes, priors.boxes[slots] / strides)
+    target_boxes = torch.where(
+        slot_positive[..., None], target_boxes, priors.boxes[slots] / strides
+    )
 
-    slot_quality = torch.where(slot_positive, aligned_box_iou(pred_boxes.detach(), target_boxes), 0.0)
+    slot_quality = torch.where(
+        slot_positive, aligned_box_iou(pred_boxes.detach(), target_boxes), 0.0
+    )
     # scatter_add: masked slots repeat prior 0 with quality 0, which must not overwrite a positive.
-    quality = slot_quality.new_zeros(num_images, num_priors).scatter_add(1, slots, slot_quality)  # [B, A]
+    quality = slot_quality.new_zeros(num_images, num_priors).scatter_add(
+        1, slots, slot_quality
+    )  # [B, A]
     flat_logits = cls_logits.reshape(-1, num_classes)
     if settings.cls_loss == "qfl":
-        cls_per_prior = quality_focal_loss(flat_logits, labels.reshape(-1), quality.reshape(-1), settings.qfl_beta)
+        cls_per_prior = quality_focal_loss(
+            flat_logits, labels.reshape(-1), quality.reshape(-1), settings.qfl_beta
+        )
     else:
-        cls_per_prior = focal_loss(flat_logits, labels.reshape(-1), settings.focal_alpha, settings.focal_gamma)
+        cls_per_prior = focal_loss(
+            flat_logits, labels.reshape(-1), settings.focal_alpha, settings.focal_gamma
+        )
     cls_per_prior = cls_per_prior.view(num_images, num_priors) * valid
 
     num_pos = positive.sum(dim=1).clamp(min=1).sum().float()  # each image counts at least once
     num_pos = reduce_mean(num_pos).clamp(min=1.0)
-    slot_scores = cls_logits.detach().gather(1, slots[..., None].expand(-1, -1, num_classes))  # [B, M, C]
+    slot_scores = cls_logits.detach().gather(
+        1, slots[..., None].expand(-1, -1, num_classes)
+    )  # [B, M, C]
     weight = torch.where(slot_positive, slot_scores.amax(dim=2).float().sigmoid(), 0.0)  # [B, M]
     weight_sum = reduce_mean(weight.sum()).clamp(min=1.0)
 

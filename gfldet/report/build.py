@@ -52,7 +52,8 @@ def check_report_dir(out_dir: Path) -> None:
 
 
 def post_processing_settings(test) -> dict[str, float | int]:
-    """The `model.test` settings (a `PostProcessSettings`) that produced the detections, as shown."""
+    """The `model.test` settings (a `PostProcessSettings`) that produced the detections, as
+    shown."""
     return {"score threshold": test.score_thr, "NMS IoU": test.nms_iou,
             "max detections per image": test.max_per_img,
             "top-k per level before NMS": test.nms_pre}
