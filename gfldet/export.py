@@ -70,7 +70,8 @@ RAW_OUTPUTS = ("boxes", "scores")
 NMS_OUTPUTS = ("boxes", "scores", "labels", "num_dets")
 DEFAULT_OPSET = 17
 
-Batch = tuple[Tensor, list[dict[str, Any]]]  # (images, targets with image_size, orig_size), as prepare_batch
+# (images, targets with image_size, orig_size), as prepare_batch
+Batch = tuple[Tensor, list[dict[str, Any]]]
 
 
 class ExportVerificationError(RuntimeError):
@@ -93,14 +94,20 @@ class GFLDecode(nn.Module):
         super().__init__()
         self.model = model
 
-    def decode(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, list]:
+    def decode(
+        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, list]:
         """(boxes [B, A, 4], scores [B, A, C], priors per level [n_l]) of a batch."""
         cls_logits, reg_logits, priors, valid = self.model.head_outputs(images, image_sizes)
         distances = self.model.head.distances(reg_logits)  # the head's Integral (or Dirac ReLU)
-        boxes, scores = dense_detections(cls_logits, distances, priors, valid, image_sizes, orig_sizes)
+        boxes, scores = dense_detections(
+            cls_logits, distances, priors, valid, image_sizes, orig_sizes
+        )
         return boxes, scores, priors.num_per_level
 
-    def forward(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor
+    ) -> tuple[Tensor, Tensor]:
         boxes, scores, _ = self.decode(images, image_sizes, orig_sizes)
         return boxes, scores
 
@@ -115,12 +122,16 @@ class GFLDecodeNMS(nn.Module):
         self.decoder = GFLDecode(model)
         self.settings = settings or model.test_settings
 
-    def forward(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         boxes, scores, num_per_level = self.decoder.decode(images, image_sizes, orig_sizes)
         return select_detections(boxes, scores, num_per_level, self.settings)
 
 
-def export_module(model: GFL, nms: bool = False, settings: PostProcessSettings | None = None) -> nn.Module:
+def export_module(
+    model: GFL, nms: bool = False, settings: PostProcessSettings | None = None
+) -> nn.Module:
     """The graph wrapper of `model` in eval mode: `GFLDecodeNMS` if `nms` else `GFLDecode`."""
     model.eval()
     wrapper = GFLDecodeNMS(model, settings) if nms else GFLDecode(model)
@@ -128,7 +139,10 @@ def export_module(model: GFL, nms: bool = False, settings: PostProcessSettings |
 
 
 def detections_from_raw(
-    boxes: Tensor | np.ndarray, scores: Tensor | np.ndarray, input_hw: tuple[int, int], settings: PostProcessSettings
+    boxes: Tensor | np.ndarray,
+    scores: Tensor | np.ndarray,
+    input_hw: tuple[int, int],
+    settings: PostProcessSettings,
 ) -> list[dict[str, Tensor]]:
     """gfldet's selection applied to a raw graph's outputs: evaluation's detections per image.
 
@@ -136,7 +150,11 @@ def detections_from_raw(
     """
     height, width = input_hw
     num_per_level = [math.ceil(height / s) * math.ceil(width / s) for s in STRIDES]
-    return split_detections(*select_detections(torch.as_tensor(boxes), torch.as_tensor(scores), num_per_level, settings))
+    return split_detections(
+        *select_detections(
+            torch.as_tensor(boxes), torch.as_tensor(scores), num_per_level, settings
+        )
+    )
 
 
 # --------------------------------------------------------------------------- graph inputs
@@ -167,7 +185,9 @@ def graph_inputs(
     if shape is not None:
         batch, targets = letterbox(arrays, *shape)
     else:
-        transform = build_transforms(train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size)
+        transform = build_transforms(
+            train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size
+        )
         batch, targets = prepare_batch(arrays, transform, cfg.data.size_divisor)
     return {name: t.numpy() for name, t in feeds_from_batch(batch, targets).items()}
 
@@ -183,7 +203,10 @@ def letterbox(images: Sequence[np.ndarray], height: int, width: int) -> Batch:
     for i, image in enumerate(images):
         h, w = image.shape[:2]
         scale = min(height / h, width / w)
-        new_h, new_w = min(height, max(1, int(h * scale + 0.5))), min(width, max(1, int(w * scale + 0.5)))
+        new_h, new_w = (
+            min(height, max(1, int(h * scale + 0.5))),
+            min(width, max(1, int(w * scale + 0.5))),
+        )
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         out[i, :, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
         targets.append({"image_size": (new_h, new_w), "orig_size": (h, w)})
@@ -191,7 +214,10 @@ def letterbox(images: Sequence[np.ndarray], height: int, width: int) -> Batch:
 
 
 def verification_inputs(
-    images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32, shape: tuple[int, int] | None = None
+    images: Sequence[np.ndarray],
+    transform: Any,
+    size_divisor: int = 32,
+    shape: tuple[int, int] | None = None,
 ) -> list[Batch]:
     """Batches to check an export on: each image alone at its test-time size (padded to
     `size_divisor`), then a batch of two images of different sizes, so that each is padded
@@ -233,12 +259,17 @@ def export_onnx(
     names = NMS_OUTPUTS if nms else RAW_OUTPUTS
     dynamic_axes = None
     if dynamic:
-        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
-                        "orig_sizes": {0: "batch"}}
+        dynamic_axes = {
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "image_sizes": {0: "batch"},
+            "orig_sizes": {0: "batch"},
+        }
         if nms:
             dynamic_axes.update({name: {0: "batch"} for name in names})
         else:
-            dynamic_axes.update({"boxes": {0: "batch", 1: "priors"}, "scores": {0: "batch", 1: "priors"}})
+            dynamic_axes.update(
+                {"boxes": {0: "batch", 1: "priors"}, "scores": {0: "batch", 1: "priors"}}
+            )
     wrapper = export_module(model, nms, settings)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about Python ints taken from sizes (stride bookkeeping); the graph is
@@ -263,8 +294,8 @@ def export_torchscript(
     nms: bool = False,
     settings: PostProcessSettings | None = None,
 ) -> Path:
-    """Trace `model` at `example` (graph inputs by name) and save it; load with `torch.jit.load(path)`
-    and call it with the three inputs in `GRAPH_INPUTS` order.
+    """Trace `model` at `example` (graph inputs by name) and save it; load with
+    `torch.jit.load(path)` and call it with the three inputs in `GRAPH_INPUTS` order.
 
     Traced, not scripted: the torchvision backbone scripts, but gfldet's FPN and head use
     Python constructs (zip(strict=...), dataclass priors) that TorchScript does not compile.
@@ -367,7 +398,9 @@ class ParityReport:
         if self.num_dets:
             text += f", {self.num_dets} detections compared"
         if self.mismatched:
-            text += f"; {len(self.mismatched)} detection(s) on one side only: " + "; ".join(self.mismatched[:5])
+            text += f"; {len(self.mismatched)} detection(s) on one side only: " + "; ".join(
+                self.mismatched[:5]
+            )
         return text
 
 
@@ -415,7 +448,9 @@ def verify(
             with torch.no_grad():
                 expected = export_module(model).decode(**feeds)[:2]
             _compare_raw(got, expected, report, what)
-            found = detections_from_raw(got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings)
+            found = detections_from_raw(
+                got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings
+            )
         reference = evaluation_detections(model, batch, targets, settings)
         for image, (ref, det) in enumerate(zip(reference, found, strict=True)):
             _compare_detections(image, {k: v.numpy() for k, v in ref.items()},
@@ -425,11 +460,14 @@ def verify(
     return report
 
 
-def _compare_raw(got: dict[str, np.ndarray], ref: tuple[Tensor, Tensor], report: ParityReport, what: str) -> None:
+def _compare_raw(
+    got: dict[str, np.ndarray], ref: tuple[Tensor, Tensor], report: ParityReport, what: str
+) -> None:
     for name, expected in zip(RAW_OUTPUTS, ref, strict=True):
         if got[name].shape != tuple(expected.shape):
             raise ExportVerificationError(
-                f"{what}: output {name!r} has shape {got[name].shape}, PyTorch {tuple(expected.shape)}"
+                f"{what}: output {name!r} has shape {got[name].shape}, "
+                f"PyTorch {tuple(expected.shape)}"
             )
     report.max_box_diff = max(report.max_box_diff, _max_abs(got["boxes"] - ref[0].numpy()))
     report.max_score_diff = max(report.max_score_diff, _max_abs(got["scores"] - ref[1].numpy()))
@@ -457,7 +495,9 @@ def _compare_detections(
                 used[j] = True
                 report.num_dets += 1
                 report.max_box_diff = max(report.max_box_diff, float(box_diff.min()))
-                report.max_score_diff = max(report.max_score_diff, abs(float(got["scores"][j] - score)))
+                report.max_score_diff = max(
+                    report.max_score_diff, abs(float(got["scores"][j] - score))
+                )
                 continue
         _note_unpaired(report, "evaluation", image, box, score, label, ref["scores"], score_tol)
     for j in np.flatnonzero(~used):

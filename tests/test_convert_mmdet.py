@@ -44,7 +44,8 @@ def mmdet_gfl_state_dict(
     depth: int = 50, num_classes: int = 80, fpn: int = 256, feat: int = 256, stacked: int = 4,
     reg_max: int = 16, tracked: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """An MMDetection GFL (ResNet-`depth`, FPN start_level=1 with 2 extra convs, GN head) state dict."""
+    """An MMDetection GFL (ResNet-`depth`, FPN start_level=1 with 2 extra convs, GN head)
+    state dict."""
     blocks, bottleneck = STAGES[depth]
     expansion = 4 if bottleneck else 1
     sd: dict[str, torch.Tensor] = {}
@@ -76,13 +77,15 @@ def mmdet_gfl_state_dict(
         _conv(sd, f"neck.fpn_convs.{i}.conv", fpn, fpn, 3, bias=True)
     for tower in ("cls_convs", "reg_convs"):
         for i in range(stacked):
-            _conv(sd, f"bbox_head.{tower}.{i}.conv", feat, fpn if i == 0 else feat, 3)  # no bias with GN
+            # no bias with GN
+            _conv(sd, f"bbox_head.{tower}.{i}.conv", feat, fpn if i == 0 else feat, 3)
             sd[f"bbox_head.{tower}.{i}.gn.weight"] = torch.rand(feat) + 0.5
             sd[f"bbox_head.{tower}.{i}.gn.bias"] = torch.randn(feat)
     _conv(sd, "bbox_head.gfl_cls", num_classes, feat, 3, bias=True)
     _conv(sd, "bbox_head.gfl_reg", 4 * (reg_max + 1), feat, 3, bias=True)
     for level in range(5):
-        sd[f"bbox_head.scales.{level}.scale"] = torch.tensor(1.0 + 0.1 * level)  # 0-dim, as mmcv's Scale
+        # 0-dim, as mmcv's Scale
+        sd[f"bbox_head.scales.{level}.scale"] = torch.tensor(1.0 + 0.1 * level)
     sd["bbox_head.integral.project"] = torch.linspace(0, reg_max, reg_max + 1)
     return sd
 
@@ -112,7 +115,9 @@ def test_r50_maps_every_key_both_ways(r50):
         "backbone.bn1.running_var": "backbone.bn1.running_var",
         "backbone.bn1.num_batches_tracked": "backbone.bn1.num_batches_tracked",
         "backbone.layer3.5.bn2.bias": "backbone.layer3.5.bn2.bias",
-        "backbone.layer2.0.downsample.1.running_mean": "backbone.layer2.0.downsample.1.running_mean",
+        "backbone.layer2.0.downsample.1.running_mean": (
+            "backbone.layer2.0.downsample.1.running_mean"
+        ),
         "neck.lateral_convs.2.conv.weight": "neck.lateral_convs.2.conv.weight",
         "neck.fpn_convs.0.conv.weight": "neck.fpn_convs.0.conv.weight",
         "neck.fpn_convs.2.conv.bias": "neck.fpn_convs.2.conv.bias",
@@ -233,6 +238,8 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     config.write_text("model:\n  num_clases: 3\n")  # misspelt key
     convert = load_tool("convert_mmdet")
     with pytest.raises(SystemExit) as exit_info:
-        convert.main([str(tmp_path / "any.pth"), str(tmp_path / "out.pth"), "--config", str(config)])
+        convert.main(
+            [str(tmp_path / "any.pth"), str(tmp_path / "out.pth"), "--config", str(config)]
+        )
     assert exit_info.value.code == 2
     assert "num_clases" in capsys.readouterr().err

@@ -87,7 +87,10 @@ SCENE_SIZES = [(150, 119), (100, 173), (131, 197)]
 
 @pytest.fixture(scope="module")
 def scenes() -> list[np.ndarray]:
-    return [render_image(np.random.default_rng(i), h, w, SynthParams())[0] for i, (h, w) in enumerate(SCENE_SIZES)]
+    return [
+        render_image(np.random.default_rng(i), h, w, SynthParams())[0]
+        for i, (h, w) in enumerate(SCENE_SIZES)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,10 @@ def expected(model, detector, scenes) -> dict[str, tuple]:
     """(batch, targets, Detector's detections) of SCENES[0] and SCENES[1] alone ("single0",
     "single1") and together ("mixed", Detector with batch_size=2 as evaluation batches them)."""
     batched = Detector(model, short_side=128, max_size=192, batch_size=2)
-    out = {f"single{i}": (*detector.preprocess([im]), [detector(im)]) for i, im in enumerate(scenes[:2])}
+    out = {
+        f"single{i}": (*detector.preprocess([im]), [detector(im)])
+        for i, im in enumerate(scenes[:2])
+    }
     out["mixed"] = (*batched.preprocess(scenes[:2]), batched(scenes[:2]))
     return out
 
@@ -134,16 +140,23 @@ def graph_detections(runner, kind: str, batch: torch.Tensor, targets: list[dict]
     if kind == "raw":
         dets = detections_from_raw(out["boxes"], out["scores"], tuple(batch.shape[-2:]), SETTINGS)
         return [{k: v.numpy() for k, v in d.items()} for d in dets]
-    return [{k: out[k][b, : int(n)] for k in ("boxes", "scores", "labels")} for b, n in enumerate(out["num_dets"])]
+    return [
+        {k: out[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
+        for b, n in enumerate(out["num_dets"])
+    ]
 
 
-def assert_same_detections(got: list[dict], ref: list[dict], box_tol: float = 1e-3, score_tol: float = 1e-5):
+def assert_same_detections(
+    got: list[dict], ref: list[dict], box_tol: float = 1e-3, score_tol: float = 1e-5
+):
     """Identical counts per image and a one-to-one pairing: each reference detection with the
     unused detection of the same label whose box is closest; boxes within box_tol pixels, scores
     within score_tol. Pairing by box (not by rank) is robust to near-equal scores swapping."""
     assert len(got) == len(ref)
     for image, (g, r) in enumerate(zip(got, ref, strict=True)):
-        assert len(g["scores"]) == len(r["scores"]), f"image {image}: {len(g['scores'])} vs {len(r['scores'])} detections"
+        assert len(g["scores"]) == len(r["scores"]), (
+            f"image {image}: {len(g['scores'])} vs {len(r['scores'])} detections"
+        )
         used = np.zeros(len(g["scores"]), dtype=bool)
         for box, score, label in zip(r["boxes"], r["scores"], r["labels"], strict=True):
             cand = np.flatnonzero((g["labels"] == label) & ~used)
@@ -163,7 +176,10 @@ FORMATS = ["onnx", "torchscript"]
 def test_graph_detects_what_detector_detects_on_padded_images(graphs, expected, fmt, kind):
     if (fmt, kind) not in graphs:
         pytest.skip("onnxruntime is not installed")
-    for name, padded_shape, size in [("single0", (192, 128), (161, 128)), ("single1", (128, 192), (111, 192))]:
+    for name, padded_shape, size in [
+        ("single0", (192, 128), (161, 128)),
+        ("single1", (128, 192), (111, 192)),
+    ]:
         batch, targets, ref = expected[name]
         assert tuple(batch.shape[-2:]) == padded_shape and tuple(targets[0]["image_size"]) == size
         assert len(ref[0]["scores"]) > 10  # enough detections to compare
@@ -172,7 +188,9 @@ def test_graph_detects_what_detector_detects_on_padded_images(graphs, expected, 
 
 @pytest.mark.parametrize("kind", ["raw", "nms"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_graph_detects_what_detector_detects_on_a_mixed_size_batch(graphs, expected, scenes, fmt, kind):
+def test_graph_detects_what_detector_detects_on_a_mixed_size_batch(
+    graphs, expected, scenes, fmt, kind
+):
     if (fmt, kind) not in graphs:
         pytest.skip("onnxruntime is not installed")
     batch, targets, ref = expected["mixed"]
@@ -181,7 +199,10 @@ def test_graph_detects_what_detector_detects_on_a_mixed_size_batch(graphs, expec
     assert_same_detections(got, ref)
     if kind == "nms":  # the padded output contract
         out = graphs[fmt, kind](feeds_from_batch(batch, targets))
-        assert out["boxes"].shape == (2, 100, 4) and out["num_dets"].dtype == out["labels"].dtype == np.int64
+        assert (
+            out["boxes"].shape == (2, 100, 4)
+            and out["num_dets"].dtype == out["labels"].dtype == np.int64
+        )
         for b, n in enumerate(out["num_dets"]):
             assert (out["labels"][b, n:] == -1).all() and (out["scores"][b, n:] == 0).all()
             assert (out["boxes"][b, n:] == 0).all() and (np.diff(out["scores"][b, :n]) <= 0).all()
@@ -189,7 +210,9 @@ def test_graph_detects_what_detector_detects_on_a_mixed_size_batch(graphs, expec
     for det, image in zip(got, scenes[:2], strict=True):
         h, w = image.shape[:2]
         boxes = det["boxes"]
-        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+        assert (
+            (boxes >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+        )
         assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
 
 
@@ -201,7 +224,9 @@ def test_raw_graph_masks_the_padding_of_each_image(graphs, expected, scenes):
     priors = make_priors([(math.ceil(192 / s), math.ceil(192 / s)) for s in STRIDES], list(STRIDES))
     assert out["scores"].shape == (2, len(priors.strides), 3)
     masked = (out["scores"] == 0).all(axis=2)  # [B, A]
-    x, y, stride = priors.grid_xy[:, 0].numpy(), priors.grid_xy[:, 1].numpy(), priors.strides.numpy()
+    x, y, stride = (
+        priors.grid_xy[:, 0].numpy(), priors.grid_xy[:, 1].numpy(), priors.strides.numpy()
+    )
     assert np.array_equal(masked[0], x >= np.ceil(128 / stride))  # image 0: columns past 128 px
     assert np.array_equal(masked[1], y >= np.ceil(128 / stride))  # image 1: rows past 128 px
     for boxes, image in zip(out["boxes"], scenes[:2], strict=True):
@@ -226,7 +251,11 @@ def test_verification_compares_with_the_evaluation_path(model, scenes, graphs):
     graphs did before they took the images' sizes), and passes the exported ones."""
     detector = Detector(model, short_side=128, max_size=192)
     inputs = verification_inputs(scenes[:2], detector.transform, 32)
-    assert [tuple(b.shape) for b, _ in inputs] == [(1, 3, 192, 128), (1, 3, 128, 192), (2, 3, 192, 192)]
+    assert [tuple(b.shape) for b, _ in inputs] == [
+        (1, 3, 192, 128),
+        (1, 3, 128, 192),
+        (2, 3, 192, 192),
+    ]
     wrapper = export_module(model, nms=True, settings=SETTINGS)
 
     def padded_sizes_graph(feeds):
@@ -239,7 +268,12 @@ def test_verification_compares_with_the_evaluation_path(model, scenes, graphs):
         scale = (orig / sizes)[:, [1, 0, 1, 0]][:, None, :]
         limit = orig[:, [1, 0, 1, 0]][:, None, :].float()
         boxes = torch.minimum(boxes * scale, limit) * (labels >= 0)[..., None]
-        return {"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy(), "num_dets": num_dets.numpy()}
+        return {
+            "boxes": boxes.numpy(),
+            "scores": scores.numpy(),
+            "labels": labels.numpy(),
+            "num_dets": num_dets.numpy(),
+        }
 
     with pytest.raises(ExportVerificationError, match="on one side only"):
         verify(padded_sizes_graph, model, inputs, nms=True, settings=SETTINGS)
@@ -301,7 +335,8 @@ def test_published_weights_strip_training_state_and_detect_identically(tmp_path)
     assert state["model_format"] == 2
     original = load_checkpoint(tmp_path / "last.pth")
     ema = {k.removeprefix("module."): v for k, v in original["ema"].items() if k != "n_averaged"}
-    assert all(torch.equal(state["model"][k], ema[k]) for k in state["model"])  # EMA became the model
+    # EMA became the model
+    assert all(torch.equal(state["model"][k], ema[k]) for k in state["model"])
 
     images = [render_image(np.random.default_rng(7), 140, 170, SynthParams())[0],
               render_image(np.random.default_rng(8), 160, 128, SynthParams())[0]]
@@ -331,7 +366,10 @@ def test_export_cli_onnx_static_shape_verifies_on_images(tmp_path, tiny_coco, ca
     text = capsys.readouterr().out
     assert code == 0 and out.is_file(), text
     assert "input [1, 3, 128, 160]" in text  # a fixed-shape graph; the images were letterboxed
-    assert "verified against PyTorch evaluation (GFL.forward) on 2 input(s)" in text and "max |boxes diff|" in text
+    assert (
+        "verified against PyTorch evaluation (GFL.forward) on 2 input(s)" in text
+        and "max |boxes diff|" in text
+    )
 
 
 def readme_python_block(section: str) -> str:
@@ -353,8 +391,10 @@ def test_readme_onnx_recipe_gives_detectors_detections(tmp_path, scenes, monkeyp
     cfg = training_checkpoint(run / "best.pth", with_ema=False)
     (run / "config.yaml").write_text(json.dumps(config_to_dict(cfg)))
     Image.fromarray(scenes[0]).save(tmp_path / "photo.jpg")
-    code = load_tool("export").main(["work_dirs/RUN/best.pth", "--format", "onnx", "--dynamic", "--nms",
-                                     "--num-verify", "1"])  # as the README's command, verified more briefly
+    # as the README's command, verified more briefly
+    code = load_tool("export").main(
+        ["work_dirs/RUN/best.pth", "--format", "onnx", "--dynamic", "--nms", "--num-verify", "1"]
+    )
     assert code == 0, capsys.readouterr()
     snippet = readme_python_block("Exporting a trained model")
     namespace: dict = {}

@@ -160,9 +160,11 @@ def _randomise_batchnorm(backbone: nn.Module, generator: torch.Generator) -> Non
                 m.bias.normal_(0, 0.3, generator=generator)
 
 
-def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5, msg: str = "") -> None:
-    """Equal up to float rounding relative to the tensor's scale (activations grow to ~1e3 over R-50);
-    rel=0: bit-identical."""
+def _assert_close_to_scale(
+    got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5, msg: str = ""
+) -> None:
+    """Equal up to float rounding relative to the tensor's scale (activations grow to ~1e3
+    over R-50); rel=0: bit-identical."""
     error, scale = (got - want).abs().max().item(), want.abs().max().item()
     assert error <= rel * scale, f"{msg}: max error {error:.3g} vs scale {scale:.3g}"
 
@@ -201,22 +203,30 @@ def test_backbone_folds_frozen_batchnorm_into_convs(depth, scratch):
         model = copy.deepcopy(backbone).to(dtype)
         folded, folded_grads = run(model, ResNetBackbone.forward, dtype)
         stats_after_folded = {n: b.clone() for n, b in model.named_buffers()}
-        model.load_state_dict({**model.state_dict(), **{n: b.to(dtype) for n, b in buffers.items()}})
+        model.load_state_dict(
+            {**model.state_dict(), **{n: b.to(dtype) for n, b in buffers.items()}}
+        )
         reference, reference_grads = run(model, _torchvision_forward, dtype)
         rel = 0.0 if scratch else (1e-5 if dtype == torch.float32 else 1e-10)
         for got, want in zip(folded, reference, strict=True):
             _assert_close_to_scale(got, want, rel, msg=f"features {dtype}")
         assert folded_grads.keys() == reference_grads.keys()
-        assert any(".bn" in n or "downsample.1" in n for n in folded_grads)  # BN affine params train
+        # BN affine params train
+        assert any(".bn" in n or "downsample.1" in n for n in folded_grads)
         if scratch or dtype == torch.float64:
             for name, grad in reference_grads.items():
                 _assert_close_to_scale(folded_grads[name], grad, rel, msg=f"{name} {dtype}")
-        for name, value in model.named_buffers():  # running statistics move exactly as torchvision's
+        # running statistics move exactly as torchvision's
+        for name, value in model.named_buffers():
             torch.testing.assert_close(stats_after_folded[name], value, msg=name)
         model.eval()
         with torch.no_grad():
-            for got, want in zip(model(images.to(dtype)), _torchvision_forward(model, images.to(dtype)), strict=True):
-                _assert_close_to_scale(got, want, 1e-5 if dtype == torch.float32 else 1e-10, msg="eval features")
+            for got, want in zip(
+                model(images.to(dtype)), _torchvision_forward(model, images.to(dtype)), strict=True
+            ):
+                _assert_close_to_scale(
+                    got, want, 1e-5 if dtype == torch.float32 else 1e-10, msg="eval features"
+                )
 
 
 def test_backbone_weights_from_file(tmp_path):
@@ -237,8 +247,15 @@ def test_r50_recipe_training_step_is_finite():
     model = build_from_options().train()  # the recipe, 80 classes
     images = torch.randn(2, 3, 256, 320)
     targets = [
-        {"boxes": torch.tensor([[10.0, 20, 200, 240], [50, 60, 120, 90]]), "labels": torch.tensor([3, 79])},
-        {"boxes": torch.tensor([[100.0, 100, 300, 250]]), "labels": torch.tensor([0]), "image_size": (200, 310)},
+        {
+            "boxes": torch.tensor([[10.0, 20, 200, 240], [50, 60, 120, 90]]),
+            "labels": torch.tensor([3, 79]),
+        },
+        {
+            "boxes": torch.tensor([[100.0, 100, 300, 250]]),
+            "labels": torch.tensor([0]),
+            "image_size": (200, 310),
+        },
     ]
     targets[0]["image_size"] = (256, 320)
     losses = model(images, targets)
@@ -275,7 +292,10 @@ def test_ablation_switches_change_the_losses():
 def synthetic_pair():
     """Two 128x128 images with bright rectangles (class 0) and dark squares (class 1)."""
     images = torch.full((2, 3, 128, 128), -1.0)
-    boxes = [torch.tensor([[10.0, 20, 70, 60], [80, 80, 120, 120]]), torch.tensor([[30.0, 30, 100, 90]])]
+    boxes = [
+        torch.tensor([[10.0, 20, 70, 60], [80, 80, 120, 120]]),
+        torch.tensor([[30.0, 30, 100, 90]]),
+    ]
     labels = [torch.tensor([0, 1]), torch.tensor([1])]
     for i in range(2):
         for box, label in zip(boxes[i].long(), labels[i], strict=True):
@@ -315,14 +335,21 @@ def test_eval_output_contract_and_rescaling():
     model = tiny_model(num_classes=2).eval()
     nn.init.constant_(model.head.gfl_cls.bias, 2.0)  # make every prior a confident detection
     images = torch.randn(2, 3, 64, 96)
-    meta = [{"image_size": (64, 96), "orig_size": (128, 192)}, {"image_size": (40, 60), "orig_size": (40, 60)}]
+    meta = [
+        {"image_size": (64, 96), "orig_size": (128, 192)},
+        {"image_size": (40, 60), "orig_size": (40, 60)},
+    ]
     with torch.no_grad():
         out = model(images, meta)
     assert len(out) == 2
     for det, (h, w) in zip(out, [(128, 192), (40, 60)], strict=True):
         assert set(det) == {"boxes", "scores", "labels"}
         assert 0 < len(det["boxes"]) <= 100 and det["labels"].dtype == torch.int64
-        assert (det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all() and (det["boxes"] >= 0).all()
+        assert (
+            (det["boxes"][:, 2] <= w).all()
+            and (det["boxes"][:, 3] <= h).all()
+            and (det["boxes"] >= 0).all()
+        )
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
     assert out[0]["boxes"][:, 2].max() > 96  # rescaled beyond the resized width
 

@@ -59,15 +59,21 @@ class GFL(nn.Module):
         be recorded as constants of one input size."""
         sizes = tuple(tuple(f.shape[-2:]) for f in features)
         if torch.jit.is_tracing():
-            return make_priors(list(sizes), list(STRIDES), self.octave_base_scale, features[0].device)
+            return make_priors(
+                list(sizes), list(STRIDES), self.octave_base_scale, features[0].device
+            )
         key = (sizes, features[0].device)
         if key not in self._priors_cache:
             if len(self._priors_cache) > 64:
                 self._priors_cache.clear()
-            self._priors_cache[key] = make_priors(list(sizes), list(STRIDES), self.octave_base_scale, features[0].device)
+            self._priors_cache[key] = make_priors(
+                list(sizes), list(STRIDES), self.octave_base_scale, features[0].device
+            )
         return self._priors_cache[key]
 
-    def head_outputs(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Priors, Tensor]:
+    def head_outputs(
+        self, images: Tensor, image_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Priors, Tensor]:
         """cls_logits [B, A, C], reg_logits [B, A, 4(R+1)], the priors and valid [B, A] (False
         for priors outside each image's own padded extent) of a batch; image_sizes [B, 2] (h, w)
         of the resized, unpadded images. Training, evaluation and the exported graphs start here."""
@@ -83,17 +89,23 @@ class GFL(nn.Module):
         cls_logits, reg_logits, priors, valid = self.head_outputs(images, image_sizes)
         if self.training:
             if targets is None:
-                raise ValueError("training mode needs targets (a dict with boxes and labels per image)")
+                raise ValueError(
+                    "training mode needs targets (a dict with boxes and labels per image)"
+                )
             gt_boxes, gt_labels, gt_mask = pad_targets(targets, images.device)
             reg_max = self.head.reg_max if self.head.box_repr == "distribution" else None
             # The loss decodes boxes at the positives only (no dense Integral in training).
             return gfl_loss(
-                cls_logits, reg_logits, self.head.distances, priors, valid, gt_boxes, gt_labels, gt_mask,
-                self.loss_settings, reg_max, self.topk,
+                cls_logits, reg_logits, self.head.distances, priors, valid,
+                gt_boxes, gt_labels, gt_mask, self.loss_settings, reg_max, self.topk,
             )
-        orig_sizes = _sizes(targets, "orig_size", images) if _has(targets, "orig_size") else image_sizes
+        orig_sizes = (
+            _sizes(targets, "orig_size", images) if _has(targets, "orig_size") else image_sizes
+        )
         distances = self.head.distances(reg_logits)  # [B, A, 4] stride units
-        return postprocess(cls_logits, distances, priors, valid, image_sizes, orig_sizes, self.test_settings)
+        return postprocess(
+            cls_logits, distances, priors, valid, image_sizes, orig_sizes, self.test_settings
+        )
 
 
 def _has(targets: list[dict] | None, key: str) -> bool:
@@ -103,5 +115,9 @@ def _has(targets: list[dict] | None, key: str) -> bool:
 def _sizes(targets: list[dict] | None, key: str, images: Tensor) -> Tensor:
     """[B, 2] (h, w) per image from the target dicts, or the padded input size."""
     if _has(targets, key):
-        return torch.tensor([tuple(t[key]) for t in targets], device=images.device, dtype=torch.long)
-    return torch.tensor([images.shape[-2:]] * images.shape[0], device=images.device, dtype=torch.long)
+        return torch.tensor(
+            [tuple(t[key]) for t in targets], device=images.device, dtype=torch.long
+        )
+    return torch.tensor(
+        [images.shape[-2:]] * images.shape[0], device=images.device, dtype=torch.long
+    )

@@ -175,7 +175,8 @@ class GFLHead(nn.Module):
             nn.init.constant_(self.gfl_reg.bias, dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
+        """features: [B, F, H_l, W_l] per level ->
+        (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
 
         With DGQP, cls_logits are the joint scores' logits (`joint_logit`), in at least float32."""
         cls_levels, reg_levels = [], []
@@ -185,7 +186,8 @@ class GFLHead(nn.Module):
             if self.reg_conf is not None:  # softmax statistics of the float32 logits, as official
                 cls = joint_logit(cls, self.reg_conf(_at_least_float32(reg)))  # [B, C, H, W]
             cls_levels.append(cls.permute(0, 2, 3, 1).flatten(1, 2))  # [B, H*W, C]
-            reg_levels.append(_at_least_float32(reg).permute(0, 2, 3, 1).flatten(1, 2))  # fp32 under AMP
+            # fp32 under AMP
+            reg_levels.append(_at_least_float32(reg).permute(0, 2, 3, 1).flatten(1, 2))
         return torch.cat(cls_levels, dim=1), torch.cat(reg_levels, dim=1)
 
     def distances(self, reg_logits: Tensor) -> Tensor:
