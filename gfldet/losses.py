@@ -40,7 +40,9 @@ class _QualityFocalLoss(torch.autograd.Function):
         sigma = torch.sigmoid(x)
         softplus = F.softplus(x)
         sigma_b = sigma.square() if beta == 2 else sigma.pow(beta)
-        neg = torch.linalg.vecdot(softplus, sigma_b, dim=1)  # [N], no [N, C] product
+        # [N], no [N, C] product; autocast would run vecdot in bf16/fp16 whatever its inputs
+        with torch.autocast(x.device.type, enabled=False):
+            neg = torch.linalg.vecdot(softplus, sigma_b, dim=1)
         grad = None
         if ctx.needs_input_grad[0]:
             # d/dx [softplus(x) * s^b] = s^b * (s + b * softplus(x) * (1 - s)), s = sigmoid(x).

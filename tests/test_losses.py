@@ -96,6 +96,22 @@ def test_qfl_is_fp32_under_bf16_inputs():
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_qfl_value_under_autocast_is_the_float32_value_bit_for_bit(autocast_dtype):
+    """Autocast would run the all-negative term's `vecdot` in bf16/fp16 (found as a last-bits
+    change of the demo's logged loss_cls): the loss must be the float32 one, whatever the region.
+    """
+    x = (torch.randn(400, 6, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    labels, scores = torch.randint(0, 7, (400,)), torch.rand(400)
+    plain = quality_focal_loss(x, labels, scores)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), x)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        autocast = quality_focal_loss(x, labels, scores)
+    (autocast_grad,) = torch.autograd.grad(autocast.sum(), x)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(autocast, plain) and torch.equal(autocast_grad, plain_grad)
+
+
 def test_dfl_worked_example_split():
     # Seed example: an edge at y = 7.3 lies between bins 7 and 8, weighted 0.7 and 0.3:
     # DFL = 0.7 * CE(7) + 0.3 * CE(8). With uniform logits over 17 bins, CE = ln 17 for every bin.
