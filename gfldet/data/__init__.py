@@ -24,23 +24,10 @@ from gfldet.data.transforms import (
 )
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "SYNTHETIC_CATEGORIES",
-    "CocoDetection",
-    "GroupedBatchSampler",
-    "KeepRatioResize",
-    "SeededIndex",
-    "ShardSampler",
-    "build_dataloader",
-    "build_transforms",
-    "collate",
-    "detection_bbox_params",
-    "ensure_synthetic_coco",
-    "generate_synthetic_coco",
-    "load_image_rgb",
-    "normalize_batch",
-    "pil_to_rgb_array",
+    "IMAGENET_MEAN", "IMAGENET_STD", "SYNTHETIC_CATEGORIES", "CocoDetection",
+    "GroupedBatchSampler", "KeepRatioResize", "SeededIndex", "ShardSampler", "build_dataloader",
+    "build_transforms", "collate", "detection_bbox_params", "ensure_synthetic_coco",
+    "generate_synthetic_coco", "load_image_rgb", "normalize_batch", "pil_to_rgb_array",
     "rescale_size",
 ]
 

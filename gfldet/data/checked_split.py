@@ -1,8 +1,6 @@
-"""A split checked and indexed, ready for ``CocoDetection(split=...)``: the check of
-``gfldet.data.checks`` (every image decoded, or its result taken from the check cache), its
-fixes applied in memory, and the index built; or, when nothing changed since the last check,
-the stored index (``gfldet.data.index_cache``). Fatal problems raise ``DatasetError`` before any
-compute is spent.
+"""A split checked and indexed, ready for ``CocoDetection(split=...)``: ``gfldet.data.checks``
+run with its fixes applied and the index built, or, when nothing changed since the last check,
+the stored index (``gfldet.data.index_cache``). Fatal problems raise ``DatasetError``.
 """
 
 from __future__ import annotations
@@ -34,12 +32,11 @@ def load_checked_split(
     fixed or is suspicious).
 
     Training data is fixed in memory. ``as_written=True`` (a split that is scored, not trained
-    on) indexes the file as written and only leaves out the unreadable images, named in
-    ``left_out``. ``filter_empty`` and ``min_size`` choose the images training uses (see
-    ``gfldet.data.index.training_selection``). ``shard`` splits the decoding among the
-    processes of a distributed job. ``cache`` (a JSON file) keeps each image's decode result,
-    and beside it the checked index, which a later call loads when the annotation file, every
-    image file and these options are unchanged.
+    on) indexes the file as written minus the unreadable images, named in ``left_out``.
+    ``filter_empty``/``min_size``: see ``gfldet.data.index.training_selection``. ``shard``: see
+    ``ShardedCheck``. ``cache`` (a JSON file) keeps each image's decode result, and beside it the
+    checked index, loaded when the annotation file, every image file and these options are
+    unchanged.
     """
     image_dir, ann_file = Path(image_dir), Path(ann_file)
     key = {"check": cache_key(ann_file, image_dir, max_image_pixels), "filter_empty": filter_empty,
@@ -64,8 +61,14 @@ def load_checked_split(
         split = index_split(annotations, report.raw_orientation_ids, unreadable, filter_empty,
                             min_size)
         split.report = report
-        if stored is not None:
-            _store(stored, key, split, why)
+        if why:
+            log.info("checked index not used: %s", why)
+        if stored is not None and report.file_stamps is not None:
+            try:
+                index_cache.store(stored, key, split, report.file_stamps)
+            except OSError as err:
+                log.warning("could not write the checked index %s (%s); the next start checks "
+                            "the annotation file again", stored, err)
     else:
         _log_summary(split.report, as_written)
     split.report.file_stamps = None
@@ -77,14 +80,3 @@ def _log_summary(report: DatasetReport, as_written: bool) -> None:
     for line in report.summary(evaluation=as_written).splitlines():
         log.log(level, "%s", line)
 
-
-def _store(path: Path, key: dict, split: CheckedSplit, why: str) -> None:
-    if why:
-        log.info("checked index not used: %s", why)
-    if split.report.file_stamps is None:
-        return
-    try:
-        index_cache.store(path, key, split, split.report.file_stamps)
-    except OSError as err:
-        log.warning("could not write the checked index %s (%s); the next start checks the "
-                    "annotation file again", path, err)

@@ -1,27 +1,24 @@
 """Checks of a COCO-format dataset before training: every problem at once, safe fixes applied.
 
 ``check_dataset(image_dir, ann_file)`` returns a ``DatasetReport``. Fatal (each message names the
-file or id and what to do): an unreadable annotation file; a structure that breaks the schema of
-``coco_schema.py``; duplicate image, annotation or category ids; annotations of an image or a
-category that is not listed (a silent drop could hide a wrong categories list); a recorded
-width/height that matches neither the file nor its EXIF-rotated view; images above
-``max_image_pixels``; more missing or unreadable files than ``max_bad_image_fraction`` allows.
+file or id and what to do): an unreadable annotation file; a structure that breaks
+``coco_schema.py``; duplicate image, annotation or category ids; annotations of an unlisted image
+or category (a silent drop could hide a wrong categories list); a recorded width/height that
+matches neither the file nor its EXIF-rotated view; images above ``max_image_pixels``; more bad
+image files than ``max_bad_image_fraction`` allows. ``split_problems`` compares the splits.
 
-Fixed in memory (``report.annotations``, the files are unchanged): empty boxes dropped, boxes
-partly outside the image clipped and wholly outside dropped; a few unreadable images dropped
-with their annotations, each listed; images whose recorded size is the *stored* pixels' but not
-the EXIF-rotated view's are decoded without the rotation (``raw_orientation_ids``), since their
-boxes were drawn on the stored pixels. ``fix=False`` (a curated set used exactly as written)
-makes every fix fatal. An evaluation split scores its file as written (``source``), leaving out
-only the unreadable images (``unreadable``). ``split_problems`` compares the splits with each
-other and with ``model.num_classes``.
+Fixed in memory (``report.annotations``; the files are unchanged): empty boxes and boxes wholly
+outside the image dropped, boxes partly outside clipped; a few unreadable images dropped with
+their annotations; images whose recorded size is the stored pixels' but not the EXIF-rotated
+view's are decoded un-rotated (``raw_orientation_ids``: their boxes were drawn on the stored
+pixels). ``fix=False`` (a curated set used exactly as written) makes every fix fatal. An
+evaluation split scores its file as written (``source``) minus the unreadable images.
 
-Sizes are compared after EXIF orientation as ``CocoDetection`` decodes. Images are fully decoded
-in a thread pool (PIL releases the GIL), with ``ImageFile.LOAD_TRUNCATED_IMAGES`` held False so
-that truncated files raise. With ``cache=FILE`` each file's decode result is stored with its size
-and modification time, and the next check decodes only the changed files (all of them when the
-annotation file, image folder or ``max_image_pixels`` changed). Training keeps one per split in
-its run folder, so ``--resume`` does not decode the dataset again.
+Images are fully decoded in a thread pool (PIL releases the GIL) with
+``ImageFile.LOAD_TRUNCATED_IMAGES`` held False, so truncated files raise. With ``cache=FILE`` each
+file's result is stored with its size and modification time, and the next check decodes only the
+changed files (all of them when the annotation file, image folder or ``max_image_pixels``
+changed); training keeps one per split in its run folder, so ``--resume`` decodes nothing again.
 """
 
 from __future__ import annotations
@@ -78,14 +75,10 @@ _LOAD_TRUNCATED_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ShardedCheck:
-    """Share the image decoding among the processes of a distributed job.
-
-    Process ``rank`` of ``world`` decodes every ``world``-th file (of the sorted file names);
-    ``all_gather`` (e.g. ``gfldet.distributed.all_gather_objects``: one object in, every rank's
-    object out, in rank order) pools the results, and every process then builds the same report.
-    Each process decodes 1/world of the images instead of all of them. Every rank must call
-    ``check_dataset`` with the same files.
-    """
+    """Share the image decoding among the processes of a distributed job: process ``rank`` of
+    ``world`` decodes every ``world``-th of the sorted files, ``all_gather`` (one object in, every
+    rank's out in rank order, e.g. ``gfldet.distributed.all_gather_objects``) pools the results,
+    and every process builds the same report. Every rank must check the same files."""
 
     rank: int
     world: int
@@ -109,13 +102,13 @@ class DatasetReport:
     cache_note: str = ""  # what the check cache gave, or why it was not used
     seconds: float = 0.0
     categories: list[dict[str, Any]] = field(default_factory=list)
-    # The fixed COCO dict (None when there are fatal problems) and the image ids to decode
-    # without EXIF rotation; both are what a checked training split (checked_split.py) indexes.
+    # What a checked training split indexes: the fixed COCO dict (None when fatal) and the image
+    # ids to decode without EXIF rotation.
     annotations: dict[str, Any] | None = None
     kept: tuple[int, int] | None = None  # (images, annotations) of `annotations`
     raw_orientation_ids: frozenset[int] = frozenset()
-    # The file as read (None when it is not a COCO mapping), what evaluation scores; and the
-    # unreadable images dropped within the budget: image id -> "path (image id N): error".
+    # What evaluation scores: the file as read (None when not a COCO mapping), and the unreadable
+    # images dropped within the budget: image id -> "path (image id N): error".
     source: dict[str, Any] | None = None
     unreadable: dict[int, str] = field(default_factory=dict)
     # With a cache: every image file's (size, mtime_ns) as the check found it (None: missing).
@@ -297,7 +290,6 @@ def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: 
     return images, valid
 
 
-
 def _check_boxes(anns: list[dict], sizes: dict[int, tuple[int, int]], fix: bool,
                  ann_file: Path, report: DatasetReport) -> list[dict]:
     """Drop / clip boxes against the recorded image size (w, h); returns the kept annotations."""
@@ -362,26 +354,20 @@ def _probe(path: Path, decode: bool, max_pixels: int | None) -> _Probe:
         return _Probe(error=f"{type(err).__name__}: {err}")
 
 
-def _probe_all(paths: list[Path], decode: bool, max_pixels: int | None,
-               num_threads: int | None) -> list[_Probe]:
-    if not paths:
-        return []
+def _probe_all(paths: list[Path], decode: bool, max_pixels: int | None, num_threads: int | None,
+               shard: ShardedCheck | None = None) -> list[_Probe]:
+    """Probe `paths` in a thread pool; with `shard`, dealt out round-robin over its processes."""
+    world = 1 if shard is None else shard.world
+    mine = paths if world == 1 else paths[shard.rank::world]
     threads = num_threads or min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda p: _probe(p, decode, max_pixels), paths))
-
-
-def _probe_shared(paths: list[Path], decode: bool, max_pixels: int | None, num_threads: int | None,
-                  shard: ShardedCheck | None) -> list[_Probe]:
-    """`_probe_all`, with the paths dealt out round-robin over `shard`'s processes."""
-    if shard is None or shard.world == 1:
-        return _probe_all(paths, decode, max_pixels, num_threads)
-    mine = _probe_all(paths[shard.rank::shard.world], decode, max_pixels, num_threads)
-    per_rank = shard.all_gather(mine)
-    probes: list[_Probe] = [None] * len(paths)  # type: ignore[list-item]
-    for rank, got in enumerate(per_rank):
-        probes[rank::shard.world] = got
-    return probes
+        probes = list(pool.map(lambda p: _probe(p, decode, max_pixels), mine))
+    if world == 1:
+        return probes
+    pooled: list[_Probe] = [None] * len(paths)  # type: ignore[list-item]
+    for rank, got in enumerate(shard.all_gather(probes)):
+        pooled[rank::world] = got
+    return pooled
 
 
 def _check_files(
@@ -396,10 +382,11 @@ def _check_files(
         return {}, set()
     files = sorted({im["file_name"] for im in images.values()})
     if check_images:
-        stamps = _stamps(image_dir, files)
+        # A plain loop: a stat is microseconds, less than a thread pool spends handing out a task.
+        stamps = {name: file_stamp(image_dir / name) for name in files}
         report.file_stamps = stamps if cache else None
-        cached = (_read_cache(cache, ann_file, image_dir, max_pixels, stamps, report)
-                  if cache else {})
+        key = cache_key(ann_file, image_dir, max_pixels)
+        cached = _read_cache(cache, key, stamps, report) if cache else {}
         if shard is not None and shard.world > 1:
             # Every rank must decode the same list: a file any rank cannot take from the cache
             # (a file system that shows it changed, an unreadable cache) is decoded by all.
@@ -412,14 +399,14 @@ def _check_files(
             was = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
-                decoded = _probe_shared([image_dir / f for f in to_decode], True, max_pixels,
-                                        num_threads, shard)
+                decoded = _probe_all([image_dir / f for f in to_decode], True, max_pixels,
+                                     num_threads, shard)
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = was
         probe_of = {**cached, **dict(zip(to_decode, decoded, strict=True))}
         probes = [probe_of[f] for f in files]
         if cache and to_decode and (shard is None or shard.rank == 0):  # else nothing new to store
-            _write_cache(cache, ann_file, image_dir, max_pixels, stamps, probe_of, report)
+            _write_cache(cache, key, stamps, probe_of, report)
         if was:
             report.warnings.append(
                 "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True in this process (some imported code "
@@ -478,20 +465,20 @@ def _check_files(
         report.warnings.append(
             f"{flips} images have an EXIF flip or 180-degree rotation (orientation 2-4), which "
             "sizes cannot verify; gfldet applies it, so boxes must be drawn on the upright view")
-    dropped = bool(bad) and _judge_bad_images(bad, len(images), fix, max_bad_image_fraction,
-                                        image_dir, report)
-    return (bad if dropped else {}), raw_orientation
+    return _judge_bad_images(bad, len(images), fix, max_bad_image_fraction, image_dir,
+                             report), raw_orientation
 
 
 def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fraction: float,
-                      image_dir: Path, report: DatasetReport) -> bool:
-    """Drop a few bad files (each listed) and return True; more than the budget is fatal."""
+                      image_dir: Path, report: DatasetReport) -> dict[int, str]:
+    """The bad files to drop (each listed): all of them within the budget, else none and a fatal
+    problem."""
     allowed = max(1, math.floor(max_fraction * num_images)) if fix and max_fraction > 0 else 0
     missing = sum("file not found" in msg for msg in bad.values())
     if len(bad) <= allowed:
         for msg in bad.values():
             report.add_fix(FIX_BAD_IMAGE, msg, examples=MAX_LISTED)
-        return True
+        return bad
     hint = ""
     if missing == num_images:
         hint = f" None of the files exists: is {image_dir} the right image folder?"
@@ -502,7 +489,7 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
         f"{allowed} (max_decode_failures={max_fraction:g}{'' if fix else ', fix=False'})."
         f"{hint} Restore or re-download them, or remove these images from the JSON; the first: "
         + "; ".join(list(bad.values())[:MAX_LISTED]))
-    return False
+    return {}
 
 
 # ---------------------------------------------------------------------------- check cache
@@ -510,7 +497,7 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
 CACHE_VERSION = 1
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int] | None:
     """(size in bytes, modification time in ns) of a file, None if it cannot be stat'ed."""
     try:
         st = path.stat()
@@ -519,22 +506,27 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _stamps(image_dir: Path, files: list[str]) -> dict[str, tuple[int, int] | None]:
-    # A plain loop: a stat is microseconds, less than a thread pool spends handing out a task.
-    return {name: _stamp(image_dir / name) for name in files}
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file renamed over ``path``: no reader sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cache_key(ann_file: Path, image_dir: Path, max_pixels: int | None) -> dict[str, Any]:
     """What a check cache is valid for: the annotation file as it is now (path, size, time),
     the image folder and the size limit."""
     return {"version": CACHE_VERSION, "annotations": str(ann_file.resolve()),
-            "annotations_stamp": list(_stamp(ann_file) or ()),
+            "annotations_stamp": list(file_stamp(ann_file) or ()),
             "image_dir": str(image_dir.resolve()),
             "max_image_pixels": max_pixels}
 
 
-def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
-                stamps: dict[str, tuple[int, int] | None],
+def _read_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, int] | None],
                 report: DatasetReport) -> dict[str, _Probe]:
     """The cached probes of the files whose size and modification time are unchanged; the
     whole cache is unused when it was made for another annotation file (or an earlier version
@@ -542,23 +534,17 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
     if not cache.is_file():
         report.cache_note = f"no check cache yet; writing {cache}"
         return {}
+    cached = {}
     try:
         with cache.open("rb") as f:
             data = json.load(f)
-        key, entries = data["key"], data["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
-                             "rewriting it")
-        return {}
-    if key != cache_key(ann_file, image_dir, max_pixels):
-        changed = [name for name, value in cache_key(ann_file, image_dir, max_pixels).items()
-                   if key.get(name) != value]
-        report.cache_note = (f"check cache {cache} not used: made for another "
-                             f"{' / '.join(changed)} (the annotation file changed, or another "
-                             "folder or limit); rewriting it")
-        return {}
-    cached = {}
-    try:
+        found, entries = data["key"], data["files"]
+        if found != key:
+            changed = [name for name, value in key.items() if found.get(name) != value]
+            report.cache_note = (f"check cache {cache} not used: made for another "
+                                 f"{' / '.join(changed)} (the annotation file changed, or another "
+                                 "folder or limit); rewriting it")
+            return {}
         for name, stamp in stamps.items():
             entry = entries.get(name)
             if stamp is None or entry is None or tuple(entry[:2]) != stamp:
@@ -566,7 +552,8 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
             _, _, width, height, orientation, error, too_large = entry
             cached[name] = _Probe(stored_size=None if error else (width, height),
                                   orientation=orientation, error=error, too_large=too_large)
-    except (AttributeError, TypeError, ValueError) as err:  # valid JSON, but not a cache's entries
+    # Valid JSON that is not a cache's (a list, a wrong entry) raises the last three.
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
                              "rewriting it")
         return {}
@@ -574,12 +561,10 @@ def _read_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | 
     return cached
 
 
-def _write_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int | None,
-                 stamps: dict[str, tuple[int, int] | None], probes: dict[str, _Probe],
-                 report: DatasetReport) -> None:
+def _write_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, int] | None],
+                 probes: dict[str, _Probe], report: DatasetReport) -> None:
     """Write the probes of the files that exist, with the stamps taken before they were decoded
-    (a file changed during the check is decoded again next time). Atomic: a temporary file
-    renamed over the old cache."""
+    (a file changed during the check is decoded again next time)."""
     entries = {}
     for name, probe in probes.items():
         stamp = stamps.get(name)
@@ -587,14 +572,9 @@ def _write_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int |
             continue
         width, height = probe.stored_size or (None, None)
         entries[name] = [*stamp, width, height, probe.orientation, probe.error, probe.too_large]
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w") as f:
-            json.dump({"key": cache_key(ann_file, image_dir, max_pixels), "files": entries}, f)
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps({"key": key, "files": entries}).encode())
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         report.warnings.append(f"could not write the check cache {cache} ({err}); the next start "
                                "decodes every image again")
 
@@ -602,27 +582,17 @@ def _write_cache(cache: Path, ann_file: Path, image_dir: Path, max_pixels: int |
 # ---------------------------------------------------------------------------- entry point
 
 
-def check_dataset(
-    image_dir: str | Path,
-    ann_file: str | Path,
-    fix: bool = True,
-    check_images: bool = True,
-    *,
-    max_bad_image_fraction: float = 0.01,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    num_threads: int | None = None,
-    shard: ShardedCheck | None = None,
-    cache: str | Path | None = None,
-) -> DatasetReport:
-    """Check a COCO-format dataset; see the module docstring for what is fatal and what is fixed.
+def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
+                  check_images: bool = True, *, max_bad_image_fraction: float = 0.01,
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                  num_threads: int | None = None, shard: ShardedCheck | None = None,
+                  cache: str | Path | None = None) -> DatasetReport:
+    """Check a COCO-format dataset (the module docstring says what is fatal and what is fixed).
 
-    ``check_images=False`` skips decoding (files are only checked to exist, and sizes are not
-    compared). ``max_bad_image_fraction`` (``train.max_decode_failures``) is the share of image
-    files that may be missing/unreadable and dropped; at least one is always tolerated unless it
-    is 0. ``shard`` splits the decoding among distributed processes (see ``ShardedCheck``).
-    ``cache`` (a JSON file, written after the check) keeps each file's decode result with its
-    size and modification time: the next check decodes only the files whose size or time
-    changed, and every file again when the annotation file changed (see "check cache" above).
+    ``check_images=False``: files are only checked to exist, not decoded or measured.
+    ``max_bad_image_fraction`` (``train.max_decode_failures``): the share of image files that may
+    be missing/unreadable and dropped; one is always tolerated unless it is 0. ``shard``: see
+    ``ShardedCheck``. ``cache``: a JSON file of each image's decode result (module docstring).
     Never raises for bad data: call ``raise_if_fatal()`` on the report.
     """
     start = time.perf_counter()

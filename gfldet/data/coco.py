@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,12 +23,12 @@ from torch.utils.data import Dataset
 
 from gfldet.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetError, load_image_rgb
 from gfldet.data.index import (
-    MIN_BOX_SIDE,
     CheckedSplit,
     ImageIndex,
+    ImageRecord,
+    clip_boxes,
     describe_left_out,
     index_split,
-    load_annotation_file,
     no_training_images_left,
 )
 
@@ -37,21 +38,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("gfldet")
 
 
-def clip_and_filter_boxes(
-    boxes: np.ndarray, labels: np.ndarray, height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
+def clip_and_filter_boxes(boxes: np.ndarray, labels: np.ndarray, height: int, width: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Clip xyxy boxes [G, 4] to the image and drop boxes with clipped w < 1 or h < 1.
-
-    Returns (boxes float32 [G', 4], labels int64 [G']).
-    """
+    Returns (boxes float32 [G', 4], labels int64 [G'])."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & (
-        (boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE
-    )
-    return boxes[keep], labels[keep]
+    keep = clip_boxes(boxes, width, height)
+    return boxes[keep], np.asarray(labels, dtype=np.int64).reshape(-1)[keep]
 
 
 # ------------------------------------------------------------------ decode failures at run time
@@ -66,15 +59,9 @@ MAX_REPLACEMENT_ATTEMPTS = 64
 
 @dataclass
 class DecodeFailureBudget:
-    """Counts image decodes and failures in one process; raises when failures exceed the budget.
-
-    Rule: stop when ``failures >= MIN_DECODE_FAILURES_TO_STOP`` and
-    ``failures > max_fraction * attempts``; ``max_fraction == 0`` stops at the first failure.
-    Counts are per process: every DataLoader worker holds its own copy of the dataset, so each
-    worker judges the images *it* decoded (the same fraction in expectation, as the sampler deals
-    images to workers at random). The main process can count globally from the
-    ``decode_failed`` entries of the targets.
-    """
+    """Counts image decodes and failures in one process (each DataLoader worker judges the images
+    *it* decoded). Stop when ``failures >= MIN_DECODE_FAILURES_TO_STOP`` and
+    ``failures > max_fraction * attempts``; ``max_fraction == 0`` stops at the first failure."""
 
     max_fraction: float = 0.01
     attempts: int = 0
@@ -84,9 +71,6 @@ class DecodeFailureBudget:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_fraction <= 1.0:
             raise ValueError(f"max_decode_failures must be in [0, 1], got {self.max_fraction}")
-
-    def record_success(self) -> None:
-        self.attempts += 1
 
     def record_failure(self, where: str, error: str) -> bool:
         """Count a failure; True if this file had not failed before in this process."""
@@ -121,24 +105,21 @@ class DecodeFailureBudget:
 class CocoDetection(Dataset):
     """COCO-format detection dataset: indexes a split and loads its samples (it checks nothing).
 
-    ``dataset[i]`` -> ``(image, target)``: image uint8 [3, H, W] RGB, resized, unpadded (see
-    ``normalize_batch``); target ``boxes`` float32 [G, 4] xyxy in the transformed image's pixels,
-    ``labels`` int64 [G] in [0, C), ``image_id``, ``image_size`` (h, w) after the transform,
-    ``orig_size`` (h, w) as decoded, and only when the image failed to decode and was replaced,
-    ``decode_failed`` (a list of ``{"image_id", "file", "error"}``; every other key describes
-    the replacement). ``transform(image=uint8 [H, W, 3], bboxes=float32 [G, 4] xyxy,
-    labels=int64 [G])`` returns albumentations' dict with ``image`` uint8 [3, H, W].
+    ``dataset[i]`` -> ``(image uint8 [3, H, W] RGB resized and unpadded, target)``; target:
+    ``boxes`` float32 [G, 4] xyxy in the transformed image's pixels, ``labels`` int64 [G] in
+    [0, C), ``image_id``, ``image_size`` (h, w) after the transform, ``orig_size`` (h, w) as
+    decoded, and when the image failed to decode and was replaced, ``decode_failed`` (a list of
+    ``{"image_id", "file", "error"}``; the other keys describe the replacement).
+    ``transform(image=uint8 [H, W, 3], bboxes=float32 [G, 4] xyxy, labels=int64 [G])`` returns
+    albumentations' dict with ``image`` uint8 [3, H, W].
 
-    ``split`` is a checked split (``checked_split.load_checked_split``, which ``build_dataset``
-    calls); without it the annotation file is indexed as read. The records live in ``index``,
-    flat numpy arrays that forked loader workers share. ``filter_empty`` (training) drops images
-    without a usable box or with a side below ``min_size``, as MMDetection's ``filter_cfg``,
-    naming each in ``left_out``; a training set left empty raises ``DatasetError``.
-
-    An index carrying a ``seed`` (``SeededIndex``) reseeds the transform first, so augmentation
-    depends only on (seed, epoch, index). An image that fails to decode is replaced by the next
-    one of the same orientation group, with the same seed; more failures than
-    ``max_decode_failures`` allows (``DecodeFailureBudget``) raise ``DatasetError``.
+    ``split``: a checked split (``checked_split.load_checked_split``); without it the annotation
+    file is indexed as read. ``filter_empty`` (training) drops images without a usable box or
+    with a side below ``min_size`` (MMDetection's ``filter_cfg``), naming each in ``left_out``;
+    a training set left empty raises ``DatasetError``. A ``SeededIndex`` reseeds the transform,
+    so augmentation depends only on (seed, epoch, index). An image that fails to decode is
+    replaced by the next one of the same orientation group, with the same seed, until
+    ``max_decode_failures`` (``DecodeFailureBudget``) is exceeded.
     """
 
     def __init__(
@@ -161,8 +142,8 @@ class CocoDetection(Dataset):
         self.max_image_pixels = max_image_pixels
         self.decode_budget = DecodeFailureBudget(max_decode_failures)
         if split is None:
-            split = index_split(load_annotation_file(self.ann_file), frozenset(), {},
-                                filter_empty, min_size)
+            with self.ann_file.open("rb") as f:
+                split = index_split(json.load(f), frozenset(), {}, filter_empty, min_size)
         self.check_report: DatasetReport | None = split.report
         self.label_to_cat_id: list[int] = split.label_to_cat_id
         self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.label_to_cat_id)}
@@ -200,21 +181,6 @@ class CocoDetection(Dataset):
         record = self.index[index]
         return record.boxes, record.labels
 
-    def _try_decode(self, position: int) -> tuple[np.ndarray | None, str]:
-        """Decode image ``position``: (RGB array, "") or (None, error text)."""
-        record = self.index[position]
-        try:
-            image = load_image_rgb(
-                self.image_dir / record.file_name,
-                apply_exif=record.apply_exif,
-                max_pixels=self.max_image_pixels,
-            )
-        except Exception as err:
-            # Only the decode is inside the try, and PIL reports corrupt data with many types
-            # (OSError, SyntaxError, ValueError, struct.error, zlib.error, ...).
-            return None, f"{type(err).__name__}: {err}"
-        return image, ""
-
     def _candidates(self, position: int) -> Iterator[int]:
         """``position``, then replacements: the following images (wrapping), those of the same
         aspect group first (keeps the grouped sampler's batches homogeneous). Lazy, as it is
@@ -226,21 +192,26 @@ class CocoDetection(Dataset):
         yield from (j for j in ring if (self.aspect_ratios[j] >= 1.0) == landscape)
         yield from (j for j in ring if (self.aspect_ratios[j] >= 1.0) != landscape)
 
-    def _decode_or_replace(self, position: int) -> tuple[int, np.ndarray, list[dict[str, Any]]]:
-        """(position actually used, its RGB image, failures on the way)."""
+    def _decode_or_replace(self, position: int
+                           ) -> tuple[ImageRecord, np.ndarray, list[dict[str, Any]]]:
+        """(record of the image actually used, its RGB image, failures on the way)."""
         failures: list[dict[str, Any]] = []
         for candidate in itertools.islice(self._candidates(position), 1 + MAX_REPLACEMENT_ATTEMPTS):
-            image, error = self._try_decode(candidate)
-            if image is not None:
-                self.decode_budget.record_success()
-                if failures:
-                    log.info(
-                        "image id %d replaced by image id %d (decode failure)",
-                        failures[0]["image_id"], int(self.index.image_ids[candidate]),
-                    )
-                return candidate, image, failures
             record = self.index[candidate]
             path = self.image_dir / record.file_name
+            try:
+                image = load_image_rgb(path, apply_exif=record.apply_exif,
+                                       max_pixels=self.max_image_pixels)
+            except Exception as err:
+                # Only the decode is inside the try, and PIL reports corrupt data with many types
+                # (OSError, SyntaxError, ValueError, struct.error, zlib.error, ...).
+                error = f"{type(err).__name__}: {err}"
+            else:
+                self.decode_budget.attempts += 1
+                if failures:
+                    log.info("image id %d replaced by image id %d (decode failure)",
+                             failures[0]["image_id"], record.image_id)
+                return record, image, failures
             where = f"{path} (image id {record.image_id})"
             first = self.decode_budget.record_failure(where, error)
             # Warn once per file and process; repeats (every epoch) go to debug.
@@ -256,19 +227,16 @@ class CocoDetection(Dataset):
         )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        position, image, failures = self._decode_or_replace(int(index))
-        record = self.index[position]
+        record, image, failures = self._decode_or_replace(int(index))
         orig_h, orig_w = image.shape[:2]
         boxes, labels = record.boxes, record.labels
         if (orig_h, orig_w) != (record.height, record.width):
             # The JSON and the file disagree (e.g. EXIF rotation not reflected in the JSON).
             # Trust the pixels: re-clip so boxes never leave the image.
             if not self._warned_size_mismatch:
-                warnings.warn(
-                    f"{record.file_name}: decoded size {(orig_h, orig_w)} != JSON size "
-                    f"{(record.height, record.width)}; boxes re-clipped (warning shown once)",
-                    stacklevel=2,
-                )
+                warnings.warn(f"{record.file_name}: decoded size {(orig_h, orig_w)} != JSON size "
+                              f"{(record.height, record.width)}; boxes re-clipped (warning shown "
+                              "once)", stacklevel=2)
                 self._warned_size_mismatch = True
             boxes, labels = clip_and_filter_boxes(boxes, labels, orig_h, orig_w)
 

@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-# Largest image (width * height) gfldet decodes. PIL's own guard is a process-global
-# (Image.MAX_IMAGE_PIXELS) that warns above ~89 MP and refuses above ~179 MP with a message that
-# names no file. gfldet replaces it with this per-dataset limit, checked from the header before
-# any pixel is decoded, so that the error names the file and the knob. The default equals PIL's
-# refusal threshold: nothing PIL would have decoded is refused, but 10000 x 8000 aerial images
-# no longer warn. An RGB image at the limit takes ~540 MB once decoded.
+# Largest image (width * height) gfldet decodes, checked from the header so that the error names
+# the file and the knob. It replaces PIL's process-global guard (which warns above ~89 MP and
+# refuses, naming no file, above this default, PIL's own threshold). ~540 MB decoded as RGB.
 DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
-Image.MAX_IMAGE_PIXELS = None  # see above: enforced per file by `open_image` instead
+Image.MAX_IMAGE_PIXELS = None  # enforced per file by `open_image` instead
 
 # EXIF orientations whose transpose swaps width and height (5..8; 2..4 only flip/rotate 180).
 SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -64,20 +61,13 @@ def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (size[1], size[0]) if orientation in SWAPPING_ORIENTATIONS else size
 
 
-def load_image_rgb(
-    path: str | Path,
-    *,
-    apply_exif: bool = True,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> np.ndarray:
-    """Decode an image file to RGB uint8, EXIF orientation applied unless ``apply_exif=False``.
+def load_image_rgb(path: str | Path, *, apply_exif: bool = True,
+                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file to RGB uint8 [H, W, 3], EXIF orientation applied unless
+    ``apply_exif=False`` (images whose boxes were drawn on the stored pixels; the check finds them).
 
-    Returns: uint8 array [H, W, 3].
-    Grayscale, palette, alpha, CMYK and 16-bit inputs are all mapped to 8-bit RGB; alpha is
-    dropped (like cv2.IMREAD_COLOR, which MMDetection uses) rather than composited.
-    ``apply_exif=False`` is for images whose annotations were drawn on the stored (un-rotated)
-    pixels; ``gfldet.data.checks`` finds those. Truncated files raise (PIL's
-    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False: a gray-filled image would be silent).
+    Every PIL mode is mapped to 8-bit RGB; alpha is dropped (like cv2.IMREAD_COLOR, which
+    MMDetection uses). Truncated files raise (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False).
     """
     with open_image(path, max_pixels) as img:
         if apply_exif:

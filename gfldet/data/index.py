@@ -2,16 +2,14 @@
 
 Per-image Python objects (a pycocotools ``COCO``, a list of dicts) are copied into every forked
 DataLoader worker as soon as reference counting or a garbage collection touches their pages; a
-handful of numpy arrays are not, so workers keep sharing them (the reason for Detectron2's
-``DatasetFromList(serialize=True)`` and MMEngine's ``serialize_data``). benchmarks/coco_scale.py
-measures it.
+handful of numpy arrays are not (the reason for Detectron2's ``DatasetFromList(serialize=True)``
+and MMEngine's ``serialize_data``). benchmarks/coco_scale.py measures it.
 
 Shape legend: N = images in the index, B = boxes of all images together.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ if TYPE_CHECKING:
 
 # MMDetection keeps a box only if its width and height are both >= 1 pixel.
 MIN_BOX_SIDE = 1.0
+MAX_NAMED = 10  # images named in a "left out" line before "... and N more"
 
 
 @dataclass(frozen=True)
@@ -66,38 +65,22 @@ class ImageIndex:
         return self.widths / self.heights
 
     def file_name(self, i: int) -> str:
-        return (
-            self.names[self.name_offsets[i] : self.name_offsets[i + 1]]
-            .tobytes()
-            .decode("utf-8", "surrogatepass")
-        )
+        return decode_name(self.names, self.name_offsets, i)
 
     def __getitem__(self, i: int) -> ImageRecord:
         start, end = self.box_offsets[i], self.box_offsets[i + 1]
-        return ImageRecord(
-            int(self.image_ids[i]),
-            self.file_name(i),
-            int(self.heights[i]),
-            int(self.widths[i]),
-            self.boxes[start:end].copy(),
-            self.labels[start:end].copy(),
-            bool(self.apply_exif[i]),
-        )
+        return ImageRecord(int(self.image_ids[i]), self.file_name(i), int(self.heights[i]),
+                           int(self.widths[i]), self.boxes[start:end].copy(),
+                           self.labels[start:end].copy(), bool(self.apply_exif[i]))
 
     def select(self, keep: np.ndarray) -> ImageIndex:
         """The images where ``keep`` (bool [N]) is True, with their boxes."""
         box_keep = np.repeat(keep, np.diff(self.box_offsets))
         name_keep = np.repeat(keep, np.diff(self.name_offsets))
         return ImageIndex(
-            self.image_ids[keep],
-            self.heights[keep],
-            self.widths[keep],
-            self.apply_exif[keep],
-            self.names[name_keep],
-            _offsets(np.diff(self.name_offsets)[keep]),
-            self.boxes[box_keep],
-            self.labels[box_keep],
-            _offsets(np.diff(self.box_offsets)[keep]),
+            self.image_ids[keep], self.heights[keep], self.widths[keep], self.apply_exif[keep],
+            self.names[name_keep], _offsets(np.diff(self.name_offsets)[keep]),
+            self.boxes[box_keep], self.labels[box_keep], _offsets(np.diff(self.box_offsets)[keep]),
         )
 
 
@@ -117,6 +100,26 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
 
+def encode_names(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """File names as (UTF-8 bytes uint8 [total length], offsets int64 [len(names) + 1])."""
+    encoded = [name.encode("utf-8", "surrogatepass") for name in names]
+    names_arr = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return names_arr, _offsets(np.array([len(e) for e in encoded], dtype=np.int64))
+
+
+def decode_name(names: np.ndarray, offsets: np.ndarray, i: int) -> str:
+    return names[offsets[i] : offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
+
+
+def clip_boxes(boxes: np.ndarray, width: Any, height: Any) -> np.ndarray:
+    """Clip xyxy boxes float32 [G, 4] in place to the image (``width``/``height``: numbers or
+    [G, 1] arrays); returns bool [G], True where both clipped sides are >= ``MIN_BOX_SIDE``."""
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & (
+        (boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
+
+
 def build_index(
     coco: Mapping[str, Any],
     cat_id_to_label: Mapping[int, int],
@@ -133,18 +136,14 @@ def build_index(
     boxes keep their order in the file. An image id listed twice keeps its last entry (as
     pycocotools does; the dataset check makes it fatal).
     """
-    skip = set(skip)
     by_id = {im["id"]: im for im in coco["images"]}
-    ids = sorted(i for i in by_id if i not in skip)
+    ids = sorted(set(by_id) - set(skip))
     infos = [by_id[i] for i in ids]
-    image_ids = np.array(ids, dtype=np.int64).reshape(-1)
     heights = np.array([int(im["height"]) for im in infos], dtype=np.int64).reshape(-1)
     widths = np.array([int(im["width"]) for im in infos], dtype=np.int64).reshape(-1)
     raw = set(raw_orientation_ids)
     apply_exif = np.array([i not in raw for i in ids], dtype=bool).reshape(-1)
-    encoded = [str(im["file_name"]).encode("utf-8", "surrogatepass") for im in infos]
-    names = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-    name_offsets = _offsets(np.array([len(e) for e in encoded], dtype=np.int64))
+    names, name_offsets = encode_names([str(im["file_name"]) for im in infos])
 
     # One pass over the annotations in file order: image position, label (-1: not a box used
     # for training) and [x, y, w, h].
@@ -156,11 +155,8 @@ def build_index(
             continue
         positions.append(position)
         # Crowd regions are not instances; the detector never sees them as ground truth.
-        label = (
-            -1
-            if ann.get("iscrowd", 0) or ann.get("ignore", 0)
-            else cat_id_to_label.get(int(ann["category_id"]), -1)
-        )
+        crowd = ann.get("iscrowd", 0) or ann.get("ignore", 0)
+        label = -1 if crowd else cat_id_to_label.get(int(ann["category_id"]), -1)
         labels.append(label)
         xywh.append([float(v) for v in ann["bbox"]] if label >= 0 else [0.0, 0.0, 0.0, 0.0])
     positions_arr = np.array(positions, dtype=np.int64).reshape(-1)
@@ -172,32 +168,17 @@ def build_index(
     box_positions = positions_arr[used][order]
     b = np.array(xywh, dtype=np.float64).reshape(-1, 4)[used][order]
     # x + w in float64, then float32: the arithmetic of the per-box Python code it replaces.
-    boxes = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1).astype(
-        np.float32
-    )
-    box_widths = widths[box_positions].astype(np.float32)[:, None]
-    box_heights = heights[box_positions].astype(np.float32)[:, None]
-    boxes[:, 0::2] = np.clip(boxes[:, 0::2], np.float32(0), box_widths)
-    boxes[:, 1::2] = np.clip(boxes[:, 1::2], np.float32(0), box_heights)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & (
-        (boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE
-    )
+    boxes = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1)
+    boxes = boxes.astype(np.float32)
+    keep = clip_boxes(boxes, widths[box_positions].astype(np.float32)[:, None],
+                      heights[box_positions].astype(np.float32)[:, None])
     box_offsets = _offsets(np.bincount(box_positions[keep], minlength=len(ids)))
     index = ImageIndex(
-        image_ids,
-        heights,
-        widths,
-        apply_exif,
-        names,
-        name_offsets,
-        np.ascontiguousarray(boxes[keep]).reshape(-1, 4),
-        labels_arr[used][order][keep],
-        box_offsets,
+        np.array(ids, dtype=np.int64).reshape(-1), heights, widths, apply_exif, names,
+        name_offsets, np.ascontiguousarray(boxes[keep]).reshape(-1, 4),
+        labels_arr[used][order][keep], box_offsets,
     )
     return index, annotation_counts
-
-
-MAX_NAMED = 10  # images named in a "left out" line before "... and N more"
 
 
 def describe_left_out(left_out: list[str], total: int, purpose: str) -> str:
@@ -257,13 +238,4 @@ def training_selection(index: ImageIndex, annotation_counts: np.ndarray, min_siz
 def images_left_out_of_training(annotations: dict[str, Any], min_size: int) -> list[str]:
     """What ``CocoDetection(filter_empty=True)`` leaves out of training from a (checked) COCO
     dict, by the same rules: "file (image id N): reason" per image."""
-    cat_ids = sorted(int(c["id"]) for c in annotations["categories"])
-    cat_id_to_label = {c: i for i, c in enumerate(cat_ids)}
-    index, annotation_counts = build_index(annotations, cat_id_to_label)
-    return training_selection(index, annotation_counts, min_size)[1]
-
-
-def load_annotation_file(ann_file: Path) -> dict[str, Any]:
-    """The annotation file as pycocotools reads it (``json.load``), for ``check=False``."""
-    with ann_file.open("rb") as f:
-        return json.load(f)
+    return index_split(annotations, frozenset(), {}, True, min_size).left_out

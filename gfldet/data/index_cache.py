@@ -3,8 +3,7 @@
 When the annotation file and every image file are unchanged since the check that stored it
 (sizes and modification times), and the dataset options are the same, ``load_checked_split``
 loads the index and the check's report from here instead of parsing the JSON and checking it
-again: a resumed COCO run starts without reading its 450 MB annotation file. Anything changed,
-and the split is checked as usual (decoding only the changed files) and stored again.
+again: a resumed COCO run starts without reading its 450 MB annotation file.
 
 The file is a numpy ``.npz`` (no pickle): the index arrays, every image file's name, size and
 modification time, and a JSON record of the key, the report and the dataset's class metadata.
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter, defaultdict
 from dataclasses import fields
 from pathlib import Path
@@ -22,35 +20,47 @@ from typing import Any
 
 import numpy as np
 
-from gfldet.data.checks import DatasetReport
-from gfldet.data.index import CheckedSplit, ImageIndex
+from gfldet.data.checks import DatasetReport, file_stamp, write_atomic
+from gfldet.data.index import CheckedSplit, ImageIndex, decode_name, encode_names
 
 VERSION = 1
 MISSING = -1  # size and time of a file that did not exist when the index was stored
-
-
-def index_cache_path(check_cache: Path) -> Path:
-    return check_cache.with_name(f"{check_cache.stem}.index.npz")
-
-
-def _names_array(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = [n.encode("utf-8", "surrogatepass") for n in names]
-    offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)]).astype(
-        np.int64
-    )
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
-
 
 # What a stored report keeps; the rest (decode counts, the annotation dicts) is the check's own.
 _REPORT_FIELDS = ("fixed", "fix_examples", "warnings", "num_images", "num_annotations", "kept",
                   "categories")
 
 
-def _report_record(report: DatasetReport) -> dict[str, Any]:
-    return {**{name: getattr(report, name) for name in _REPORT_FIELDS},
-            "ann_file": str(report.ann_file), "image_dir": str(report.image_dir),
-            "raw_orientation_ids": sorted(report.raw_orientation_ids),
-            "unreadable": {str(k): v for k, v in report.unreadable.items()}}
+def index_cache_path(check_cache: Path) -> Path:
+    return check_cache.with_name(f"{check_cache.stem}.index.npz")
+
+
+def store(path: Path, key: dict[str, Any], split: CheckedSplit,
+          file_stamps: dict[str, tuple[int, int] | None]) -> None:
+    """Write ``split`` with the stamps its check took of every image file (atomic: a temporary
+    file renamed over the old one). An error is left to the caller."""
+    names = sorted(file_stamps)
+    stamps = [file_stamps[n] or (MISSING, MISSING) for n in names]
+    name_bytes, name_offsets = encode_names(names)
+    report = split.report
+    record = {
+        "version": VERSION,
+        "key": key,
+        "report": {**{name: getattr(report, name) for name in _REPORT_FIELDS},
+                   "ann_file": str(report.ann_file), "image_dir": str(report.image_dir),
+                   "raw_orientation_ids": sorted(report.raw_orientation_ids),
+                   "unreadable": {str(k): v for k, v in report.unreadable.items()}},
+        "left_out": split.left_out,
+        "label_to_cat_id": split.label_to_cat_id,
+        "class_names": split.class_names,
+        "num_images_in_file": split.num_images_in_file,
+    }
+    arrays = {f"index_{f.name}": getattr(split.index, f.name) for f in fields(ImageIndex)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, file_names=name_bytes, file_name_offsets=name_offsets,
+             file_stamps=np.array(stamps, dtype=np.int64).reshape(-1, 2),
+             record=np.frombuffer(json.dumps(record).encode(), dtype=np.uint8))
+    write_atomic(path, buffer.getvalue())
 
 
 def _report_from(record: dict[str, Any]) -> DatasetReport:
@@ -64,47 +74,6 @@ def _report_from(record: dict[str, Any]) -> DatasetReport:
     return report
 
 
-def store(
-    path: Path,
-    key: dict[str, Any],
-    split: CheckedSplit,
-    file_stamps: dict[str, tuple[int, int] | None],
-) -> None:
-    """Write ``split`` with the stamps its check took of every image file (atomic: a temporary
-    file renamed over the old one). An error is left to the caller."""
-    names = sorted(file_stamps)
-    stamps = np.array(
-        [file_stamps[n] or (MISSING, MISSING) for n in names], dtype=np.int64
-    ).reshape(-1, 2)
-    name_bytes, name_offsets = _names_array(names)
-    record = {
-        "version": VERSION,
-        "key": key,
-        "report": _report_record(split.report),
-        "left_out": split.left_out,
-        "label_to_cat_id": split.label_to_cat_id,
-        "class_names": split.class_names,
-        "num_images_in_file": split.num_images_in_file,
-    }
-    arrays = {f"index_{f.name}": getattr(split.index, f.name) for f in fields(ImageIndex)}
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        **arrays,
-        file_names=name_bytes,
-        file_name_offsets=name_offsets,
-        file_stamps=stamps,
-        record=np.frombuffer(json.dumps(record).encode(), dtype=np.uint8),
-    )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSplit | None, str]:
     """The stored split if ``key`` matches and every image file under ``image_dir`` has the size
     and modification time it had; else None. The text says what was found."""
@@ -116,22 +85,13 @@ def load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSplit
             if record.get("version") != VERSION or record.get("key") != key:
                 return None, f"{path} is for another annotation file or other dataset options"
             arrays = {f.name: data[f"index_{f.name}"] for f in fields(ImageIndex)}
-            name_bytes, offsets, stamps = (
-                data["file_names"],
-                data["file_name_offsets"],
-                data["file_stamps"],
-            )
+            names, offsets = data["file_names"], data["file_name_offsets"]
+            stamps = data["file_stamps"]
     except (OSError, ValueError, KeyError) as err:
         return None, f"{path} unreadable ({type(err).__name__}: {err})"
-    raw = name_bytes.tobytes()
-    for i in range(len(stamps)):
-        name = raw[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass")
-        try:
-            st = os.stat(image_dir / name)
-            now = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            now = (MISSING, MISSING)
-        if now != (int(stamps[i, 0]), int(stamps[i, 1])):
+    for i, stamp in enumerate(stamps.tolist()):
+        name = decode_name(names, offsets, i)
+        if (file_stamp(image_dir / name) or (MISSING, MISSING)) != tuple(stamp):
             return None, f"{name} changed since {path} was stored"
     try:
         report = _report_from(record["report"])
@@ -141,8 +101,6 @@ def load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSplit
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # not this version's record
         return None, f"{path} unreadable ({type(err).__name__}: {err})"
     report.images_from_cache = len(stamps)
-    report.cache_note = (
-        f"checked index {path}: the annotation file and all {len(stamps)} image files are "
-        "unchanged since it was stored"
-    )
+    report.cache_note = (f"checked index {path}: the annotation file and all {len(stamps)} image "
+                         "files are unchanged since it was stored")
     return split, ""

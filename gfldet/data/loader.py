@@ -18,9 +18,8 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 
-def collate(
-    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int = 32
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int = 32
+            ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Stack images [3, H_i, W_i] (uint8) into [B, 3, Hp, Wp], zero-padded at the bottom/right.
 
     Hp/Wp are the batch maxima rounded up to a multiple of ``size_divisor`` (so every FPN level
@@ -30,10 +29,8 @@ def collate(
     """
     images = [img for img, _ in batch]
     targets = [tgt for _, tgt in batch]
-    max_h = max(img.shape[1] for img in images)
-    max_w = max(img.shape[2] for img in images)
-    pad_h = int(math.ceil(max_h / size_divisor) * size_divisor)
-    pad_w = int(math.ceil(max_w / size_divisor) * size_divisor)
+    pad_h = math.ceil(max(img.shape[1] for img in images) / size_divisor) * size_divisor
+    pad_w = math.ceil(max(img.shape[2] for img in images) / size_divisor) * size_divisor
     out = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
     for i, img in enumerate(images):
         out[i, :, : img.shape[1], : img.shape[2]] = img
@@ -60,15 +57,11 @@ class SeededIndex(int):
 
 
 def freeze_heap_for_workers() -> None:
-    """Collect, then move every object alive now into the garbage collector's permanent
-    generation (``gc.freeze``), right before DataLoader workers fork.
+    """Collect, then ``gc.freeze`` every object alive now, right before DataLoader workers fork.
 
-    A forked worker shares the parent's memory pages until something writes to them, and a
-    garbage collection in the worker writes to the header of every object it visits: every
-    module, tensor wrapper and config object the parent holds. Frozen objects are never visited
-    (in the parent either: they are the long-lived ones), so those pages stay shared; this is
-    the use the ``gc.freeze`` documentation describes. Objects made afterwards are collected as
-    usual. See benchmarks/README.md, coco_scale.py.
+    A garbage collection in a forked worker writes to the header of every object it visits,
+    unsharing the parent's pages; frozen objects are never visited, so those pages stay shared
+    (the use the ``gc.freeze`` documentation describes). See benchmarks/README.md, coco_scale.py.
     """
     gc.collect()
     gc.freeze()
@@ -83,33 +76,24 @@ def _dist_world() -> tuple[int, int]:
 class GroupedBatchSampler(Sampler[list[int]]):
     """Shuffled, aspect-ratio grouped, rank-sharded batch sampler for training.
 
-    Per epoch (determined by ``seed`` and ``epoch``): one global permutation of the N indices;
-    walking it, each index joins the bucket of its group (landscape w/h >= 1, portrait < 1) and a
-    full bucket becomes a batch, as in MMDetection's AspectRatioBatchSampler (leftovers become
-    smaller batches at the end, or are dropped with ``drop_last``); rank r then takes global
-    batches r, r+R, r+2R, ... Grouping each rank's ``DistributedSampler`` share instead would
-    give ranks different batch counts, and DDP deadlocks when one rank runs an extra step: here
-    the global list is made divisible by R by splitting the largest batches (each index still
-    once), and batches repeat, as ``DistributedSampler`` pads, only with fewer indices than ranks.
+    Per epoch (from ``seed`` and ``epoch``): one global permutation of the N indices; walking
+    it, each index joins the bucket of its group (landscape w/h >= 1, portrait < 1) and a full
+    bucket becomes a batch, as in MMDetection's AspectRatioBatchSampler (leftovers become smaller
+    batches at the end, or are dropped with ``drop_last``); rank r takes global batches r, r+R,
+    ... Grouping each rank's ``DistributedSampler`` share instead would give ranks different
+    batch counts, and DDP deadlocks on an extra step: here the global list is made divisible by R
+    by splitting the largest batches, and batches repeat only with fewer indices than ranks.
 
     Each index is a ``SeededIndex`` with a per-(seed, epoch, index) augmentation seed. Call
-    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)`` (the loader draws the batches
-    when its iterator is created): iteration starts at this rank's k-th batch of the epoch (k =
-    optimizer steps already done, so a resumed run continues at the exact batch). ``len()`` is
-    the full per-rank batch count of an epoch.
+    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)``: iteration starts at this rank's
+    k-th batch of the epoch (k = optimizer steps done, so a resumed run continues at the exact
+    batch). ``len()`` is the full per-rank batch count of an epoch.
     """
 
-    def __init__(
-        self,
-        aspect_ratios: Sequence[float],
-        batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        group_by_aspect: bool = True,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        drop_last: bool = False,
-    ) -> None:
+    def __init__(self, aspect_ratios: Sequence[float], batch_size: int, seed: int = 0,
+                 shuffle: bool = True, group_by_aspect: bool = True,
+                 num_replicas: int | None = None, rank: int | None = None,
+                 drop_last: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         world, this_rank = _dist_world()
@@ -118,9 +102,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank {self.rank} not in [0, {self.num_replicas})")
         ratios = np.asarray(aspect_ratios, dtype=np.float64)
-        self.group_ids = (
-            (ratios < 1.0).astype(np.int64) if group_by_aspect else np.zeros(len(ratios), np.int64)
-        )
+        # Group 1: portrait (w/h < 1), 0: landscape; all in group 0 without grouping.
+        self.group_ids = ((ratios < 1.0) & group_by_aspect).astype(np.int64)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
@@ -135,17 +118,12 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
         self.skip_batches = int(skip_batches)
 
-    def _global_batch_count(self) -> int:
+    def __len__(self) -> int:
         # Group sizes do not depend on the permutation, so neither does the batch count.
         sizes = np.bincount(self.group_ids, minlength=1)
         if self.drop_last:
-            return int(sum(s // self.batch_size for s in sizes))
-        return int(sum(-(-s // self.batch_size) for s in sizes))
-
-    def __len__(self) -> int:
-        total = self._global_batch_count()
-        if self.drop_last:
-            return total // self.num_replicas
+            return int((sizes // self.batch_size).sum()) // self.num_replicas
+        total = int((-(-sizes // self.batch_size)).sum())  # -(-a // b): a / b rounded up
         return -(-total // self.num_replicas)
 
     def global_batches(self, epoch: int) -> list[list[SeededIndex]]:
@@ -223,10 +201,9 @@ def _worker_init(worker_id: int) -> None:
     Deliberately no ``cv2.setNumThreads`` here: with opencv's pthreads backend it deadlocks in a
     forked child once the parent has used cv2's thread pool.
     """
-    # SLURM's scancel, `timeout` and Ctrl-C signal the whole process group. The main process
-    # finishes its iteration and checkpoints (trainer.StopRequested), so a worker that died of the
-    # signal first would turn that into "DataLoader worker is killed"; the loader ends its workers
-    # itself afterwards, and they exit when the main process is gone.
+    # scancel, `timeout` and Ctrl-C signal the whole process group. The main process finishes its
+    # iteration and checkpoints (trainer.StopRequested); a worker that died of the signal first
+    # would turn that into "DataLoader worker is killed". The loader ends its workers afterwards.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = get_worker_info()
@@ -240,18 +217,10 @@ def _worker_init(worker_id: int) -> None:
         transform.set_random_seed(info.seed % 2**32)
 
 
-def build_dataloader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    train: bool,
-    seed: int,
-    distributed: bool,
-    aspect_ratio_grouping: bool = True,
-    pin_memory: bool | None = None,
-    size_divisor: int = 32,
-    drop_last: bool = False,
-) -> DataLoader:
+def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int,
+                     distributed: bool, aspect_ratio_grouping: bool = True,
+                     pin_memory: bool | None = None, size_divisor: int = 32,
+                     drop_last: bool = False) -> DataLoader:
     """DataLoader yielding ``(images [B, 3, Hp, Wp], targets list[dict])`` via ``collate``.
 
     train: ``GroupedBatchSampler`` (shuffled per epoch, grouped by ``dataset.aspect_ratios`` when
@@ -275,16 +244,9 @@ def build_dataloader(
                 raise ValueError("aspect_ratio_grouping needs dataset.aspect_ratios")
         else:
             ratios = [1.0] * len(dataset)  # type: ignore[arg-type]
-        batch_sampler = GroupedBatchSampler(
-            ratios,
-            batch_size,
-            seed=seed,
-            shuffle=True,
-            group_by_aspect=aspect_ratio_grouping,
-            num_replicas=world,
-            rank=rank,
-            drop_last=drop_last,
-        )
+        batch_sampler = GroupedBatchSampler(ratios, batch_size, seed=seed, shuffle=True,
+                                            group_by_aspect=aspect_ratio_grouping,
+                                            num_replicas=world, rank=rank, drop_last=drop_last)
     else:
         shard = ShardSampler(len(dataset), num_replicas=world, rank=rank)  # type: ignore[arg-type]
         batch_sampler = BatchSampler(shard, batch_size, drop_last=False)
@@ -292,13 +254,8 @@ def build_dataloader(
     # Worker base seeds come from this generator; offset by rank so ranks' workers differ.
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence([int(seed), rank]).generate_state(1)[0]))
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        collate_fn=functools.partial(collate, size_divisor=size_divisor),
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-    )
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=functools.partial(collate, size_divisor=size_divisor),
+                      pin_memory=pin_memory, generator=generator,
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      persistent_workers=num_workers > 0)

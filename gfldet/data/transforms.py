@@ -47,62 +47,47 @@ class KeepRatioResize(A.DualTransform):
     scales x by W'/W and y by H'/H exactly as MMDetection does.
     """
 
-    def __init__(
-        self,
-        short_side: int | tuple[int, int],
-        max_size: int,
-        interpolation: int = cv2.INTER_LINEAR,
-        p: float = 1.0,
-    ) -> None:
+    def __init__(self, short_side: int | tuple[int, int], max_size: int,
+                 interpolation: int = cv2.INTER_LINEAR, p: float = 1.0) -> None:
         super().__init__(p=p)
         if isinstance(short_side, (tuple, list)):
             lo, hi = (int(v) for v in short_side)
             if not 0 < lo <= hi:
                 raise ValueError(f"short_side range must satisfy 0 < lo <= hi, got {short_side}")
             self.short_side: int | tuple[int, int] = (lo, hi)
+        elif int(short_side) <= 0:
+            raise ValueError(f"short_side must be positive, got {short_side}")
         else:
-            if int(short_side) <= 0:
-                raise ValueError(f"short_side must be positive, got {short_side}")
             self.short_side = int(short_side)
         if max_size <= 0:
             raise ValueError(f"max_size must be positive, got {max_size}")
         self.max_size = int(max_size)
         self.interpolation = interpolation
 
-    def get_params_dependent_on_data(
-        self, params: dict[str, Any], data: dict[str, Any]
-    ) -> dict[str, Any]:
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]
+                                     ) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        if isinstance(self.short_side, tuple):
-            short = self.py_random.randint(*self.short_side)  # inclusive on both ends
-        else:
-            short = self.short_side
+        short = self.short_side
+        if isinstance(short, tuple):
+            short = self.py_random.randint(*short)  # inclusive on both ends
         return {"target_size": rescale_size(height, width, short, self.max_size)}
 
-    def apply(
-        self, img: np.ndarray, target_size: tuple[int, int], interpolation: int, **params: Any
-    ) -> np.ndarray:
+    def apply(self, img: np.ndarray, target_size: tuple[int, int], interpolation: int,
+              **params: Any) -> np.ndarray:
         new_h, new_w = target_size
         if img.shape[:2] == (new_h, new_w):
             return img
         return cv2.resize(img, (new_w, new_h), interpolation=interpolation)
 
-    def apply_to_mask(
-        self, mask: np.ndarray, target_size: tuple[int, int], **params: Any
-    ) -> np.ndarray:
-        new_h, new_w = target_size
-        return cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    def apply_to_mask(self, mask: np.ndarray, target_size: tuple[int, int],
+                      **params: Any) -> np.ndarray:
+        return cv2.resize(mask, target_size[::-1], interpolation=cv2.INTER_NEAREST)
 
     def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
         return bboxes  # normalised coordinates are resolution independent
 
-    def apply_to_keypoints(
-        self,
-        keypoints: np.ndarray,
-        target_size: tuple[int, int],
-        shape: tuple[int, ...],
-        **params: Any,
-    ) -> np.ndarray:
+    def apply_to_keypoints(self, keypoints: np.ndarray, target_size: tuple[int, int],
+                           shape: tuple[int, ...], **params: Any) -> np.ndarray:
         # Keypoints are absolute pixels inside albumentations, unlike boxes.
         out = keypoints.copy()
         out[:, 0] *= target_size[1] / shape[1]
@@ -113,26 +98,18 @@ class KeepRatioResize(A.DualTransform):
         return ("short_side", "max_size", "interpolation")
 
 
-def build_transforms(
-    train: bool,
-    short_side: int | tuple[int, int],
-    max_size: int,
-    flip_prob: float = 0.5,
-) -> A.Compose:
+def build_transforms(train: bool, short_side: int | tuple[int, int], max_size: int,
+                     flip_prob: float = 0.5) -> A.Compose:
     """Detection pipeline: resize -> (train: horizontal flip) -> CHW uint8 tensor.
 
     Call as ``t(image=uint8 [H, W, 3] RGB, bboxes=float [N, 4] xyxy pixels, labels=int [N])``;
     returns ``image`` uint8 tensor [3, H', W'], ``bboxes`` [N', 4] xyxy in resized pixels and
-    ``labels``.
-    For val/test pass ``train=False`` and an int ``short_side`` (a range is rejected there because
-    evaluation must be deterministic).
+    ``labels``. Evaluation (``train=False``) must be deterministic: an int ``short_side`` only.
 
-    Images stay uint8 until `normalize_batch` runs on the training device, as MMDetection's data
-    preprocessor does: a quarter of the bytes through the worker queue and the host-to-GPU copy,
-    and no float pass in the workers.
-
-    The returned Compose's RNG starts unseeded; ``CocoDetection`` reseeds it per sample when the
-    loader provides seeds, and the loader's worker_init_fn seeds it per worker otherwise.
+    Images stay uint8 until `normalize_batch` runs on the training device, as in MMDetection's
+    data preprocessor: a quarter of the bytes through the worker queue and the host-to-GPU copy.
+    The Compose's RNG starts unseeded; ``CocoDetection`` reseeds it per sample when the loader
+    provides seeds, and the loader's worker_init_fn seeds it per worker otherwise.
     """
     if not train and isinstance(short_side, (tuple, list)):
         raise ValueError("evaluation transforms need a fixed short_side, got a range")
@@ -143,12 +120,9 @@ def build_transforms(
     return A.Compose(ops, bbox_params=detection_bbox_params())
 
 
-def normalize_batch(
-    images: torch.Tensor,
-    image_sizes: list[tuple[int, int]] | None = None,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-) -> torch.Tensor:
+def normalize_batch(images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None,
+                    mean: tuple[float, float, float] = IMAGENET_MEAN,
+                    std: tuple[float, float, float] = IMAGENET_STD) -> torch.Tensor:
     """uint8 [B, 3, Hp, Wp] RGB batch (as `collate` pads it) -> float32 (x - mean) / std on its
     device, with the padding outside each image's (h, w) in `image_sizes` set to 0 (MMDetection
     pads after normalising, so the pad is the mean pixel). `mean`/`std` are in 0-255 units.
@@ -158,18 +132,14 @@ def normalize_batch(
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects the loader's uint8 images, got {images.dtype}")
-    mean_f32 = np.asarray(mean, np.float32)
     denominator = np.reciprocal(np.asarray(std, np.float32))
-    shape = (1, -1, 1, 1)
     out = images.float()
-    out.sub_(torch.from_numpy(mean_f32).to(out.device).view(shape))
-    out.mul_(torch.from_numpy(denominator).to(out.device).view(shape))
+    out.sub_(torch.from_numpy(np.asarray(mean, np.float32)).to(out.device).view(1, -1, 1, 1))
+    out.mul_(torch.from_numpy(denominator).to(out.device).view(1, -1, 1, 1))
     if image_sizes is not None:
-        sizes = torch.as_tensor(image_sizes, dtype=torch.long)  # [B, 2]
-        sizes = sizes.to(out.device, non_blocking=True)
+        sizes = torch.as_tensor(image_sizes, dtype=torch.long).to(out.device, non_blocking=True)
         rows = torch.arange(out.shape[-2], device=out.device) >= sizes[:, 0, None]  # [B, Hp]
         cols = torch.arange(out.shape[-1], device=out.device) >= sizes[:, 1, None]  # [B, Wp]
-        # One pass, no per-image loop.
         out.masked_fill_((rows[:, :, None] | cols[:, None, :])[:, None], 0.0)
     return out
 
@@ -180,12 +150,5 @@ def detection_bbox_params() -> A.BboxParams:
     All thresholds are 0: resize and flip never make a valid box invalid, so only boxes that end
     up with zero area are dropped. ``clip=True`` absorbs float round-off at the image border.
     """
-    return A.BboxParams(
-        format="pascal_voc",
-        label_fields=["labels"],
-        min_area=0.0,
-        min_visibility=0.0,
-        min_width=0.0,
-        min_height=0.0,
-        clip=True,
-    )
+    return A.BboxParams(format="pascal_voc", label_fields=["labels"], min_area=0.0,
+                        min_visibility=0.0, min_width=0.0, min_height=0.0, clip=True)
