@@ -103,8 +103,7 @@ class GFLDecode(nn.Module):
 def export_module(model: GFL, nms: bool = False,
                   settings: PostProcessSettings | None = None) -> GFLDecode:
     """The graph wrapper of `model`, both in eval mode."""
-    model.eval()
-    return GFLDecode(model, nms, settings).eval()
+    return GFLDecode(model, nms, settings).eval()  # eval() reaches the model too
 
 
 def detections_from_raw(boxes: Tensor | np.ndarray, scores: Tensor | np.ndarray,
@@ -357,38 +356,27 @@ def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = Fals
     wrapper's element by element."""
     settings = settings or model.test_settings
     report = ParityReport(score_tol=rtol)
-    saved, model.test_settings = model.test_settings, settings
+    saved = model.test_settings
+    model.eval()
     try:
+        model.test_settings = settings
         for batch, targets in inputs:
             feeds = feeds_from_batch(batch, targets)
             got = runner(feeds)
             box_tol = rtol * float(feeds["orig_sizes"].max())
             report.num_inputs += 1
             report.box_tol = max(report.box_tol, box_tol)
-            if nms:
+            with torch.no_grad():
+                reference = model(batch, targets)
+                raw = None if nms else export_module(model)(**feeds)
+            if raw is None:
                 found = [{k: got[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
                          for b, n in enumerate(got["num_dets"])]
             else:
-                with torch.no_grad():
-                    expected = dict(zip(RAW_OUTPUTS, export_module(model)(**feeds), strict=True))
-                for name, ref in expected.items():
-                    if got[name].shape != tuple(ref.shape):
-                        raise ExportVerificationError(
-                            f"{what}: output {name!r} has shape {got[name].shape}, "
-                            f"PyTorch {tuple(ref.shape)}"
-                        )
-                box_diff, score_diff = (
-                    float(np.abs(got[name] - expected[name].numpy()).max(initial=0.0))
-                    for name in RAW_OUTPUTS
-                )
-                report.max_box_diff = max(report.max_box_diff, box_diff)
-                report.max_score_diff = max(report.max_score_diff, score_diff)
+                _compare_raw(got, raw, report, what)
                 found = detections_from_raw(
                     got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings
                 )
-            model.eval()
-            with torch.no_grad():
-                reference = model(batch, targets)
             for image, (ref, det) in enumerate(zip(reference, found, strict=True)):
                 _compare_detections(image, ref, det, report, box_tol, rtol)
     finally:
@@ -396,6 +384,21 @@ def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = Fals
     if not report.ok:
         raise ExportVerificationError(f"{what} does not match evaluation: {report.summary()}")
     return report
+
+
+def _compare_raw(got: dict[str, np.ndarray], expected: tuple[Tensor, Tensor],
+                 report: ParityReport, what: str) -> None:
+    for name, ref in zip(RAW_OUTPUTS, expected, strict=True):
+        if got[name].shape != tuple(ref.shape):
+            raise ExportVerificationError(
+                f"{what}: output {name!r} has shape {got[name].shape}, PyTorch {tuple(ref.shape)}"
+            )
+    box_diff, score_diff = (
+        float(np.abs(got[name] - ref.numpy()).max(initial=0.0))
+        for name, ref in zip(RAW_OUTPUTS, expected, strict=True)
+    )
+    report.max_box_diff = max(report.max_box_diff, box_diff)
+    report.max_score_diff = max(report.max_score_diff, score_diff)
 
 
 def _compare_detections(

@@ -66,10 +66,8 @@ def dense_detections(cls_logits: Tensor, distances: Tensor, priors: Priors, vali
 
 def select_detections(boxes: Tensor, scores: Tensor, num_per_level: list,
                       settings: PostProcessSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`dense_detections`' outputs -> the best detections per image, in fixed-size padded form.
-
-    Per level the top `nms_pre` (prior, class) pairs, score > `score_thr`, boxes with width and
-    height, class-aware NMS per image, the best `max_per_img` by score.
+    """`dense_detections`' outputs -> the best detections per image (the selection in the module
+    docstring), in fixed-size padded form.
 
     Returns boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_dets [B] int64; rows past
     `num_dets[b]` are padding (zero boxes and scores, label -1), rows before it are in
