@@ -90,7 +90,8 @@ class GFLDecode(nn.Module):
         self.model, self.nms = model, nms
         self.settings = settings or model.test_settings
 
-    def forward(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor):
+    def forward(self, images: Tensor, image_sizes: Tensor,
+                orig_sizes: Tensor) -> tuple[Tensor, ...]:
         cls_logits, reg_logits, priors, valid = self.model.head_outputs(images, image_sizes)
         distances = self.model.head.distances(reg_logits)  # the head's Integral (or Dirac ReLU)
         boxes, scores = dense_detections(cls_logits, distances, priors, valid, image_sizes,
@@ -322,11 +323,8 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return (
-            self.max_box_diff <= self.box_tol
-            and self.max_score_diff <= self.score_tol
-            and not self.mismatched
-        )
+        return (self.max_box_diff <= self.box_tol and self.max_score_diff <= self.score_tol
+                and not self.mismatched)
 
     def summary(self) -> str:
         text = (
@@ -401,10 +399,8 @@ def _compare_raw(got: dict[str, np.ndarray], expected: tuple[Tensor, Tensor],
     report.max_score_diff = max(report.max_score_diff, score_diff)
 
 
-def _compare_detections(
-    image: int, ref: Mapping[str, Any], got: Mapping[str, Any], report: ParityReport,
-    box_tol: float, score_tol: float,
-) -> None:
+def _compare_detections(image: int, ref: Mapping[str, Any], got: Mapping[str, Any],
+                        report: ParityReport, box_tol: float, score_tol: float) -> None:
     """Pair one image's detections by label and box; a detection without a partner counts as a
     mismatch unless it is borderline (its score within `score_tol` of another kept or cut one
     is not decidable at float precision, so only unpaired detections scoring well above the
