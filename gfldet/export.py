@@ -1,21 +1,13 @@
 """Deployable forms of a GFL detector: ONNX and TorchScript graphs, checked against evaluation.
 
-Two graph wrappers trace the model's own code: `GFL.head_outputs`, then gfldet's post-processing
-functions (`gfldet.postprocess`), the same calls evaluation and `Detector` make:
-
-- `GFLDecode` (raw): every prior's box and class scores (`dense_detections`): the distribution
-  decoding, per-image prior mask, clipping to each image and rescaling to the original image.
-- `GFLDecodeNMS`: the same, then the selection (`select_detections`: score threshold, top
-  `nms_pre` per level, class-aware NMS, best `max_per_img`) with fixed-size padded outputs.
-
-Graph inputs (`GRAPH_INPUTS`; `graph_inputs` prepares them from images and the run's config):
-- images [B, 3, H, W] float32: RGB normalised with the ImageNet mean/std (0-255 units), each
-  image resized as evaluation resizes it and zero-padded bottom/right to a common size that is a
-  multiple of 32;
+`GFLDecode` traces the model's own code, `GFL.head_outputs` then `gfldet.postprocess`, as
+evaluation and `Detector` run it. Graph inputs (`GRAPH_INPUTS`; `graph_inputs` prepares them):
+- images [B, 3, H, W] float32: RGB resized as evaluation resizes it, normalised with the ImageNet
+  mean/std (0-255 units), zero-padded bottom/right to a common size that is a multiple of 32;
 - image_sizes [B, 2] int64: (h, w) of each resized image before padding (priors outside its own
   padded extent are masked, boxes clipped to it);
-- orig_sizes [B, 2] int64: (h, w) of each original image (boxes are rescaled to it).
-Boxes come out in original-image pixels, as `Detector` returns them.
+- orig_sizes [B, 2] int64: (h, w) of each original image (boxes are rescaled to it, as `Detector`
+  returns them).
 
 Shape legend: `B` images, `H`, `W` input size, `A` priors over all levels, `C` classes,
 `K` = max_per_img (padded detections per image).
@@ -31,7 +23,8 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,83 +71,54 @@ class ExportVerificationError(RuntimeError):
     """An exported graph's detections differ from evaluation's by more than the tolerance."""
 
 
-# --------------------------------------------------------------------------- graph wrappers
+# --------------------------------------------------------------------------- graph wrapper
 
 
 class GFLDecode(nn.Module):
-    """(images, image_sizes, orig_sizes) -> boxes [B, A, 4], scores [B, A, C] (`dense_detections`).
+    """(images, image_sizes, orig_sizes) -> the graph outputs of `model`.
 
-    Boxes are xyxy original-image pixels clipped to the image; scores the sigmoid of the joint
-    class-quality logits, 0 at priors outside the image's own padded extent. The priors are
-    computed in the graph from the feature-map sizes, so a graph exported with dynamic axes
-    works at any input size that is a multiple of 32.
+    Raw (`dense_detections`): every prior's boxes [B, A, 4] xyxy clipped to the image and scores
+    [B, A, C] (sigmoid), 0 at priors outside the image's own padded extent. With `nms`
+    (`select_detections` with `settings`, default the model's): evaluation's detections, boxes
+    [B, K, 4], scores [B, K], labels [B, K] int64 and num_dets [B] int64, rows past `num_dets[b]`
+    padding (zero boxes and scores, label -1). The priors are computed in the graph from the
+    feature-map sizes, so a dynamic-axes graph works at any input size that is a multiple of 32.
     """
 
-    def __init__(self, model: GFL) -> None:
+    def __init__(self, model: GFL, nms: bool = False, settings: PostProcessSettings | None = None):
         super().__init__()
-        self.model = model
-
-    def decode(
-        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor
-    ) -> tuple[Tensor, Tensor, list]:
-        """(boxes [B, A, 4], scores [B, A, C], priors per level [n_l]) of a batch."""
-        cls_logits, reg_logits, priors, valid = self.model.head_outputs(images, image_sizes)
-        distances = self.model.head.distances(reg_logits)  # the head's Integral (or Dirac ReLU)
-        boxes, scores = dense_detections(
-            cls_logits, distances, priors, valid, image_sizes, orig_sizes
-        )
-        return boxes, scores, priors.num_per_level
-
-    def forward(
-        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        boxes, scores, _ = self.decode(images, image_sizes, orig_sizes)
-        return boxes, scores
-
-
-class GFLDecodeNMS(nn.Module):
-    """(images, image_sizes, orig_sizes) -> boxes [B, K, 4], scores [B, K], labels [B, K] int64,
-    num_dets [B] int64 (`select_detections`): evaluation's detections, rows past `num_dets[b]`
-    padding (zero boxes and scores, label -1)."""
-
-    def __init__(self, model: GFL, settings: PostProcessSettings | None = None) -> None:
-        super().__init__()
-        self.decoder = GFLDecode(model)
+        self.model, self.nms = model, nms
         self.settings = settings or model.test_settings
 
-    def forward(
-        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        boxes, scores, num_per_level = self.decoder.decode(images, image_sizes, orig_sizes)
-        return select_detections(boxes, scores, num_per_level, self.settings)
+    def forward(self, images: Tensor, image_sizes: Tensor,
+                orig_sizes: Tensor) -> tuple[Tensor, ...]:
+        cls_logits, reg_logits, priors, valid = self.model.head_outputs(images, image_sizes)
+        distances = self.model.head.distances(reg_logits)  # the head's Integral (or Dirac ReLU)
+        boxes, scores = dense_detections(cls_logits, distances, priors, valid, image_sizes,
+                                         orig_sizes)
+        if not self.nms:
+            return boxes, scores
+        return select_detections(boxes, scores, priors.num_per_level, self.settings)
 
 
-def export_module(
-    model: GFL, nms: bool = False, settings: PostProcessSettings | None = None
-) -> nn.Module:
-    """The graph wrapper of `model` in eval mode: `GFLDecodeNMS` if `nms` else `GFLDecode`."""
-    model.eval()
-    wrapper = GFLDecodeNMS(model, settings) if nms else GFLDecode(model)
-    return wrapper.eval()
+def export_module(model: GFL, nms: bool = False,
+                  settings: PostProcessSettings | None = None) -> GFLDecode:
+    """The graph wrapper of `model`, both in eval mode."""
+    return GFLDecode(model, nms, settings).eval()  # eval() reaches the model too
 
 
-def detections_from_raw(
-    boxes: Tensor | np.ndarray,
-    scores: Tensor | np.ndarray,
-    input_hw: tuple[int, int],
-    settings: PostProcessSettings,
-) -> list[dict[str, Tensor]]:
+def detections_from_raw(boxes: Tensor | np.ndarray, scores: Tensor | np.ndarray,
+                        input_hw: tuple[int, int],
+                        settings: PostProcessSettings) -> list[dict[str, Tensor]]:
     """gfldet's selection applied to a raw graph's outputs: evaluation's detections per image.
 
     input_hw: (H, W) of the graph's `images` input, which fixes how many priors each level has.
     """
     height, width = input_hw
     num_per_level = [math.ceil(height / s) * math.ceil(width / s) for s in STRIDES]
-    return split_detections(
-        *select_detections(
-            torch.as_tensor(boxes), torch.as_tensor(scores), num_per_level, settings
-        )
-    )
+    selected = select_detections(torch.as_tensor(boxes), torch.as_tensor(scores), num_per_level,
+                                 settings)
+    return split_detections(*selected)
 
 
 # --------------------------------------------------------------------------- graph inputs
@@ -169,12 +133,10 @@ def feeds_from_batch(batch: Tensor, targets: Sequence[Mapping[str, Any]]) -> dic
     }
 
 
-def graph_inputs(
-    images: Sequence[ImageInput], config: Config | str | Path, shape: tuple[int, int] | None = None
-) -> dict[str, np.ndarray]:
-    """The exported graphs' inputs (numpy, by name) for a batch of images, preprocessed as
-    evaluation and `Detector` preprocess them: resized with the config's `data.test_short_side`
-    and `data.max_size`, normalised, padded to `data.size_divisor`.
+def graph_inputs(images: Sequence[ImageInput], config: Config | str | Path,
+                 shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The graphs' inputs (numpy, by name) for a batch of images, preprocessed as evaluation and
+    `Detector` preprocess them (`data.test_short_side`, `data.max_size`, `data.size_divisor`).
 
     config: a Config or the path of a YAML config (the run's config.yaml, or the .yaml beside
     published weights). shape: (H, W) of a fixed-shape graph; the images are then letterboxed
@@ -185,9 +147,8 @@ def graph_inputs(
     if shape is not None:
         batch, targets = letterbox(arrays, *shape)
     else:
-        transform = build_transforms(
-            train=False, short_side=cfg.data.test_short_side, max_size=cfg.data.max_size
-        )
+        transform = build_transforms(train=False, short_side=cfg.data.test_short_side,
+                                     max_size=cfg.data.max_size)
         batch, targets = prepare_batch(arrays, transform, cfg.data.size_divisor)
     return {name: t.numpy() for name, t in feeds_from_batch(batch, targets).items()}
 
@@ -203,22 +164,16 @@ def letterbox(images: Sequence[np.ndarray], height: int, width: int) -> Batch:
     for i, image in enumerate(images):
         h, w = image.shape[:2]
         scale = min(height / h, width / w)
-        new_h, new_w = (
-            min(height, max(1, int(h * scale + 0.5))),
-            min(width, max(1, int(w * scale + 0.5))),
-        )
+        new_h = min(height, max(1, int(h * scale + 0.5)))
+        new_w = min(width, max(1, int(w * scale + 0.5)))
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         out[i, :, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
         targets.append({"image_size": (new_h, new_w), "orig_size": (h, w)})
     return normalize_batch(out, [t["image_size"] for t in targets]), targets
 
 
-def verification_inputs(
-    images: Sequence[np.ndarray],
-    transform: Any,
-    size_divisor: int = 32,
-    shape: tuple[int, int] | None = None,
-) -> list[Batch]:
+def verification_inputs(images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32,
+                        shape: tuple[int, int] | None = None) -> list[Batch]:
     """Batches to check an export on: each image alone at its test-time size (padded to
     `size_divisor`), then a batch of two images of different sizes, so that each is padded
     to the other's size. `shape`: letterboxed into this fixed shape, one image per batch.
@@ -239,15 +194,9 @@ def verification_inputs(
 # --------------------------------------------------------------------------- export
 
 
-def export_onnx(
-    model: GFL,
-    path: str | Path,
-    example: Mapping[str, Tensor | np.ndarray],
-    nms: bool = False,
-    dynamic: bool = False,
-    settings: PostProcessSettings | None = None,
-    opset: int = DEFAULT_OPSET,
-) -> Path:
+def export_onnx(model: GFL, path: str | Path, example: Mapping[str, Tensor | np.ndarray],
+                nms: bool = False, dynamic: bool = False,
+                settings: PostProcessSettings | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """Write `model` as an ONNX graph traced at `example` (graph inputs by name, as
     `graph_inputs` or `feeds_from_batch` give them; H and W multiples of 32).
 
@@ -259,25 +208,18 @@ def export_onnx(
     names = NMS_OUTPUTS if nms else RAW_OUTPUTS
     dynamic_axes = None
     if dynamic:
+        output_axes = {0: "batch"} if nms else {0: "batch", 1: "priors"}
         dynamic_axes = {
             "images": {0: "batch", 2: "height", 3: "width"},
             "image_sizes": {0: "batch"},
             "orig_sizes": {0: "batch"},
+            **{name: output_axes for name in names},
         }
-        if nms:
-            dynamic_axes.update({name: {0: "batch"} for name in names})
-        else:
-            dynamic_axes.update(
-                {"boxes": {0: "batch", 1: "priors"}, "scores": {0: "batch", 1: "priors"}}
-            )
-    wrapper = export_module(model, nms, settings)
-    with torch.no_grad(), warnings.catch_warnings():
-        # Tracing warns about Python ints taken from sizes (stride bookkeeping); the graph is
-        # checked against evaluation at other sizes by the verification instead.
-        _quiet_tracing()
+    with _tracing():
         torch.onnx.export(
-            wrapper, _example_args(example), str(path), dynamo=False, opset_version=opset,
-            input_names=list(GRAPH_INPUTS), output_names=list(names), dynamic_axes=dynamic_axes,
+            export_module(model, nms, settings), _example_args(example), str(path), dynamo=False,
+            opset_version=opset, input_names=list(GRAPH_INPUTS), output_names=list(names),
+            dynamic_axes=dynamic_axes,
         )
     try:
         import onnx
@@ -287,13 +229,8 @@ def export_onnx(
     return path
 
 
-def export_torchscript(
-    model: GFL,
-    path: str | Path,
-    example: Mapping[str, Tensor | np.ndarray],
-    nms: bool = False,
-    settings: PostProcessSettings | None = None,
-) -> Path:
+def export_torchscript(model: GFL, path: str | Path, example: Mapping[str, Tensor | np.ndarray],
+                       nms: bool = False, settings: PostProcessSettings | None = None) -> Path:
     """Trace `model` at `example` (graph inputs by name) and save it; load with
     `torch.jit.load(path)` and call it with the three inputs in `GRAPH_INPUTS` order.
 
@@ -303,9 +240,8 @@ def export_torchscript(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = export_module(model, nms, settings)
-    with torch.no_grad(), warnings.catch_warnings():
-        _quiet_tracing()
+    with _tracing():
+        wrapper = export_module(model, nms, settings)
         traced = torch.jit.trace(wrapper, _example_args(example), check_trace=False)
     traced.save(str(path))
     return path
@@ -315,10 +251,14 @@ def _example_args(example: Mapping[str, Tensor | np.ndarray]) -> tuple[Tensor, .
     return tuple(torch.as_tensor(example[name]) for name in GRAPH_INPUTS)
 
 
-def _quiet_tracing() -> None:
-    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    warnings.simplefilter("ignore", FutureWarning)
+@contextmanager
+def _tracing() -> Iterator[None]:
+    # Tracing warns about Python ints taken from sizes (stride bookkeeping); the graph is
+    # checked against evaluation at other sizes by the verification instead.
+    with torch.no_grad(), warnings.catch_warnings():
+        for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        yield
 
 
 # --------------------------------------------------------------------------- runners
@@ -383,11 +323,8 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return (
-            self.max_box_diff <= self.box_tol
-            and self.max_score_diff <= self.score_tol
-            and not self.mismatched
-        )
+        return (self.max_box_diff <= self.box_tol and self.max_score_diff <= self.score_tol
+                and not self.mismatched)
 
     def summary(self) -> str:
         text = (
@@ -404,89 +341,77 @@ class ParityReport:
         return text
 
 
-@torch.no_grad()
-def evaluation_detections(model: GFL, batch: Tensor, targets: list[dict[str, Any]],
-                          settings: PostProcessSettings | None = None) -> list[dict[str, Tensor]]:
-    """What the export must reproduce: `model(batch, targets)` in eval mode, the call
-    tools/eval.py's evaluator and `Detector` make, with `settings` (default the model's own)."""
-    model.eval()
-    saved = model.test_settings
-    model.test_settings = settings or saved
-    try:
-        return model(batch, targets)
-    finally:
-        model.test_settings = saved
-
-
-def verify(
-    runner: Runner,
-    model: GFL,
-    inputs: Sequence[Batch],
-    nms: bool = False,
-    settings: PostProcessSettings | None = None,
-    rtol: float = 1e-4,
-    what: str = "export",
-) -> ParityReport:
+def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = False,
+           settings: PostProcessSettings | None = None, rtol: float = 1e-4,
+           what: str = "export") -> ParityReport:
     """Compare `runner` with evaluation on each (batch, targets) (`verification_inputs`); raise
     `ExportVerificationError` when a difference exceeds the tolerance, else return the report.
 
-    Detections are compared with `evaluation_detections`: the NMS graph's own, or for a raw
-    graph gfldet's selection applied to its outputs (`detections_from_raw`), whose boxes and
-    scores are also compared with the PyTorch wrapper's element by element."""
+    Evaluation is `model(batch, targets)` in eval mode with `settings` (default the model's own),
+    the call tools/eval.py's evaluator and `Detector` make. Its detections are compared with the
+    NMS graph's own, or for a raw graph with gfldet's selection applied to its outputs
+    (`detections_from_raw`), whose boxes and scores are also compared with the PyTorch
+    wrapper's element by element."""
     settings = settings or model.test_settings
     report = ParityReport(score_tol=rtol)
-    for batch, targets in inputs:
-        feeds = feeds_from_batch(batch, targets)
-        got = runner(feeds)
-        box_tol = rtol * float(feeds["orig_sizes"].max())
-        report.num_inputs += 1
-        report.box_tol = max(report.box_tol, box_tol)
-        if nms:
-            found = [{k: got[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
-                     for b, n in enumerate(got["num_dets"])]
-        else:
+    saved = model.test_settings
+    model.eval()
+    try:
+        model.test_settings = settings
+        for batch, targets in inputs:
+            feeds = feeds_from_batch(batch, targets)
+            got = runner(feeds)
+            box_tol = rtol * float(feeds["orig_sizes"].max())
+            report.num_inputs += 1
+            report.box_tol = max(report.box_tol, box_tol)
             with torch.no_grad():
-                expected = export_module(model).decode(**feeds)[:2]
-            _compare_raw(got, expected, report, what)
-            found = detections_from_raw(
-                got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings
-            )
-        reference = evaluation_detections(model, batch, targets, settings)
-        for image, (ref, det) in enumerate(zip(reference, found, strict=True)):
-            _compare_detections(image, {k: v.numpy() for k, v in ref.items()},
-                                {k: np.asarray(v) for k, v in det.items()}, report, box_tol, rtol)
+                reference = model(batch, targets)
+                raw = None if nms else export_module(model)(**feeds)
+            if raw is None:
+                found = [{k: got[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
+                         for b, n in enumerate(got["num_dets"])]
+            else:
+                _compare_raw(got, raw, report, what)
+                found = detections_from_raw(
+                    got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings
+                )
+            for image, (ref, det) in enumerate(zip(reference, found, strict=True)):
+                _compare_detections(image, ref, det, report, box_tol, rtol)
+    finally:
+        model.test_settings = saved
     if not report.ok:
         raise ExportVerificationError(f"{what} does not match evaluation: {report.summary()}")
     return report
 
 
-def _compare_raw(
-    got: dict[str, np.ndarray], ref: tuple[Tensor, Tensor], report: ParityReport, what: str
-) -> None:
-    for name, expected in zip(RAW_OUTPUTS, ref, strict=True):
-        if got[name].shape != tuple(expected.shape):
+def _compare_raw(got: dict[str, np.ndarray], expected: tuple[Tensor, Tensor],
+                 report: ParityReport, what: str) -> None:
+    for name, ref in zip(RAW_OUTPUTS, expected, strict=True):
+        if got[name].shape != tuple(ref.shape):
             raise ExportVerificationError(
-                f"{what}: output {name!r} has shape {got[name].shape}, "
-                f"PyTorch {tuple(expected.shape)}"
+                f"{what}: output {name!r} has shape {got[name].shape}, PyTorch {tuple(ref.shape)}"
             )
-    report.max_box_diff = max(report.max_box_diff, _max_abs(got["boxes"] - ref[0].numpy()))
-    report.max_score_diff = max(report.max_score_diff, _max_abs(got["scores"] - ref[1].numpy()))
+    box_diff, score_diff = (
+        float(np.abs(got[name] - ref.numpy()).max(initial=0.0))
+        for name, ref in zip(RAW_OUTPUTS, expected, strict=True)
+    )
+    report.max_box_diff = max(report.max_box_diff, box_diff)
+    report.max_score_diff = max(report.max_score_diff, score_diff)
 
 
-def _max_abs(diff: np.ndarray) -> float:
-    return float(np.abs(diff).max()) if diff.size else 0.0
-
-
-def _compare_detections(
-    image: int, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], report: ParityReport,
-    box_tol: float, score_tol: float,
-) -> None:
+def _compare_detections(image: int, ref: Mapping[str, Any], got: Mapping[str, Any],
+                        report: ParityReport, box_tol: float, score_tol: float) -> None:
     """Pair one image's detections by label and box; a detection without a partner counts as a
     mismatch unless it is borderline (its score within `score_tol` of another kept or cut one
     is not decidable at float precision, so only unpaired detections scoring well above the
     weakest kept one are reported)."""
+    ref = {k: np.asarray(v) for k, v in ref.items()}
+    got = {k: np.asarray(v) for k, v in got.items()}
     used = np.zeros(len(got["scores"]), dtype=bool)
-    for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"], strict=True):
+    unpaired = []
+    for i, (box, score, label) in enumerate(
+        zip(ref["boxes"], ref["scores"], ref["labels"], strict=True)
+    ):
         cand = np.flatnonzero((got["labels"] == label) & ~used)
         if cand.size:
             box_diff = np.abs(got["boxes"][cand] - box).max(axis=1)
@@ -499,33 +424,22 @@ def _compare_detections(
                     report.max_score_diff, abs(float(got["scores"][j] - score))
                 )
                 continue
-        _note_unpaired(report, "evaluation", image, box, score, label, ref["scores"], score_tol)
-    for j in np.flatnonzero(~used):
-        _note_unpaired(report, "export", image, got["boxes"][j], got["scores"][j], got["labels"][j],
-                       got["scores"], score_tol)
-
-
-def _note_unpaired(
-    report: ParityReport, side: str, image: int, box: np.ndarray, score: float, label: int,
-    side_scores: np.ndarray, score_tol: float,
-) -> None:
-    # Near the score threshold or the max_per_img cut a tiny score change legitimately
-    # changes which detections survive; those are not export errors.
-    weakest = float(side_scores.min()) if side_scores.size else 0.0
-    if score - weakest <= 10 * score_tol:
-        return
-    report.mismatched.append(
-        f"image {image}: {side} only: label {int(label)} score {float(score):.4f} box "
-        f"{[round(float(v), 1) for v in box]}"
-    )
+        unpaired.append(("evaluation", ref, i))
+    unpaired += [("export", got, j) for j in np.flatnonzero(~used)]
+    for side, dets, i in unpaired:
+        # Near the score threshold or the max_per_img cut a tiny score change legitimately
+        # changes which detections survive; those are not export errors.
+        if dets["scores"][i] - float(dets["scores"].min()) > 10 * score_tol:
+            box = [round(float(v), 1) for v in dets["boxes"][i]]
+            report.mismatched.append(f"image {image}: {side} only: label {int(dets['labels'][i])} "
+                                     f"score {float(dets['scores'][i]):.4f} box {box}")
 
 
 # --------------------------------------------------------------------------- publishing weights
 
 
-def publish_weights(
-    checkpoint: str | Path, cfg: Config, out: str | Path, use_ema: bool = True, hash_chars: int = 8
-) -> tuple[Path, Path]:
+def publish_weights(checkpoint: str | Path, cfg: Config, out: str | Path, use_ema: bool = True,
+                    hash_chars: int = 8) -> tuple[Path, Path]:
     """Write an inference-only copy of a checkpoint, named by its SHA-256 (MMDetection's publish).
 
     Keeps the model weights (the EMA weights when the run kept an EMA and `use_ema`), the
@@ -540,7 +454,6 @@ def publish_weights(
     state = load_checkpoint(checkpoint)
     model = build_inference_model(cfg)
     load_model_weights(model, model_weights(state, use_ema, str(checkpoint)), strict=True)
-    used_ema = bool(use_ema and state.get("ema") is not None)
     published = {
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "model_format": MODEL_FORMAT,
@@ -549,7 +462,7 @@ def publish_weights(
             "class_names": class_names_for(cfg, state),
             "source": checkpoint.name,
             "epoch": state.get("epoch"),
-            "ema": used_ema,
+            "ema": bool(use_ema and state.get("ema") is not None),
             "gfldet_version": __version__,
         },
     }

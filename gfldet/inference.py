@@ -39,9 +39,8 @@ ImageInput = str | Path | Image.Image | np.ndarray
 # --------------------------------------------------------------------------- checkpoints
 
 
-def model_weights(
-    state: Mapping[str, Any], use_ema: bool = True, source: str = "checkpoint"
-) -> dict[str, Tensor]:
+def model_weights(state: Mapping[str, Any], use_ema: bool = True,
+                  source: str = "checkpoint") -> dict[str, Tensor]:
     """The model state dict inside any gfldet checkpoint.
 
     Training checkpoints hold `model` and `ema` (a `torch.optim.swa_utils.AveragedModel` state
@@ -81,9 +80,8 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     return config_from_dict(state["config"], f"{source} (stored config)", overrides)
 
 
-def split_config_argument(
-    positionals: Sequence[str], names: Sequence[str]
-) -> tuple[str | None, list[str]]:
+def split_config_argument(positionals: Sequence[str],
+                          names: Sequence[str]) -> tuple[str | None, list[str]]:
     """A tool's positional arguments `[CONFIG] NAMES...`: the config is optional (the checkpoint
     stores one), so one extra leading argument is the config. Returns (config or None, the rest).
     Raises ValueError with the usage when the count is wrong."""
@@ -123,21 +121,19 @@ def class_names_for(cfg: Config, state: Mapping[str, Any] | None = None) -> list
     meta = (state or {}).get("meta") or {}
     names = meta.get("class_names") if isinstance(meta, dict) else None
     for split in ("val", "train"):
-        if names is None:
-            names = _category_names(dataset_paths(cfg.data, split, generate=False).annotations)
+        if names is not None:
+            break
+        ann_file = dataset_paths(cfg.data, split, generate=False).annotations
+        if not ann_file.is_file():
+            continue
+        try:
+            categories = json.loads(ann_file.read_text()).get("categories", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        names = [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["id"]))] or None
     if names is None or len(names) != num_classes:
         return [f"class_{i}" for i in range(num_classes)]
     return [str(n) for n in names]
-
-
-def _category_names(ann_file: Path) -> list[str] | None:
-    if not ann_file.is_file():
-        return None
-    try:
-        categories = json.loads(ann_file.read_text()).get("categories", [])
-    except (OSError, ValueError, AttributeError):
-        return None
-    return [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["id"]))] or None
 
 
 # --------------------------------------------------------------------------- images
@@ -152,18 +148,15 @@ def list_images(source: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(
-            p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
-        if not found:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-        return found
-    found = sorted(Path(p) for p in glob.glob(str(source), recursive=True))
-    found = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        candidates = path.iterdir()
+    else:
+        candidates = map(Path, glob.glob(str(source), recursive=True))
+    found = sorted(p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found and path.is_dir():
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
     if not found:
         raise FileNotFoundError(f"{source}: not an image file, a folder, or a glob matching images")
     return found
-
 
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
@@ -194,28 +187,18 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
 # --------------------------------------------------------------------------- detector
 
 
-def prepare_batch(
-    images: Sequence[np.ndarray],
-    transform: Any,
-    size_divisor: int = 32,
-    device: str | torch.device = "cpu",
-) -> tuple[Tensor, list[dict[str, Any]]]:
+def prepare_batch(images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32,
+                  device: str | torch.device = "cpu") -> tuple[Tensor, list[dict[str, Any]]]:
     """uint8 RGB arrays -> (normalised batch [B, 3, H', W'] on `device`, zero-padded to
     `size_divisor`, and one target per image with `image_size` (resized, unpadded) and
     `orig_size`), exactly as the val loader and the evaluator batch them. `transform` is
     `gfldet.data.build_transforms(train=False, ...)`."""
-    empty_boxes, empty_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    no_boxes, no_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
     samples = []
     for image in images:
-        tensor = torch.as_tensor(
-            transform(image=image, bboxes=empty_boxes, labels=empty_labels)["image"]
-        )
-        samples.append(
-            (
-                tensor.contiguous(),
-                {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]},
-            )
-        )
+        tensor = torch.as_tensor(transform(image=image, bboxes=no_boxes, labels=no_labels)["image"])
+        target = {"image_size": tuple(tensor.shape[1:]), "orig_size": image.shape[:2]}
+        samples.append((tensor.contiguous(), target))
     batch, targets = collate(samples, size_divisor)
     return normalize_batch(batch.to(device), [t["image_size"] for t in targets]), targets
 
@@ -231,40 +214,26 @@ class Detector:
             images to a common size, which changes features near the padding slightly.
     """
 
-    def __init__(
-        self,
-        model: GFL,
-        short_side: int = 800,
-        max_size: int = 1333,
-        size_divisor: int = 32,
-        class_names: Sequence[str] | None = None,
-        device: str | torch.device = "cpu",
-        batch_size: int = 1,
-    ) -> None:
+    def __init__(self, model: GFL, short_side: int = 800, max_size: int = 1333,
+                 size_divisor: int = 32, class_names: Sequence[str] | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 1) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.size_divisor = size_divisor
-        self.class_names = (
-            list(class_names) if class_names else [f"class_{i}" for i in range(model.num_classes)]
-        )
-        if len(self.class_names) != model.num_classes:
+        num_classes = model.num_classes
+        self.class_names = list(class_names or [f"class_{i}" for i in range(num_classes)])
+        if len(self.class_names) != num_classes:
             raise ValueError(
-                f"{len(self.class_names)} class names for a model of {model.num_classes} classes"
+                f"{len(self.class_names)} class names for a model of {num_classes} classes"
             )
         self.batch_size = max(1, int(batch_size))
         self.transform = build_transforms(train=False, short_side=short_side, max_size=max_size)
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        config: Config | str | Path | None = None,
-        device: str | torch.device = "cpu",
-        score_thr: float | None = None,
-        use_ema: bool = True,
-        batch_size: int = 1,
-        overrides: Sequence[str] = (),
-    ) -> Detector:
+    def from_checkpoint(cls, path: str | Path, config: Config | str | Path | None = None,
+                        device: str | torch.device = "cpu", score_thr: float | None = None,
+                        use_ema: bool = True, batch_size: int = 1,
+                        overrides: Sequence[str] = ()) -> Detector:
         """Load any gfldet checkpoint (training, exported weights, converted MMDetection).
 
         config: a Config or YAML path; by default the config stored in the checkpoint.
@@ -277,9 +246,8 @@ class Detector:
             cfg = copy.deepcopy(cfg)
             cfg.model.test.score_thr = float(score_thr)
         model = build_inference_model(cfg)
-        load_model_weights(
-            model, model_weights(state, use_ema, str(path)), strict=True, source=path
-        )
+        weights = model_weights(state, use_ema, str(path))
+        load_model_weights(model, weights, strict=True, source=path)
         return cls(
             model, cfg.data.test_short_side, cfg.data.max_size, cfg.data.size_divisor,
             class_names_for(cfg, state), device, batch_size,
@@ -311,9 +279,7 @@ class Detector:
                 })
         return results
 
-    def __call__(
-        self, images: ImageInput | Sequence[ImageInput]
-    ) -> dict[str, Any] | list[dict[str, Any]]:
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict | list[dict]:
         """One image -> one dict; a list or tuple of images -> a list of dicts."""
         if isinstance(images, list | tuple):
             return self.predict(images)
@@ -356,7 +322,10 @@ def draw_detections(
     draw = ImageDraw.Draw(canvas)
     side = min(canvas.size)
     width = max(1, round(side / 250))
-    font = _font(max(10, round(side / 45)))
+    try:
+        font = ImageFont.load_default(size=max(10, round(side / 45)))  # scalable with FreeType
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
     boxes, scores, labels = np.asarray(det["boxes"]).reshape(-1, 4), det["scores"], det["labels"]
     names = det.get("class_names") if class_names is None else [class_names[int(i)] for i in labels]
     # Weakest first, so the strongest detections' labels end up on top.
@@ -375,9 +344,3 @@ def draw_detections(
         draw.text((tx + width - left, ty + width - top), text, fill=(0, 0, 0), font=font)
     return canvas
 
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
-    except (TypeError, OSError):
-        return ImageFont.load_default()

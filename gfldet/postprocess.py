@@ -27,15 +27,9 @@ from gfldet.models.priors import Priors
 XYXY_FROM_HW = [1, 0, 1, 0]  # (h, w) -> (w, h, w, h), the bounds of (x1, y1, x2, y2)
 
 
-def postprocess(
-    cls_logits: Tensor,
-    distances: Tensor,
-    priors: Priors,
-    valid: Tensor,
-    image_sizes: Tensor,
-    orig_sizes: Tensor,
-    settings: PostProcessSettings,
-) -> list[dict[str, Tensor]]:
+def postprocess(cls_logits: Tensor, distances: Tensor, priors: Priors, valid: Tensor,
+                image_sizes: Tensor, orig_sizes: Tensor,
+                settings: PostProcessSettings) -> list[dict[str, Tensor]]:
     """Turn head outputs into detections per image (torchvision's detection output contract).
 
     Args:
@@ -51,14 +45,8 @@ def postprocess(
     return split_detections(*select_detections(boxes, scores, priors.num_per_level, settings))
 
 
-def dense_detections(
-    cls_logits: Tensor,
-    distances: Tensor,
-    priors: Priors,
-    valid: Tensor,
-    image_sizes: Tensor,
-    orig_sizes: Tensor,
-) -> tuple[Tensor, Tensor]:
+def dense_detections(cls_logits: Tensor, distances: Tensor, priors: Priors, valid: Tensor,
+                     image_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor]:
     """Every prior's box and class scores, before any selection (the raw graph's outputs).
 
     Returns boxes [B, A, 4] xyxy original-image pixels, clipped to the image, and scores
@@ -76,13 +64,10 @@ def dense_detections(
     return boxes * scale, scores
 
 
-def select_detections(
-    boxes: Tensor, scores: Tensor, num_per_level: list, settings: PostProcessSettings
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`dense_detections`' outputs -> the best detections per image, in fixed-size padded form.
-
-    Per level the top `nms_pre` (prior, class) pairs, score > `score_thr`, boxes with width and
-    height, class-aware NMS per image, the best `max_per_img` by score.
+def select_detections(boxes: Tensor, scores: Tensor, num_per_level: list,
+                      settings: PostProcessSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`dense_detections`' outputs -> the best detections per image (the selection in the module
+    docstring), in fixed-size padded form.
 
     Returns boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_dets [B] int64; rows past
     `num_dets[b]` are padding (zero boxes and scores, label -1), rows before it are in
@@ -133,18 +118,16 @@ def select_detections(
     return out_boxes, out_scores, out_labels, found.sum(dim=1)
 
 
-def _class_aware_nms(
-    boxes: Tensor, scores: Tensor, groups: Tensor, idx: Tensor, iou: float
-) -> Tensor:
+def _class_aware_nms(boxes: Tensor, scores: Tensor, groups: Tensor, idx: Tensor,
+                     iou: float) -> Tensor:
     """NMS within each group over the candidates `idx`; returns positions into `idx`.
 
     Eager: torchvision's `batched_nms`. While tracing, its coordinate trick written out, because
     `batched_nms` takes the offset from the kept subset behind a Python empty-input branch that
-    tracing would freeze: each group is shifted to its own coordinate range by a multiple of the
-    largest coordinate of all candidates (never an empty max), so that groups never overlap.
-    The shift costs float32 precision: coordinates round to about 6e-8 x (groups x largest
-    coordinate), e.g. 0.004 px for 80 classes at 800 px, 0.15 px for 8 images of 80 classes at
-    4,000 px, so two boxes whose IoU is that close to `iou` may be decided unlike evaluation.
+    tracing would freeze: each group is shifted by a multiple of the largest coordinate of all
+    candidates (never an empty max), so that groups never overlap. The shift costs float32
+    precision (about 6e-8 x groups x largest coordinate: 0.004 px for 80 classes at 800 px), so
+    two boxes whose IoU is that close to `iou` may be decided unlike evaluation.
     """
     if not torch.jit.is_tracing():
         return batched_nms(boxes[idx], scores[idx], groups[idx], iou)
@@ -152,9 +135,8 @@ def _class_aware_nms(
     return nms(boxes[idx] + offsets[:, None], scores[idx], iou)
 
 
-def split_detections(
-    boxes: Tensor, scores: Tensor, labels: Tensor, num_dets: Tensor
-) -> list[dict[str, Tensor]]:
+def split_detections(boxes: Tensor, scores: Tensor, labels: Tensor,
+                     num_dets: Tensor) -> list[dict[str, Tensor]]:
     """`select_detections`' padded outputs -> one {"boxes", "scores", "labels"} dict per image."""
     return [
         {"boxes": boxes[b, :n], "scores": scores[b, :n], "labels": labels[b, :n]}

@@ -58,22 +58,18 @@ class GFL(nn.Module):
         While tracing (export) they are built afresh from the traced sizes: a cached entry would
         be recorded as constants of one input size."""
         sizes = tuple(tuple(f.shape[-2:]) for f in features)
+        device = features[0].device
         if torch.jit.is_tracing():
-            return make_priors(
-                list(sizes), list(STRIDES), self.octave_base_scale, features[0].device
-            )
-        key = (sizes, features[0].device)
-        if key not in self._priors_cache:
+            return make_priors(list(sizes), list(STRIDES), self.octave_base_scale, device)
+        if (sizes, device) not in self._priors_cache:
             if len(self._priors_cache) > 64:
                 self._priors_cache.clear()
-            self._priors_cache[key] = make_priors(
-                list(sizes), list(STRIDES), self.octave_base_scale, features[0].device
-            )
-        return self._priors_cache[key]
+            priors = make_priors(list(sizes), list(STRIDES), self.octave_base_scale, device)
+            self._priors_cache[sizes, device] = priors
+        return self._priors_cache[sizes, device]
 
-    def head_outputs(
-        self, images: Tensor, image_sizes: Tensor
-    ) -> tuple[Tensor, Tensor, Priors, Tensor]:
+    def head_outputs(self, images: Tensor,
+                     image_sizes: Tensor) -> tuple[Tensor, Tensor, Priors, Tensor]:
         """cls_logits [B, A, C], reg_logits [B, A, 4(R+1)], the priors and valid [B, A] (False
         for priors outside each image's own padded extent) of a batch; image_sizes [B, 2] (h, w)
         of the resized, unpadded images. Training, evaluation and the exported graphs start here."""
@@ -85,7 +81,11 @@ class GFL(nn.Module):
         return cls_logits, reg_logits, priors, valid
 
     def forward(self, images: Tensor, targets: list[dict] | None = None):
-        image_sizes = _sizes(targets, "image_size", images)
+        image_sizes = _sizes(targets, "image_size", images.device)
+        if image_sizes is None:  # the padded input size
+            image_sizes = torch.tensor(
+                [images.shape[-2:]] * images.shape[0], device=images.device, dtype=torch.long
+            )
         cls_logits, reg_logits, priors, valid = self.head_outputs(images, image_sizes)
         if self.training:
             if targets is None:
@@ -99,25 +99,17 @@ class GFL(nn.Module):
                 cls_logits, reg_logits, self.head.distances, priors, valid,
                 gt_boxes, gt_labels, gt_mask, self.loss_settings, reg_max, self.topk,
             )
-        orig_sizes = (
-            _sizes(targets, "orig_size", images) if _has(targets, "orig_size") else image_sizes
-        )
         distances = self.head.distances(reg_logits)  # [B, A, 4] stride units
+        orig_sizes = _sizes(targets, "orig_size", images.device)
+        if orig_sizes is None:
+            orig_sizes = image_sizes
         return postprocess(
             cls_logits, distances, priors, valid, image_sizes, orig_sizes, self.test_settings
         )
 
 
-def _has(targets: list[dict] | None, key: str) -> bool:
-    return targets is not None and all(key in t for t in targets)
-
-
-def _sizes(targets: list[dict] | None, key: str, images: Tensor) -> Tensor:
-    """[B, 2] (h, w) per image from the target dicts, or the padded input size."""
-    if _has(targets, key):
-        return torch.tensor(
-            [tuple(t[key]) for t in targets], device=images.device, dtype=torch.long
-        )
-    return torch.tensor(
-        [images.shape[-2:]] * images.shape[0], device=images.device, dtype=torch.long
-    )
+def _sizes(targets: list[dict] | None, key: str, device: torch.device) -> Tensor | None:
+    """[B, 2] (h, w) per image from the target dicts' `key`; None if a dict lacks it."""
+    if targets is None or not all(key in t for t in targets):
+        return None
+    return torch.tensor([tuple(t[key]) for t in targets], device=device, dtype=torch.long)
