@@ -68,12 +68,8 @@ class ConversionReport:
 
 
 def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict, meta) of an MMDetection checkpoint, loaded with weights_only=True.
-
-    MMDetection wraps the weights as {"state_dict": ..., "meta": ...} (plus "optimizer" in
-    training checkpoints); a bare state dict is accepted too. A "module." prefix (DataParallel)
-    is removed.
-    """
+    """(state dict, meta) of an MMDetection checkpoint ({"state_dict": ..., "meta": ...} or a bare
+    state dict), loaded with weights_only=True; a "module." prefix (DataParallel) is removed."""
     state = load_checkpoint(path)
     weights = state.get("state_dict", state)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}

@@ -531,15 +531,15 @@ def ensure_synthetic_coco(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]
     """
     out = Path(out_dir)
     workers = kwargs.pop("num_workers", None)
-    defaults = {k: v for k, v in asdict(SynthParams()).items() if k != "generator_version"}
-    if unknown := set(kwargs) - set(defaults):
+    allowed = set(SynthParams.__dataclass_fields__) - {"generator_version"}
+    if unknown := set(kwargs) - allowed:
         raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}")
-    wanted = asdict(SynthParams(**{**defaults, **kwargs}))
+    # Compared through JSON so tuples and lists (as read back from the meta file) are equal.
+    wanted = json.loads(json.dumps(asdict(SynthParams(**kwargs))))
     with _directory_lock(out):
         paths = dataset_layout(out)
-        # Compared through JSON so tuples and lists (as read back from the meta file) are equal.
-        if not _is_complete(paths, json.loads(json.dumps(wanted))):
-            paths = generate_synthetic_coco(out, num_workers=workers, **{**defaults, **kwargs})
+        if not _is_complete(paths, wanted):
+            paths = generate_synthetic_coco(out, num_workers=workers, **kwargs)
     return paths
 
 
