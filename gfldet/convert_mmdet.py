@@ -210,15 +210,15 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
     out: dict[str, Tensor] = {}
     scales: dict[int, Tensor] = {}
     unmapped, reshaped = [], []
+    bins = torch.arange(reg_max + 1, dtype=torch.float32)  # gfldet's Integral: fixed 0..R
     for key, value in mmdet_state.items():
+        if key == "bbox_head.integral.project" and (
+                value.shape != bins.shape or not torch.allclose(value.float(), bins)):
+            raise ConversionError(
+                f"bbox_head.integral.project is {value.flatten()[:20].tolist()} (shape "
+                f"{list(value.shape)}); gfldet's Integral uses the fixed bins 0..{reg_max}, so "
+                "this checkpoint's regression outputs would be decoded differently")
         if _DROPPED.fullmatch(key):
-            bins = torch.arange(reg_max + 1, dtype=torch.float32)
-            if key == "bbox_head.integral.project" and (
-                    value.shape != bins.shape or not torch.allclose(value.float(), bins)):
-                raise ConversionError(
-                    f"bbox_head.integral.project is {value.flatten()[:20].tolist()} (shape "
-                    f"{list(value.shape)}); gfldet's Integral uses the fixed bins 0..{reg_max}, "
-                    "so this checkpoint's regression outputs would be decoded differently")
             report.dropped.append(key)
         elif scale := _SCALE.fullmatch(key):
             if value.numel() == 1:
