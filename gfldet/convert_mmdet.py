@@ -14,13 +14,11 @@ The map is checked both ways: every MMDetection key is used or dropped on purpos
 key is filled (the map is one-to-one, so at most once), and shapes are equal. Anything else is
 a `ConversionError` listing the offending keys.
 
-GFLv2 (implus/GFocalV2, `GFocalHead`): its configs set `QualityFocalLoss(use_sigmoid=False)`,
-and mmdet 2.x's AnchorHead then gives the classification conv `num_classes + 1` outputs
-(`anchor_head.py`: `cls_out_channels = num_classes if use_sigmoid_cls else num_classes + 1`), so
-the released COCO checkpoints have an 81-channel `gfl_cls`. That last channel is no class: the
-official QFL counts every label below the channel count as a positive, so background (label 80)
-trains channel 80 towards a target of 0 everywhere, and its test code pads a background column
-after all 81. gfldet drops that channel (`extra_class_channel`) and says so in the report.
+GFLv2 (implus/GFocalV2, `GFocalHead`) sets `QualityFocalLoss(use_sigmoid=False)`, so mmdet 2.x's
+AnchorHead gives `gfl_cls` `num_classes + 1` outputs (`anchor_head.py`: `cls_out_channels`) and
+the released COCO checkpoints have 81 channels. The last is no class: background (label 80)
+trains it towards 0 everywhere and the official test code pads a background column after all 81.
+gfldet drops it (`extra_class_channel`) and says so in the report.
 
 MMDetection's BN eps (1e-5), GN eps (1e-5), `pytorch`-style ResNet (stride on the 3x3 conv) and
 ImageNet mean/std match gfldet's, so the converted weights are used as they are.

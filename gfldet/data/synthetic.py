@@ -464,17 +464,12 @@ def generate_synthetic_coco(
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    params = SynthParams(
-        num_train=int(num_train),
-        num_val=int(num_val),
+    params = SynthParams(  # plain ints and floats, as the meta file records them
+        num_train=int(num_train), num_val=int(num_val), seed=int(seed),
         image_size=(int(image_size[0]), int(image_size[1])),
         objects_per_image=(int(objects_per_image[0]), int(objects_per_image[1])),
-        min_object_size=float(min_object_size),
-        max_object_frac=float(max_object_frac),
-        seed=int(seed),
-        image_format=image_format,
-        jpeg_quality=int(jpeg_quality),
-    )
+        min_object_size=float(min_object_size), max_object_frac=float(max_object_frac),
+        image_format=image_format, jpeg_quality=int(jpeg_quality))
     paths = dataset_layout(Path(out_dir))
     for folder in (paths["train_images"], paths["val_images"], paths["train_ann"].parent):
         folder.mkdir(parents=True, exist_ok=True)
