@@ -2,15 +2,12 @@
 `base:` chains, `--cfg-options` overrides, where each dotted key was set (its origin), YAML
 output, and the messages for what pydantic refuses (key, value, what is allowed, closest key).
 
-1. A file is read with PyYAML's safe loader (no python tags; duplicate keys are errors;
-   ``1e-4`` is a float as in YAML 1.2). The top level must be a mapping.
-2. ``base: other.yaml`` (relative to the file naming it) loads that file first; chains are
-   allowed, cycles and missing files are errors. The child's mapping is deep-merged onto the
-   base's: mappings merge key by key, lists and scalars replace.
-3. Overrides ``a.b.c=value`` are merged last, the same way; ``value`` is parsed as YAML, so
-   ``8``, ``0.01``, ``[8, 11]``, ``null``, ``true`` work and ``abc`` is the string "abc".
-4. A key of the layout before issue 17 (``MOVED``) is an error naming its new place; a stored
-   config (a checkpoint's) is migrated instead (``migrate``).
+A file is a YAML mapping read by PyYAML's safe loader (no python tags, duplicate keys refused,
+``1e-4`` a float as in YAML 1.2). Its ``base: other.yaml`` (relative to it; chains allowed,
+cycles refused) is loaded first and the file deep-merged onto it: mappings merge key by key,
+lists and scalars replace. Overrides ``a.b.c=value`` are merged last, the same way, each value
+parsed as YAML (``8``, ``[8, 11]``, ``null``; ``abc`` is the string "abc"). A key of the layout
+before issue 17 (``MOVED``) is an error naming its new place; a stored config is migrated.
 """
 
 from __future__ import annotations
@@ -80,9 +77,8 @@ def _yaml_error(source: str, exc: yaml.YAMLError) -> ConfigError:
     if context and context_mark is not None and context_mark is not mark:
         context = f"{context} (line {context_mark.line + 1})"
     detail = f"{context}: {problem}" if context else problem
-    hint = ""
-    if "constructor for the tag" in detail:
-        hint = " (only plain YAML is accepted: tags such as !!python/... are refused)"
+    hint = (" (only plain YAML is accepted: tags such as !!python/... are refused)"
+            if "constructor for the tag" in detail else "")
     return ConfigError(f"{where}: malformed YAML: {detail}{hint}")
 
 
@@ -111,16 +107,13 @@ def merge_into(dst: dict, src: dict, origins: Origins, source: str, prefix: str 
     recording ``source`` as the origin of every key it sets."""
     for key, value in src.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            origins[dotted] = source
-            merge_into(dst[key], value, origins, source, dotted)
-            continue
-        for stale in [k for k in origins if k.startswith(dotted + ".")]:
-            del origins[stale]
-        dst[key] = {} if isinstance(value, dict) else copy.deepcopy(value)
+        origins[dotted] = source
+        if not (isinstance(value, dict) and isinstance(dst.get(key), dict)):  # replace
+            for stale in [k for k in origins if k.startswith(dotted + ".")]:
+                del origins[stale]
+            dst[key] = {} if isinstance(value, dict) else copy.deepcopy(value)
         if isinstance(value, dict):
             merge_into(dst[key], value, origins, source, dotted)
-        origins[dotted] = source
 
 
 def load_tree(path: Path, display: str, origins: Origins,
@@ -163,12 +156,9 @@ def read(source: str | os.PathLike[str] | dict, overrides: Sequence[str] = (),
 
 
 def parse_overrides(items: Iterable[str]) -> dict:
-    """Turn ``["optim.lr=0.02", "schedule.milestones=[16, 22]"]`` into a nested mapping.
-
-    Each value is parsed as YAML (``8``, ``0.01``, ``[8, 11]``, ``null``, ``true``; other
-    text is a string). Later items win. Raises :class:`ConfigError` for an item without
-    ``=``, an empty key segment, or a value that is not valid YAML.
-    """
+    """Turn ``["optim.lr=0.02", "schedule.milestones=[16, 22]"]`` into a nested mapping; each
+    value is parsed as YAML, later items win. Raises :class:`ConfigError` for an item without
+    ``=``, an empty key segment, or a value that is not valid YAML."""
     if isinstance(items, str):
         raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
     out: dict = {}
@@ -187,12 +177,8 @@ def parse_overrides(items: Iterable[str]) -> dict:
             raise ConfigError(f"{OVERRIDE_SOURCE}: cannot parse the value of {item!r} as YAML "
                               f"({getattr(exc, 'problem', exc)}); quote strings that contain "
                               "YAML syntax") from None
-        node = out
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        node, leaf = _parent(out, key.strip(), create=True)
+        node[leaf] = value
     return out
 
 
@@ -345,6 +331,7 @@ def _unknown(root: type, loc: tuple) -> str:
 
 
 def _explain(err: Any, root: type) -> list[tuple[str, str]]:
+    """(dotted key, message) for one pydantic error (several for RULES_ERROR)."""
     loc, kind, value = tuple(err["loc"]), err["type"], err["input"]
     if kind == RULES_ERROR:
         return [(k, f"{k}={show(v)} is invalid: must be {a}") for k, v, a in err["ctx"]["problems"]]
@@ -367,29 +354,11 @@ def _explain(err: Any, root: type) -> list[tuple[str, str]]:
     return [(key, f"{key}: expected {_type_name(tp)}, got {show(value)} ({got})")]
 
 
-def explain(exc: ValidationError, root: type) -> list[tuple[str, str]]:
-    """Every problem in ``exc``, raised validating a mapping as ``root``, as (dotted key,
-    message)."""
-    out = []
-    for err in exc.errors(include_url=False):
-        try:
-            out += _explain(err, root)
-        except (KeyError, IndexError, TypeError, StopIteration):  # a shape not foreseen above
-            key = _dotted(err["loc"])
-            out.append((key, f"{key}: {err['msg']}, got {show(err['input'])}"))
-    return out
-
-
 def report(header: str, errors: list[str]) -> str:
     """One message for one or several problems."""
     if len(errors) == 1:
         return f"{header}: {errors[0]}"
     return f"{header} ({len(errors)} problems):\n" + "\n".join(f"  - {e}" for e in errors)
-
-
-@functools.cache
-def _adapter(root: type) -> TypeAdapter:
-    return TypeAdapter(root)
 
 
 # ------------------------------------------------------------------ keys that moved
@@ -405,6 +374,8 @@ MOVED = {
     "model.head.dgqp_add_mean": "model.head.dgqp.add_mean",
 }
 DGQP = "model.head.dgqp"  # was a bool switch; now GFLv2's section: true -> {}, false -> null
+_DGQP_SWITCH = (f"{DGQP} is GFLv2's section now: write {DGQP}: {{}} (the paper's settings) "
+                "instead of true, null instead of false")
 
 
 def _parent(data: dict, dotted: str, create: bool = False) -> tuple[dict | None, str]:
@@ -419,59 +390,64 @@ def _parent(data: dict, dotted: str, create: bool = False) -> tuple[dict | None,
     return data, leaf
 
 
-def _old_keys(data: dict) -> list[tuple[str, str]]:
-    """(key, message) for each key of the old layout in ``data``, removed from it."""
+def _pop_old_keys(data: dict) -> list[tuple[str, Any]]:
+    """(key, value) of each key of the old layout in ``data`` (the DGQP switch first), removed
+    from it."""
     out = []
-    node, leaf = _parent(data, DGQP)
-    if node is not None and isinstance(node.get(leaf), bool):
-        out.append((DGQP, f"{DGQP} is GFLv2's section now: write {DGQP}: {{}} (the paper's "
-                          f"settings) instead of true, null instead of false"))
-        del node[leaf]
-    for old, new in MOVED.items():
+    for old in (DGQP, *MOVED):
         node, leaf = _parent(data, old)
-        if node is not None and leaf in node:
-            del node[leaf]
-            out.append((old, f"{old} moved to {new}"))
+        if node is not None and leaf in node and (old != DGQP or isinstance(node[leaf], bool)):
+            out.append((old, node.pop(leaf)))
     return out
 
 
 def migrate(data: dict, source: str) -> dict:
     """A copy of the stored config ``data`` with the keys of the old layout moved (logged)."""
-    data, done = copy.deepcopy(data), []
-    node, leaf = _parent(data, DGQP)
-    switch = node.get(leaf) if node is not None else None
-    if isinstance(switch, bool):
-        node[leaf] = {} if switch else None
-        done.append(f"{DGQP}: {show(switch)} -> {show(node[leaf])}")
-    for old, new in MOVED.items():
-        node, leaf = _parent(data, old)
-        if node is None or leaf not in node:
-            continue
-        value = node.pop(leaf)
-        if new.startswith(DGQP + ".") and switch is not True:
+    data, done, switch = copy.deepcopy(data), [], None
+    for old, value in _pop_old_keys(data):
+        new = MOVED.get(old, DGQP)
+        if old == DGQP:
+            switch = value
+            value = {} if switch else None
+            done.append(f"{DGQP}: {show(switch)} -> {show(value)}")
+        elif new.startswith(DGQP + ".") and switch is not True:
             done.append(f"{old} dropped (GFLv1)")
             continue
+        else:
+            done.append(f"{old} -> {new}")
         node, leaf = _parent(data, new, create=True)
         node[leaf] = value
-        done.append(f"{old} -> {new}")
     if done:
         log.warning("%s: config written before gfldet's keys moved to the parts that read them "
                     "(issue 17); migrated: %s", source, ", ".join(done))
     return data
 
 
+_adapter = functools.cache(TypeAdapter)
+
+
 def check(root: type, data: dict) -> tuple[Any, list[tuple[str, str]]]:
-    """Validate ``data`` as ``root``: (the object, []) or (None, every problem)."""
+    """Validate ``data`` as ``root``: (the object, []) or (None, every problem as (dotted key,
+    message))."""
     try:
         return _adapter(root).validate_python(data), []
     except ValidationError as exc:
-        return None, explain(exc, root)
+        errors = exc.errors(include_url=False)
+    problems = []
+    for err in errors:
+        try:
+            problems += _explain(err, root)
+        except (KeyError, IndexError, TypeError, StopIteration):  # a shape not foreseen above
+            key = _dotted(err["loc"])
+            problems.append((key, f"{key}: {err['msg']}, got {show(err['input'])}"))
+    return None, problems
 
 
 def build(root: type, data: dict, origins: Origins, name: str) -> Any:
     """``data`` validated as ``root``, or a ConfigError naming every problem and where it was
     set."""
-    moved = _old_keys(data)
+    moved = [(old, _DGQP_SWITCH if old == DGQP else f"{old} moved to {MOVED[old]}")
+             for old, _ in _pop_old_keys(data)]
     obj, problems = check(root, data)
     problems = moved + problems
     if problems:

@@ -14,13 +14,11 @@ The map is checked both ways: every MMDetection key is used or dropped on purpos
 key is filled (the map is one-to-one, so at most once), and shapes are equal. Anything else is
 a `ConversionError` listing the offending keys.
 
-GFLv2 (implus/GFocalV2, `GFocalHead`): its configs set `QualityFocalLoss(use_sigmoid=False)`,
-and mmdet 2.x's AnchorHead then gives the classification conv `num_classes + 1` outputs
-(`anchor_head.py`: `cls_out_channels = num_classes if use_sigmoid_cls else num_classes + 1`), so
-the released COCO checkpoints have an 81-channel `gfl_cls`. That last channel is no class: the
-official QFL counts every label below the channel count as a positive, so background (label 80)
-trains channel 80 towards a target of 0 everywhere, and its test code pads a background column
-after all 81. gfldet drops that channel (`extra_class_channel`) and says so in the report.
+GFLv2 (implus/GFocalV2, `GFocalHead`) sets `QualityFocalLoss(use_sigmoid=False)`, so mmdet 2.x's
+AnchorHead gives `gfl_cls` `num_classes + 1` outputs (`anchor_head.py`: `cls_out_channels`) and
+the released COCO checkpoints have 81 channels. The last is no class: background (label 80)
+trains it towards 0 everywhere and the official test code pads a background column after all 81.
+gfldet drops it (`extra_class_channel`) and says so in the report.
 
 MMDetection's BN eps (1e-5), GN eps (1e-5), `pytorch`-style ResNet (stride on the 3x3 conv) and
 ImageNet mean/std match gfldet's, so the converted weights are used as they are.
@@ -68,12 +66,8 @@ class ConversionReport:
 
 
 def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict, meta) of an MMDetection checkpoint, loaded with weights_only=True.
-
-    MMDetection wraps the weights as {"state_dict": ..., "meta": ...} (plus "optimizer" in
-    training checkpoints); a bare state dict is accepted too. A "module." prefix (DataParallel)
-    is removed.
-    """
+    """(state dict, meta) of an MMDetection checkpoint ({"state_dict": ..., "meta": ...} or a bare
+    state dict), loaded with weights_only=True; a "module." prefix (DataParallel) is removed."""
     state = load_checkpoint(path)
     weights = state.get("state_dict", state)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
@@ -94,9 +88,8 @@ def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
-def infer_model_settings(
-    state: Mapping[str, Tensor], class_names: list[str] | None = None
-) -> dict[str, Any]:
+def infer_model_settings(state: Mapping[str, Tensor],
+                         class_names: list[str] | None = None) -> dict[str, Any]:
     """Model settings implied by an MMDetection GFL state dict's keys and shapes (for
     `config_from_settings`).
 
@@ -105,19 +98,16 @@ def infer_model_settings(
     checkpoint's meta) count as many classes as it has channels."""
     needed = ["backbone.conv1.weight", "neck.lateral_convs.0.conv.weight",
               "bbox_head.gfl_cls.weight", "bbox_head.gfl_reg.weight"]
-    absent = [k for k in needed if k not in state]
-    if absent:
+    if absent := [k for k in needed if k not in state]:
         raise ConversionError(
             f"not an MMDetection GFL (ResNet + FPN) state dict: missing {absent}. Expected keys "
             "like backbone.layer1.0.conv1.weight, neck.fpn_convs.0.conv.weight, "
-            "bbox_head.gfl_reg.weight."
-        )
+            "bbox_head.gfl_reg.weight.")
     if any("conv_offset" in k for k in state):
         raise ConversionError(
             "the backbone uses deformable convolutions (DCN: *.conv2.conv_offset.* keys); gfldet's "
             "ResNet has none, so the *-dcnv2 GFL checkpoints cannot be converted. Use a non-DCN "
-            "one."
-        )
+            "one.")
 
     def count(prefix: str) -> int:  # blocks of a stage, convs of a tower
         return len({k.removeprefix(prefix).split(".")[0] for k in state if k.startswith(prefix)})
@@ -127,17 +117,12 @@ def infer_model_settings(
     conv1 = state.get("backbone.layer1.0.conv1.weight")
     conv2 = state.get("backbone.layer1.0.conv2.weight")
     if bottleneck and conv1 is not None and conv2 is not None and conv2.shape[1] != conv1.shape[0]:
-        raise ConversionError(
-            "the backbone has grouped 3x3 convolutions (ResNeXt); gfldet supports "
-            "ResNet-18/34/50/101 only"
-        )
-    depth = _DEPTHS.get((blocks, bottleneck))
-    if depth is None:
-        raise ConversionError(
-            f"unsupported backbone: {blocks} blocks per stage "
-            f"({'bottleneck' if bottleneck else 'basic'} blocks); "
-            "gfldet supports ResNet-18/34/50/101"
-        )
+        raise ConversionError("the backbone has grouped 3x3 convolutions (ResNeXt); gfldet "
+                              "supports ResNet-18/34/50/101 only")
+    if (depth := _DEPTHS.get((blocks, bottleneck))) is None:
+        raise ConversionError(f"unsupported backbone: {blocks} blocks per stage "
+                              f"({'bottleneck' if bottleneck else 'basic'} blocks); "
+                              "gfldet supports ResNet-18/34/50/101")
     cls_weight, reg_weight = state["bbox_head.gfl_cls.weight"], state["bbox_head.gfl_reg.weight"]
     num_classes = int(cls_weight.shape[0])
     dgqp = "bbox_head.reg_conf.0.weight" in state
@@ -161,9 +146,8 @@ def infer_model_settings(
     return settings
 
 
-def extra_class_channel(
-    state: Mapping[str, Tensor], num_classes: int
-) -> tuple[dict[str, Tensor], list[str]]:
+def extra_class_channel(state: Mapping[str, Tensor],
+                        num_classes: int) -> tuple[dict[str, Tensor], list[str]]:
     """`state` without the official GFLv2 background channel of `gfl_cls` (the last of
     num_classes + 1), and the keys cut; unchanged when `gfl_cls` has `num_classes` channels or
     the state dict has no DGQP (GFLv1 checkpoints use sigmoid QFL: exactly one per class)."""
@@ -212,9 +196,8 @@ def gfldet_key(mmdet_key: str) -> str | None:
     return None
 
 
-def convert_state_dict(
-    mmdet_state: Mapping[str, Tensor], target_state: Mapping[str, Tensor], reg_max: int = 16
-) -> tuple[dict[str, Tensor], ConversionReport]:
+def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[str, Tensor],
+                       reg_max: int = 16) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map `mmdet_state` onto the keys and shapes of `target_state` (a gfldet model's state dict).
 
     Raises ConversionError listing every MMDetection key gfldet's model has no place for
@@ -225,10 +208,15 @@ def convert_state_dict(
     out: dict[str, Tensor] = {}
     scales: dict[int, Tensor] = {}
     unmapped, reshaped = [], []
+    bins = torch.arange(reg_max + 1, dtype=torch.float32)  # gfldet's Integral: fixed 0..R
     for key, value in mmdet_state.items():
+        if key == "bbox_head.integral.project" and (
+                value.shape != bins.shape or not torch.allclose(value.float(), bins)):
+            raise ConversionError(
+                f"bbox_head.integral.project is {value.flatten()[:20].tolist()} (shape "
+                f"{list(value.shape)}); gfldet's Integral uses the fixed bins 0..{reg_max}, so "
+                "this checkpoint's regression outputs would be decoded differently")
         if _DROPPED.fullmatch(key):
-            if key == "bbox_head.integral.project":
-                _check_project(value, reg_max)
             report.dropped.append(key)
         elif scale := _SCALE.fullmatch(key):
             if value.numel() == 1:
@@ -269,25 +257,14 @@ def convert_state_dict(
     return out, report
 
 
-def _check_project(value: Tensor, reg_max: int) -> None:
-    expected = torch.arange(reg_max + 1, dtype=torch.float32)
-    if value.shape != expected.shape or not torch.allclose(value.float(), expected):
-        raise ConversionError(
-            f"bbox_head.integral.project is {value.flatten()[:20].tolist()} (shape "
-            f"{list(value.shape)}); gfldet's Integral uses the fixed bins 0..{reg_max}, so this "
-            "checkpoint's regression outputs would be decoded differently"
-        )
-
-
 def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str]) -> str:
     parts = ["the MMDetection state dict does not map exactly onto gfldet's model:"]
-    sections = [
+    for title, items in [
         ("MMDetection keys with no place in gfldet's model (unmapped; other depth, levels?)",
          unmapped),
         ("gfldet keys no MMDetection key provides (missing)", missing),
         ("shape differences (reshaped)", reshaped),
-    ]
-    for title, items in sections:
+    ]:
         if items:
             more = [f"... and {len(items) - _MAX_LISTED} more"] if len(items) > _MAX_LISTED else []
             shown = "\n".join(f"    {s}" for s in items[:_MAX_LISTED] + more)
@@ -296,17 +273,15 @@ def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str]) ->
         "Only MMDetection GFL models with a ResNet-18/34/50/101 backbone (no DCN, no ResNeXt), "
         "FPN P3-P7 and GFLHead (or GFLv2's GFocalHead) convert. If you passed --config, check "
         "that it describes the same model (depth, channels, stacked convs, classes) or leave it "
-        "out to infer the model."
-    )
+        "out to infer the model.")
     return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- whole files
 
 
-def convert_checkpoint(
-    src: str | Path, dst: str | Path, config: Config | None = None
-) -> tuple[Path, ConversionReport, Config]:
+def convert_checkpoint(src: str | Path, dst: str | Path,
+                       config: Config | None = None) -> tuple[Path, ConversionReport, Config]:
     """Convert an MMDetection GFL checkpoint file into a gfldet checkpoint at `dst`.
 
     The model is built from `config` when given (its model section must describe the same
@@ -319,9 +294,7 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     mmdet_state, meta = read_mmdet_checkpoint(src)
     names = mmdet_class_names(meta)
-    if config is None:
-        config = config_from_settings(infer_model_settings(mmdet_state, names))
-    cfg = config
+    cfg = config or config_from_settings(infer_model_settings(mmdet_state, names))
     model = build_inference_model(cfg)
     mmdet_state, sliced = extra_class_channel(mmdet_state, cfg.model.num_classes)
     converted, report = convert_state_dict(mmdet_state, model.state_dict(), cfg.model.head.reg_max)
@@ -329,18 +302,9 @@ def convert_checkpoint(
     model.load_state_dict(converted, strict=True)  # cannot fail after the checks; a last guard
     if names is not None and len(names) != cfg.model.num_classes:
         names = None
-    save_checkpoint(
-        {
-            "model": converted,
-            "model_format": MODEL_FORMAT,
-            "config": config_to_dict(cfg),
-            "meta": {
-                "class_names": names,
-                "source": src.name,
-                "mmdet_version": str(meta.get("mmdet_version", "")),
-                "converted_by": "gfldet.convert_mmdet",
-            },
-        },
-        dst,
-    )
+    meta = {"class_names": names, "source": src.name,
+            "mmdet_version": str(meta.get("mmdet_version", "")),
+            "converted_by": "gfldet.convert_mmdet"}
+    save_checkpoint({"model": converted, "model_format": MODEL_FORMAT,
+                     "config": config_to_dict(cfg), "meta": meta}, dst)
     return dst, report, cfg

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -32,12 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 # Non-contiguous on purpose: consumers must map category ids to labels, not assume 0..C-1.
 CATEGORIES: tuple[tuple[int, str], ...] = (
-    (1, "circle"),
-    (2, "square"),
-    (4, "triangle"),
-    (5, "star"),
-    (7, "cross"),
-    (9, "ring"),
+    (1, "circle"), (2, "square"), (4, "triangle"), (5, "star"), (7, "cross"), (9, "ring"),
 )
 GENERATOR_VERSION = 1  # bump when the rendering changes, so ensure_synthetic_coco regenerates
 META_FILE = "synthetic_meta.json"
@@ -73,9 +69,8 @@ def _regular(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
     return np.stack([radius * np.cos(t), radius * np.sin(t)], axis=1)
 
 
-def _shape_polygons(
-    name: str, rng: np.random.Generator
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _shape_polygons(name: str,
+                    rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Unit-size template (~[-1, 1]^2) as (filled polygons, holes), each [V, 2] xy."""
     if name == "circle":
         return [_regular(72)], []
@@ -108,9 +103,8 @@ def _blob_polygon(rng: np.random.Generator) -> np.ndarray:
     return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
 
 
-def _place(
-    polys: list[np.ndarray], sx: float, sy: float, angle: float, cx: float, cy: float
-) -> list[np.ndarray]:
+def _place(polys: list[np.ndarray], sx: float, sy: float, angle: float, cx: float,
+           cy: float) -> list[np.ndarray]:
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return [(p * (sx, sy)) @ rot.T + (cx, cy) for p in polys]
 
@@ -130,17 +124,12 @@ class _Raster:
         ix1, iy1 = min(self.x0 + w, width), min(self.y0 + h, height)
         if ix0 >= ix1 or iy0 >= iy1:
             return None
-        return (
-            slice(iy0, iy1),
-            slice(ix0, ix1),
-            slice(iy0 - self.y0, iy1 - self.y0),
-            slice(ix0 - self.x0, ix1 - self.x0),
-        )
+        return (slice(iy0, iy1), slice(ix0, ix1),
+                slice(iy0 - self.y0, iy1 - self.y0), slice(ix0 - self.x0, ix1 - self.x0))
 
 
-def _rasterize(
-    polys: list[np.ndarray], holes: list[np.ndarray] = (), line_width: float = 0.0
-) -> _Raster:
+def _rasterize(polys: list[np.ndarray], holes: list[np.ndarray] = (),
+               line_width: float = 0.0) -> _Raster:
     """Polygons (or a polyline if ``line_width`` > 0) to an anti-aliased alpha window."""
     pts = np.concatenate(polys)
     pad = 2 + line_width
@@ -178,8 +167,15 @@ def _coords(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     return (xs * math.cos(theta) + ys * math.sin(theta)).astype(np.float32)
 
 
-def _mix(c1: np.ndarray, c2: np.ndarray, t: np.ndarray) -> np.ndarray:
+def _gradient(c1: np.ndarray, c2: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Colours ``c1`` to ``c2`` [3] along ``t`` [H, W] in 0..1 -> [H, W, 3]."""
     return c1 + (c2 - c1) * t[:, :, None]
+
+
+def _ramp(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """0..1 along a random direction, [H, W]."""
+    proj = _coords(height, width, rng)
+    return (proj - proj.min()) / max(float(np.ptp(proj)), 1e-6)
 
 
 def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -189,23 +185,19 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     if kind == "flat":
         bg = np.broadcast_to(c1, (height, width, 3)).copy()
     elif kind == "gradient":
-        proj = _coords(height, width, rng)
-        t = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-6)
-        bg = _mix(c1, c2, t)
+        bg = _gradient(c1, c2, _ramp(height, width, rng))
     elif kind == "stripes":
         period = rng.uniform(6, 60)
-        t = 0.5 + 0.5 * np.sin(
-            _coords(height, width, rng) * (2 * np.pi / period) + rng.uniform(0, 2 * np.pi)
-        )
+        phase = _coords(height, width, rng) * (2 * np.pi / period) + rng.uniform(0, 2 * np.pi)
+        t = 0.5 + 0.5 * np.sin(phase)
         if rng.random() < 0.5:
             t = (t > 0.5).astype(np.float32)  # hard-edged stripes: many straight edges
-        bg = _mix(c1, c2, t)
+        bg = _gradient(c1, c2, t)
     else:  # smooth colour noise: random coarse grid upsampled bicubically
         gh, gw = int(rng.integers(2, 9)), int(rng.integers(2, 9))
         grid = rng.uniform(0, 255, (gh, gw, 3)).astype(np.uint8)
-        bg = np.array(
-            Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), np.float32
-        )
+        grid = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+        bg = np.array(grid, np.float32)
 
     if rng.random() < 0.5:  # random colour patches
         # Drawn on a 1/8-resolution grid and upsampled bilinearly: the ~8 px soft edges keep
@@ -214,10 +206,8 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
         for _ in range(int(rng.integers(1, 5))):
             low = np.zeros((gh, gw), np.uint8)
             y0, x0 = int(rng.integers(0, gh)), int(rng.integers(0, gw))
-            low[
-                y0 : y0 + int(rng.integers(3, gh // 2 + 4)),
-                x0 : x0 + int(rng.integers(3, gw // 2 + 4)),
-            ] = 255
+            y1 = y0 + int(rng.integers(3, gh // 2 + 4))
+            low[y0:y1, x0 : x0 + int(rng.integers(3, gw // 2 + 4))] = 255
             soft = Image.fromarray(low).resize((gw * 8, gh * 8), Image.Resampling.BILINEAR)
             a = np.asarray(soft, np.float32)[:height, :width, None] * (rng.uniform(0.4, 0.8) / 255)
             bg = bg + (_random_colour(rng) - bg) * a
@@ -287,14 +277,13 @@ class _Scene:
         out: list[tuple[list[int], int] | None] = []
         for k in range(1, len(self.visible)):
             rows, cols = self.windows[k]
-            vis = self.ids[rows, cols] == k
-            if not vis.any():
+            ys, xs = np.nonzero(self.ids[rows, cols] == k)
+            if len(ys) == 0:
                 out.append(None)
                 continue
-            ys, xs = np.nonzero(vis)
             x0, y0 = cols.start + int(xs.min()), rows.start + int(ys.min())
             w, h = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
-            out.append(([x0, y0, w, h], int(vis.sum())) if min(w, h) >= 2 else None)
+            out.append(([x0, y0, w, h], len(ys)) if min(w, h) >= 2 else None)
         return out
 
 
@@ -306,19 +295,14 @@ def _object_fill(colour: np.ndarray, raster: _Raster, rng: np.random.Generator) 
     h, w = raster.alpha.shape
     if u < 0.85:
         other = np.clip(colour + rng.uniform(-70, 70, 3), 0, 255).astype(np.float32)
-        proj = _coords(h, w, rng)
-        t = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-6)
-        return _mix(colour, other, t)
+        return _gradient(colour, other, _ramp(h, w, rng))
     return colour + rng.standard_normal((h, w, 1), dtype=np.float32) * rng.uniform(8, 25)
 
 
 def _pick_colour(scene: _Scene, raster: _Raster, rng: np.random.Generator) -> np.ndarray:
     """Random colour with enough contrast to the local background (less for a few hard cases)."""
-    win = raster.clip(scene.height, scene.width)
-    assert win is not None
-    rows, cols, lrows, lcols = win
-    covered = raster.alpha[lrows, lcols] >= 128
-    local = scene.canvas[rows, cols][covered].mean(axis=0)
+    rows, cols, lrows, lcols = raster.clip(scene.height, scene.width)  # in the image: can_cover
+    local = scene.canvas[rows, cols][raster.alpha[lrows, lcols] >= 128].mean(axis=0)
     threshold = 40.0 if rng.random() < 0.15 else 90.0
     best, best_dist = None, -1.0
     for _ in range(8):
@@ -328,21 +312,16 @@ def _pick_colour(scene: _Scene, raster: _Raster, rng: np.random.Generator) -> np
             return colour
         if dist > best_dist:
             best, best_dist = colour, dist
-    assert best is not None
     return best
 
 
-def _sample_object(
-    rng: np.random.Generator, height: int, width: int, params: SynthParams
-) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+def _sample_object(rng: np.random.Generator, height: int, width: int,
+                   params: SynthParams) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
     """Random class, size, aspect, rotation and position -> (category index, polygons, holes)."""
     cls = int(rng.integers(len(CATEGORIES)))
     polys, holes = _shape_polygons(CATEGORIES[cls][1], rng)
-    short = min(height, width)
-    lo, hi = (
-        params.min_object_size,
-        max(params.max_object_frac * short, params.min_object_size * 1.5),
-    )
+    lo = params.min_object_size
+    hi = max(params.max_object_frac * min(height, width), lo * 1.5)
     size = math.exp(rng.uniform(math.log(lo), math.log(hi)))  # log-uniform: many small objects
     aspect = math.exp(rng.uniform(-math.log(3), math.log(3)))
     sx, sy = size * math.sqrt(aspect) / 2, size / math.sqrt(aspect) / 2
@@ -374,9 +353,8 @@ def _draw_clutter(scene: _Scene, rng: np.random.Generator, count: int, occlude: 
         scene.draw(raster, _random_colour(rng), None)
 
 
-def render_image(
-    rng: np.random.Generator, height: int, width: int, params: SynthParams
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def render_image(rng: np.random.Generator, height: int, width: int,
+                 params: SynthParams) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One synthetic image. Returns (uint8 [H, W, 3] RGB, [{category_id, bbox xywh, area}])."""
     scene = _Scene(_background(height, width, rng))
     _draw_clutter(scene, rng, int(rng.integers(0, 7)), occlude=False)
@@ -406,80 +384,55 @@ def render_image(
         image = image + rng.standard_normal(image.shape, dtype=np.float32) * sigma
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
-    annotations = [
-        {"category_id": cat, "bbox": box[0], "area": box[1]}
-        for cat, box in zip(categories, scene.boxes(), strict=True)
-        if box is not None
-    ]
+    annotations = [{"category_id": cat, "bbox": box[0], "area": box[1]}
+                   for cat, box in zip(categories, scene.boxes(), strict=True) if box is not None]
     return image, annotations
 
 
 # --------------------------------------------------------------------------- dataset writing
 
 
-def _render_to_file(
-    job: tuple[SynthParams, str, int, str],
-) -> tuple[int, int, list[dict[str, Any]]]:
+def _render_to_file(job: tuple[SynthParams, str, int, str]) -> tuple[int, int, list[dict]]:
     params, split, index, path = job
     rng = np.random.default_rng([params.seed, _SPLIT_CODES[split], index])
     lo, hi = params.image_size
     width, height = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
     image, anns = render_image(rng, height, width, params)
-    pil = Image.fromarray(image)
     if params.image_format == "jpg":
-        pil.save(path, format="JPEG", quality=params.jpeg_quality)
+        Image.fromarray(image).save(path, format="JPEG", quality=params.jpeg_quality)
     else:
-        pil.save(path, format="PNG")
+        Image.fromarray(image).save(path, format="PNG")
     return height, width, anns
 
 
-def _split_json(
-    params: SynthParams, split: str, results: list[tuple[int, int, list[dict[str, Any]]]]
-) -> dict:
+def _split_json(params: SynthParams, split: str,
+                results: list[tuple[int, int, list[dict]]]) -> dict:
     images, annotations = [], []
-    for i, (height, width, anns) in enumerate(results):
-        image_id = i + 1
-        images.append(
-            {"id": image_id, "file_name": _file_name(i, params), "width": width, "height": height}
-        )
-        for ann in anns:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": ann["category_id"],
-                    "bbox": ann["bbox"],
-                    "area": ann["area"],
-                    "iscrowd": 0,
-                }
-            )
+    for image_id, (height, width, anns) in enumerate(results, start=1):
+        images.append({"id": image_id, "file_name": _file_name(image_id - 1, params),
+                       "width": width, "height": height})
+        for ann in anns:  # category_id, bbox, area
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann,
+                                "iscrowd": 0})
     return {
-        "info": {
-            "description": f"gfldet synthetic shapes ({split})",
-            "version": str(GENERATOR_VERSION),
-        },
+        "info": {"description": f"gfldet synthetic shapes ({split})",
+                 "version": str(GENERATOR_VERSION)},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": cid, "name": name, "supercategory": "shape"} for cid, name in CATEGORIES
-        ],
+        "categories": [{"id": cid, "name": name, "supercategory": "shape"}
+                       for cid, name in CATEGORIES],
     }
 
 
 def _file_name(index: int, params: SynthParams) -> str:
-    return f"{index:06d}.{'jpg' if params.image_format == 'jpg' else 'png'}"
+    return f"{index:06d}.{params.image_format}"  # jpg or png
 
 
 def dataset_layout(out_dir: Path) -> dict[str, Path]:
-    return {
-        "root": out_dir,
-        "train_images": out_dir / "train",
-        "val_images": out_dir / "val",
-        "train_ann": out_dir / "annotations" / "instances_train.json",
-        "val_ann": out_dir / "annotations" / "instances_val.json",
-        "meta": out_dir / META_FILE,
-    }
+    return {"root": out_dir, "train_images": out_dir / "train", "val_images": out_dir / "val",
+            "train_ann": out_dir / "annotations" / "instances_train.json",
+            "val_ann": out_dir / "annotations" / "instances_val.json", "meta": out_dir / META_FILE}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -496,16 +449,10 @@ def _default_workers() -> int:
 
 
 def generate_synthetic_coco(
-    out_dir: str | Path,
-    num_train: int = 2000,
-    num_val: int = 300,
-    image_size: tuple[int, int] = (256, 384),
-    seed: int = 0,
-    objects_per_image: tuple[int, int] = (1, 10),
-    min_object_size: float = 16.0,
-    max_object_frac: float = 0.6,
-    image_format: str = "jpg",
-    jpeg_quality: int = 90,
+    out_dir: str | Path, num_train: int = 2000, num_val: int = 300,
+    image_size: tuple[int, int] = (256, 384), seed: int = 0,
+    objects_per_image: tuple[int, int] = (1, 10), min_object_size: float = 16.0,
+    max_object_frac: float = 0.6, image_format: str = "jpg", jpeg_quality: int = 90,
     num_workers: int | None = None,
 ) -> dict[str, Path]:
     """Write the dataset under ``out_dir`` and return its paths.
@@ -517,42 +464,30 @@ def generate_synthetic_coco(
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    params = SynthParams(
-        num_train=int(num_train),
-        num_val=int(num_val),
+    params = SynthParams(  # plain ints and floats, as the meta file records them
+        num_train=int(num_train), num_val=int(num_val), seed=int(seed),
         image_size=(int(image_size[0]), int(image_size[1])),
         objects_per_image=(int(objects_per_image[0]), int(objects_per_image[1])),
-        min_object_size=float(min_object_size),
-        max_object_frac=float(max_object_frac),
-        seed=int(seed),
-        image_format=image_format,
-        jpeg_quality=int(jpeg_quality),
-    )
+        min_object_size=float(min_object_size), max_object_frac=float(max_object_frac),
+        image_format=image_format, jpeg_quality=int(jpeg_quality))
     paths = dataset_layout(Path(out_dir))
-    for key in ("train_images", "val_images"):
-        paths[key].mkdir(parents=True, exist_ok=True)
-    paths["train_ann"].parent.mkdir(parents=True, exist_ok=True)
+    for folder in (paths["train_images"], paths["val_images"], paths["train_ann"].parent):
+        folder.mkdir(parents=True, exist_ok=True)
 
     workers = num_workers or _default_workers()
     for split, count in (("train", params.num_train), ("val", params.num_val)):
-        image_dir = paths[f"{split}_images"]
-        jobs = [(params, split, i, str(image_dir / _file_name(i, params))) for i in range(count)]
+        folder = paths[f"{split}_images"]
+        jobs = [(params, split, i, str(folder / _file_name(i, params))) for i in range(count)]
         if workers <= 1 or count < 64:
             results = [_render_to_file(job) for job in jobs]
         else:
-            with _process_pool(workers) as pool:
+            # fork is cheap and the children only need numpy/PIL; spawn would re-import torch.
+            ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 results = list(pool.map(_render_to_file, jobs, chunksize=16))
         _write_json(paths[f"{split}_ann"], _split_json(params, split, results))
     _write_json(paths["meta"], {"params": asdict(params)})
     return paths
-
-
-def _process_pool(workers: int) -> ProcessPoolExecutor:
-    import multiprocessing
-
-    # fork is cheap and the children only need numpy/PIL; spawn would re-import torch per child.
-    ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
 @contextlib.contextmanager
@@ -565,29 +500,20 @@ def _directory_lock(out_dir: Path) -> Iterator[None]:
         yield
         return
     with open(out_dir / ".synthetic.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _is_complete(paths: dict[str, Path], params: dict[str, Any]) -> bool:
     try:
-        meta = json.loads(paths["meta"].read_text())
+        if json.loads(paths["meta"].read_text()).get("params") != params:
+            return False
+        for split in ("train", "val"):
+            images = json.loads(paths[f"{split}_ann"].read_text())["images"]
+            if not all((paths[f"{split}_images"] / im["file_name"]).is_file() for im in images):
+                return False
     except (OSError, ValueError):
         return False
-    if meta.get("params") != params:
-        return False
-    for split in ("train", "val"):
-        try:
-            data = json.loads(paths[f"{split}_ann"].read_text())
-        except (OSError, ValueError):
-            return False
-        if not all(
-            (paths[f"{split}_images"] / img["file_name"]).is_file() for img in data["images"]
-        ):
-            return False
     return True
 
 
@@ -600,17 +526,15 @@ def ensure_synthetic_coco(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]
     """
     out = Path(out_dir)
     workers = kwargs.pop("num_workers", None)
-    defaults = {k: v for k, v in asdict(SynthParams()).items() if k != "generator_version"}
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
+    allowed = set(SynthParams.__dataclass_fields__) - {"generator_version"}
+    if unknown := set(kwargs) - allowed:
         raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}")
-    wanted = asdict(SynthParams(**{**defaults, **kwargs}))
-    # Compare through JSON so tuples and lists (as read back from the meta file) compare equal.
-    wanted_json = json.loads(json.dumps(wanted))
+    # Compared through JSON so tuples and lists (as read back from the meta file) are equal.
+    wanted = json.loads(json.dumps(asdict(SynthParams(**kwargs))))
     with _directory_lock(out):
         paths = dataset_layout(out)
-        if not _is_complete(paths, wanted_json):
-            paths = generate_synthetic_coco(out, num_workers=workers, **{**defaults, **kwargs})
+        if not _is_complete(paths, wanted):
+            paths = generate_synthetic_coco(out, num_workers=workers, **kwargs)
     return paths
 
 
@@ -625,16 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    kwargs = {
-        "num_train": args.num_train,
-        "num_val": args.num_val,
-        "seed": args.seed,
-        "num_workers": args.workers,
-    }
-    if args.force:
-        paths = generate_synthetic_coco(args.out_dir, **kwargs)
-    else:
-        paths = ensure_synthetic_coco(args.out_dir, **kwargs)
+    generate = generate_synthetic_coco if args.force else ensure_synthetic_coco
+    paths = generate(args.out_dir, num_train=args.num_train, num_val=args.num_val,
+                     seed=args.seed, num_workers=args.workers)
     elapsed = time.perf_counter() - start
     for split in ("train", "val"):
         data = json.loads(paths[f"{split}_ann"].read_text())
