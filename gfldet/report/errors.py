@@ -13,7 +13,7 @@ two types.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +64,7 @@ class _Point:
     score: float
     tp: bool
     error: str | None = None  # its TIDE type when a false positive
-    target: tuple[int, int] | None = None  # (image position, gt index) a Cls/Loc fix would match
+    target_label: int | None = None  # class of the box a Cls/Loc fix would match
 
 
 @dataclass
@@ -100,14 +100,13 @@ def classify_false_positive(iou_row: np.ndarray, same_class: np.ndarray, gt_matc
 def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) -> TideResult:
     """TIDE's main errors of matches made at IoU `fg` (see the module docstring)."""
     points: list[_Point] = []
-    num_gt: dict[int, int] = defaultdict(int)
-    missed: list[tuple[int, int]] = []  # (image position, gt index)
-    targeted: set[tuple[int, int]] = set()
-    best_fix: dict[tuple[int, int], int] = {}  # target box -> point of its best Cls/Loc error
+    num_gt: Counter[int] = Counter()
+    missed_per_class: Counter[int] = Counter()
+    # (image position, gt index) of a box a Cls/Loc error aims at -> point of the best such error
+    best_fix: dict[tuple[int, int], int] = {}
     counts = dict.fromkeys(ERROR_TYPES, 0)
     for pos, m in enumerate(images):
-        for k in m.gt_labels.tolist():
-            num_gt[k] += 1
+        num_gt.update(m.gt_labels.tolist())
         iou = m.iou()  # [D, G]
         for d in range(len(m.det_ids)):
             point = _Point(int(m.det_labels[d]), float(m.det_scores[d]), bool(m.det_gt[d] >= 0))
@@ -117,22 +116,17 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
                 point.error = kind
                 counts[kind] += 1
                 if kind in ("Cls", "Loc") and not m.gt_matched[j]:
-                    point.target = (pos, j)
-                    targeted.add((pos, j))
+                    point.target_label = int(m.gt_labels[j])
                     best = best_fix.get((pos, j))
                     if best is None or points[best].score < point.score:
                         best_fix[(pos, j)] = len(points)
             points.append(point)
         for j in np.flatnonzero(~m.gt_matched).tolist():
-            if (pos, j) not in targeted:
-                missed.append((pos, j))
+            if (pos, j) not in best_fix:
+                missed_per_class[int(m.gt_labels[j])] += 1
                 counts["Miss"] += 1
 
     winners = set(best_fix.values())
-    gt_label = {(pos, j): int(images[pos].gt_labels[j]) for pos, j in targeted}
-    missed_per_class: dict[int, int] = defaultdict(int)
-    for pos, j in missed:
-        missed_per_class[int(images[pos].gt_labels[j])] += 1
 
     def mean_ap(fix: str | None) -> float:
         per_class: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
@@ -141,7 +135,7 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
             if fix is not None and p.error == fix:
                 if fix not in ("Cls", "Loc") or i not in winners:
                     continue  # suppressed
-                label, tp = gt_label[p.target], True
+                label, tp = p.target_label, True
             per_class[label][0].append(p.score)
             per_class[label][1].append(tp)
         aps = []
