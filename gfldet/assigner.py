@@ -5,9 +5,9 @@ box's IoU threshold is the mean plus the (unbiased) standard deviation of those 
 A candidate becomes positive when its IoU reaches the threshold and its centre lies strictly
 inside the box; a prior claimed by several boxes goes to the one it overlaps most.
 
-Everything runs for the whole batch at once: padded ground truth `[B, G, 4]` with a mask instead
-of a Python loop over images or boxes. The centre distances, the one O(A * G) part, are built per
-level and per block of boxes (`_box_block`); everything else is O(B * G * k * levels).
+The whole batch at once: padded ground truth `[B, G, 4]` with a mask, no Python loop over images
+or boxes. The centre distances, the one O(A * G) part, are built per level and per block of boxes
+(`_box_block`); everything else is O(B * G * k * levels).
 
 Shape legend: `B` images, `A` priors (all levels), `G` ground-truth boxes (padded), `K` candidates
 per box (k per level, summed over levels).
@@ -35,14 +35,8 @@ def _box_block(num_images: int, num_priors: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def atss_assign(
-    anchors: Tensor,
-    num_per_level: list[int],
-    gt_boxes: Tensor,
-    gt_mask: Tensor,
-    topk: int = 9,
-    valid_mask: Tensor | None = None,
-) -> Tensor:
+def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, gt_mask: Tensor,
+                topk: int = 9, valid_mask: Tensor | None = None) -> Tensor:
     """Assign each prior of each image to a ground-truth box, or to background.
 
     Args:
@@ -71,8 +65,8 @@ def atss_assign(
     anchor_ctr = box_centers(anchors)  # [A, 2]
     gt_ctr = box_centers(gt_boxes)  # [B, G, 2]
 
-    # 1. The k nearest priors (centre distance) of every box on every level, for a block of boxes
-    # at a time (see _box_block).
+    # 1. The k nearest priors (centre distance) of every box on every level, a block of boxes at
+    # a time.
     candidate_idx, candidate_ok = [], []
     start = 0
     for count in num_per_level:
@@ -91,8 +85,8 @@ def atss_assign(
             boxes = slice(first, min(first + block, num_gts))
             n_boxes = boxes.stop - first
             dist, tmp = dist_buf[:, :n_boxes], tmp_buf[:, :n_boxes]  # [B, g, n]
-            # Squared distance (same order as the distance).
             torch.sub(gt_ctr[:, boxes, 0:1], anchor_ctr[level, 0], out=dist).square_()
+            # Squared distances: the same order as the distances.
             dist.add_(torch.sub(gt_ctr[:, boxes, 1:2], anchor_ctr[level, 1], out=tmp).square_())
             if valid_mask is not None:
                 dist.masked_fill_(~valid_mask[:, None, level], float("inf"))

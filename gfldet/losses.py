@@ -14,12 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-__all__ = [
-    "quality_focal_loss",
-    "distribution_focal_loss",
-    "giou_loss",
-    "focal_loss",
-]
+__all__ = ["quality_focal_loss", "distribution_focal_loss", "giou_loss", "focal_loss"]
 
 
 class _QualityFocalLoss(torch.autograd.Function):
@@ -84,11 +79,9 @@ class _QualityFocalLoss(torch.autograd.Function):
 
 def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor,
                        beta: float = 2.0) -> Tensor:
-    """Quality Focal Loss (GFL Eq. 2), summed over classes.
-
-    QFL(x, y) = BCE(sigmoid(x), y) * |y - sigmoid(x)|^beta, where the target y is the IoU
-    `scores[n]` for the labelled class of a positive and 0 for every other entry (all classes of a
-    negative, the other classes of a positive).
+    """Quality Focal Loss (GFL Eq. 2), summed over classes: QFL(x, y) = BCE(sigmoid(x), y) *
+    |y - sigmoid(x)|^beta, where the target y is the IoU `scores[n]` for the labelled class of a
+    positive and 0 for every other entry.
 
     Args:
         logits: [N, C] joint class-quality logits.

@@ -5,14 +5,9 @@ the stem and the first `frozen_stages` stages are frozen (no gradients, eval mod
 `norm_eval` every BatchNorm keeps its ImageNet running statistics while its affine parameters
 still train. Both are switchable off for training from scratch.
 
-A BatchNorm in eval mode (frozen statistics: `norm_eval`, a frozen stage, or inference) is an
-affine map per channel, so the backbone folds it into the convolution before it
-(`conv_bn`): one convolution with a rescaled weight and a bias instead of a convolution plus two
-extra passes over the activation in forward and backward. The fold is recomputed from the
-parameters at every call, so the BatchNorm affine parameters still train.
-
-The module names are torchvision's (`conv1`, `bn1`, `layer1`..`layer4`, without `fc`), so the
-state dict has the keys of torchvision's and MMDetection's ResNet.
+A BatchNorm in eval mode is an affine map per channel, so it is folded into the convolution
+before it (`conv_bn`), saving two passes over the activation; the fold is recomputed at every
+call, so its affine parameters still train. Module names are torchvision's (no `fc`).
 """
 
 from __future__ import annotations
@@ -36,9 +31,8 @@ _RESNETS = {
 class ResNetBackbone(nn.Module):
     """ResNet-18/34/50/101 trunk. forward: [B, 3, H, W] -> [C3, C4, C5] at strides 8, 16, 32."""
 
-    def __init__(
-        self, *, depth: int, weights: str | None, frozen_stages: int, norm_eval: bool
-    ) -> None:
+    def __init__(self, *, depth: int, weights: str | None, frozen_stages: int,
+                 norm_eval: bool) -> None:
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
@@ -50,8 +44,8 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2 = resnet.layer1, resnet.layer2
         self.layer3, self.layer4 = resnet.layer3, resnet.layer4
         # Channels of C3, C4, C5: 128/256/512 (ResNet-18/34) or 512/1024/2048 (50/101).
-        self.out_channels = [_last_conv(s).out_channels for s in (self.layer2, self.layer3,
-                                                                 self.layer4)]
+        self.out_channels = [_last_conv(s).out_channels
+                             for s in (self.layer2, self.layer3, self.layer4)]
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._freeze_stages()
@@ -87,12 +81,9 @@ class ResNetBackbone(nn.Module):
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """`bn(conv(x))`; with `bn` in eval mode, one convolution with the BatchNorm folded in.
-
-    Eval-mode BatchNorm is y = (z - mean) * s + beta with s = gamma / sqrt(var + eps), so
-    y = conv(x, W * s) + (beta - mean * s) (+ conv.bias * s). Gradients reach W, gamma and beta
-    through the fold; the result equals the two-module path up to float rounding.
-    """
+    """`bn(conv(x))`; with `bn` in eval mode, one convolution with the BatchNorm folded in:
+    y = conv(x, W * s) + (beta - mean * s) (+ conv.bias * s), s = gamma / sqrt(var + eps),
+    equal to the two-module path up to float rounding."""
     if bn.training:
         return bn(conv(x))
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
@@ -137,16 +128,14 @@ def load_imagenet_weights(depth: int, weights: str) -> dict[str, Tensor]:
             raise RuntimeError(
                 f"could not download torchvision's {enum_name}.IMAGENET1K_V1 ({err}). On a machine "
                 "without internet, download the file elsewhere and set model.backbone.weights to "
-                "its local path, or set it to null to train from scratch."
-            ) from err
+                "its local path, or set it to null to train from scratch.") from err
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
                 f"backbone weights file not found: {path} (model.backbone.weights). Give the "
                 f"path to a torchvision ResNet-{depth} state dict, 'torchvision' to download it, "
-                "or null."
-            )
+                "or null.")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
@@ -155,18 +144,14 @@ def load_imagenet_weights(depth: int, weights: str) -> dict[str, Tensor]:
     expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    reshaped = [
-        f"{k}: file {tuple(state[k].shape)} vs ResNet-{depth} {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    reshaped = [f"{k}: file {tuple(state[k].shape)} vs ResNet-{depth} {tuple(v.shape)}"
+                for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or reshaped:
         raise ValueError(
             f"backbone weights {weights!r} do not match torchvision's ResNet-{depth}: "
             f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
             f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, "
-            f"reshaped {reshaped[:10]}. Check model.backbone.depth against the file."
-        )
+            f"reshaped {reshaped[:10]}. Check model.backbone.depth against the file.")
     fc = _RESNETS[depth][0](weights=None).fc.state_dict()
     state.update({f"fc.{k}": v for k, v in fc.items()})  # keep torchvision's strict load happy
     return state

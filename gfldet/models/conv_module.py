@@ -12,21 +12,13 @@ class ConvModule(nn.Module):
 
     The conv has a bias only without a norm, as in MMCV (the norm's bias takes its place)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        norm: str = "none",
-        relu: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 norm: str = "none", relu: bool = False) -> None:
         super().__init__()
         if norm not in ("gn", "none"):
             raise ValueError(f"norm must be 'gn' or 'none', got {norm!r}")
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=norm == "none"
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                              bias=norm == "none")
         self.gn = nn.GroupNorm(32, out_channels) if norm == "gn" else None
         self.relu = relu
 

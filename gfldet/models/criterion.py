@@ -10,12 +10,10 @@ Follows the reference recipe (MMDetection `GFLHead.loss_by_feat`, GFL Eq. 8):
   clamped at 1). Boxes, distances and DFL targets are in stride units; DFL targets are clamped to
   [0, reg_max - 0.1] so that the right bin stays valid.
 
-The classification loss covers every prior (B * A * C entries, the big term). The box terms
-(decoding, IoU quality, GIoU, DFL) only matter at the positives, which are a few percent of the
-priors: they are computed on a fixed-size gather of M slots per image that holds every positive,
-M = G * sum over levels of min(topk, priors on the level) (ATSS cannot select more), so there is
-no host-device sync (`nonzero`) and no dense pass over B * A * 4(R+1) logits. Non-positive slots
-are masked out.
+The classification loss covers every prior. The box terms only matter at the positives, a few
+percent of the priors: they are computed on a fixed-size gather of M slots per image holding every
+positive (`positive_slots`), so there is no host-device sync (`nonzero`) and no dense pass over
+B * A * 4(R+1) logits. Non-positive slots are masked out.
 
 Shape legend: `B` images, `A` priors, `G` boxes per image (padded), `C` classes, `R` = reg_max.
 """
@@ -50,9 +48,8 @@ def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tens
     return boxes.view(len(targets), -1, 4), labels, mask
 
 
-def positive_slots(
-    positive: Tensor, num_per_level: list[int], num_boxes: int, topk: int
-) -> tuple[Tensor, Tensor]:
+def positive_slots(positive: Tensor, num_per_level: list[int], num_boxes: int,
+                   topk: int) -> tuple[Tensor, Tensor]:
     """M slots per image holding all of its positives: (prior index [B, M], is-positive [B, M]).
 
     The positives fill the first slots in prior order; the remaining slots point at prior 0 and
@@ -72,19 +69,9 @@ def positive_slots(
     return index[:, :slots], is_positive
 
 
-def gfl_loss(
-    cls_logits: Tensor,
-    reg_logits: Tensor,
-    decode: Callable[[Tensor], Tensor],
-    priors: Priors,
-    valid: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    gt_mask: Tensor,
-    settings: LossSettings,
-    reg_max: int | None,
-    topk: int,
-) -> dict[str, Tensor]:
+def gfl_loss(cls_logits: Tensor, reg_logits: Tensor, decode: Callable[[Tensor], Tensor],
+             priors: Priors, valid: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor,
+             settings: LossSettings, reg_max: int | None, topk: int) -> dict[str, Tensor]:
     """The named GFL losses of a batch.
 
     Args:
@@ -117,9 +104,8 @@ def gfl_loss(
     pred_boxes = ltrb_to_boxes(centers, decode(slot_reg))  # [B, M, 4]
     target_boxes = gt_boxes.gather(1, slot_gt[..., None].expand(-1, -1, 4)) / strides  # [B, M, 4]
     # Non-positive slots regress onto their own anchor box so that every term stays finite.
-    target_boxes = torch.where(
-        slot_positive[..., None], target_boxes, priors.boxes[slots] / strides
-    )
+    target_boxes = torch.where(slot_positive[..., None], target_boxes,
+                               priors.boxes[slots] / strides)
 
     slot_quality = torch.where(
         slot_positive, aligned_box_iou(pred_boxes.detach(), target_boxes), 0.0
@@ -130,13 +116,11 @@ def gfl_loss(
     )  # [B, A]
     flat_logits = cls_logits.reshape(-1, num_classes)
     if settings.cls_loss == "qfl":
-        cls_per_prior = quality_focal_loss(
-            flat_logits, labels.reshape(-1), quality.reshape(-1), settings.qfl_beta
-        )
+        cls_per_prior = quality_focal_loss(flat_logits, labels.reshape(-1), quality.reshape(-1),
+                                           settings.qfl_beta)
     else:
-        cls_per_prior = focal_loss(
-            flat_logits, labels.reshape(-1), settings.focal_alpha, settings.focal_gamma
-        )
+        cls_per_prior = focal_loss(flat_logits, labels.reshape(-1), settings.focal_alpha,
+                                   settings.focal_gamma)
     cls_per_prior = cls_per_prior.view(num_images, num_priors) * valid
 
     num_pos = positive.sum(dim=1).clamp(min=1).sum().float()  # each image counts at least once

@@ -1,10 +1,8 @@
 """Feature pyramid P3-P7 exactly as the GFL recipe (MMDetection `FPN(start_level=1,
 add_extra_convs='on_output', num_outs=5)`): lateral 1x1 convs on C3-C5, a nearest-neighbour
 top-down pathway, 3x3 output convs, then P6 by a stride-2 3x3 conv on the P5 *output* and P7 by
-another on P6, with no ReLU in between. No normalisation, Xavier-uniform init.
-
-The names are MMDetection's: `lateral_convs.i.conv` (C3-C5) and `fpn_convs.i.conv`, where
-`fpn_convs.0..2` give P3-P5 and `fpn_convs.3` / `.4` are the extra convs giving P6 / P7.
+another on P6, with no ReLU in between. No normalisation, Xavier-uniform init. The names are
+MMDetection's (`lateral_convs.i.conv`; `fpn_convs.0..2` give P3-P5, `.3` / `.4` P6 / P7).
 
 torchvision's `FeaturePyramidNetwork` + `LastLevelP6P7` differs (ReLU before P7, Kaiming init),
 hence this module.

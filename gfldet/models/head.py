@@ -4,9 +4,8 @@ tower giving each box edge as a discrete distribution over `reg_max + 1` bins (G
 Shape legend: `B` images, `A` priors over all levels, `C` classes, `R` = reg_max. The head's
 outputs are flattened per level row-major and concatenated P3 -> P7, matching `make_priors`.
 
-The module names are MMDetection's GFLHead's (`cls_convs.i.conv` / `.gn`, `reg_convs`, `gfl_cls`,
-`gfl_reg`, `scales`) and, for GFLv2, the official GFocalV2 head's `reg_conf.0` / `reg_conf.2`;
-gfldet.convert_mmdet lists the few differences.
+The module names are MMDetection's GFLHead's and, for GFLv2, the official GFocalV2 head's
+(`reg_conf`); gfldet.convert_mmdet lists the few differences.
 """
 
 from __future__ import annotations
@@ -48,24 +47,21 @@ class Integral(nn.Module):
 
     def forward(self, logits: Tensor) -> Tensor:
         probs = _at_least_float32(logits).unflatten(-1, (4, self.reg_max + 1)).softmax(dim=-1)
-        # Autocast would run the matmul in fp16/bf16 whatever its inputs' dtype, so it is off here;
-        # a matmul (not a sum of products) keeps float32 results bit-identical to before. The bins
-        # follow the model's dtype on .half() etc.: they are integers, exact in fp16 up to 2048
-        # and in bf16 up to 256.
+        # Autocast would run the matmul in fp16/bf16, so it is off here; a matmul (not a sum of
+        # products) keeps float32 results bit-identical to before. The integer bins follow the
+        # model's dtype on .half() etc.: exact in fp16 up to 2048 and in bf16 up to 256.
         with torch.autocast(logits.device.type, enabled=False):
             return probs @ self.project.to(probs.dtype)
 
 
 class DGQP(nn.Sequential):
-    """GFLv2's Distribution-Guided Quality Predictor (GFLv2 Sec. 3.3): the shape of each side's
-    distribution says how good the box is, so a sharp peak should mean a high quality.
+    """GFLv2's Distribution-Guided Quality Predictor (GFLv2 Sec. 3.3): a sharp peak in each
+    side's distribution should mean a high quality.
 
     forward: [B, 4 (R + 1), H, W] regression logits of one level -> [B, 1, H, W] logit u of the
-    quality q = sigmoid(u). The statistics per side are its `topk` largest bin probabilities,
-    followed by their mean when `add_mean` (the mean of those k values, as in the official code):
-    4 x (k + 1) channels, side-major, then two 1x1 convs with a ReLU between them. These layers
-    are the official `reg_conf` Sequential's [0] (hidden conv), [1] (ReLU) and [2] (output conv),
-    without its final Sigmoid: the head works with the logit (`joint_logit`).
+    quality q = sigmoid(u). Per side, its `topk` largest bin probabilities and, with `add_mean`,
+    their mean (as in the official code), side-major, then 1x1 conv, ReLU, 1x1 conv: the official
+    `reg_conf` without its final Sigmoid (the head works with the logit, `joint_logit`).
     """
 
     def __init__(self, reg_max: int, *, topk: int, channels: int, add_mean: bool) -> None:
@@ -87,12 +83,10 @@ class DGQP(nn.Sequential):
 
 def joint_logit(cls_logits: Tensor, quality_logit: Tensor) -> Tensor:
     """The logit of s = sigmoid(z) * sigmoid(u), computed in log space, so that QFL on it equals
-    BCE-based QFL on s (GFLv2) without ever forming log(s) or log(1 - s) from a rounded s.
+    BCE-based QFL on s (GFLv2) without forming log(s) or log(1 - s) from a rounded s.
 
-    log s = logsigmoid(z) + logsigmoid(u), and 1 - s = sigmoid(-z) + sigmoid(z) * sigmoid(-u):
-    two positive terms, so log(1 - s) is their log-sum-exp with no cancellation, finite for any
-    finite z and u (also where both sigmoids round to 1), with no branch. logit(s) = log s -
-    log(1 - s).
+    1 - s = sigmoid(-z) + sigmoid(z) * sigmoid(-u): two positive terms, so log(1 - s) is their
+    log-sum-exp with no cancellation, finite for any finite z and u, with no branch.
 
     cls_logits [..., C] and quality_logit [..., 1] -> [..., C], in at least float32 (fp16 and bf16
     would keep little of 1 - s near s = 1).
@@ -109,10 +103,9 @@ def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
 
 
 class GFLHead(nn.Module):
-    """Towers of `stacked_convs` x (3x3 conv, GroupNorm 32, ReLU) shared over the levels.
-
-    The keyword arguments are the config's `model.head` section (gfldet.config.HeadConfig, which
-    documents them and holds their defaults).
+    """Towers of `stacked_convs` x (3x3 conv, GroupNorm 32, ReLU) shared over the levels. The
+    keyword arguments are the config's `model.head` section (gfldet.config.HeadConfig documents
+    them and holds their defaults).
 
     Args:
         num_classes: C, sigmoid classes (no background channel).
@@ -126,20 +119,9 @@ class GFLHead(nn.Module):
             weights and post-processing read it as they read GFLv1's logits.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        in_channels: int,
-        num_levels: int,
-        *,
-        feat_channels: int,
-        stacked_convs: int,
-        norm: str,
-        reg_max: int,
-        box_repr: str,
-        dirac_init_distance: float | None,
-        dgqp: Mapping[str, Any] | None,
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: int, num_levels: int, *, feat_channels: int,
+                 stacked_convs: int, norm: str, reg_max: int, box_repr: str,
+                 dirac_init_distance: float | None, dgqp: Mapping[str, Any] | None) -> None:
         super().__init__()
         if norm not in ("gn", "none"):
             raise ValueError(f"norm must be 'gn' or 'none', got {norm!r}")
@@ -175,10 +157,8 @@ class GFLHead(nn.Module):
             nn.init.constant_(self.gfl_reg.bias, dirac_init_distance)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """features: [B, F, H_l, W_l] per level ->
-        (cls_logits [B, A, C], reg_logits [B, A, 4(R+1)]).
-
-        With DGQP, cls_logits are the joint scores' logits (`joint_logit`), in at least float32."""
+        """features: [B, F, H_l, W_l] per level -> (cls_logits [B, A, C], reg_logits
+        [B, A, 4(R+1)]). With DGQP, cls_logits are `joint_logit`s, in at least float32."""
         cls_levels, reg_levels = [], []
         for level, x in enumerate(features):
             cls = self.gfl_cls(self.cls_convs(x))
@@ -186,7 +166,6 @@ class GFLHead(nn.Module):
             if self.reg_conf is not None:  # softmax statistics of the float32 logits, as official
                 cls = joint_logit(cls, self.reg_conf(_at_least_float32(reg)))  # [B, C, H, W]
             cls_levels.append(cls.permute(0, 2, 3, 1).flatten(1, 2))  # [B, H*W, C]
-            # fp32 under AMP
             reg_levels.append(_at_least_float32(reg).permute(0, 2, 3, 1).flatten(1, 2))
         return torch.cat(cls_levels, dim=1), torch.cat(reg_levels, dim=1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gfldet.data.images import load_image_rgb
 from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
 from gfldet.report import html
 from gfldet.report.curves import CurvesError, curves_figure, read_scalars
-from gfldet.report.errors import confusion_matrix, tide_errors
+from gfldet.report.errors import ERROR_TYPES, confusion_matrix, tide_errors
 from gfldet.report.figures import (
     confusion_figure,
     image_figure,
@@ -52,28 +53,22 @@ def check_report_dir(out_dir: Path) -> None:
 
 
 def post_processing_settings(test) -> dict[str, float | int]:
-    """The `model.test` settings (a `PostProcessSettings`) that produced the detections, as
-    shown."""
+    """The `model.test` settings (a `PostProcessSettings`) that produced the detections."""
     return {"score threshold": test.score_thr, "NMS IoU": test.nms_iou,
             "max detections per image": test.max_per_img,
             "top-k per level before NMS": test.nms_pre}
 
 
-def curves_at(coco_eval, iou: float, area: str = "all", max_dets: int | None = None) -> np.ndarray:
-    """pycocotools' precision [R, K] at IoU `iou` (-1 where a class has no ground truth)."""
-    p = coco_eval.params
-    m = list(p.maxDets).index(max_dets) if max_dets is not None else len(p.maxDets) - 1
-    area_index = list(p.areaRngLbl).index(area)
-    return np.asarray(coco_eval.eval["precision"])[iou_index(coco_eval, iou), :, :, area_index, m]
+def curves_at(coco_eval, iou: float, area: str = "all") -> np.ndarray:
+    """pycocotools' precision [R, K] at IoU `iou` for `area` and the last max-detection setting
+    (-1 where a class has no ground truth)."""
+    area_index = list(coco_eval.params.areaRngLbl).index(area)
+    return np.asarray(coco_eval.eval["precision"])[iou_index(coco_eval, iou), :, :, area_index, -1]
 
 
 def mean_valid(a: np.ndarray, axis=None) -> np.ndarray | float:
     """Mean over entries >= 0 (pycocotools marks "no ground truth" with -1); nan when none."""
-    valid = a >= 0
-    total = np.where(valid, a, 0.0).sum(axis=axis)
-    count = valid.sum(axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return np.ma.filled(np.ma.masked_less(a, 0).mean(axis=axis), np.nan)
 
 
 def per_class_table(coco_eval, class_names: Sequence[str]) -> list[list[object]]:
@@ -83,20 +78,22 @@ def per_class_table(coco_eval, class_names: Sequence[str]) -> list[list[object]]
     ap = mean_valid(precision.transpose(2, 0, 1).reshape(precision.shape[2], -1), axis=1)
     ap50 = mean_valid(curves_at(coco_eval, 0.5), axis=0)
     ap75 = mean_valid(curves_at(coco_eval, 0.75), axis=0)
-    gt = coco_eval.cocoGt
-    boxes = [sum(1 for a in gt.loadAnns(gt.getAnnIds(imgIds=coco_eval.params.imgIds, catIds=[c]))
-                 if not a.get("iscrowd", 0)) for c in coco_eval.params.catIds]
-    return [[name, float(ap[k]), float(ap50[k]), float(ap75[k]), boxes[k]]
-            for k, name in enumerate(class_names)]
+    boxes = Counter(a["category_id"] for a in gt_annotations(coco_eval))
+    return [[name, float(ap[k]), float(ap50[k]), float(ap75[k]), boxes[c]]
+            for k, (name, c) in enumerate(zip(class_names, coco_eval.params.catIds, strict=True))]
+
+
+def gt_annotations(coco_eval) -> list[dict]:
+    """The non-crowd ground-truth annotations of the evaluated images and categories."""
+    p, gt = coco_eval.params, coco_eval.cocoGt
+    return [a for a in gt.loadAnns(gt.getAnnIds(imgIds=p.imgIds, catIds=p.catIds))
+            if not a.get("iscrowd", 0)]
 
 
 def size_counts(coco_eval) -> dict[str, int]:
     """Non-crowd ground-truth boxes per COCO area range, by their `area` field, as COCOeval."""
-    p = coco_eval.params
-    gt = coco_eval.cocoGt
-    anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=p.imgIds, catIds=p.catIds))
-            if not a.get("iscrowd", 0)]
-    ranges = dict(zip(p.areaRngLbl, p.areaRng, strict=True))
+    anns = gt_annotations(coco_eval)
+    ranges = dict(zip(coco_eval.params.areaRngLbl, coco_eval.params.areaRng, strict=True))
     return {s: sum(1 for a in anns if ranges[s][0] <= a["area"] <= ranges[s][1]) for s in SIZES}
 
 
@@ -218,7 +215,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         "<p>As in Bolya et al., <i>TIDE: A General Toolbox for Identifying Object Detection "
         f"Errors</i> (ECCV 2020): the AP50 ({100 * tide.ap:.1f} here) gained by fixing each error "
         "type alone, all detections counted (no score threshold). Each false positive gets one "
-        "type, from its highest IoU with the ground truth:</p>" + html.definitions()
+        "type, from its highest IoU with the ground truth:</p>" + html.definitions(ERROR_TYPES)
         + html.table(["error", "dAP50 (points)", "count"],
                      [[k, 100 * tide.delta_ap[k], tide.counts[k]] for k in tide.delta_ap])
         + html.image("tide.png", "TIDE error breakdown"))))

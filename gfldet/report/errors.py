@@ -2,33 +2,39 @@
 
 Both start from COCOeval's class-aware matching at IoU 0.5 (`gfldet.report.matching`), so the
 breakdown's base AP is pycocotools' AP50 exactly. Shape legend: K classes, D detections and G
-ground-truth boxes of an image. TIDE's error types (paper Sec. 2.2), for a false positive whose
-highest IoU with any ground truth is IoU_max, with t_f = 0.5 and t_b = 0.1:
+ground-truth boxes of an image.
 
-- Cls: IoU_max >= t_f with a box of another class (right place, wrong class);
-- Loc: t_b <= IoU_max < t_f with a box of its class (right class, poor box);
-- Both: t_b <= IoU_max < t_f with a box of another class only;
-- Dupe: IoU_max >= t_f with a box of its class already matched by a higher-scoring detection;
-- Bkg: IoU_max < t_b with every box (fired on background);
-- Miss: ground truth left unmatched and not the target of a Cls or Loc error.
-
-Each type is fixed by an oracle (Sec. 2.3) and the AP recomputed; its dAP is the gain. Cls and
-Loc errors become true positives of their target box (only the highest-scoring error per box,
-and only when no detection matched that box; the others are suppressed); Both, Dupe and Bkg
-errors are suppressed; Miss removes the missed boxes from the ground truth. The checks run in
-tidecv's order (Loc, Cls, Dupe, Bkg, else Both), which decides a detection fitting two types.
+TIDE's error types (paper Sec. 2.2) are `ERROR_TYPES`. Each is fixed by an oracle (Sec. 2.3) and
+the AP recomputed; its dAP is the gain. A Cls or Loc fix applies only to the highest-scoring error
+aimed at a box, and only when no detection matched that box (the others are suppressed). The
+checks run in tidecv's order (Loc, Cls, Dupe, Bkg, else Both), which decides a detection fitting
+two types.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
 from gfldet.report.matching import ImageMatches
 
-ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
+# Each type of a false positive by its highest IoU with the ground truth (t_f = 0.5, t_b = 0.1),
+# and its fix, as the report shows them.
+ERROR_TYPES = {
+    "Cls": "classification error: the box overlaps a ground-truth box of another class with IoU "
+           ">= 0.5 (right place, wrong class). Fixed by giving it that box's class.",
+    "Loc": "localisation error: its best overlap with a box of its class has 0.1 <= IoU < 0.5 "
+           "(right class, poor box). Fixed by giving it that box.",
+    "Both": "classification and localisation error: 0.1 <= IoU < 0.5 with a box of another class "
+            "only. Fixed by removing it.",
+    "Dupe": "duplicate: IoU >= 0.5 with a box of its class that a higher-scoring detection already "
+            "matched. Fixed by removing it.",
+    "Bkg": "background error: IoU < 0.1 with every ground-truth box. Fixed by removing it.",
+    "Miss": "missed box: ground truth that no detection matched and no Cls or Loc error aimed at. "
+            "Fixed by removing it from the ground truth.",
+}
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall points
 
 
@@ -58,7 +64,7 @@ class _Point:
     score: float
     tp: bool
     error: str | None = None  # its TIDE type when a false positive
-    target: tuple[int, int] | None = None  # (image position, gt index) a Cls/Loc fix would match
+    target_label: int | None = None  # class of the box a Cls/Loc fix would match
 
 
 @dataclass
@@ -68,7 +74,6 @@ class TideResult:
     ap: float
     delta_ap: dict[str, float]
     counts: dict[str, int]
-    per_image_counts: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def classify_false_positive(iou_row: np.ndarray, same_class: np.ndarray, gt_matched: np.ndarray,
@@ -95,16 +100,14 @@ def classify_false_positive(iou_row: np.ndarray, same_class: np.ndarray, gt_matc
 def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) -> TideResult:
     """TIDE's main errors of matches made at IoU `fg` (see the module docstring)."""
     points: list[_Point] = []
-    num_gt: dict[int, int] = defaultdict(int)
-    missed: list[tuple[int, int]] = []  # (image position, gt index)
-    targeted: set[tuple[int, int]] = set()
-    best_fix: dict[tuple[int, int], int] = {}  # target box -> point of its best Cls/Loc error
-    per_image: dict[int, dict[str, int]] = {}
+    num_gt: Counter[int] = Counter()
+    missed_per_class: Counter[int] = Counter()
+    # (image position, gt index) of a box a Cls/Loc error aims at -> point of the best such error
+    best_fix: dict[tuple[int, int], int] = {}
+    counts = dict.fromkeys(ERROR_TYPES, 0)
     for pos, m in enumerate(images):
-        for k in m.gt_labels.tolist():
-            num_gt[k] += 1
+        num_gt.update(m.gt_labels.tolist())
         iou = m.iou()  # [D, G]
-        counts = dict.fromkeys(ERROR_TYPES, 0)
         for d in range(len(m.det_ids)):
             point = _Point(int(m.det_labels[d]), float(m.det_scores[d]), bool(m.det_gt[d] >= 0))
             if not point.tp:
@@ -113,23 +116,17 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
                 point.error = kind
                 counts[kind] += 1
                 if kind in ("Cls", "Loc") and not m.gt_matched[j]:
-                    point.target = (pos, j)
-                    targeted.add((pos, j))
+                    point.target_label = int(m.gt_labels[j])
                     best = best_fix.get((pos, j))
                     if best is None or points[best].score < point.score:
                         best_fix[(pos, j)] = len(points)
             points.append(point)
         for j in np.flatnonzero(~m.gt_matched).tolist():
-            if (pos, j) not in targeted:
-                missed.append((pos, j))
+            if (pos, j) not in best_fix:
+                missed_per_class[int(m.gt_labels[j])] += 1
                 counts["Miss"] += 1
-        per_image[m.image_id] = counts
 
     winners = set(best_fix.values())
-    gt_label = {(pos, j): int(images[pos].gt_labels[j]) for pos, j in targeted}
-    missed_per_class: dict[int, int] = defaultdict(int)
-    for pos, j in missed:
-        missed_per_class[int(images[pos].gt_labels[j])] += 1
 
     def mean_ap(fix: str | None) -> float:
         per_class: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
@@ -138,7 +135,7 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
             if fix is not None and p.error == fix:
                 if fix not in ("Cls", "Loc") or i not in winners:
                     continue  # suppressed
-                label, tp = gt_label[p.target], True
+                label, tp = p.target_label, True
             per_class[label][0].append(p.score)
             per_class[label][1].append(tp)
         aps = []
@@ -153,8 +150,7 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
         return float(np.mean(aps)) if aps else float("nan")
 
     base = mean_ap(None)
-    counts = {kind: sum(c[kind] for c in per_image.values()) for kind in ERROR_TYPES}
-    return TideResult(base, {kind: mean_ap(kind) - base for kind in ERROR_TYPES}, counts, per_image)
+    return TideResult(base, {kind: mean_ap(kind) - base for kind in ERROR_TYPES}, counts)
 
 
 def confusion_matrix(images: list[ImageMatches], num_classes: int, score_thr: float,
@@ -178,9 +174,7 @@ def confusion_matrix(images: list[ImageMatches], num_classes: int, score_thr: fl
         iou = m.iou()
         unmatched = np.flatnonzero(keep & (m.det_gt < 0))
         for d in unmatched[np.argsort(-m.det_scores[unmatched], kind="mergesort")].tolist():
-            free = iou[d]
-            if len(taken):
-                free = np.where(~taken & (m.gt_labels != m.det_labels[d]), iou[d], -1.0)
+            free = np.where(~taken & (m.gt_labels != m.det_labels[d]), iou[d], -1.0)
             j = int(free.argmax()) if len(free) else -1
             if j >= 0 and free[j] >= iou_thr:
                 taken[j] = True

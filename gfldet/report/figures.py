@@ -103,8 +103,7 @@ def draw_box(ax, box: Sequence[float], colour, style: str, text: str, above: boo
 
 def image_figure(image: np.ndarray, gt_boxes: np.ndarray, gt_names: Sequence[str],
                  gt_found: np.ndarray, det_boxes: np.ndarray, det_names: Sequence[str],
-                 det_scores: np.ndarray,
-                 det_correct: np.ndarray, title: str, path: Path) -> Path:
+                 det_scores: np.ndarray, det_correct: np.ndarray, title: str, path: Path) -> Path:
     """An image with its ground truth (solid lines, name above; green found, orange missed) and
     detections (dashed, name and score below; blue correct, red false positive)."""
     h, w = image.shape[:2]

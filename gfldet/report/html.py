@@ -4,7 +4,7 @@ no script, nothing fetched)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 # Recognises a page this module wrote, so that a report folder can be refreshed but a user's
@@ -21,20 +21,6 @@ img { max-width: 100%; border: 1px solid #eee; }
 .gallery figure { margin: 0; max-width: 340px; font-size: 0.8em; }
 dt { font-weight: bold; } dd { margin: 0 0 0.4em 1.5em; }
 """
-
-TIDE_DEFINITIONS = {
-    "Cls": "classification error: the box overlaps a ground-truth box of another class with IoU "
-           ">= 0.5 (right place, wrong class). Fixed by giving it that box's class.",
-    "Loc": "localisation error: its best overlap with a box of its class has 0.1 <= IoU < 0.5 "
-           "(right class, poor box). Fixed by giving it that box.",
-    "Both": "classification and localisation error: 0.1 <= IoU < 0.5 with a box of another class "
-            "only. Fixed by removing it.",
-    "Dupe": "duplicate: IoU >= 0.5 with a box of its class that a higher-scoring detection already "
-            "matched. Fixed by removing it.",
-    "Bkg": "background error: IoU < 0.1 with every ground-truth box. Fixed by removing it.",
-    "Miss": "missed box: ground truth that no detection matched and no Cls or Loc error aimed at. "
-            "Fixed by removing it from the ground truth.",
-}
 
 
 def fmt(value: float | int | None, digits: int = 3) -> str:
@@ -64,6 +50,6 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
             f"<body><h1>{escape(title)}</h1><ul>{toc}</ul>\n{body}</body></html>\n")
 
 
-def definitions() -> str:
-    items = "".join(f"<dt>{k}</dt><dd>{escape(v)}</dd>" for k, v in TIDE_DEFINITIONS.items())
+def definitions(terms: Mapping[str, str]) -> str:
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in terms.items())
     return f"<dl>{items}</dl>"

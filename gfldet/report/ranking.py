@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from gfldet.report.matching import ImageMatches
 
 
@@ -35,7 +33,4 @@ def image_score(m: ImageMatches, score_thr: float) -> ImageScore:
 def worst_images(images: list[ImageMatches], score_thr: float, n: int) -> list[ImageScore]:
     """The `n` images with the lowest F1; ties go to more errors (FP + FN), then lower image id."""
     scores = [image_score(m, score_thr) for m in images]
-    order = np.lexsort(([s.image_id for s in scores],
-                        [-(s.false_positives + s.missed) for s in scores],
-                        [s.f1 for s in scores]))
-    return [scores[i] for i in order[:n]]
+    return sorted(scores, key=lambda s: (s.f1, -(s.false_positives + s.missed), s.image_id))[:n]
