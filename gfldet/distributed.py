@@ -24,11 +24,11 @@ def is_main_process() -> bool:
 
 def reduce_mean(value: Tensor) -> Tensor:
     """Mean of a tensor over all processes (a copy; autograd does not flow through it)."""
-    if not is_distributed():
-        return value.detach().clone()
     value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / get_world_size()
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / get_world_size()
+    return value
 
 
 def all_gather_objects(obj: object) -> list[object]:
@@ -38,12 +38,3 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-__all__ = ["is_distributed", "get_rank", "get_world_size", "is_main_process", "reduce_mean",
-           "all_gather_objects", "barrier"]

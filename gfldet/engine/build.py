@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gfldet.config import Config, DataConfig, ModelConfig, OptimConfig, ScheduleConfig
+from gfldet.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, ScheduleConfig
 from gfldet.models.backbone import ResNetBackbone
 from gfldet.models.detector import GFL, STRIDES
 from gfldet.models.fpn import FPN
@@ -60,9 +60,11 @@ def dataset_paths(cfg: DataConfig, split: str, generate: bool = True) -> SplitPa
 
 
 def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
-    """The checked dataset of `split`: the check runs here, and the dataset indexes and loads
-    its result. `check_cache` (a JSON file) reuses the full-decode results of the image files
-    unchanged since the check that wrote it (see gfldet.data.checks)."""
+    """The checked dataset of `split`: the check runs here (every image decoded; fatal problems
+    raise), and the dataset indexes and loads its result. Training data is fixed in memory;
+    validation data is scored against its file as written, only its unreadable images are left
+    out (and named). `check_cache` (a JSON file) reuses the full-decode results of the image
+    files unchanged since the check that wrote it (see gfldet.data.checks)."""
     from gfldet.data import CocoDetection, build_transforms
     from gfldet.data.checked_split import load_checked_split
     from gfldet.data.checks import ShardedCheck
@@ -71,12 +73,9 @@ def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
     d = cfg.data
     paths = dataset_paths(d, split)
     train = split == "train"
-    short_side = tuple(d.train_short_side) if train else d.test_short_side
-    transform = build_transforms(train=train, short_side=short_side, max_size=d.max_size,
-                                 flip_prob=d.flip_prob)
-    # Both splits are checked before any compute is spent (every image decoded; fatal problems
-    # raise). Training data is fixed in memory; validation data is scored against its file as
-    # written, only its unreadable images are left out (and named).
+    transform = build_transforms(train=train, max_size=d.max_size, flip_prob=d.flip_prob,
+                                 short_side=tuple(d.train_short_side) if train
+                                 else d.test_short_side)
     filter_empty = d.filter_empty if train else False
     min_size = d.min_size if train else 0
     # Under torchrun each process decodes its share of the images for the check.
@@ -89,12 +88,9 @@ def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
     dataset = CocoDetection(paths.images, paths.annotations, transform, filter_empty, min_size,
                             split=split_data, max_decode_failures=cfg.train.max_decode_failures)
     if dataset.num_classes != cfg.model.num_classes:
-        from gfldet.config import ConfigError
-
         raise ConfigError(
             f"model.num_classes is {cfg.model.num_classes} but {paths.annotations} has "
-            f"{dataset.num_classes} categories; set model.num_classes: {dataset.num_classes}"
-        )
+            f"{dataset.num_classes} categories; set model.num_classes: {dataset.num_classes}")
     return dataset
 
 
@@ -103,10 +99,8 @@ def scaled_lr(cfg: OptimConfig, total_batch: int) -> float:
     if not cfg.scale_lr or total_batch == cfg.reference_batch_size:
         return cfg.lr
     lr = cfg.lr * total_batch / cfg.reference_batch_size
-    log.info(
-        "lr scaled linearly from %g (for a total batch of %d) to %g for a total batch of %d",
-        cfg.lr, cfg.reference_batch_size, lr, total_batch,
-    )
+    log.info("lr scaled linearly from %g (for a total batch of %d) to %g for a total batch of %d",
+             cfg.lr, cfg.reference_batch_size, lr, total_batch)
     return lr
 
 
@@ -126,41 +120,37 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
     biases; here, as in MMEngine, it does not.) Classes with the same values share a group, and a
     group holds only the keys that differ from the optimizer's defaults, so the default options
     give one group `{"params": [...]}`: the optimizer MMDetection's GFL recipe uses."""
+    decay = cfg.weight_decay
     settings = {  # kind -> (lr, weight decay)
-        "weights": (lr, cfg.weight_decay),
-        "norm": (lr, cfg.weight_decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay),
+        "weights": (lr, decay),
+        "norm": (lr, decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay),
         "biases": (lr * cfg.bias_lr_factor,
-                   cfg.weight_decay if cfg.bias_weight_decay is None else cfg.bias_weight_decay),
+                   decay if cfg.bias_weight_decay is None else cfg.bias_weight_decay),
     }
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    kinds: dict[tuple[float, float], list[str]] = {}
+    kinds: dict[tuple[float, float], dict[str, None]] = {}  # the kinds in a group, in order
     seen: set[int] = set()
     for module in model.modules():  # the order of model.parameters()
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            kind = (
-                "norm" if isinstance(module, NORM_LAYERS)
-                else "biases" if name == "bias"
-                else "weights"
-            )
+            kind = ("norm" if isinstance(module, NORM_LAYERS)
+                    else "biases" if name == "bias" else "weights")
             groups.setdefault(settings[kind], []).append(param)
-            if kind not in kinds.setdefault(settings[kind], []):
-                kinds[settings[kind]].append(kind)
+            kinds.setdefault(settings[kind], {})[kind] = None
     out = []
-    for (group_lr, decay), params in groups.items():
+    for (group_lr, group_decay), params in groups.items():
         group: dict = {"params": params}
         if group_lr != lr:
             group["lr"] = group_lr
-        if decay != cfg.weight_decay:
-            group["weight_decay"] = decay
+        if group_decay != decay:
+            group["weight_decay"] = group_decay
         out.append(group)
     if len(out) > 1:
         log.info("optimizer parameter groups: %s", "; ".join(
             f"{' and '.join(kinds[key])}: {len(params)} tensors at lr {key[0]:g}, "
-            f"weight decay {key[1]:g}"
-            for key, params in groups.items()))
+            f"weight decay {key[1]:g}" for key, params in groups.items()))
     return out
 
 
@@ -169,9 +159,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     groups = param_groups(model, cfg, lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(
-        groups, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
-    )
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999),
+                             weight_decay=cfg.weight_decay)
 
 
 class LrFactor:
@@ -182,13 +171,10 @@ class LrFactor:
     """
 
     def __init__(self, cfg: ScheduleConfig, iters_per_epoch: int) -> None:
-        self.policy = cfg.policy
+        self.policy, self.gamma, self.min_lr_ratio = cfg.policy, cfg.gamma, cfg.min_lr_ratio
+        self.warmup_iters, self.warmup_ratio = cfg.warmup_iters, cfg.warmup_ratio
         self.total_iters = cfg.epochs * iters_per_epoch
         self.milestones = [m * iters_per_epoch for m in cfg.milestones]
-        self.gamma = cfg.gamma
-        self.warmup_iters = cfg.warmup_iters
-        self.warmup_ratio = cfg.warmup_ratio
-        self.min_lr_ratio = cfg.min_lr_ratio
 
     def __call__(self, it: int) -> float:
         if self.policy == "step":
@@ -196,8 +182,7 @@ class LrFactor:
         else:
             progress = min(it / max(self.total_iters, 1), 1.0)
             decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
+                1 + math.cos(math.pi * progress))
         if it < self.warmup_iters:
             decay *= self.warmup_ratio + (1 - self.warmup_ratio) * it / self.warmup_iters
         return decay

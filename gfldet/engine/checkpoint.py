@@ -39,20 +39,6 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- save / load
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist the directory entry created by os.replace (no-op where dirs can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write ``state`` to ``path``; a crash mid-write leaves the old file intact."""
     path = Path(path)
@@ -60,7 +46,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     # Temp file in the same directory so os.replace is a same-filesystem atomic rename;
     # the leading dot keeps it out of the epoch_*.pth / last.pth patterns.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes the file 0600; give checkpoints the usual 0644 like torch.save would.
@@ -69,24 +54,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    # Persist the directory entry os.replace created (skipped where dirs can't be opened).
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
-
-
-def _is_unsafe_global_refusal(err: BaseException) -> bool:
-    """True when weights_only rejected an import of a non-allowlisted global.
-
-    Code execution in a pickle needs a GLOBAL/STACK_GLOBAL import of a callable, so that is
-    what marks a file as unsafe; other weights_only failures (e.g. "Unsupported operand" from
-    random bytes) mean the stream is damaged.
-    """
-    msg = str(err).lower()
-    return "weights only load failed" in msg and "global" in msg
 
 
 def _short_reason(err: BaseException, limit: int = 200) -> str:
@@ -94,43 +74,32 @@ def _short_reason(err: BaseException, limit: int = 200) -> str:
     weights_only=False" boilerplate (bad advice for both unsafe and damaged files)."""
     text = re.sub(r"Please file an issue with the following[^:]*:\s*", "", str(err))
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    keep = [
-        ln
-        for ln in lines
-        if not ln.startswith(("Weights only load failed", "Check the documentation"))
-    ]
+    keep = [ln for ln in lines
+            if not ln.startswith(("Weights only load failed", "Check the documentation"))]
     text = " ".join(keep or lines) or "no details"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _scan_pickle_globals(path: Path) -> list[str] | None:
-    """Statically list the globals a checkpoint's pickle imports (nothing is executed).
-
-    Returns None when the stream does not parse as a pickle, i.e. the file is damaged.
-    Used only after weights_only failed, to tell "valid pickle with code/objects the safe
-    loader will not run" from "corrupt bytes".
-    """
+    """Statically list the globals a checkpoint's pickle imports (nothing is executed); None
+    when the stream does not parse as a pickle, i.e. the file is damaged."""
     names: list[str] = []
-
-    def scan(stream: Any) -> None:
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(stream):
-            if op.name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            if isinstance(arg, str):
-                strings.append(arg)
-
+    strings: list[str] = []
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                zf = stack.enter_context(zipfile.ZipFile(path))
                 member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-                with zf.open(member) as f:
-                    scan(f)
-        else:
-            with path.open("rb") as f:
-                scan(f)  # plain pickle / first record of the legacy torch format
+                stream = stack.enter_context(zf.open(member))
+            else:  # plain pickle / first record of the legacy torch format
+                stream = stack.enter_context(path.open("rb"))
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                if isinstance(arg, str):
+                    strings.append(arg)
     except Exception:
         return None
     return names
@@ -156,18 +125,20 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         with warnings.catch_warnings():
             # A plain pickle (not torch's zip format) makes torch warn about its protocol before
             # the refusal below, which says all there is to say.
-            warnings.filterwarnings(
-                "ignore", message="Detected pickle protocol", category=UserWarning
-            )
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if _is_unsafe_global_refusal(e):
+        refused = (f"refused to load {path}: it contains non-tensor Python objects that a "
+                   "weights_only load will not unpickle, so it was refused for safety (nothing in "
+                   "it was executed).")
+        # Code execution in a pickle needs an import of a callable (GLOBAL/STACK_GLOBAL), so a
+        # refused global marks the file as unsafe; other failures may mean damaged bytes.
+        msg = str(e).lower()
+        if "weights only load failed" in msg and "global" in msg:
             raise CheckpointError(
-                f"refused to load {path}: it contains non-tensor Python objects that a "
-                "weights_only load will not unpickle, so it was refused for safety (nothing in "
-                "it was executed). Only load checkpoints written by gfldet, or re-save the "
-                f"weights as a plain state dict in a trusted environment. ({_short_reason(e)})"
-            ) from e
+                f"{refused} Only load checkpoints written by gfldet, or re-save the weights as a "
+                f"plain state dict in a trusted environment. ({_short_reason(e)})") from e
         globals_ = _scan_pickle_globals(path)
         if globals_ is not None:
             # Well-formed pickle the safe loader will not run (e.g. protocol-4 framing ahead
@@ -175,20 +146,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             foreign = [g for g in globals_ if not g.startswith(("torch.", "collections."))]
             shown = ", ".join(dict.fromkeys(foreign[:5])) or "pickle opcodes"
             raise CheckpointError(
-                f"refused to load {path}: it contains non-tensor Python objects that a "
-                "weights_only load will not unpickle, so it was refused for safety (nothing in "
-                f"it was executed). It references: {shown}. ({_short_reason(e)})"
-            ) from e
+                f"{refused} It references: {shown}. ({_short_reason(e)})") from e
         raise CheckpointError(
-            f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}"
-        ) from e
+            f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}") from e
     except Exception as e:
         # Truncated zip archives surface as RuntimeError from the stream reader, cut-short
         # legacy pickles as EOFError, random bytes as decode errors of many kinds.
         raise CheckpointError(
             f"checkpoint {path} is incomplete or corrupt (was the write interrupted?): "
-            f"{type(e).__name__}: {_short_reason(e)}"
-        ) from e
+            f"{type(e).__name__}: {_short_reason(e)}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return _to_current_format(obj, path)
@@ -201,26 +167,21 @@ def _to_current_format(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """`state` with its model (and EMA) keys in MODEL_FORMAT names, said once in the log when
     names were mapped. Files without a "model" entry (MMDetection's, bare state dicts) are left
     as they are; a format newer than this gfldet's is a CheckpointError naming both."""
-    if not isinstance(state.get("model"), Mapping):
-        return state
     version = state.get("model_format", 1)
-    if version == MODEL_FORMAT:
+    if not isinstance(state.get("model"), Mapping) or version == MODEL_FORMAT:
         return state
     if version != 1:
         raise CheckpointError(
             f"{path} holds model format {version!r}, written by another gfldet version; this one "
-            f"reads model formats 1 to {MODEL_FORMAT}. Load it with the gfldet that wrote it."
-        )
+            f"reads model formats 1 to {MODEL_FORMAT}. Load it with the gfldet that wrote it.")
     mapped = {k: format_1_to_current(state[k]) for k in ("model", "ema")
               if isinstance(state.get(k), Mapping)}
     renamed = [k for k, sd in mapped.items() if list(sd) != list(state[k])]
     if not renamed:
         return state
-    log.warning(
-        "%s: model format 1 (gfldet's module names before torchvision's and MMDetection's): "
-        "the keys of its %s are mapped to model format %d",
-        path, " and ".join(renamed), MODEL_FORMAT,
-    )
+    log.warning("%s: model format 1 (gfldet's module names before torchvision's and "
+                "MMDetection's): the keys of its %s are mapped to model format %d",
+                path, " and ".join(renamed), MODEL_FORMAT)
     return {**state, **mapped, "model_format": MODEL_FORMAT}
 
 
@@ -264,9 +225,8 @@ def format_1_to_current(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # What tools/train.py writes into a checkpoint, and --resume reads back.
-TRAINING_STATE = (
-    "model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "rng", "config"
-)
+TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "rng",
+                  "config")
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -295,13 +255,8 @@ def capture_rng_state() -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": [int(version), [int(v) for v in internal], gauss_next],
         # numpy's state holds an ndarray (refused by weights_only): store plain Python types.
-        "numpy": {
-            "kind": str(kind),
-            "keys": [int(k) for k in keys],
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
+        "numpy": {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
 
 
@@ -309,25 +264,17 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`; absent entries are left untouched."""
     if "torch" in state:
         torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
-    cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available():
+    if torch.cuda.is_available():
         # Resuming on a different GPU count: restore the devices both sides have.
-        for dev, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+        for dev, s in enumerate((state.get("cuda") or [])[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), dev)
     if "python" in state:
         version, internal, gauss_next = state["python"]
         random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
     if "numpy" in state:
         n = state["numpy"]
-        np.random.set_state(
-            (
-                n["kind"],
-                np.asarray(n["keys"], dtype=np.uint32),
-                int(n["pos"]),
-                int(n["has_gauss"]),
-                float(n["cached_gaussian"]),
-            )
-        )
+        np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]),
+                             int(n["has_gauss"]), float(n["cached_gaussian"])))
 
 
 # --------------------------------------------------------------------------- model weights
@@ -343,12 +290,8 @@ def _fmt_list(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
-def load_model_weights(
-    model: nn.Module,
-    state_dict: Mapping[str, Any],
-    strict: bool = True,
-    source: str | Path | None = None,
-) -> dict[str, list[str]]:
+def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
+                       source: str | Path | None = None) -> dict[str, list[str]]:
     """Load ``state_dict`` into ``model`` after checking keys and shapes (``source``: the file
     it came from, named in the error).
 
@@ -361,55 +304,35 @@ def load_model_weights(
     model_sd = model.state_dict()
     sd = dict(state_dict)
     # DDP-saved state dicts prefix every key with "module."; our models never do.
-    if (
-        sd
-        and all(k.startswith("module.") for k in sd)
-        and not any(k.startswith("module.") for k in model_sd)
-    ):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    if (sd and all(k.startswith("module.") for k in sd)
+            and not any(k.startswith("module.") for k in model_sd)):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
 
-    missing = [k for k in model_sd if k not in sd]
-    unexpected = [k for k in sd if k not in model_sd]
-    matched: dict[str, Any] = {}
-    mismatched: list[str] = []
-    for k, v in sd.items():
-        if k not in model_sd:
-            continue
-        ck_shape, m_shape = _shape(v), _shape(model_sd[k])
-        if ck_shape != m_shape:
-            mismatched.append(f"{k}: checkpoint {ck_shape} vs model {m_shape}")
-        else:
-            matched[k] = v
-
+    matched = {k: v for k, v in sd.items() if k in model_sd and _shape(v) == _shape(model_sd[k])}
     report = {
         "loaded": list(matched),
-        "missing": missing,
-        "unexpected": unexpected,
-        "mismatched": mismatched,
+        "missing": [k for k in model_sd if k not in sd],
+        "unexpected": [k for k in sd if k not in model_sd],
+        "mismatched": [f"{k}: checkpoint {_shape(v)} vs model {_shape(model_sd[k])}"
+                       for k, v in sd.items() if k in model_sd and k not in matched],
     }
-    if strict and (missing or unexpected or mismatched):
+    titles = {"mismatched": "shape mismatches", "missing": "missing in checkpoint",
+              "unexpected": "unexpected in checkpoint"}
+    if strict and any(report[key] for key in titles):
         parts = [f"the weights in {source} do not match the model:" if source is not None
                  else "state dict does not match the model:"]
-        if mismatched:
-            parts.append(_fmt_list("shape mismatches", mismatched))
-        if missing:
-            parts.append(_fmt_list("missing in checkpoint", missing))
-        if unexpected:
-            parts.append(_fmt_list("unexpected in checkpoint", unexpected))
+        parts += [_fmt_list(title, report[key]) for key, title in titles.items() if report[key]]
         if not matched and any(k in sd for k in ("model", "state_dict")):
             parts.append(
-                "  hint: this looks like a full training checkpoint; pass checkpoint['model']."
-            )
+                "  hint: this looks like a full training checkpoint; pass checkpoint['model'].")
         if list(format_1_to_current(sd)) != list(sd):
             parts.append(
                 f"  hint: these are model format 1 names (gfldet's before format {MODEL_FORMAT}); "
                 "read the file with load_checkpoint, which maps them, or map them with "
-                "format_1_to_current."
-            )
+                "format_1_to_current.")
         parts.append(
             "To load only the matching weights (e.g. fine-tuning with a different number of "
-            "classes) use --load-from, which calls load_model_weights(..., strict=False)."
-        )
+            "classes) use --load-from, which calls load_model_weights(..., strict=False).")
         raise CheckpointError("\n".join(parts))
 
     # strict=False here is safe: we already filtered to the exact matching keys/shapes.
@@ -420,43 +343,32 @@ def load_model_weights(
 # --------------------------------------------------------------------------- work_dir helpers
 
 
-def _epoch_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every ``epoch_N.pth`` in ``work_dir``, sorted by epoch."""
-    if not work_dir.is_dir():
-        return []
-    found = []
-    for p in work_dir.glob("epoch_*.pth"):
-        m = _EPOCH_RE.fullmatch(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+def _epoch_checkpoints(work_dir: Path) -> list[Path]:
+    """Every ``epoch_N.pth`` in ``work_dir``, sorted by N."""
+    found = [(int(m[1]), p) for p in Path(work_dir).glob("epoch_*.pth")
+             if (m := _EPOCH_RE.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def find_latest_checkpoint(work_dir: str | Path) -> Path | None:
     """``work_dir/last.pth`` if present, else the ``epoch_N.pth`` with the largest N."""
-    work_dir = Path(work_dir)
-    last = work_dir / "last.pth"
+    last = Path(work_dir) / "last.pth"
     return last if last.is_file() else latest_epoch_checkpoint(work_dir)
 
 
 def latest_epoch_checkpoint(work_dir: str | Path) -> Path | None:
     """The ``epoch_N.pth`` in ``work_dir`` with the largest N: the newest one written at the end
     of an epoch (``last.pth`` may be mid-epoch)."""
-    epochs = _epoch_checkpoints(Path(work_dir))
-    return epochs[-1][1] if epochs else None
+    epochs = _epoch_checkpoints(work_dir)
+    return epochs[-1] if epochs else None
 
 
 def prune_checkpoints(work_dir: str | Path, keep: int) -> list[Path]:
-    """Delete the oldest ``epoch_N.pth`` beyond the newest ``keep`` (keep<=0 keeps all).
-
-    ``last.pth`` and ``best.pth`` are never touched. Returns the deleted paths.
-    """
+    """Delete the oldest ``epoch_N.pth`` beyond the newest ``keep`` (keep<=0 keeps all);
+    ``last.pth`` and ``best.pth`` are never touched. Returns the deleted paths."""
     if keep <= 0:
         return []
-    epochs = _epoch_checkpoints(Path(work_dir))
-    removed: list[Path] = []
-    for _, p in epochs[: max(0, len(epochs) - keep)]:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-        removed.append(p)
+    removed = _epoch_checkpoints(work_dir)[:-keep]
+    for p in removed:
+        p.unlink(missing_ok=True)
     return removed

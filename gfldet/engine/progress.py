@@ -101,9 +101,7 @@ class Progress:
                   force: bool = False) -> dict[str, float] | None:
         """Log after iteration `it` (0-based) if it is the first, a multiple of the interval, or
         `force`d; returns the logged scalars."""
-        if not force and it > 0 and (it + 1) % self.interval:
-            return None
-        if self.iters == 0:
+        if (not force and it > 0 and (it + 1) % self.interval) or self.iters == 0:
             return None
         elapsed = time.perf_counter() - self.tic
         sec_per_iter = elapsed / self.iters
@@ -120,19 +118,14 @@ class Progress:
             "train/images_per_s": self.images_per_iter / sec_per_iter,
             "train/memory_mib": peak_memory_mib(self.device),
         })
-        eta = self._eta(sec_per_iter, it + 1)
         losses = " ".join(f"{k.removeprefix('train/')}: {v:.4f}" for k, v in scalars.items()
                           if k.startswith("train/loss"))
-        grad = ""
-        if "train/grad_norm" in scalars:
-            grad = f" grad_norm: {scalars['train/grad_norm']:.3f}"
-        log.info(
-            "epoch [%d/%d][%d/%d] lr: %.3e %s%s  time: %.3f s/it (data %.3f)  %.1f img/s  "
-            "eta: %s  mem: %.0f MiB",
-            epoch + 1, epochs, batch + 1, batches, lr, losses or "(every step skipped)", grad,
-            sec_per_iter, scalars["train/data_time"], scalars["train/images_per_s"], eta,
-            scalars["train/memory_mib"],
-        )
+        grad = f" grad_norm: {scalars['train/grad_norm']:.3f}" if self.count else ""
+        log.info("epoch [%d/%d][%d/%d] lr: %.3e %s%s  time: %.3f s/it (data %.3f)  %.1f img/s  "
+                 "eta: %s  mem: %.0f MiB", epoch + 1, epochs, batch + 1, batches, lr,
+                 losses or "(every step skipped)", grad, sec_per_iter, scalars["train/data_time"],
+                 scalars["train/images_per_s"], self._eta(sec_per_iter, it + 1),
+                 scalars["train/memory_mib"])
         if self.scalars is not None:
             self.scalars.write(it + 1, epoch + 1, scalars)
         self.sums, self.grad_norm_sum, self.count, self.iters, self.data_time = {}, 0.0, 0, 0, 0.0

@@ -46,11 +46,6 @@ class RunSetup:
     batch_size: int
     iters_per_epoch: int | None
 
-    def record(self) -> dict[str, int | None]:
-        """The checkpoint entries of this setup."""
-        return {"world_size": self.world_size, "batch_size": self.batch_size,
-                "iters_per_epoch": self.iters_per_epoch}
-
     def changes(self, new: RunSetup) -> list[str]:
         """`key old -> new` for every part of the setup that `new` changes."""
         out = []
@@ -109,16 +104,16 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
     saved = config_from_dict(state["config"], str(path))
     old, new = config_to_dict(saved), config_to_dict(cfg)
     model = config_changes(old["model"], new["model"], "model")
-    free = {k: v for k, v in model.items() if any(k.startswith(p) for p in FREE_MODEL_KEYS)}
-    if len(free) < len(model):
-        fixed_model = {k: v for k, v in model.items() if k not in free}
+    why_free = {k: next((why for prefix, why in FREE_MODEL_KEYS.items() if k.startswith(prefix)),
+                        None) for k in model}
+    fixed_model = {k: v for k, v in model.items() if why_free[k] is None}
+    if fixed_model:
         raise ConfigError(
             f"{path} was trained with another model: {_text(fixed_model)}. A resume continues the "
             "same run: use the checkpoint's values, or start a new run from its weights with "
             f"--load-from {path}")
-    for key, change in free.items():
-        why = next(why for prefix, why in FREE_MODEL_KEYS.items() if key.startswith(prefix))
-        log.info("resume: %s (%s)", _text({key: change}), why)
+    for key, change in model.items():
+        log.info("resume: %s (%s)", _text({key: change}), why_free[key])
 
     optim = config_changes(old["optim"], new["optim"], "optim")
     fixed = {k: v for k, v in optim.items() if k not in LR_KEYS + FREE_OPTIM_KEYS}
@@ -133,12 +128,12 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
 
     schedule = config_changes(old["schedule"], new["schedule"], "schedule")
     schedule.update({k: v for k, v in optim.items() if k in LR_KEYS})
-    if schedule and not allow_schedule_change:
-        raise ConfigError(
-            f"the config's schedule differs from the one {path} was trained with "
-            f"({_text(schedule)}). Resume with the same schedule, or pass "
-            "--allow-schedule-change to continue on the new one.")
     if schedule:
+        if not allow_schedule_change:
+            raise ConfigError(
+                f"the config's schedule differs from the one {path} was trained with "
+                f"({_text(schedule)}). Resume with the same schedule, or pass "
+                "--allow-schedule-change to continue on the new one.")
         log.warning("schedule changed on resume (--allow-schedule-change): %s", _text(schedule))
     setup_changed = check_setup(state, saved, path, setup)
     return bool(schedule) or setup_changed
@@ -156,9 +151,8 @@ def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool
         if (n, before.batch_size) == (setup.world_size, setup.batch_size):
             same = "the same training images, so that the epoch has as many batches as before"
         else:
-            launch = "without torchrun"
-            if n > 1:
-                launch = f"torchrun --nproc_per_node {n}, or {n} over several machines"
+            launch = (f"torchrun --nproc_per_node {n}, or {n} over several machines" if n > 1
+                      else "without torchrun")
             same = f"{n} process(es) ({launch}) and data.batch_size={before.batch_size}"
         raise ConfigError(
             f"{path} stopped in the middle of epoch {epoch + 1} (after {batch} batches) with {n} "

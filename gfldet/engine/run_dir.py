@@ -30,22 +30,20 @@ class RunDirError(RuntimeError):
     """The run folder holds an earlier run, and neither --resume nor --overwrite was given."""
 
 
+def _files(work_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The files in `work_dir` (none if it is not a folder) matching any of `patterns`, sorted."""
+    return sorted({p for pattern in patterns for p in work_dir.glob(pattern) if p.is_file()})
+
+
 def earlier_run_files(work_dir: Path) -> list[Path]:
     """The files that show `work_dir` holds a run (empty for a new or unused folder)."""
-    if not work_dir.is_dir():
-        return []
-    found = {p for pattern in _RUN_EVIDENCE for p in work_dir.glob(pattern) if p.is_file()}
-    scalars = work_dir / "scalars.jsonl"
-    if scalars in found and scalars.stat().st_size == 0:
-        found.discard(scalars)
-    return sorted(found)
+    scalars = work_dir / "scalars.jsonl"  # an empty one: the run logged no step
+    return [p for p in _files(work_dir, _RUN_EVIDENCE) if p != scalars or p.stat().st_size > 0]
 
 
 def remove_stale_temporaries(work_dir: Path) -> list[Path]:
     """Delete the temporary files a process killed mid-save left in `work_dir`; returns them."""
-    if not work_dir.is_dir():
-        return []
-    stale = sorted(p for pattern in _STALE_PATTERNS for p in work_dir.glob(pattern) if p.is_file())
+    stale = _files(work_dir, _STALE_PATTERNS)
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

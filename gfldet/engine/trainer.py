@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -59,7 +59,7 @@ from gfldet.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from gfldet.engine.coco_eval import write_metrics_json
+from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
 from gfldet.engine.ema import build_ema
 from gfldet.engine.evaluator import evaluate
 from gfldet.engine.precision import Precision, resolve_precision
@@ -94,15 +94,15 @@ def setup_logging(work_dir: Path | None) -> None:
 def init_distributed(device_setting: str) -> torch.device:
     """Join the torchrun process group if launched by torchrun, and pick this process's device."""
     use_cuda = torch.cuda.is_available() and device_setting != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
-        backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     if use_cuda:
         if device_setting.startswith("cuda:"):
             return torch.device(device_setting)
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_rank)
     if device_setting.startswith("cuda"):
         raise RuntimeError(f"train.device is {device_setting!r} but CUDA is not available; "
                            "use 'auto' or 'cpu'")
@@ -179,7 +179,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         raise ConfigError(str(err)) from None
     rank, world = get_rank(), get_world_size()
     work_dir = Path(work_dir)
-    check_start(work_dir, resume, overwrite, load_from)  # before anything is built or removed
+    resume_from = check_start(work_dir, resume, overwrite, load_from)  # before anything is built
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
@@ -196,7 +196,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
 
     # Both splits are checked before anything is trained; val first, as it is usually the smaller.
     # The run folder keeps each split's check results, so a --resume decodes only changed files.
-    val_set = None
+    val_set = val_loader = None
     if cfg.train.eval_interval > 0:
         val_set = build_dataset(cfg, "val", work_dir / CHECK_CACHE_DIR / "val.json")
     train_set = build_dataset(cfg, "train", work_dir / CHECK_CACHE_DIR / "train.json")
@@ -209,17 +209,12 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                            + "\n".join(f"  - {p}" for p in problems)
                            + "\nRun tools/check_dataset.py CONFIG for the full report.")
     d = cfg.data
-    train_loader = build_dataloader(
-        train_set, d.batch_size, d.num_workers, train=True, seed=cfg.train.seed,
-        distributed=is_distributed(), aspect_ratio_grouping=d.aspect_ratio_grouping,
-        size_divisor=d.size_divisor,
-    )
-    val_loader = None
+    loader_args = {"num_workers": d.num_workers, "seed": cfg.train.seed,
+                   "distributed": is_distributed(), "size_divisor": d.size_divisor}
+    train_loader = build_dataloader(train_set, d.batch_size, train=True,
+                                    aspect_ratio_grouping=d.aspect_ratio_grouping, **loader_args)
     if val_set is not None:
-        val_loader = build_dataloader(
-            val_set, d.val_batch_size, d.num_workers, train=False, seed=cfg.train.seed,
-            distributed=is_distributed(), size_divisor=d.size_divisor,
-        )
+        val_loader = build_dataloader(val_set, d.val_batch_size, train=False, **loader_args)
     iters_per_epoch = len(train_loader.batch_sampler)
     log.info("%d training images, %d iterations per epoch", len(train_set), iters_per_epoch)
 
@@ -237,17 +232,14 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, total_batch))
     scheduler = build_lr_scheduler(optimizer, cfg.schedule, iters_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = None
-    if cfg.train.ema:
-        ema = build_ema(model, cfg.train.ema_decay, cfg.train.ema_warmup_iters)
+    ema = (build_ema(model, cfg.train.ema_decay, cfg.train.ema_warmup_iters) if cfg.train.ema
+           else None)
 
     run = RunState()
     setup = RunSetup(world, d.batch_size, iters_per_epoch)
-    if resume:
-        path = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
-        assert path is not None, "check_start refuses --resume in a folder without a checkpoint"
-        state = load_training_checkpoint(path)
-        rebuild_schedule = check_resumable(cfg, state, path, allow_schedule_change, setup)
+    if resume_from is not None:
+        state = load_training_checkpoint(resume_from)
+        rebuild_schedule = check_resumable(cfg, state, resume_from, allow_schedule_change, setup)
         base_lrs = list(scheduler.base_lrs)  # this run's, for its total batch
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -265,8 +257,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
             restore_rng_state(rng)
         elif rank < len(rng):  # a process the checkpoint had not keeps its seed, train.seed + rank
             restore_rng_state(rng[rank])
-        log.info("resumed from %s at epoch %d, batch %d (iteration %d)", path, run.epoch, run.batch,
-                 run.epoch * iters_per_epoch + run.batch)
+        log.info("resumed from %s at epoch %d, batch %d (iteration %d)", resume_from, run.epoch,
+                 run.batch, run.epoch * iters_per_epoch + run.batch)
     if is_main_process():  # only now: a refused resume leaves the run's config.yaml as it was
         dump_config(cfg, work_dir / "config.yaml")
 
@@ -284,7 +276,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     loop = TrainLoop(train_model, ema, optimizer, scheduler, scaler, dtype, device, cfg, progress)
 
     def checkpoint(names: list[str]) -> None:
-        rng_states = gather_rng_states()  # a collective: every rank calls it
+        # Every rank's RNG state, for a resume to restore each (a collective: every rank calls it).
+        rng_states = all_gather_objects(capture_rng_state())
         if not is_main_process():
             return
         state = {
@@ -298,7 +291,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
             "batch": run.batch,
             "iteration": run.epoch * iters_per_epoch + run.batch,
             "best_ap": run.best_ap,
-            **setup.record(),  # what the position means: processes x images per process
+            **asdict(setup),  # what the position means: processes x images per process
             "rng": rng_states,
             "config": config_to_dict(cfg),
             # What the labels mean, so predict/export need not find the annotation file again.
@@ -337,10 +330,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                     if is_main_process():
                         write_metrics_json({"epoch": run.epoch, **metrics},
                                            work_dir / f"metrics_epoch_{run.epoch}.json")
-                        keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s",
-                                "bbox_mAP_m", "bbox_mAP_l")
                         scalars.write(run.epoch * iters_per_epoch, run.epoch,
-                                      {f"val/{k}": metrics[k] for k in keys})
+                                      {f"val/{k}": metrics[k] for k in STAT_NAMES[:6]})  # APs
                         log.info("epoch %d: bbox AP %.4f AP50 %.4f AP75 %.4f", run.epoch,
                                  metrics["bbox_mAP"], metrics["bbox_mAP_50"],
                                  metrics["bbox_mAP_75"])
@@ -376,27 +367,28 @@ def write_run_report(work_dir: Path, cfg: Config, coco_eval, dataset) -> None:
 
 
 def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
-                load_from: str | None) -> None:
+                load_from: str | None) -> Path | None:
     """What the command line names, checked before anything is built, written or removed: the
-    run folder is a folder, and the checkpoint to resume from or to load exists."""
+    run folder is a folder, and the checkpoint to resume from or to load exists. Returns the
+    checkpoint to resume from."""
     if work_dir.exists() and not work_dir.is_dir():
         raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with "
                           "--work-dir DIR")
+    files = {}
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
-        path = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
-        if path is None:
+        files["--resume"] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
+        if files["--resume"] is None:
             raise RunDirError(
                 f"--resume: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to continue; "
                 "start without --resume, or name the checkpoint: --resume PATH")
+    if load_from is not None:
+        files["--load-from"] = load_from
+    for option, path in files.items():
         try:
             find_checkpoint_file(path)
         except FileNotFoundError as err:
-            raise CheckpointError(f"--resume: {err}") from None
-    if load_from is not None:
-        try:
-            find_checkpoint_file(load_from)
-        except FileNotFoundError as err:
-            raise CheckpointError(f"--load-from: {err}") from None
+            raise CheckpointError(f"{option}: {err}") from None
+    return files.get("--resume")
 
 
 def load_matching_weights(model: nn.Module, path: str) -> None:
@@ -428,11 +420,6 @@ def prepare_work_dir(work_dir: Path, resume: bool,
     if status == "refused":
         raise RunDirError(text)
     return text, stale
-
-
-def gather_rng_states() -> list[dict]:
-    """Every rank's RNG state (a collective under torchrun), for a resume to restore each."""
-    return all_gather_objects(capture_rng_state())
 
 
 # fp16 overflows in a row that stop a run: each halves the gradient scaler's scale, so by then it
@@ -481,10 +468,8 @@ class TrainLoop:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                     for k, v in t.items()} for t in targets]
-        autocast = nullcontext()
-        if self.dtype is not None:
-            autocast = torch.autocast(self.device.type, dtype=self.dtype)
-        with autocast:
+        with (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+              else nullcontext()):
             losses = self.model(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -527,9 +512,8 @@ class TrainLoop:
                     "optim.grad_clip.")
 
         # Every iteration ends the scaler's step, taken or not: after unscale_, only update()
-        # readies it for the next one (else the next unscale_ raises). It backs the scale off when
-        # the gradients held inf/NaN, as a NaN loss's do: the overflow's rule, and a smaller scale
-        # is the safe side when the cause is unknown. A no-op without fp16.
+        # readies it for the next one (else the next unscale_ raises). It backs the scale off on
+        # inf/NaN gradients, as a NaN loss's are: the safe side when the cause is unknown.
         self.scaler.update()
         if stepped and self.ema is not None:
             ddp = isinstance(self.model, DistributedDataParallel)
