@@ -40,7 +40,11 @@ from torchvision.ops import box_iou
 
 from gfldet import assigner
 from gfldet.assigner import atss_assign
+from gfldet.config import DataConfig, PriorsConfig
 from gfldet.models.priors import Priors, make_priors, valid_prior_mask
+
+OCTAVE_BASE_SCALE = PriorsConfig().octave_base_scale  # the recipe's (gfldet.config)
+SIZE_DIVISOR = DataConfig().size_divisor  # the recipe's (gfldet.config)
 
 LEVEL_SIZES = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]  # 800x1344 at strides 8..128
 STRIDES = [8, 16, 32, 64, 128]
@@ -74,10 +78,11 @@ def loop_assign(priors: Priors, gt_boxes: Tensor, topk: int = 9) -> Tensor:
 
 
 def make_inputs(batch: int, boxes: int) -> tuple[Priors, Tensor, Tensor, Tensor]:
-    priors = make_priors(LEVEL_SIZES, STRIDES)
+    priors = make_priors(LEVEL_SIZES, STRIDES, OCTAVE_BASE_SCALE)
     gen = torch.Generator().manual_seed(boxes)
     gt = torch.stack([random_boxes(boxes, HEIGHT, WIDTH, gen) for _ in range(batch)])  # [B, G, 4]
-    valid = valid_prior_mask(priors, torch.tensor([[HEIGHT, WIDTH]] * batch))  # all True here
+    image_sizes = torch.tensor([[HEIGHT, WIDTH]] * batch)
+    valid = valid_prior_mask(priors, image_sizes, SIZE_DIVISOR)  # all True here
     return priors, gt, torch.ones(batch, boxes, dtype=torch.bool), valid
 
 
@@ -149,7 +154,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.batch, args.boxes[0])
         return
-    num_priors = make_priors(LEVEL_SIZES, STRIDES).boxes.shape[0]
+    num_priors = make_priors(LEVEL_SIZES, STRIDES, OCTAVE_BASE_SCALE).boxes.shape[0]
     print(f"machine: {machine()}; {allocator_line()}; batch {args.batch}, {HEIGHT}x{WIDTH}, "
           f"{num_priors} priors per image")
     if args.blocks:

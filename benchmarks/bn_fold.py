@@ -29,7 +29,7 @@ from common import (
 from torch import Tensor
 from train_step import train_step
 
-from gfldet.config import BackboneConfig, ModelConfig
+from gfldet.config import BackboneConfig, DataConfig, ModelConfig
 from gfldet.engine.build import build_model
 from gfldet.models.backbone import ResNetBackbone
 
@@ -48,7 +48,9 @@ def unfolded_forward(backbone: ResNetBackbone, images: Tensor) -> list[Tensor]:
 def build_pair() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     recipe = ModelConfig(num_classes=NUM_CLASSES, backbone=BackboneConfig(weights=None))
-    folded, unfolded = build_model(recipe), build_model(recipe)
+    size_divisor = DataConfig().size_divisor
+    folded = build_model(recipe, size_divisor=size_divisor)
+    unfolded = build_model(recipe, size_divisor=size_divisor)
     unfolded.load_state_dict(folded.state_dict())
     unfolded.backbone.forward = types.MethodType(unfolded_forward, unfolded.backbone)
     return {"folded": folded, "unfolded": unfolded}

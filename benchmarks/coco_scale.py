@@ -268,7 +268,8 @@ def child_memory(out: Path, workers: int, samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         worker_gc = WorkerGc(Path(tmp))
         loader = build_dataloader(dataset, batch_size=cfg.data.batch_size, num_workers=workers,
-                                  train=True, seed=0, distributed=False)
+                                  train=True, seed=0, distributed=False,
+                                  size_divisor=cfg.data.size_divisor)
         epoch = 0
         loader.batch_sampler.set_epoch(epoch)
         if hasattr(loader_mod, "freeze_heap_for_workers"):  # as the trainer does, where it exists

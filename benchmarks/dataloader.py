@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import machine, markdown_table, time_alternating
 
+from gfldet.config import DataConfig
 from gfldet.data import (
     CocoDetection,
     build_dataloader,
@@ -39,7 +40,7 @@ from gfldet.data import (
 def pass_seconds(dataset: CocoDetection, workers: int, batch: int, passes: int) -> list[float]:
     """Seconds of each timed pass over the whole dataset (after one warm-up pass)."""
     loader = build_dataloader(dataset, batch_size=batch, num_workers=workers, train=True, seed=0,
-                              distributed=False)
+                              distributed=False, size_divisor=DataConfig().size_divisor)
     times = []
     for epoch in range(passes + 1):
         loader.batch_sampler.set_epoch(epoch)  # new shuffle and flips each pass, as in training
@@ -77,7 +78,8 @@ def main() -> None:
         dataset = CocoDetection(image_dir, ann_file, transform=transform, filter_empty=True)
 
         times = {w: pass_seconds(dataset, w, args.batch, args.passes) for w in args.workers}
-        images, targets = collate([dataset[i] for i in range(args.batch)])
+        images, targets = collate([dataset[i] for i in range(args.batch)],
+                                  size_divisor=DataConfig().size_divisor)
     sizes = [t["image_size"] for t in targets]
     normalise = time_alternating({"normalize": lambda: normalize_batch(images, sizes)},
                                  repeats=7)["normalize"]

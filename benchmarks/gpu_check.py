@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from common import markdown_table, random_boxes
 
-from gfldet.config import Config, load_config
+from gfldet.config import Config, DataConfig, load_config
 from gfldet.data import (
     CocoDetection,
     build_transforms,
@@ -170,7 +170,7 @@ def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, seed: i
                   "labels": torch.randint(0, num_classes, (BOXES_PER_IMAGE,), generator=gen),
                   "image_size": (h, w), "image_id": i}
         samples.append((image, target))
-    return collate(samples)
+    return collate(samples, size_divisor=DataConfig().size_divisor)
 
 
 def time_step(cfg: Config, device: torch.device, steps: int, warmup: int,
@@ -182,7 +182,7 @@ def time_step(cfg: Config, device: torch.device, steps: int, warmup: int,
     reset_peak(device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # also cudnn.benchmark, as train()
     dtype = resolve_precision(cfg.train.amp, device).dtype
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, size_divisor=cfg.data.size_divisor).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)

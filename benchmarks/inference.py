@@ -38,7 +38,7 @@ from common import (
 )
 from torch import nn
 
-from gfldet.config import BackboneConfig, DGQPConfig, HeadConfig, ModelConfig
+from gfldet.config import BackboneConfig, DataConfig, DGQPConfig, HeadConfig, ModelConfig
 from gfldet.data import IMAGENET_MEAN, IMAGENET_STD
 from gfldet.engine.build import build_model
 from gfldet.models.detector import GFL
@@ -114,7 +114,8 @@ def main() -> None:
     padded = (-(-height // 32) * 32, -(-width // 32) * 32)  # 800x1333 -> 800x1344
 
     torch.manual_seed(0)
-    gfl = build_model(ModelConfig(backbone=BackboneConfig(weights=None))).eval()  # 80 classes
+    gfl = build_model(ModelConfig(backbone=BackboneConfig(weights=None)),  # 80 classes
+                      size_divisor=DataConfig().size_divisor).eval()
     if args.gflv2:
         compare_gflv2(gfl, args, height, width, padded)
         return
@@ -145,7 +146,8 @@ def compare_gflv2(
     gfl: GFL, args: argparse.Namespace, height: int, width: int, padded: tuple[int, int]
 ) -> None:
     gflv2 = build_model(ModelConfig(backbone=BackboneConfig(weights=None),
-                                    head=HeadConfig(dgqp=DGQPConfig()))).eval()
+                                    head=HeadConfig(dgqp=DGQPConfig())),
+                        size_divisor=DataConfig().size_divisor).eval()
     # the same trunk and head weights; only DGQP keeps its initialisation
     missing, unexpected = gflv2.load_state_dict(gfl.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("head.reg_conf.") for k in missing)

@@ -37,10 +37,14 @@ from common import (
 )
 from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
 
+from gfldet.config import DataConfig, PriorsConfig
 from gfldet.losses import quality_focal_loss
 from gfldet.models.criterion import LossSettings, gfl_loss, pad_targets
 from gfldet.models.head import Integral
 from gfldet.models.priors import make_priors, valid_prior_mask
+
+OCTAVE_BASE_SCALE = PriorsConfig().octave_base_scale  # the recipe's (gfldet.config)
+SIZE_DIVISOR = DataConfig().size_divisor  # the recipe's (gfldet.config)
 
 STRIDES = [8, 16, 32, 64, 128]
 NUM_CLASSES = 80
@@ -58,9 +62,9 @@ def level_sizes(size: int) -> list[tuple[int, int]]:
 
 def gfl_entrant(batch: int, size: int, targets: list[dict]):
     sizes = level_sizes(size)
-    priors = make_priors(sizes, STRIDES)
+    priors = make_priors(sizes, STRIDES, OCTAVE_BASE_SCALE)
     num = priors.boxes.shape[0]
-    valid = valid_prior_mask(priors, torch.tensor([[size, size]] * batch))
+    valid = valid_prior_mask(priors, torch.tensor([[size, size]] * batch), SIZE_DIVISOR)
     cls = torch.randn(batch, num, NUM_CLASSES).mul_(0.5).sub_(4.0).requires_grad_()
     reg = torch.randn(batch, num, 68).requires_grad_()
     integral = Integral(16)

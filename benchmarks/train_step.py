@@ -35,7 +35,7 @@ from common import (
 )
 from torch import nn
 
-from gfldet.config import BackboneConfig, ModelConfig
+from gfldet.config import BackboneConfig, DataConfig, ModelConfig
 from gfldet.data import IMAGENET_MEAN, IMAGENET_STD
 from gfldet.engine.build import build_model
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     recipe = ModelConfig(num_classes=NUM_CLASSES, backbone=BackboneConfig(weights=None))
-    gfl = build_model(recipe).train()
+    gfl = build_model(recipe, size_divisor=DataConfig().size_divisor).train()
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     gfl_images = (pixels * 255 - mean) / std  # what the data loader hands the model

@@ -173,7 +173,8 @@ def build_torchvision_detector(kind: str, model_cfg: ModelConfig, data_cfg: Data
     if retinanet_anchors not in RETINANET_ANCHORS:
         raise ValueError(f"retinanet_anchors must be one of {RETINANET_ANCHORS}, got "
                          f"{retinanet_anchors!r}")
-    gfl = build_model(model_cfg)  # first, so that a seed gives the GFL entrants' trunk weights
+    # first, so that a seed gives the GFL entrants' trunk weights (only the trunk is used)
+    gfl = build_model(model_cfg, size_divisor=DataConfig().size_divisor)
     pyramid = PyramidAdapter(gfl.backbone, gfl.neck)
     num_classes, convs, test = model_cfg.num_classes, model_cfg.head.stacked_convs, model_cfg.test
     if pyramid.out_channels != model_cfg.head.feat_channels:

@@ -36,7 +36,7 @@ def _box_block(num_images: int, num_priors: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, gt_mask: Tensor,
-                topk: int = 9, valid_mask: Tensor | None = None) -> Tensor:
+                topk: int, valid_mask: Tensor | None = None) -> Tensor:
     """Assign each prior of each image to a ground-truth box, or to background.
 
     Args:

@@ -197,7 +197,7 @@ def gfldet_key(mmdet_key: str) -> str | None:
 
 
 def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[str, Tensor],
-                       reg_max: int = 16) -> tuple[dict[str, Tensor], ConversionReport]:
+                       reg_max: int) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map `mmdet_state` onto the keys and shapes of `target_state` (a gfldet model's state dict).
 
     Raises ConversionError listing every MMDetection key gfldet's model has no place for

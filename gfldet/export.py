@@ -172,7 +172,7 @@ def letterbox(images: Sequence[np.ndarray], height: int, width: int) -> Batch:
     return normalize_batch(out, [t["image_size"] for t in targets]), targets
 
 
-def verification_inputs(images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32,
+def verification_inputs(images: Sequence[np.ndarray], transform: Any, size_divisor: int,
                         shape: tuple[int, int] | None = None) -> list[Batch]:
     """Batches to check an export on: each image alone at its test-time size (padded to
     `size_divisor`), then a batch of two images of different sizes, so that each is padded

@@ -109,7 +109,7 @@ def build_inference_model(cfg: Config) -> GFL:
     """`build_model` without fetching ImageNet backbone weights (the checkpoint replaces them)."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.backbone.weights = None
-    return build_model(model_cfg).eval()
+    return build_model(model_cfg, size_divisor=cfg.data.size_divisor).eval()
 
 
 def class_names_for(cfg: Config, state: Mapping[str, Any] | None = None) -> list[str]:
@@ -187,7 +187,7 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
 # --------------------------------------------------------------------------- detector
 
 
-def prepare_batch(images: Sequence[np.ndarray], transform: Any, size_divisor: int = 32,
+def prepare_batch(images: Sequence[np.ndarray], transform: Any, size_divisor: int,
                   device: str | torch.device = "cpu") -> tuple[Tensor, list[dict[str, Any]]]:
     """uint8 RGB arrays -> (normalised batch [B, 3, H', W'] on `device`, zero-padded to
     `size_divisor`, and one target per image with `image_size` (resized, unpadded) and
@@ -214,8 +214,8 @@ class Detector:
             images to a common size, which changes features near the padding slightly.
     """
 
-    def __init__(self, model: GFL, short_side: int = 800, max_size: int = 1333,
-                 size_divisor: int = 32, class_names: Sequence[str] | None = None,
+    def __init__(self, model: GFL, short_side: int, max_size: int,
+                 size_divisor: int, class_names: Sequence[str] | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 1) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

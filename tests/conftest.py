@@ -108,7 +108,7 @@ def build_from_options(*options: str):
     from gfldet.engine.build import build_model
 
     cfg = config_from_dict({}, overrides=["model.backbone.weights=null", *options])
-    return build_model(cfg.model)
+    return build_model(cfg.model, size_divisor=cfg.data.size_divisor)
 
 
 def checked_dataset(image_dir, ann_file, transform=None, **options):

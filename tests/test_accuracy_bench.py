@@ -32,7 +32,7 @@ def tiny_cfg(tiny_coco):
 def first_batch(cfg, split: str):
     train = split == "train"
     loader = build_dataloader(build_dataset(cfg, split), 4, 0, train=train, seed=0,
-                              distributed=False)
+                              distributed=False, size_divisor=32)
     if train:
         loader.batch_sampler.set_epoch(0)
     return next(iter(loader))
@@ -125,7 +125,7 @@ def test_eval_boxes_are_torchvision_boxes_mapped_like_gfldet(tiny_cfg):
 
 def test_torchvision_entrants_share_the_gfl_trunk_initialisation(tiny_cfg):
     torch.manual_seed(5)
-    gfl = build_model(tiny_cfg.model)
+    gfl = build_model(tiny_cfg.model, size_divisor=tiny_cfg.data.size_divisor)
     torch.manual_seed(5)
     tv = build_torchvision_detector("retinanet", tiny_cfg.model, tiny_cfg.data)
     trunk = tv.detector.backbone

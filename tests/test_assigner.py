@@ -72,13 +72,13 @@ def test_centre_must_be_strictly_inside():
 
 
 def test_no_boxes_means_all_background():
-    priors = make_priors([(8, 8), (4, 4)], [8, 16])
+    priors = make_priors([(8, 8), (4, 4)], [8, 16], octave_base_scale=8)
     out = atss_assign(priors.boxes, priors.num_per_level, torch.zeros(2, 0, 4),
-                      torch.zeros(2, 0, dtype=torch.bool))
+                      torch.zeros(2, 0, dtype=torch.bool), topk=9)
     assert out.shape == (2, 80) and (out == -1).all()
     # Padding-only boxes behave the same.
     out = atss_assign(priors.boxes, priors.num_per_level, torch.rand(2, 3, 4),
-                      torch.zeros(2, 3, dtype=torch.bool))
+                      torch.zeros(2, 3, dtype=torch.bool), topk=9)
     assert (out == -1).all()
 
 
@@ -97,7 +97,7 @@ def test_batched_equals_per_image_reference(seed, one_box_blocks, monkeypatch):
     gen = torch.Generator().manual_seed(seed)
     # A 200x328 batch: P7 has 2x3 = 6 priors, fewer than top-k = 9.
     sizes = [(25, 41), (13, 21), (7, 11), (4, 6), (2, 3)]
-    priors = make_priors(sizes, [8, 16, 32, 64, 128])
+    priors = make_priors(sizes, [8, 16, 32, 64, 128], octave_base_scale=8)
     image_sizes = torch.tensor([[200, 328], [150, 200], [97, 300]])
     counts = [7, 0, 12]
     gt = torch.zeros(3, 12, 4)
@@ -105,7 +105,7 @@ def test_batched_equals_per_image_reference(seed, one_box_blocks, monkeypatch):
     for i, (n, (h, w)) in enumerate(zip(counts, image_sizes.tolist(), strict=True)):
         gt[i, :n] = random_boxes(gen, n, h, w)
         mask[i, :n] = True
-    valid = valid_prior_mask(priors, image_sizes)
+    valid = valid_prior_mask(priors, image_sizes, size_divisor=32)
     batched = atss_assign(priors.boxes, priors.num_per_level, gt, mask, topk=9, valid_mask=valid)
     for i, n in enumerate(counts):
         keep = valid[i]
@@ -121,9 +121,10 @@ def test_batched_equals_per_image_reference(seed, one_box_blocks, monkeypatch):
 def test_level_with_fewer_priors_than_topk():
     # A 64x64 input: P6 is 1x1 and P7 1x1, fewer than 9 priors each.
     sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
-    priors = make_priors(sizes, [8, 16, 32, 64, 128])
+    priors = make_priors(sizes, [8, 16, 32, 64, 128], octave_base_scale=8)
     gt = torch.tensor([[[10.0, 10.0, 60.0, 50.0]]])
-    out = atss_assign(priors.boxes, priors.num_per_level, gt, torch.ones(1, 1, dtype=torch.bool))
+    out = atss_assign(priors.boxes, priors.num_per_level, gt, torch.ones(1, 1, dtype=torch.bool),
+                      topk=9)
     expected = reference_atss(priors.boxes, priors.num_per_level, gt[0])
     assert torch.equal(out[0], expected) and (out >= 0).any()
 
@@ -131,14 +132,14 @@ def test_level_with_fewer_priors_than_topk():
 def test_thousand_boxes_at_full_resolution():
     # 800x1344 (22,400 priors), two images, 1,000 boxes each: runs without a per-box loop.
     sizes = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
-    priors = make_priors(sizes, [8, 16, 32, 64, 128])
+    priors = make_priors(sizes, [8, 16, 32, 64, 128], octave_base_scale=8)
     gen = torch.Generator().manual_seed(0)
     gt = torch.stack([random_boxes(gen, 1000, 800, 1344) for _ in range(2)])
     mask = torch.ones(2, 1000, dtype=torch.bool)
-    out = atss_assign(priors.boxes, priors.num_per_level, gt, mask)
+    out = atss_assign(priors.boxes, priors.num_per_level, gt, mask, topk=9)
     assert out.shape == (2, 22400)
     assert out.max() < 1000 and (out >= 0).sum() > 1000
     assert assigner._box_block(2, 16800, torch.device("cpu")) < 1000  # P3's distances in blocks
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(assigner, "CPU_BLOCK_ELEMENTS", 2 * 1000 * 16800)  # one block per level
-        assert torch.equal(atss_assign(priors.boxes, priors.num_per_level, gt, mask), out)
+        assert torch.equal(atss_assign(priors.boxes, priors.num_per_level, gt, mask, topk=9), out)

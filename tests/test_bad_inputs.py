@@ -926,7 +926,8 @@ def test_an_unreadable_val_image_is_left_out_of_the_score_not_scored_as_missed(
     dataset = build_dataset(cfg, "val")
     if when == "after the check":
         missing.unlink()  # e.g. a network drive gone between the check and the evaluation
-    loader = build_dataloader(dataset, 2, 0, train=False, seed=0, distributed=False)
+    loader = build_dataloader(dataset, 2, 0, train=False, seed=0, distributed=False,
+                              size_divisor=32)
     with caplog.at_level(logging.WARNING, logger="gfldet"):
         metrics = evaluate(PerfectDetector(dataset), loader, torch.device("cpu"))
     # Scored as a miss, category 7 would have AP 0 and the mean 0.5.

@@ -375,8 +375,24 @@ def test_dirac_init_distance_reaches_the_head(options, expected):
 
     cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml",
                       ["model.head.box_repr=dirac", "model.loss.dfl_weight=0", *options])
-    head = build_model(cfg.model).head
+    head = build_model(cfg.model, size_divisor=cfg.data.size_divisor).head
     assert head.box_repr == "dirac" and torch.equal(head.gfl_reg.bias, torch.full((4,), expected))
+
+
+@pytest.mark.parametrize("size_divisor", [32, 64])
+def test_data_size_divisor_reaches_the_model(size_divisor):
+    """The model marks priors valid inside each image padded to `data.size_divisor`, the padding
+    the loader applies (before, the model kept its own 32 whatever the config said)."""
+    from gfldet.inference import build_inference_model
+    from gfldet.models.priors import make_priors, valid_prior_mask
+
+    cfg = load_config(CONFIGS / "demo_synthetic_cpu.yaml", [f"data.size_divisor={size_divisor}"])
+    model = build_inference_model(cfg)
+    assert model.size_divisor == size_divisor
+    priors = make_priors([(8, 8), (4, 4)], [8, 16], cfg.model.priors.octave_base_scale)
+    valid = valid_prior_mask(priors, torch.tensor([[30, 30]]), model.size_divisor)
+    # a 30 x 30 image padded to 64 covers every prior of the 64 x 64 grid, padded to 32 not
+    assert valid.all().item() == (size_divisor == 64)
 
 
 def test_cosine_ignores_milestones():

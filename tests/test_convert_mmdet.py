@@ -94,7 +94,8 @@ def mmdet_gfl_state_dict(
 def r50():
     torch.manual_seed(0)
     mmdet = mmdet_gfl_state_dict()
-    model = build_model(config_from_settings(infer_model_settings(mmdet)).model).eval()
+    cfg = config_from_settings(infer_model_settings(mmdet))
+    model = build_model(cfg.model, size_divisor=cfg.data.size_divisor).eval()
     return mmdet, model.state_dict(), model
 
 
@@ -103,7 +104,7 @@ def test_r50_maps_every_key_both_ways(r50):
     settings = infer_model_settings(mmdet)
     assert settings == {"num_classes": 80, "depth": 50, "fpn_channels": 256, "feat_channels": 256,
                         "stacked_convs": 4, "norm": "gn", "reg_max": 16}
-    converted, report = convert_state_dict(mmdet, target)
+    converted, report = convert_state_dict(mmdet, target, reg_max=16)
     assert set(converted) == set(target)  # none missing
     assert all(converted[k].shape == target[k].shape for k in target)
     assert report.dropped == ["bbox_head.integral.project"] and report.filled == []
@@ -149,7 +150,7 @@ def test_gfldet_keys_are_mmdetections_but_for_the_exception_table(r50):
 
 def test_converted_weights_load_and_run(r50):
     mmdet, target, model = r50
-    converted, _ = convert_state_dict(mmdet, target)
+    converted, _ = convert_state_dict(mmdet, target, reg_max=16)
     model.load_state_dict(converted, strict=True)
     with torch.no_grad():
         (det,) = model(torch.randn(1, 3, 64, 96))
@@ -162,7 +163,7 @@ def test_missing_key_is_refused(r50, key):
     mmdet, target, _ = r50
     broken = {k: v for k, v in mmdet.items() if k != key}
     with pytest.raises(ConversionError, match="missing") as err:
-        convert_state_dict(broken, target)
+        convert_state_dict(broken, target, reg_max=16)
     expected = {"neck.fpn_convs.4.conv.bias": "neck.fpn_convs.4.conv.bias",
                 "bbox_head.scales.2.scale": "head.scales",
                 "backbone.layer4.2.bn3.running_var": "backbone.layer4.2.bn3.running_var"}[key]
@@ -174,7 +175,7 @@ def test_reshaped_key_is_refused(r50):
     broken = dict(mmdet)
     broken["backbone.layer2.0.conv2.weight"] = torch.zeros(128, 64, 3, 3)
     with pytest.raises(ConversionError, match=r"reshaped") as err:
-        convert_state_dict(broken, target)
+        convert_state_dict(broken, target, reg_max=16)
     assert "backbone.layer2.0.conv2.weight [128, 64, 3, 3]" in str(err.value)
     assert "[128, 128, 3, 3]" in str(err.value)
 
@@ -183,7 +184,7 @@ def test_unknown_key_is_refused(r50):
     mmdet, target, _ = r50
     broken = {**mmdet, "backbone.layer2.0.conv2.conv_offset.weight": torch.zeros(27, 128, 3, 3)}
     with pytest.raises(ConversionError, match="unmapped") as err:
-        convert_state_dict(broken, target)
+        convert_state_dict(broken, target, reg_max=16)
     assert "conv_offset" in str(err.value)
     with pytest.raises(ConversionError, match="DCN"):
         infer_model_settings(broken)
@@ -193,15 +194,16 @@ def test_unexpected_project_bins_are_refused(r50):
     mmdet, target, _ = r50
     broken = {**mmdet, "bbox_head.integral.project": torch.linspace(0, 1, 17)}
     with pytest.raises(ConversionError, match="project"):
-        convert_state_dict(broken, target)
+        convert_state_dict(broken, target, reg_max=16)
 
 
 def test_checkpoint_without_bn_counters_is_filled():
     mmdet = mmdet_gfl_state_dict(depth=18, num_classes=3, fpn=32, feat=64, stacked=1, tracked=False)
     settings = infer_model_settings(mmdet)
     assert settings["depth"] == 18 and settings["stacked_convs"] == 1
-    target = build_model(config_from_settings(settings).model).state_dict()
-    converted, report = convert_state_dict(mmdet, target)
+    cfg = config_from_settings(settings)
+    target = build_model(cfg.model, size_divisor=cfg.data.size_divisor).state_dict()
+    converted, report = convert_state_dict(mmdet, target, reg_max=16)
     assert report.filled and all(k.endswith("num_batches_tracked") for k in report.filled)
     assert set(converted) == set(target)
 

@@ -57,8 +57,8 @@ def batch(seed: int, sizes=((192, 256), (256, 160), (224, 224)), boxes=(7, 0, 3)
     gen = torch.Generator().manual_seed(seed)
     pad_h, pad_w = (max(s[i] for s in sizes) for i in (0, 1))
     levels = [(-(-pad_h // s), -(-pad_w // s)) for s in STRIDES]
-    priors = make_priors(levels, STRIDES)
-    valid = valid_prior_mask(priors, torch.tensor(sizes))
+    priors = make_priors(levels, STRIDES, octave_base_scale=8)
+    valid = valid_prior_mask(priors, torch.tensor(sizes), size_divisor=32)
     targets = []
     for (h, w), n in zip(sizes, boxes, strict=True):
         wh = 8 + torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])
@@ -110,7 +110,7 @@ def test_slots_hold_every_positive_even_when_boxes_crowd() -> None:
     # 40 heavily overlapping boxes on a small image: many positives; the slots must cover them all.
     gen = torch.Generator().manual_seed(0)
     levels = [(-(-128 // s), -(-128 // s)) for s in STRIDES]
-    priors = make_priors(levels, STRIDES)
+    priors = make_priors(levels, STRIDES, octave_base_scale=8)
     xy = torch.rand(1, 40, 2, generator=gen) * 64
     gt = torch.cat([xy, xy + 24 + torch.rand(1, 40, 2, generator=gen) * 40], dim=2)
     assigned = atss_assign(priors.boxes, priors.num_per_level, gt,

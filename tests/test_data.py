@@ -293,7 +293,7 @@ def test_collate_pads_to_multiple_of_32_with_zeros() -> None:
     a, b = torch.randn(3, 50, 70), torch.randn(3, 65, 40)
     ta = {"boxes": torch.zeros(0, 4), "image_size": (50, 70)}
     tb = {"boxes": torch.ones(1, 4), "image_size": (65, 40)}
-    images, targets = collate([(a, ta), (b, tb)])
+    images, targets = collate([(a, ta), (b, tb)], size_divisor=32)
     assert images.shape == (2, 3, 96, 96)
     assert torch.equal(images[0, :, :50, :70], a) and torch.equal(images[1, :, :65, :40], b)
     assert images[0, :, 50:].abs().sum() == 0 and images[0, :, :, 70:].abs().sum() == 0
@@ -424,7 +424,8 @@ def test_build_dataloader_train_reproducible_across_workers_and_resume(
         synthetic["train_ann"],
         build_transforms(True, (64, 96), 160, 0.5),
     )
-    loader0 = build_dataloader(ds, 2, num_workers=0, train=True, seed=3, distributed=False)
+    loader0 = build_dataloader(ds, 2, num_workers=0, train=True, seed=3, distributed=False,
+                               size_divisor=32)
     reference = _first_batches(loader0, epoch=1, n=3)
     images, targets = reference[0]
     assert (
@@ -437,7 +438,8 @@ def test_build_dataloader_train_reproducible_across_workers_and_resume(
     assert not _same(_first_batches(loader0, epoch=2, n=3), reference)
     assert _same(_first_batches(loader0, epoch=1, skip=1, n=2), reference[1:])  # resume mid-epoch
     # Augmentations are keyed by (seed, epoch, index), so worker processes change nothing.
-    loader2 = build_dataloader(ds, 2, num_workers=2, train=True, seed=3, distributed=False)
+    loader2 = build_dataloader(ds, 2, num_workers=2, train=True, seed=3, distributed=False,
+                               size_divisor=32)
     assert loader2.persistent_workers
     assert _same(_first_batches(loader2, epoch=1, n=3), reference)
 
@@ -449,9 +451,11 @@ def test_build_dataloader_val_sequential(synthetic: dict[str, Path]) -> None:
         build_transforms(False, 64, 160, 0.0),
         filter_empty=False,
     )
-    loader = build_dataloader(ds, 3, num_workers=0, train=False, seed=0, distributed=False)
+    loader = build_dataloader(ds, 3, num_workers=0, train=False, seed=0, distributed=False,
+                              size_divisor=32)
     ids = [t["image_id"] for _, targets in loader for t in targets]
     assert ids == ds.image_ids.tolist()
     assert loader.pin_memory == torch.cuda.is_available()
     with pytest.raises(RuntimeError):
-        build_dataloader(ds, 3, num_workers=0, train=False, seed=0, distributed=True)
+        build_dataloader(ds, 3, num_workers=0, train=False, seed=0, distributed=True,
+                         size_divisor=32)

@@ -567,7 +567,8 @@ def test_decode_failures_in_loader_workers(tmp_path: Path) -> None:
     ds = CocoDetection(img_dir, ann_file, build_transforms(True, (24, 40), 80, 0.5),
                        max_decode_failures=0.5)
     (img_dir / "4.png").unlink()
-    loader = build_dataloader(ds, 2, num_workers=2, train=True, seed=0, distributed=False)
+    loader = build_dataloader(ds, 2, num_workers=2, train=True, seed=0, distributed=False,
+                              size_divisor=32)
     loader.batch_sampler.set_epoch(0)
     targets = [t for _, batch in loader for t in batch]
     assert len(targets) == 8 and 4 not in [t["image_id"] for t in targets]

@@ -95,14 +95,14 @@ def scenes() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def detector(model) -> Detector:
-    return Detector(model, short_side=128, max_size=192)
+    return Detector(model, short_side=128, max_size=192, size_divisor=32)
 
 
 @pytest.fixture(scope="module")
 def expected(model, detector, scenes) -> dict[str, tuple]:
     """(batch, targets, Detector's detections) of SCENES[0] and SCENES[1] alone ("single0",
     "single1") and together ("mixed", Detector with batch_size=2 as evaluation batches them)."""
-    batched = Detector(model, short_side=128, max_size=192, batch_size=2)
+    batched = Detector(model, short_side=128, max_size=192, batch_size=2, size_divisor=32)
     out = {
         f"single{i}": (*detector.preprocess([im]), [detector(im)])
         for i, im in enumerate(scenes[:2])
@@ -221,7 +221,8 @@ def test_raw_graph_masks_the_padding_of_each_image(graphs, expected, scenes):
     image's own 32-padded extent (192 x 128 and 128 x 192), boxes lie inside each original image."""
     batch, targets, _ = expected["mixed"]
     out = graphs["torchscript", "raw"](feeds_from_batch(batch, targets))
-    priors = make_priors([(math.ceil(192 / s), math.ceil(192 / s)) for s in STRIDES], list(STRIDES))
+    priors = make_priors([(math.ceil(192 / s), math.ceil(192 / s)) for s in STRIDES], list(STRIDES),
+                         octave_base_scale=8)
     assert out["scores"].shape == (2, len(priors.strides), 3)
     masked = (out["scores"] == 0).all(axis=2)  # [B, A]
     x, y, stride = (
@@ -249,7 +250,7 @@ def test_onnx_graph_has_dynamic_axes_and_one_softmax(graphs, graph_folder):
 def test_verification_compares_with_the_evaluation_path(model, scenes, graphs):
     """The self-check fails a graph that clips to the padded input and masks no prior (what the
     graphs did before they took the images' sizes), and passes the exported ones."""
-    detector = Detector(model, short_side=128, max_size=192)
+    detector = Detector(model, short_side=128, max_size=192, size_divisor=32)
     inputs = verification_inputs(scenes[:2], detector.transform, 32)
     assert [tuple(b.shape) for b, _ in inputs] == [
         (1, 3, 192, 128),
@@ -282,7 +283,7 @@ def test_verification_compares_with_the_evaluation_path(model, scenes, graphs):
 
 
 def test_verification_fails_above_tolerance(model, scenes):
-    detector = Detector(model, short_side=128, max_size=192)
+    detector = Detector(model, short_side=128, max_size=192, size_divisor=32)
     inputs = verification_inputs(scenes[:1], detector.transform, 32)
     wrapper = export_module(model, nms=False)
 

@@ -402,11 +402,12 @@ def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_he
     assert settings["num_classes"] == 3 and settings["dgqp"] and settings["dgqp_topk"] == 4
     assert settings["dgqp_channels"] == 64 and settings["dgqp_add_mean"]
     assert infer_model_settings(sd, ["a", "b", "c", "d"])["num_classes"] == 4  # meta says 4 classes
-    model = build_model(config_from_settings(settings).model).eval()
+    cfg = config_from_settings(settings)
+    model = build_model(cfg.model, size_divisor=cfg.data.size_divisor).eval()
     target = model.state_dict()
     stripped, cut = extra_class_channel(sd, 3)
     assert len(cut) == 2 and stripped["bbox_head.gfl_cls.weight"].shape[0] == 3
-    converted, report = convert_state_dict(stripped, target)
+    converted, report = convert_state_dict(stripped, target, reg_max=16)
     assert set(converted) == set(target) and report.dropped == ["bbox_head.integral.project"]
     assert len(sd) - 1 == report.mapped + 4  # every official tensor used once (5 scales -> 1)
     for ours, theirs in (
@@ -428,17 +429,18 @@ def test_official_gflv2_state_dict_maps_one_to_one_and_scores_as_the_official_he
 
     # Without the channel cut the class conv has 4 outputs for 3 classes: refused, named.
     with pytest.raises(ConversionError, match="bbox_head.gfl_cls.weight"):
-        convert_state_dict(sd, target)
+        convert_state_dict(sd, target, reg_max=16)
 
 
 def test_gflv1_model_refuses_an_official_gflv2_state_dict_naming_reg_conf():
     sd = official_gflv2_state_dict()
     settings = {**infer_model_settings(sd), "dgqp": False}
-    target = build_model(config_from_settings(settings).model).state_dict()
+    cfg = config_from_settings(settings)
+    target = build_model(cfg.model, size_divisor=cfg.data.size_divisor).state_dict()
     with pytest.raises(
         ConversionError, match=r"bbox_head\.reg_conf\.0\.weight -> head\.reg_conf\.0\.weight"
     ):
-        convert_state_dict(extra_class_channel(sd, 3)[0], target)
+        convert_state_dict(extra_class_channel(sd, 3)[0], target, reg_max=16)
 
 
 def test_cli_converts_an_official_gflv2_checkpoint_and_detector_loads_it(tmp_path):

@@ -40,7 +40,7 @@ def test_priors_for_800x1333_padded_to_1344():
         features = model.neck(model.backbone(torch.zeros(1, 3, 800, 1344)))
     sizes = [tuple(f.shape[-2:]) for f in features]
     assert sizes == [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
-    priors = make_priors(sizes, STRIDES)
+    priors = make_priors(sizes, STRIDES, octave_base_scale=8)
     assert priors.boxes.shape == (22400, 4) and priors.num_per_level == [16800, 4200, 1050, 273, 77]
     # Row-major within a level: the second prior of P3 is at x = 1, the 169th at y = 1.
     assert priors.centers[1].tolist() == [8.0, 0.0] and priors.centers[168].tolist() == [0.0, 8.0]
@@ -51,7 +51,7 @@ def test_priors_for_800x1333_padded_to_1344():
 
 
 def test_valid_priors_follow_each_images_own_padded_extent():
-    priors = make_priors([(4, 6), (2, 3)], [8, 16])
+    priors = make_priors([(4, 6), (2, 3)], [8, 16], octave_base_scale=8)
     # An image of 20x30 padded to 32x32 inside a 32x48 batch: x < ceil(32/8) = 4 on P3.
     valid = valid_prior_mask(priors, torch.tensor([[20, 30], [32, 48]]), size_divisor=32)
     p3 = valid[0, :24].view(4, 6)

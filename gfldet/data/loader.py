@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int = 32
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int
             ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Stack images [3, H_i, W_i] (uint8) into [B, 3, Hp, Wp], zero-padded at the bottom/right.
 
@@ -218,8 +218,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int,
-                     distributed: bool, aspect_ratio_grouping: bool = True,
-                     pin_memory: bool | None = None, size_divisor: int = 32,
+                     distributed: bool, *, size_divisor: int, aspect_ratio_grouping: bool = True,
+                     pin_memory: bool | None = None,
                      drop_last: bool = False) -> DataLoader:
     """DataLoader yielding ``(images [B, 3, Hp, Wp], targets list[dict])`` via ``collate``.
 

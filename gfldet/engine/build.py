@@ -23,9 +23,10 @@ from gfldet.models.head import GFLHead
 log = logging.getLogger("gfldet")
 
 
-def build_model(cfg: ModelConfig) -> GFL:
+def build_model(cfg: ModelConfig, *, size_divisor: int) -> GFL:
     """The detector of `model` config `cfg`: each section is the keyword arguments of its part
-    (gfldet.config documents the keys and holds their defaults), passed as they are."""
+    (gfldet.config documents the keys and holds their defaults), passed as they are.
+    `size_divisor` is `data.size_divisor`: the per-image padding that marks priors valid."""
     backbone = ResNetBackbone(**asdict(cfg.backbone))
     neck = FPN(backbone.out_channels, **asdict(cfg.fpn))
     head_args = asdict(cfg.head)
@@ -34,7 +35,7 @@ def build_model(cfg: ModelConfig) -> GFL:
     head = GFLHead(num_classes=cfg.num_classes, in_channels=cfg.fpn.out_channels,
                    num_levels=len(STRIDES), **head_args)
     return GFL(backbone, neck, head, loss=copy.deepcopy(cfg.loss), test=copy.deepcopy(cfg.test),
-               **asdict(cfg.priors), **asdict(cfg.assigner))
+               size_divisor=size_divisor, **asdict(cfg.priors), **asdict(cfg.assigner))
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,9 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     model_cfg = cfg.model
     if resume:
         model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None))
-    model = (build_model(model_cfg) if model is None else model).to(device)
+    if model is None:
+        model = build_model(model_cfg, size_divisor=cfg.data.size_divisor)
+    model = model.to(device)
     if load_from is not None:
         load_matching_weights(model, load_from)
     if cfg.train.channels_last:

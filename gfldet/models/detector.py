@@ -26,8 +26,10 @@ STRIDES = (8, 16, 32, 64, 128)  # P3-P7
 
 class GFL(nn.Module):
     """The detector. Besides its parts: `loss` and `test` (the config's `model.loss` and
-    `model.test`), `octave_base_scale` (`model.priors`: prior side / stride) and `topk`
-    (`model.assigner`: ATSS candidates per level); gfldet.engine.build.build_model passes them."""
+    `model.test`), `octave_base_scale` (`model.priors`: prior side / stride), `topk`
+    (`model.assigner`: ATSS candidates per level) and `size_divisor` (`data.size_divisor`: each
+    image's padded extent, where its priors are valid); gfldet.engine.build.build_model passes them.
+    """
 
     def __init__(
         self,
@@ -39,7 +41,7 @@ class GFL(nn.Module):
         test: PostProcessSettings,
         octave_base_scale: int,
         topk: int,
-        size_divisor: int = 32,
+        size_divisor: int,
     ) -> None:
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head

@@ -32,7 +32,7 @@ class Priors:
 
 
 def make_priors(feature_sizes: list[tuple[int, int]], strides: list[int],
-                octave_base_scale: int = 8, device: torch.device | str = "cpu") -> Priors:
+                octave_base_scale: int, device: torch.device | str = "cpu") -> Priors:
     """Build the priors for feature maps of the given (height, width), one stride per level."""
     boxes, prior_strides, grid = [], [], []
     for (height, width), stride in zip(feature_sizes, strides, strict=True):
@@ -49,7 +49,7 @@ def make_priors(feature_sizes: list[tuple[int, int]], strides: list[int],
                   grid_xy=torch.cat(grid), num_per_level=[h * w for h, w in feature_sizes])
 
 
-def valid_prior_mask(priors: Priors, image_sizes: Tensor, size_divisor: int = 32) -> Tensor:
+def valid_prior_mask(priors: Priors, image_sizes: Tensor, size_divisor: int) -> Tensor:
     """[B, A] bool: which priors lie inside each image's own padded extent (not in the batch
     padding). image_sizes: [B, 2] (height, width) of each resized, unpadded image. A prior at
     grid (x, y) of stride s is valid iff x < ceil(W_pad / s) and y < ceil(H_pad / s), with the
