@@ -101,8 +101,9 @@ def test_qfl_value_under_autocast_is_the_float32_value_bit_for_bit(autocast_dtyp
     """Autocast would run the all-negative term's `vecdot` in bf16/fp16 (found as a last-bits
     change of the demo's logged loss_cls): the loss must be the float32 one, whatever the region.
     """
-    x = (torch.randn(400, 6, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
-    labels, scores = torch.randint(0, 7, (400,)), torch.rand(400)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(400, 6, generator=gen) * 3).requires_grad_()
+    labels, scores = torch.randint(0, 7, (400,), generator=gen), torch.rand(400, generator=gen)
     plain = quality_focal_loss(x, labels, scores)
     (plain_grad,) = torch.autograd.grad(plain.sum(), x)
     with torch.autocast("cpu", dtype=autocast_dtype):
