@@ -121,19 +121,22 @@ def class_names_for(cfg: Config, state: Mapping[str, Any] | None = None) -> list
     meta = (state or {}).get("meta") or {}
     names = meta.get("class_names") if isinstance(meta, dict) else None
     for split in ("val", "train"):
-        if names is not None:
-            break
-        ann_file = dataset_paths(cfg.data, split, generate=False).annotations
-        if not ann_file.is_file():
-            continue
-        try:
-            categories = json.loads(ann_file.read_text()).get("categories", [])
-        except (OSError, ValueError, AttributeError):
-            continue
-        names = [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["id"]))] or None
+        if names is None:
+            names = _category_names(dataset_paths(cfg.data, split, generate=False).annotations)
     if names is None or len(names) != num_classes:
         return [f"class_{i}" for i in range(num_classes)]
     return [str(n) for n in names]
+
+
+def _category_names(ann_file: Path) -> list[str] | None:
+    """The category names of a COCO annotation file in id order, or None if it has none."""
+    if not ann_file.is_file():
+        return None
+    try:
+        categories = json.loads(ann_file.read_text()).get("categories", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["id"]))] or None
 
 
 # --------------------------------------------------------------------------- images
