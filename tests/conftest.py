@@ -10,6 +10,9 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -176,3 +179,39 @@ def to_format_1(state_dict: dict) -> dict:
             parts[1:3] = ["dgqp", {"0": "hidden", "2": "out"}[parts[2]]]
         out[prefix + ".".join(parts)] = value
     return out
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group on this machine; a collective that waits 2 minutes raises."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=2))
+
+
+def exit_worker() -> None:
+    """End a spawned worker that succeeded, without tearing its gloo process group down.
+
+    Before torch 2.8, destroying a gloo process group holds the GIL while it joins its threads, and
+    a thread still freeing a finished collective's Python tensors waits for the GIL: a deadlock
+    (pytorch/pytorch#154976) that hung a CI run in the floors environment (torch 2.6).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_workers(fn, args: tuple, nprocs: int = 2, timeout: float = 300.0) -> None:
+    """Run `fn(rank, *args)` in `nprocs` spawned processes; a worker that hangs fails the test
+    after `timeout` seconds instead of stalling the suite."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"worker(s) {alive} of {fn.__name__} still running after {timeout:.0f} s;"
+                        " killed")

@@ -10,9 +10,7 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import ROOT, build_from_options, tiny_overrides
+from conftest import ROOT, build_from_options, exit_worker, join_gloo, spawn_workers, tiny_overrides
 
 from gfldet.data import checks
 
@@ -45,8 +43,7 @@ def make_batch():
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     model = torch.nn.parallel.DistributedDataParallel(make_model().train())
     images, targets = make_batch()
     half = slice(rank * 2, rank * 2 + 2)
@@ -55,13 +52,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
                    out)
-    dist.destroy_process_group()
+    exit_worker()
 
 
 def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
     port = 29500 + os.getpid() % 1000
-    mp.start_processes(_worker, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+    spawn_workers(_worker, args=(2, port, out))
     ddp_grads = torch.load(out, weights_only=True)
 
     model = make_model().train()
@@ -111,8 +108,7 @@ def _report_facts(report: checks.DatasetReport) -> dict:
 
 def _check_worker(rank: int, world: int, port: int, image_dir: str, ann_file: str,
                   out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     probed: list[str] = []
     real_probe = checks._probe
 
@@ -126,7 +122,7 @@ def _check_worker(rank: int, world: int, port: int, image_dir: str, ann_file: st
     shard = checks.ShardedCheck(rank, world, all_gather_objects)
     report = checks.check_dataset(image_dir, ann_file, shard=shard)
     torch.save({"facts": _report_facts(report), "probed": probed}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    exit_worker()
 
 
 def test_dataset_check_is_shared_between_processes(tiny_coco, tmp_path):
@@ -141,9 +137,7 @@ def test_dataset_check_is_shared_between_processes(tiny_coco, tmp_path):
 
     out = str(tmp_path / "report")
     port = 29500 + (os.getpid() + 500) % 1000
-    mp.start_processes(_check_worker,
-                       args=(2, port, str(image_dir), str(tiny_coco["train_ann"]), out),
-                       nprocs=2, join=True, start_method="spawn")
+    spawn_workers(_check_worker, args=(2, port, str(image_dir), str(tiny_coco["train_ann"]), out))
     results = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
     for result in results:
         assert result["facts"] == _report_facts(single)

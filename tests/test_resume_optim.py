@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import ROOT, build_from_options, tiny_overrides, to_format_1
+from conftest import (
+    ROOT,
+    build_from_options,
+    exit_worker,
+    spawn_workers,
+    tiny_overrides,
+    to_format_1,
+)
 
 from gfldet.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from gfldet.engine import trainer as trainer_mod
@@ -100,12 +106,8 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], work: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        train(load_config(DEMO, overrides), Path(work))
-    finally:
-        dist.destroy_process_group()
+    train(load_config(DEMO, overrides), Path(work))
+    exit_worker()
 
 
 # 2 images per process; the lr is given for a total batch of 16, so it is scaled to the total batch
@@ -119,8 +121,7 @@ def ddp_run(tiny_coco, tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     port = 29500 + (os.getpid() + 250) % 1000
     overrides = [*tiny_overrides(tiny_coco), *DDP_EXTRA]
-    mp.start_processes(_train_worker, args=(2, port, overrides, str(work)), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_workers(_train_worker, args=(2, port, overrides, str(work)), timeout=600)
     return work
 
 
