@@ -1,19 +1,44 @@
 """A split checked and indexed, ready for ``CocoDetection(split=...)``: ``gfldet.data.checks``
 run with its fixes applied and the index built, or, when nothing changed since the last check,
-the stored index (``gfldet.data.index_cache``). Fatal problems raise ``DatasetError``.
+the checked index stored beside the check cache. Fatal problems raise ``DatasetError``.
+
+The stored index is loaded when the annotation file and every image file are unchanged since the
+check that stored it (sizes and modification times), and the dataset options are the same: a
+resumed COCO run starts without reading its 450 MB annotation file. It is a numpy ``.npz`` (no
+pickle): the index arrays and a JSON record of the key, every image file's stamp, the report and
+the dataset's class metadata.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+from collections import Counter, defaultdict
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from gfldet.data import index_cache
-from gfldet.data.checks import DatasetReport, ShardedCheck, cache_key, check_dataset
+import numpy as np
+
+from gfldet.data.checks import (
+    DatasetReport,
+    ShardedCheck,
+    cache_key,
+    check_dataset,
+    file_stamp,
+    write_atomic,
+)
 from gfldet.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from gfldet.data.index import CheckedSplit, index_split
+from gfldet.data.index import CheckedSplit, ImageIndex, index_split
 
 log = logging.getLogger("gfldet")
+
+INDEX_VERSION = 2
+# What a stored report keeps; the rest (decode counts, the annotation dicts) is the check's own.
+_REPORT_FIELDS = ("fixed", "fix_examples", "warnings", "num_images", "num_annotations", "kept",
+                  "categories", "unreadable")
+_SPLIT_FIELDS = ("left_out", "label_to_cat_id", "class_names", "num_images_in_file")
 
 
 def load_checked_split(
@@ -42,8 +67,8 @@ def load_checked_split(
     key = {"check": cache_key(ann_file, image_dir, max_image_pixels), "filter_empty": filter_empty,
            "min_size": min_size, "as_written": as_written,
            "max_decode_failures": max_decode_failures}
-    stored = index_cache.index_cache_path(cache) if cache is not None else None
-    split, why = (None, "") if stored is None else index_cache.load(stored, key, image_dir)
+    stored = cache.with_name(f"{cache.stem}.index.npz") if cache is not None else None
+    split, why = _load(stored, key, image_dir) if stored is not None else (None, "")
     # Under torchrun every rank checks, or none: the check's decoding is shared among them.
     if shard is not None and shard.world > 1 and not all(shard.all_gather(split is not None)):
         split = None
@@ -65,7 +90,7 @@ def load_checked_split(
             log.info("checked index not used: %s", why)
         if stored is not None and report.file_stamps is not None:
             try:
-                index_cache.store(stored, key, split, report.file_stamps)
+                _store(stored, key, split, report.file_stamps)
             except OSError as err:
                 log.warning("could not write the checked index %s (%s); the next start checks "
                             "the annotation file again", stored, err)
@@ -80,3 +105,52 @@ def _log_summary(report: DatasetReport, as_written: bool) -> None:
     for line in report.summary(evaluation=as_written).splitlines():
         log.log(level, "%s", line)
 
+
+def _store(path: Path, key: dict[str, Any], split: CheckedSplit,
+           file_stamps: dict[str, list[int] | None]) -> None:
+    """Write ``split`` with the stamps its check took of every image file (atomic: a temporary
+    file renamed over the old one). An error is left to the caller."""
+    report = split.report
+    record = {
+        "version": INDEX_VERSION, "key": key, "files": file_stamps,
+        "report": {**{name: getattr(report, name) for name in _REPORT_FIELDS},
+                   "ann_file": str(report.ann_file), "image_dir": str(report.image_dir),
+                   "raw_orientation_ids": sorted(report.raw_orientation_ids)},
+        **{name: getattr(split, name) for name in _SPLIT_FIELDS},
+    }
+    arrays = {f"index_{f.name}": getattr(split.index, f.name) for f in fields(ImageIndex)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, record=np.frombuffer(json.dumps(record).encode(), dtype=np.uint8))
+    write_atomic(path, buffer.getvalue())
+
+
+def _load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSplit | None, str]:
+    """The split stored at ``path`` if ``key`` matches and every image file under ``image_dir``
+    has the size and modification time it had; else None. The text says what was found."""
+    if not path.is_file():
+        return None, ""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            record = json.loads(data["record"].tobytes())
+            if record.get("version") != INDEX_VERSION or record.get("key") != key:
+                return None, f"{path} is for another annotation file or other dataset options"
+            index = ImageIndex(**{f.name: data[f"index_{f.name}"] for f in fields(ImageIndex)})
+        for name, stamp in record["files"].items():
+            if file_stamp(image_dir / name) != stamp:
+                return None, f"{name} changed since {path} was stored"
+        r = record["report"]
+        report = DatasetReport(
+            Path(r["ann_file"]), Path(r["image_dir"]), fixed=Counter(r["fixed"]),
+            fix_examples=defaultdict(list, r["fix_examples"]), warnings=r["warnings"],
+            num_images=r["num_images"], num_annotations=r["num_annotations"],
+            categories=r["categories"], kept=tuple(r["kept"]) if r["kept"] is not None else None,
+            raw_orientation_ids=frozenset(r["raw_orientation_ids"]),
+            unreadable={int(k): v for k, v in r["unreadable"].items()})  # JSON keys are text
+        split = CheckedSplit(index, report, *(record[name] for name in _SPLIT_FIELDS))
+    # Valid JSON that is not this version's record raises the last three.
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, f"{path} unreadable ({type(err).__name__}: {err})"
+    report.images_from_cache = len(record["files"])
+    report.cache_note = (f"checked index {path}: the annotation file and all "
+                         f"{len(record['files'])} image files are unchanged since it was stored")
+    return split, ""

@@ -33,16 +33,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from PIL import ImageFile
+from PIL import ExifTags, ImageFile
 
 from gfldet.data.coco_schema import is_int, structure_problems
 from gfldet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DatasetError,
     ImageTooLargeError,
-    exif_orientation,
     open_image,
     upright_size,
 )
@@ -70,6 +69,7 @@ _BOX_PROBLEM = {
 # More than this share of boxes needing a fix suggests a wrong box format, e.g. [x1, y1, x2, y2].
 SUSPICIOUS_BOX_FIX_SHARE = 0.05
 
+_NOT_FOUND = "file not found"
 _LOAD_TRUNCATED_LOCK = threading.Lock()
 
 
@@ -83,6 +83,9 @@ class ShardedCheck:
     rank: int
     world: int
     all_gather: Callable[[object], list[object]]
+
+
+SINGLE_PROCESS = ShardedCheck(0, 1, lambda obj: [obj])
 
 
 @dataclass
@@ -112,7 +115,7 @@ class DatasetReport:
     source: dict[str, Any] | None = None
     unreadable: dict[int, str] = field(default_factory=dict)
     # With a cache: every image file's (size, mtime_ns) as the check found it (None: missing).
-    file_stamps: dict[str, tuple[int, int] | None] | None = None
+    file_stamps: dict[str, list[int] | None] | None = None
 
     @property
     def ok(self) -> bool:
@@ -244,14 +247,11 @@ def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: 
     for i, im in enumerate(data["images"]):
         if i not in bad["images"]:
             by_id[im["id"]].append(im)
-    images = {}
-    for image_id, entries in by_id.items():
-        if len(entries) > 1:
-            report.fatal.append(
-                f"{ann_file}: image id {image_id} appears {len(entries)} times in images "
-                f"(file_names {_ids(e['file_name'] for e in entries)}); ids must be unique")
-        else:
-            images[image_id] = entries[0]
+    report.fatal.extend(
+        f"{ann_file}: image id {image_id} appears {len(entries)} times in images "
+        f"(file_names {_ids(e['file_name'] for e in entries)}); ids must be unique"
+        for image_id, entries in by_id.items() if len(entries) > 1)
+    images = {image_id: entries[0] for image_id, entries in by_id.items() if len(entries) == 1}
     files: dict[str, list[int]] = defaultdict(list)
     for image_id, im in images.items():
         files[im["file_name"]].append(image_id)
@@ -277,16 +277,16 @@ def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: 
             unknown_cats[ann["category_id"]].append(ann["id"])
         elif ann["image_id"] in images:  # else: its image is invalid (already fatal)
             valid.append(ann)
-    for image_id, ids in orphans.items():
-        report.fatal.append(f"{ann_file}: {len(ids)} annotations (ids {_ids(ids)}) refer to "
-                            f"image id {image_id}, which is not in images; add the image or "
-                            "remove the annotations")
+    report.fatal.extend(
+        f"{ann_file}: {len(ids)} annotations (ids {_ids(ids)}) refer to image id {image_id}, "
+        "which is not in images; add the image or remove the annotations"
+        for image_id, ids in orphans.items())
     known = _ids(sorted(cat_ids), limit=20)
-    for cat_id, ids in sorted(unknown_cats.items()):
-        report.fatal.append(
-            f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids "
-            f"{_ids(ids)}) but is not in categories (ids: {known}); add it to categories or "
-            "fix the annotations - is this the categories list the boxes were labelled with?")
+    report.fatal.extend(
+        f"{ann_file}: category_id {cat_id} is used by {len(ids)} annotations (ids {_ids(ids)}) "
+        f"but is not in categories (ids: {known}); add it to categories or fix the annotations "
+        "- is this the categories list the boxes were labelled with?"
+        for cat_id, ids in sorted(unknown_cats.items()))
     return images, valid
 
 
@@ -326,27 +326,31 @@ def _fixable(report: DatasetReport, fix: bool, kind: str, where: str, ann_file: 
                             "fixable problems fatal; correct the box in the JSON)")
 
 
+
 # ---------------------------------------------------------------------------- image files
 
 
-@dataclass(frozen=True)
-class _Probe:
-    stored_size: tuple[int, int] | None = None  # (w, h) as stored in the file
+class _Probe(NamedTuple):
+    """An image file as the check found it; a check cache entry is [size, mtime_ns, *probe]."""
+
+    width: int | None = None  # as stored in the file; None: not decoded, or unreadable
+    height: int | None = None
     orientation: int = 1
     error: str = ""  # "" = decoded fine
-    missing: bool = False
     too_large: bool = False
 
 
 def _probe(path: Path, decode: bool, max_pixels: int | None) -> _Probe:
     if not decode:
-        return _Probe() if path.is_file() else _Probe(error="file not found", missing=True)
+        return _Probe() if path.is_file() else _Probe(error=_NOT_FOUND)
     try:
         with open_image(path, max_pixels) as img:
             img.load()  # full decode: truncation and corrupt data raise here
-            return _Probe(stored_size=img.size, orientation=exif_orientation(img))
+            # The orientation as ImageOps.exif_transpose reads it, after load(): a PNG's eXIf
+            # chunk may follow the pixel data.
+            return _Probe(*img.size, int(img.getexif().get(ExifTags.Base.Orientation, 1)))
     except FileNotFoundError:
-        return _Probe(error="file not found", missing=True)
+        return _Probe(error=_NOT_FOUND)
     except ImageTooLargeError as err:
         return _Probe(error=str(err), too_large=True)
     except Exception as err:
@@ -355,26 +359,57 @@ def _probe(path: Path, decode: bool, max_pixels: int | None) -> _Probe:
 
 
 def _probe_all(paths: list[Path], decode: bool, max_pixels: int | None, num_threads: int | None,
-               shard: ShardedCheck | None = None) -> list[_Probe]:
-    """Probe `paths` in a thread pool; with `shard`, dealt out round-robin over its processes."""
-    world = 1 if shard is None else shard.world
-    mine = paths if world == 1 else paths[shard.rank::world]
+               shard: ShardedCheck = SINGLE_PROCESS) -> list[_Probe]:
+    """Probe `paths` in a thread pool, dealt out round-robin over the processes of `shard`."""
     threads = num_threads or min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        probes = list(pool.map(lambda p: _probe(p, decode, max_pixels), mine))
-    if world == 1:
-        return probes
+        mine = list(pool.map(lambda p: _probe(p, decode, max_pixels),
+                             paths[shard.rank::shard.world]))
     pooled: list[_Probe] = [None] * len(paths)  # type: ignore[list-item]
-    for rank, got in enumerate(shard.all_gather(probes)):
-        pooled[rank::world] = got
+    for rank, got in enumerate(shard.all_gather(mine)):
+        pooled[rank::shard.world] = got
     return pooled
+
+
+def _decode_files(files: list[str], image_dir: Path, max_pixels: int | None,
+                  num_threads: int | None, ann_file: Path, report: DatasetReport,
+                  shard: ShardedCheck, cache: Path | None) -> dict[str, _Probe]:
+    """Fully decode every file, or take its result from `cache` if it is unchanged."""
+    # A plain loop: a stat is microseconds, less than a thread pool spends handing out a task.
+    stamps = {name: file_stamp(image_dir / name) for name in files}
+    report.file_stamps = stamps if cache else None
+    key = cache_key(ann_file, image_dir, max_pixels)
+    cached = _read_cache(cache, key, stamps, report) if cache else {}
+    # Every rank must decode the same list: a file any rank cannot take from the cache (a file
+    # system that shows it changed, an unreadable cache) is decoded by all.
+    stale = set().union(*shard.all_gather([f for f in files if f not in cached]))
+    to_decode = [f for f in files if f in stale]
+    # The flag is a PIL global; a library imported by the user may have set it, which would
+    # make truncated files decode silently (gray-filled). Hold it False while checking.
+    with _LOAD_TRUNCATED_LOCK:
+        was = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            decoded = _probe_all([image_dir / f for f in to_decode], True, max_pixels,
+                                 num_threads, shard)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = was
+    probes = {**cached, **dict(zip(to_decode, decoded, strict=True))}
+    if cache and to_decode and shard.rank == 0:  # else nothing new to store
+        _write_cache(cache, key, stamps, probes, report)
+    if was:
+        report.warnings.append(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True in this process (some imported code "
+            "set it); the check ignored it, but training would decode truncated files as "
+            "gray: find and remove the line that sets it")
+    report.images_decoded, report.images_from_cache = len(to_decode), len(files) - len(to_decode)
+    return probes
 
 
 def _check_files(
     images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
     max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
-    ann_file: Path, report: DatasetReport, shard: ShardedCheck | None = None,
-    cache: Path | None = None,
+    ann_file: Path, report: DatasetReport, shard: ShardedCheck, cache: Path | None,
 ) -> tuple[dict[int, str], set[int]]:
     """Probe every image file. Returns (image ids to drop -> why, ids to decode un-rotated)."""
     if not image_dir.is_dir():
@@ -382,40 +417,11 @@ def _check_files(
         return {}, set()
     files = sorted({im["file_name"] for im in images.values()})
     if check_images:
-        # A plain loop: a stat is microseconds, less than a thread pool spends handing out a task.
-        stamps = {name: file_stamp(image_dir / name) for name in files}
-        report.file_stamps = stamps if cache else None
-        key = cache_key(ann_file, image_dir, max_pixels)
-        cached = _read_cache(cache, key, stamps, report) if cache else {}
-        if shard is not None and shard.world > 1:
-            # Every rank must decode the same list: a file any rank cannot take from the cache
-            # (a file system that shows it changed, an unreadable cache) is decoded by all.
-            stale = set().union(*shard.all_gather([f for f in files if f not in cached]))
-            cached = {f: p for f, p in cached.items() if f not in stale}
-        to_decode = [f for f in files if f not in cached]
-        # The flag is a PIL global; a library imported by the user may have set it, which would
-        # make truncated files decode silently (gray-filled). Hold it False while checking.
-        with _LOAD_TRUNCATED_LOCK:
-            was = ImageFile.LOAD_TRUNCATED_IMAGES
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            try:
-                decoded = _probe_all([image_dir / f for f in to_decode], True, max_pixels,
-                                     num_threads, shard)
-            finally:
-                ImageFile.LOAD_TRUNCATED_IMAGES = was
-        probe_of = {**cached, **dict(zip(to_decode, decoded, strict=True))}
-        probes = [probe_of[f] for f in files]
-        if cache and to_decode and (shard is None or shard.rank == 0):  # else nothing new to store
-            _write_cache(cache, key, stamps, probe_of, report)
-        if was:
-            report.warnings.append(
-                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True in this process (some imported code "
-                "set it); the check ignored it, but training would decode truncated files as "
-                "gray: find and remove the line that sets it")
-        report.images_decoded, report.images_from_cache = len(to_decode), len(cached)
+        by_file = _decode_files(files, image_dir, max_pixels, num_threads, ann_file, report,
+                                shard, cache)
     else:
         probes = _probe_all([image_dir / f for f in files], False, max_pixels, num_threads)
-    by_file = dict(zip(files, probes, strict=True))
+        by_file = dict(zip(files, probes, strict=True))
 
     bad: dict[int, str] = {}
     raw_orientation: set[int] = set()
@@ -429,15 +435,15 @@ def _check_files(
         if probe.error:
             bad[image_id] = f"{where}: {probe.error}"
             continue
-        if probe.stored_size is None:  # existence checked only
+        if probe.width is None:  # existence checked only
             continue
         recorded = (int(im["width"]), int(im["height"]))
-        upright = upright_size(probe.stored_size, probe.orientation)
+        w, h = stored = (probe.width, probe.height)
+        upright = upright_size(stored, probe.orientation)
         if recorded == upright:
             flips += probe.orientation in (2, 3, 4)
             continue
-        w, h = probe.stored_size
-        if recorded == probe.stored_size:  # only a swap, explained by EXIF orientation 5..8
+        if recorded == stored:  # only a swap, explained by EXIF orientation 5..8
             if fix:
                 raw_orientation.add(image_id)
                 report.add_fix(FIX_RAW_ORIENTATION, where)
@@ -448,6 +454,12 @@ def _check_files(
                     "the boxes were probably drawn on the un-rotated pixels. Run with fix=True "
                     "(gfldet then decodes it un-rotated) or rotate the image and its boxes")
             continue
+        rotated = (f" (EXIF orientation {probe.orientation}: {upright[0]}x{upright[1]} as decoded)"
+                   if probe.orientation != 1 else "")
+        report.fatal.append(
+            f"{where}: the JSON says {recorded[0]}x{recorded[1]} (width x height) but the file is "
+            f"{w}x{h}{rotated}; were the images resized or replaced after annotation? Fix width/"
+            "height in the JSON and make sure the boxes refer to these pixels")
         rotated = (f" (EXIF orientation {probe.orientation}: {upright[0]}x{upright[1]} as decoded)"
                    if probe.orientation != 1 else "")
         report.fatal.append(
@@ -474,7 +486,7 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
     """The bad files to drop (each listed): all of them within the budget, else none and a fatal
     problem."""
     allowed = max(1, math.floor(max_fraction * num_images)) if fix and max_fraction > 0 else 0
-    missing = sum("file not found" in msg for msg in bad.values())
+    missing = sum(_NOT_FOUND in msg for msg in bad.values())
     if len(bad) <= allowed:
         for msg in bad.values():
             report.add_fix(FIX_BAD_IMAGE, msg, examples=MAX_LISTED)
@@ -497,13 +509,14 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
 CACHE_VERSION = 1
 
 
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    """(size in bytes, modification time in ns) of a file, None if it cannot be stat'ed."""
+def file_stamp(path: Path) -> list[int] | None:
+    """[size in bytes, modification time in ns] of a file (a list, as JSON reads it back), None
+    if it cannot be stat'ed."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return [st.st_size, st.st_mtime_ns]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -521,12 +534,12 @@ def cache_key(ann_file: Path, image_dir: Path, max_pixels: int | None) -> dict[s
     """What a check cache is valid for: the annotation file as it is now (path, size, time),
     the image folder and the size limit."""
     return {"version": CACHE_VERSION, "annotations": str(ann_file.resolve()),
-            "annotations_stamp": list(file_stamp(ann_file) or ()),
+            "annotations_stamp": file_stamp(ann_file) or [],
             "image_dir": str(image_dir.resolve()),
             "max_image_pixels": max_pixels}
 
 
-def _read_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, int] | None],
+def _read_cache(cache: Path, key: dict[str, Any], stamps: dict[str, list[int] | None],
                 report: DatasetReport) -> dict[str, _Probe]:
     """The cached probes of the files whose size and modification time are unchanged; the
     whole cache is unused when it was made for another annotation file (or an earlier version
@@ -534,10 +547,8 @@ def _read_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, i
     if not cache.is_file():
         report.cache_note = f"no check cache yet; writing {cache}"
         return {}
-    cached = {}
     try:
-        with cache.open("rb") as f:
-            data = json.load(f)
+        data = json.loads(cache.read_bytes())
         found, entries = data["key"], data["files"]
         if found != key:
             changed = [name for name, value in key.items() if found.get(name) != value]
@@ -545,13 +556,9 @@ def _read_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, i
                                  f"{' / '.join(changed)} (the annotation file changed, or another "
                                  "folder or limit); rewriting it")
             return {}
-        for name, stamp in stamps.items():
-            entry = entries.get(name)
-            if stamp is None or entry is None or tuple(entry[:2]) != stamp:
-                continue
-            _, _, width, height, orientation, error, too_large = entry
-            cached[name] = _Probe(stored_size=None if error else (width, height),
-                                  orientation=orientation, error=error, too_large=too_large)
+        # _make raises unless the entry has every field.
+        cached = {name: _Probe._make(entries[name][2:]) for name, stamp in stamps.items()
+                  if stamp is not None and name in entries and entries[name][:2] == stamp}
     # Valid JSON that is not a cache's (a list, a wrong entry) raises the last three.
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         report.cache_note = (f"check cache {cache} unreadable ({type(err).__name__}: {err}); "
@@ -561,17 +568,12 @@ def _read_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, i
     return cached
 
 
-def _write_cache(cache: Path, key: dict[str, Any], stamps: dict[str, tuple[int, int] | None],
+def _write_cache(cache: Path, key: dict[str, Any], stamps: dict[str, list[int] | None],
                  probes: dict[str, _Probe], report: DatasetReport) -> None:
     """Write the probes of the files that exist, with the stamps taken before they were decoded
     (a file changed during the check is decoded again next time)."""
-    entries = {}
-    for name, probe in probes.items():
-        stamp = stamps.get(name)
-        if stamp is None or probe.missing:
-            continue
-        width, height = probe.stored_size or (None, None)
-        entries[name] = [*stamp, width, height, probe.orientation, probe.error, probe.too_large]
+    entries = {name: [*stamps[name], *probe] for name, probe in probes.items()
+               if stamps.get(name) is not None and probe.error != _NOT_FOUND}
     try:
         write_atomic(cache, json.dumps({"key": key, "files": entries}).encode())
     except OSError as err:
@@ -598,6 +600,7 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
     start = time.perf_counter()
     image_dir, ann_file = Path(image_dir), Path(ann_file)
     cache = Path(cache) if cache is not None else None
+    shard = shard or SINGLE_PROCESS
     report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
     data = _load_json(ann_file, report)
     problems, bad = structure_problems(data, ann_file) if not report.fatal else ([], None)

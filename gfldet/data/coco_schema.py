@@ -17,16 +17,14 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-# strict: True is not 1, "3" is not 3, 3.0 is not an id; allow_inf_nan: JSON's NaN is not a number.
-_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 # Some converters write 640.0; CocoDetection reads int(value), so integral floats are fine.
 _Size = Annotated[float, Field(gt=0, multiple_of=1)]
 
 
 # TypedDicts rather than models: only the errors are wanted, and keys beyond these are skipped
-# (COCO's own extra keys, and segmentation polygons that would be costly to copy).
+# (COCO's own extra keys, and segmentation polygons that would be costly to copy). A TypedDict
+# without a config of its own takes its parent's: `CocoFile`'s strict config applies to all.
 class CocoImage(TypedDict):
-    __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: int
     file_name: Annotated[str, Field(min_length=1)]
     width: _Size
@@ -34,7 +32,6 @@ class CocoImage(TypedDict):
 
 
 class CocoAnnotation(TypedDict):
-    __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: int
     image_id: int
     category_id: int
@@ -42,13 +39,13 @@ class CocoAnnotation(TypedDict):
 
 
 class CocoCategory(TypedDict):
-    __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: int
     name: str
 
 
 class CocoFile(TypedDict):
-    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    # strict: True is not 1, "3" is not 3, 3.0 is not an id; allow_inf_nan: JSON's NaN is no number.
+    __pydantic_config__ = ConfigDict(strict=True, allow_inf_nan=False)  # type: ignore[misc]
     images: list[CocoImage]
     annotations: list[CocoAnnotation]
     categories: list[CocoCategory]

@@ -9,16 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 
 # Largest image (width * height) gfldet decodes, checked from the header so that the error names
 # the file and the knob. It replaces PIL's process-global guard (which warns above ~89 MP and
 # refuses, naming no file, above this default, PIL's own threshold). ~540 MB decoded as RGB.
 DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 Image.MAX_IMAGE_PIXELS = None  # enforced per file by `open_image` instead
-
-# EXIF orientations whose transpose swaps width and height (5..8; 2..4 only flip/rotate 180).
-SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 class DatasetError(ValueError):
@@ -48,17 +45,10 @@ def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXE
     return img
 
 
-def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1..8; 1 = upright) exactly as ``ImageOps.exif_transpose`` reads it.
-
-    Call after ``img.load()``: for PNG the eXIf chunk may follow the pixel data.
-    """
-    return int(img.getexif().get(ExifTags.Base.Orientation, 1))
-
-
 def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
-    """(w, h) of the image after ``exif_transpose`` given its stored (w, h) and orientation."""
-    return (size[1], size[0]) if orientation in SWAPPING_ORIENTATIONS else size
+    """(w, h) of the image after ``exif_transpose`` given its stored (w, h) and EXIF orientation
+    (5..8 transpose, swapping w and h; 2..4 only flip or rotate by 180 degrees)."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
 def load_image_rgb(path: str | Path, *, apply_exif: bool = True,
@@ -79,31 +69,25 @@ def load_image_rgb(path: str | Path, *, apply_exif: bool = True,
 
 def pil_to_rgb_array(img: Image.Image) -> np.ndarray:
     """Convert any PIL image mode to an RGB uint8 array [H, W, 3]."""
-    mode = img.mode
-    if mode.startswith(("I", "F")):
+    if img.mode.startswith(("I", "F")):
         # High-bit-depth single channel: PIL's convert("RGB") would clip at 255 instead of
         # rescaling, turning most of a 16-bit image white.
-        gray = _high_depth_to_uint8(np.asarray(img), mode)
+        arr = np.asarray(img).astype(np.float64)
+        peak = arr.max() if arr.size else 0.0
+        if img.mode.startswith("I;16"):
+            full_scale = 65535.0  # genuine 16-bit data: scale the full range
+        elif img.mode == "F" and peak <= 1.0:
+            full_scale = 1.0  # float images in [0, 1]
+        else:
+            # Mode "I" (32-bit) / "F": the bit depth is not recorded, so infer it. Values that
+            # fit in 8 bits are taken as-is; anything larger is assumed to be 16-bit data.
+            full_scale = 255.0 if peak <= 255.0 else 65535.0
+        gray = np.rint(np.clip(arr, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode in ("P", "PA"):
+    if img.mode in ("P", "PA"):
         # Going through RGBA avoids PIL's "palette with transparency" warning; the alpha
         # channel is then dropped like every other alpha channel.
         img = img.convert("RGBA")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
-
-
-def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Map a single-channel integer/float image to uint8 [H, W]."""
-    arr = arr.astype(np.float64)
-    if mode.startswith("I;16"):
-        full_scale = 65535.0  # genuine 16-bit data: scale the full range
-    elif mode == "F" and arr.size and arr.max() <= 1.0:
-        full_scale = 1.0  # float images in [0, 1]
-    else:
-        # Mode "I" (32-bit) / "F": the bit depth is not recorded, so infer it. Values that fit in
-        # 8 bits are taken as-is; anything larger is assumed to be 16-bit data.
-        full_scale = 255.0 if (arr.size == 0 or arr.max() <= 255.0) else 65535.0
-    scaled = np.clip(arr, 0.0, full_scale) * (255.0 / full_scale)
-    return np.rint(scaled).astype(np.uint8)
