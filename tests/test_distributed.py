@@ -112,9 +112,9 @@ def _check_worker(rank: int, world: int, port: int, image_dir: str, ann_file: st
     probed: list[str] = []
     real_probe = checks._probe
 
-    def counting_probe(path, decode, max_pixels):
+    def counting_probe(path, max_pixels):
         probed.append(path.name)
-        return real_probe(path, decode, max_pixels)
+        return real_probe(path, max_pixels)
 
     checks._probe = counting_probe
     from gfldet.distributed import all_gather_objects

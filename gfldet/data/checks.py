@@ -214,8 +214,7 @@ def _load_json(ann_file: Path, report: DatasetReport) -> Any:
         report.fatal.append(f"{ann_file}: annotation file {what}; check data.<split>.annotations")
         return None
     try:
-        with ann_file.open("rb") as f:
-            return json.load(f)
+        return json.loads(ann_file.read_bytes())
     except OSError as err:
         report.fatal.append(f"{ann_file}: cannot read the annotation file ({err})")
     except json.JSONDecodeError as err:
@@ -290,13 +289,14 @@ def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: 
     return images, valid
 
 
-def _check_boxes(anns: list[dict], sizes: dict[int, tuple[int, int]], fix: bool,
-                 ann_file: Path, report: DatasetReport) -> list[dict]:
-    """Drop / clip boxes against the recorded image size (w, h); returns the kept annotations."""
+def _check_boxes(anns: list[dict], images: dict[int, dict], fix: bool, ann_file: Path,
+                 report: DatasetReport) -> list[dict]:
+    """Drop / clip boxes against the recorded image size; returns the kept annotations."""
     kept = []
     for ann in anns:
         x, y, w, h = (float(v) for v in ann["bbox"])
-        width, height = sizes[ann["image_id"]]
+        im = images[ann["image_id"]]
+        width, height = int(im["width"]), int(im["height"])
         where = f"annotation id {ann['id']} (image id {ann['image_id']}, bbox {ann['bbox']})"
         if w <= 0 or h <= 0:
             _fixable(report, fix, FIX_EMPTY_BOX, where, ann_file)
@@ -340,9 +340,7 @@ class _Probe(NamedTuple):
     too_large: bool = False
 
 
-def _probe(path: Path, decode: bool, max_pixels: int | None) -> _Probe:
-    if not decode:
-        return _Probe() if path.is_file() else _Probe(error=_NOT_FOUND)
+def _probe(path: Path, max_pixels: int | None) -> _Probe:
     try:
         with open_image(path, max_pixels) as img:
             img.load()  # full decode: truncation and corrupt data raise here
@@ -358,27 +356,30 @@ def _probe(path: Path, decode: bool, max_pixels: int | None) -> _Probe:
         return _Probe(error=f"{type(err).__name__}: {err}")
 
 
-def _probe_all(paths: list[Path], decode: bool, max_pixels: int | None, num_threads: int | None,
-               shard: ShardedCheck = SINGLE_PROCESS) -> list[_Probe]:
-    """Probe `paths` in a thread pool, dealt out round-robin over the processes of `shard`."""
-    threads = num_threads or min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
+def _probe_all(paths: list[Path], max_pixels: int | None, shard: ShardedCheck) -> list[_Probe]:
+    """Decode `paths` in a thread pool, dealt out round-robin over the processes of `shard`."""
+    threads = min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        mine = list(pool.map(lambda p: _probe(p, decode, max_pixels),
-                             paths[shard.rank::shard.world]))
+        mine = list(pool.map(lambda p: _probe(p, max_pixels), paths[shard.rank::shard.world]))
     pooled: list[_Probe] = [None] * len(paths)  # type: ignore[list-item]
     for rank, got in enumerate(shard.all_gather(mine)):
         pooled[rank::shard.world] = got
     return pooled
 
 
-def _decode_files(files: list[str], image_dir: Path, max_pixels: int | None,
-                  num_threads: int | None, ann_file: Path, report: DatasetReport,
-                  shard: ShardedCheck, cache: Path | None) -> dict[str, _Probe]:
-    """Fully decode every file, or take its result from `cache` if it is unchanged."""
-    # A plain loop: a stat is microseconds, less than a thread pool spends handing out a task.
-    stamps = {name: file_stamp(image_dir / name) for name in files}
+def _probe_files(files: list[str], check_images: bool, max_pixels: int | None,
+                 report: DatasetReport, shard: ShardedCheck, cache: Path | None
+                 ) -> dict[str, _Probe]:
+    """Each file's probe: whether it exists, or (`check_images`) its full decode, taken from
+    `cache` when the file is unchanged."""
+    # Plain loops: a stat is microseconds, less than a thread pool spends handing out a task.
+    paths = {name: report.image_dir / name for name in files}
+    if not check_images:
+        return {name: _Probe() if path.is_file() else _Probe(error=_NOT_FOUND)
+                for name, path in paths.items()}
+    stamps = {name: file_stamp(path) for name, path in paths.items()}
     report.file_stamps = stamps if cache else None
-    key = cache_key(ann_file, image_dir, max_pixels)
+    key = cache_key(report.ann_file, report.image_dir, max_pixels)
     cached = _read_cache(cache, key, stamps, report) if cache else {}
     # Every rank must decode the same list: a file any rank cannot take from the cache (a file
     # system that shows it changed, an unreadable cache) is decoded by all.
@@ -390,8 +391,7 @@ def _decode_files(files: list[str], image_dir: Path, max_pixels: int | None,
         was = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
-            decoded = _probe_all([image_dir / f for f in to_decode], True, max_pixels,
-                                 num_threads, shard)
+            decoded = _probe_all([paths[f] for f in to_decode], max_pixels, shard)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = was
     probes = {**cached, **dict(zip(to_decode, decoded, strict=True))}
@@ -406,29 +406,16 @@ def _decode_files(files: list[str], image_dir: Path, max_pixels: int | None,
     return probes
 
 
-def _check_files(
-    images: dict[int, dict], image_dir: Path, check_images: bool, fix: bool,
-    max_bad_image_fraction: float, max_pixels: int | None, num_threads: int | None,
-    ann_file: Path, report: DatasetReport, shard: ShardedCheck, cache: Path | None,
-) -> tuple[dict[int, str], set[int]]:
-    """Probe every image file. Returns (image ids to drop -> why, ids to decode un-rotated)."""
-    if not image_dir.is_dir():
-        report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
-        return {}, set()
-    files = sorted({im["file_name"] for im in images.values()})
-    if check_images:
-        by_file = _decode_files(files, image_dir, max_pixels, num_threads, ann_file, report,
-                                shard, cache)
-    else:
-        probes = _probe_all([image_dir / f for f in files], False, max_pixels, num_threads)
-        by_file = dict(zip(files, probes, strict=True))
-
+def _check_files(images: dict[int, dict], probes: dict[str, _Probe], fix: bool,
+                 max_bad_image_fraction: float, report: DatasetReport
+                 ) -> tuple[dict[int, str], set[int]]:
+    """Judge every image's probe. Returns (image ids to drop -> why, ids to decode un-rotated)."""
     bad: dict[int, str] = {}
     raw_orientation: set[int] = set()
     flips = 0
     for image_id, im in sorted(images.items()):
-        probe = by_file[im["file_name"]]
-        where = f"{image_dir / im['file_name']} (image id {image_id})"
+        probe = probes[im["file_name"]]
+        where = f"{report.image_dir / im['file_name']} (image id {image_id})"
         if probe.too_large:
             report.fatal.append(f"image id {image_id}: {probe.error}")
             continue
@@ -477,12 +464,12 @@ def _check_files(
         report.warnings.append(
             f"{flips} images have an EXIF flip or 180-degree rotation (orientation 2-4), which "
             "sizes cannot verify; gfldet applies it, so boxes must be drawn on the upright view")
-    return _judge_bad_images(bad, len(images), fix, max_bad_image_fraction, image_dir,
+    return _judge_bad_images(bad, len(images), fix, max_bad_image_fraction,
                              report), raw_orientation
 
 
 def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fraction: float,
-                      image_dir: Path, report: DatasetReport) -> dict[int, str]:
+                      report: DatasetReport) -> dict[int, str]:
     """The bad files to drop (each listed): all of them within the budget, else none and a fatal
     problem."""
     allowed = max(1, math.floor(max_fraction * num_images)) if fix and max_fraction > 0 else 0
@@ -493,7 +480,7 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
         return bad
     hint = ""
     if missing == num_images:
-        hint = f" None of the files exists: is {image_dir} the right image folder?"
+        hint = f" None of the files exists: is {report.image_dir} the right image folder?"
     elif missing > len(bad) / 2:
         hint = " Most are missing: was the image archive fully extracted?"
     report.fatal.append(
@@ -587,7 +574,7 @@ def _write_cache(cache: Path, key: dict[str, Any], stamps: dict[str, list[int] |
 def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
                   check_images: bool = True, *, max_bad_image_fraction: float = 0.01,
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  num_threads: int | None = None, shard: ShardedCheck | None = None,
+                  shard: ShardedCheck | None = None,
                   cache: str | Path | None = None) -> DatasetReport:
     """Check a COCO-format dataset (the module docstring says what is fatal and what is fixed).
 
@@ -615,17 +602,21 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
     if not images and not report.fatal:
         report.fatal.append(f"{ann_file}: 'images' is empty; there is nothing to train on")
 
-    drop, raw_orientation = _check_files(images, image_dir, check_images, fix,
-                                         max_bad_image_fraction, max_image_pixels, num_threads,
-                                         ann_file, report, shard, cache)
-    # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
-    # every image that passed (un-rotated decoding keeps the recorded frame too).
-    sizes = {i: (int(im["width"]), int(im["height"])) for i, im in images.items()}
+    drop: dict[int, str] = {}
+    raw_orientation: set[int] = set()
+    if not image_dir.is_dir():
+        report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
+    else:
+        files = sorted({im["file_name"] for im in images.values()})
+        probes = _probe_files(files, check_images, max_image_pixels, report, shard, cache)
+        drop, raw_orientation = _check_files(images, probes, fix, max_bad_image_fraction, report)
     dropped_anns = [a for a in anns if a["image_id"] in drop]
     if dropped_anns:
         report.add_fix(FIX_BAD_IMAGE_ANNS, f"ids {_ids(a['id'] for a in dropped_anns)}",
                        count=len(dropped_anns))
-    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], sizes, fix, ann_file,
+    # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
+    # every image that passed (un-rotated decoding keeps the recorded frame too).
+    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], images, fix, ann_file,
                         report)
 
     if not report.fatal:
