@@ -326,7 +326,6 @@ def _fixable(report: DatasetReport, fix: bool, kind: str, where: str, ann_file: 
                             "fixable problems fatal; correct the box in the JSON)")
 
 
-
 # ---------------------------------------------------------------------------- image files
 
 
@@ -441,12 +440,6 @@ def _check_files(images: dict[int, dict], probes: dict[str, _Probe], fix: bool,
                     "the boxes were probably drawn on the un-rotated pixels. Run with fix=True "
                     "(gfldet then decodes it un-rotated) or rotate the image and its boxes")
             continue
-        rotated = (f" (EXIF orientation {probe.orientation}: {upright[0]}x{upright[1]} as decoded)"
-                   if probe.orientation != 1 else "")
-        report.fatal.append(
-            f"{where}: the JSON says {recorded[0]}x{recorded[1]} (width x height) but the file is "
-            f"{w}x{h}{rotated}; were the images resized or replaced after annotation? Fix width/"
-            "height in the JSON and make sure the boxes refer to these pixels")
         rotated = (f" (EXIF orientation {probe.orientation}: {upright[0]}x{upright[1]} as decoded)"
                    if probe.orientation != 1 else "")
         report.fatal.append(
