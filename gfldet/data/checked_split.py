@@ -2,11 +2,9 @@
 run with its fixes applied and the index built, or, when nothing changed since the last check,
 the checked index stored beside the check cache. Fatal problems raise ``DatasetError``.
 
-The stored index is loaded when the annotation file and every image file are unchanged since the
-check that stored it (sizes and modification times), and the dataset options are the same: a
-resumed COCO run starts without reading its 450 MB annotation file. It is a numpy ``.npz`` (no
-pickle): the index arrays and a JSON record of the key, every image file's stamp, the report and
-the dataset's class metadata.
+The stored index spares a resumed COCO run its 450 MB annotation file. It is a numpy ``.npz`` (no
+pickle): the index arrays and a JSON record of the key, every image file's stamp (size and
+modification time), the report and the dataset's class metadata.
 """
 
 from __future__ import annotations
