@@ -9,7 +9,6 @@ is not scored (it is not among COCOeval's `params.imgIds`), and the log and the 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -37,9 +36,8 @@ def predict_dataset(model: nn.Module, loader, device: torch.device,
     model.eval()
     detections: list[dict] = []
     failed: dict[int, str] = {}
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, targets in loader:
-        with autocast:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             images = normalize_batch(images.to(device, non_blocking=True),
                                      [t["image_size"] for t in targets])
             results = model(images, targets)

@@ -67,11 +67,7 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     native, found = cpu_bf16_support()
     if amp == "auto":
         return Precision(torch.bfloat16 if native else None, f"train.amp is auto and {found}")
-    if native:
-        return Precision(torch.bfloat16, f"train.amp is bf16; {found}")
-    return Precision(
-        torch.bfloat16, f"train.amp is bf16; {found}",
-        warning="bf16 is emulated on this CPU: expect it to run several times slower than fp32 "
-                "(benchmarks/bf16_conv.py measures it). Set train.amp: auto (or none) to train "
-                "in fp32 here.",
-    )
+    return Precision(torch.bfloat16, f"train.amp is bf16; {found}", warning=None if native else (
+        "bf16 is emulated on this CPU: expect it to run several times slower than fp32 "
+        "(benchmarks/bf16_conv.py measures it). Set train.amp: auto (or none) to train in fp32 "
+        "here."))
