@@ -61,7 +61,7 @@ from gfldet.engine.checkpoint import (
 from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
 from gfldet.engine.ema import build_ema
 from gfldet.engine.evaluator import evaluate
-from gfldet.engine.precision import Precision, resolve_precision
+from gfldet.engine.precision import resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
 from gfldet.engine.resume import RunSetup, check_resumable, continue_schedule
 from gfldet.engine.run_dir import (
@@ -118,14 +118,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-
-
-def run_precision(cfg: Config, device: torch.device) -> Precision:
-    """`train.amp` resolved for `device` (`gfldet.engine.precision`); a bad one is a ConfigError."""
-    try:
-        return resolve_precision(cfg.train.amp, device)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 class StopRequested:
@@ -186,7 +178,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         log.info("%s", folder_note)
     for path in stale:
         log.info("removed %s, left by a process that stopped while saving a checkpoint", path.name)
-    precision = run_precision(cfg, device)
+    precision = resolve_precision(cfg.train.amp, device)
     log.info("precision: %s (%s)", precision.name, precision.reason)
     if precision.warning:
         log.warning("%s", precision.warning)
@@ -241,8 +233,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0),
-                       best_ap=state.get("best_ap", -1.0))
+        run = RunState(state["epoch"], state.get("batch", 0), state.get("best_ap", -1.0))
         if rebuild_schedule:  # the saved lr function is the old schedule's, batch or setup's
             continue_schedule(optimizer, scheduler, base_lrs, cfg.schedule, iters_per_epoch,
                               run.epoch * iters_per_epoch + run.batch)
@@ -445,10 +436,10 @@ class TrainLoop:
             self.progress.record_data_time(time.perf_counter() - tic)
             it = epoch * iters_per_epoch + batch
             stop = self.step(images, targets, it)
+            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch, iters_per_epoch,
+                                    self.optimizer.param_groups[0]["lr"],
+                                    force=batch + 1 == iters_per_epoch)
             batch += 1
-            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch - 1,
-                                    iters_per_epoch, self.optimizer.param_groups[0]["lr"],
-                                    force=batch == iters_per_epoch)
             if stop:
                 break
             tic = time.perf_counter()
