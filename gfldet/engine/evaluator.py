@@ -32,7 +32,6 @@ def predict_dataset(model: nn.Module, loader, device: torch.device,
     """COCO-format detections of this process's share of the loader's dataset, and the images
     that failed to decode (image id -> "file (image id N): error"). The convolutions follow the
     memory format of the model's weights (train.channels_last), whatever the images'."""
-    dataset = loader.dataset
     model.eval()
     detections: list[dict] = []
     failed: dict[int, str] = {}
@@ -50,7 +49,7 @@ def predict_dataset(model: nn.Module, loader, device: torch.device,
         results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
                     for k, v in results[i].items()} for i in kept]
         detections += detections_to_coco(results, [targets[i]["image_id"] for i in kept],
-                                         dataset.label_to_cat_id)
+                                         loader.dataset.label_to_cat_id)
     return detections, failed
 
 

@@ -306,7 +306,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                 run.epoch, run.batch = run.epoch + 1, 0
                 last_epoch = run.epoch == epochs
                 names = []
-                if val_loader is not None and (  # there when train.eval_interval > 0
+                if val_loader is not None and (  # None when train.eval_interval is 0
                         run.epoch % cfg.train.eval_interval == 0 or last_epoch):
                     metrics = evaluate(ema.module if ema is not None else model, val_loader,
                                        device, dtype,
