@@ -25,7 +25,7 @@ from gfldet.data import build_dataloader
 from gfldet.engine.build import build_dataset
 from gfldet.engine.checkpoint import load_checkpoint, load_model_weights
 from gfldet.engine.evaluator import evaluate
-from gfldet.engine.trainer import run_precision
+from gfldet.engine.precision import resolve_precision
 from gfldet.inference import build_inference_model, config_for_checkpoint, model_weights
 from gfldet.report import post_processing_settings, write_report
 
@@ -42,7 +42,7 @@ def main() -> None:
     cfg = config_for_checkpoint(state, None, args.checkpoint, args.cfg_options)
     dataset = build_dataset(cfg, "val")
     device = torch.device("cpu")
-    precision = run_precision(cfg, device)
+    precision = resolve_precision(cfg.train.amp, device)
     model = build_inference_model(cfg)
     load_model_weights(model, model_weights(state, use_ema=True, source=args.checkpoint),
                        strict=True, source=args.checkpoint)

@@ -85,7 +85,7 @@ def test_fp16_overflow_is_the_scalers_skip_without_ema_or_logged_step():
     assert torch.equal(model.weight, before)
     assert loop.ema.n_averaged.item() == 1 and loop.progress.count == 1
     assert loop.bad_steps == 0 and loop.scaler.get_scale() == scale / 2
-    assert math.isfinite(float(loop.progress.grad_norm_sum))
+    assert math.isfinite(float(loop.progress.sums["grad_norm"]))
     loop.step(*batch(3), it=2)
     assert not torch.equal(model.weight, before) and loop.ema.n_averaged.item() == 2
 

@@ -33,7 +33,8 @@ from gfldet.engine.build import build_dataset
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from gfldet.engine.coco_eval import check_backend, write_metrics_json
 from gfldet.engine.evaluator import evaluate
-from gfldet.engine.trainer import init_distributed, log, run_precision, setup_logging
+from gfldet.engine.precision import resolve_precision
+from gfldet.engine.trainer import init_distributed, log, setup_logging
 from gfldet.inference import (
     build_inference_model,
     config_for_checkpoint,
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             cfg = config_for_checkpoint(state, None, checkpoint, args.cfg_options)
             dataset = build_dataset(cfg, "val")
-        precision = run_precision(cfg, device)
+        precision = resolve_precision(cfg.train.amp, device)
         log.info("config: %s; precision: %s (%s)", config_path or f"{checkpoint} (stored config)",
                  precision.name, precision.reason)
         if precision.warning:

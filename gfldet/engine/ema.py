@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor, nn
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
@@ -31,12 +31,10 @@ def build_ema(model: nn.Module, decay: float, warmup_iters: int) -> AveragedMode
     copies them, the t-th moves them by ema = d_t * ema + (1 - d_t) * weights. The update count
     is its `n_averaged` buffer, part of its state_dict, so a resumed run continues the ramp."""
 
-    def update(
-        ema_tensors: list[Tensor], model_tensors: list[Tensor], num_averaged: Tensor
-    ) -> None:
+    def update(ema_tensors, model_tensors, num_averaged) -> None:
         # num_averaged counts the updates before this one. Reading it syncs with the device, as
         # AveragedModel.update_parameters itself does (it checks n_averaged == 0).
-        step = get_ema_multi_avg_fn(ema_decay(int(num_averaged) + 1, decay, warmup_iters))
-        step(ema_tensors, model_tensors, num_averaged)
+        decay_t = ema_decay(int(num_averaged) + 1, decay, warmup_iters)
+        get_ema_multi_avg_fn(decay_t)(ema_tensors, model_tensors, num_averaged)
 
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

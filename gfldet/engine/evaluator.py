@@ -9,7 +9,6 @@ is not scored (it is not among COCOeval's `params.imgIds`), and the log and the 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -33,13 +32,11 @@ def predict_dataset(model: nn.Module, loader, device: torch.device,
     """COCO-format detections of this process's share of the loader's dataset, and the images
     that failed to decode (image id -> "file (image id N): error"). The convolutions follow the
     memory format of the model's weights (train.channels_last), whatever the images'."""
-    dataset = loader.dataset
     model.eval()
     detections: list[dict] = []
     failed: dict[int, str] = {}
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, targets in loader:
-        with autocast:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             images = normalize_batch(images.to(device, non_blocking=True),
                                      [t["image_size"] for t in targets])
             results = model(images, targets)
@@ -52,7 +49,7 @@ def predict_dataset(model: nn.Module, loader, device: torch.device,
         results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
                     for k, v in results[i].items()} for i in kept]
         detections += detections_to_coco(results, [targets[i]["image_id"] for i in kept],
-                                         dataset.label_to_cat_id)
+                                         loader.dataset.label_to_cat_id)
     return detections, failed
 
 

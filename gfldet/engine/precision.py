@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gfldet.config_io import ConfigError
+
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
 _ONEDNN_ISAS_WITH_BF16 = ("BF16", "AMX", "FP16", "AVX10", "ALL")
 
@@ -51,7 +53,7 @@ def cpu_bf16_support() -> tuple[bool, str]:
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """`train.amp` ("auto", "none", "bf16" or "fp16") for `device`; fp16 off CUDA: ValueError."""
+    """`train.amp` ("auto", "none", "bf16" or "fp16") for `device`; fp16 off CUDA: ConfigError."""
     if amp == "none":
         return Precision(None, "train.amp is none")
     if device.type == "cuda":
@@ -62,16 +64,12 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
                              "with the gradient scaler")
         return Precision(torch.float16 if amp == "fp16" else torch.bfloat16, f"train.amp is {amp}")
     if amp == "fp16":
-        raise ValueError(f"train.amp: fp16 needs a CUDA device, and this run is on {device.type}; "
+        raise ConfigError(f"train.amp: fp16 needs a CUDA device, and this run is on {device.type}; "
                          "use auto, bf16 or none")
     native, found = cpu_bf16_support()
     if amp == "auto":
         return Precision(torch.bfloat16 if native else None, f"train.amp is auto and {found}")
-    if native:
-        return Precision(torch.bfloat16, f"train.amp is bf16; {found}")
-    return Precision(
-        torch.bfloat16, f"train.amp is bf16; {found}",
-        warning="bf16 is emulated on this CPU: expect it to run several times slower than fp32 "
-                "(benchmarks/bf16_conv.py measures it). Set train.amp: auto (or none) to train "
-                "in fp32 here.",
-    )
+    return Precision(torch.bfloat16, f"train.amp is bf16; {found}", warning=None if native else (
+        "bf16 is emulated on this CPU: expect it to run several times slower than fp32 "
+        "(benchmarks/bf16_conv.py measures it). Set train.amp: auto (or none) to train in fp32 "
+        "here."))

@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger("gfldet")
 
@@ -62,20 +63,15 @@ class Progress:
                  scalars: ScalarLog | None, start_iter: int = 0, bar: bool | None = None) -> None:
         self.total_iters, self.interval = total_iters, interval
         self.images_per_iter, self.device, self.scalars = images_per_iter, device, scalars
-        self.sums: dict[str, torch.Tensor] = {}
-        self.grad_norm_sum: torch.Tensor | float = 0.0
+        self.sums: dict[str, torch.Tensor] = {}  # the losses and "grad_norm"
         self.count = 0  # steps taken since the last log line (skipped ones excluded)
         self.iters = 0  # iterations since the last log line
         self.data_time = 0.0
         self.tic = time.perf_counter()
-        self.bar = None
         if bar is None:
             bar = scalars is not None and sys.stdout.isatty()
-        if bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        # tqdm's default bar shows its own ETA and rate
+        self.bar = tqdm(total=total_iters, initial=start_iter, dynamic_ncols=True) if bar else None
 
     def record_data_time(self, seconds: float) -> None:
         self.data_time += seconds
@@ -85,17 +81,11 @@ class Progress:
         """Count one iteration; `losses` and `grad_norm` are None for a skipped step."""
         self.iters += 1
         if losses is not None:
-            for name, value in losses.items():
+            for name, value in {**losses, "grad_norm": grad_norm.float()}.items():
                 self.sums[name] = self.sums.get(name, 0) + value.detach()
-            self.grad_norm_sum = self.grad_norm_sum + grad_norm.detach().float()
             self.count += 1
         if self.bar is not None:
             self.bar.update(1)
-            seconds = (time.perf_counter() - self.tic) / self.iters
-            self.bar.set_postfix_str(f"eta {self._eta(seconds, self.bar.n)}", refresh=False)
-
-    def _eta(self, sec_per_iter: float, done_iters: int) -> timedelta:
-        return timedelta(seconds=int(sec_per_iter * max(self.total_iters - done_iters, 0)))
 
     def maybe_log(self, it: int, epoch: int, epochs: int, batch: int, batches: int, lr: float,
                   force: bool = False) -> dict[str, float] | None:
@@ -103,14 +93,15 @@ class Progress:
         `force`d; returns the logged scalars."""
         if (not force and it > 0 and (it + 1) % self.interval) or self.iters == 0:
             return None
-        elapsed = time.perf_counter() - self.tic
-        sec_per_iter = elapsed / self.iters
+        sec_per_iter = (time.perf_counter() - self.tic) / self.iters
+        eta = timedelta(seconds=int(sec_per_iter * max(self.total_iters - it - 1, 0)))
         scalars: dict[str, float] = {}
         if self.count:
             means = {k: (v / self.count).item() for k, v in self.sums.items()}
+            grad_norm = means.pop("grad_norm")
             scalars.update({f"train/{k}": v for k, v in means.items()})
             scalars["train/loss"] = sum(means.values())
-            scalars["train/grad_norm"] = float(self.grad_norm_sum / self.count)
+            scalars["train/grad_norm"] = grad_norm
         scalars.update({
             "train/lr": lr,
             "train/time": sec_per_iter,
@@ -124,11 +115,10 @@ class Progress:
         log.info("epoch [%d/%d][%d/%d] lr: %.3e %s%s  time: %.3f s/it (data %.3f)  %.1f img/s  "
                  "eta: %s  mem: %.0f MiB", epoch + 1, epochs, batch + 1, batches, lr,
                  losses or "(every step skipped)", grad, sec_per_iter, scalars["train/data_time"],
-                 scalars["train/images_per_s"], self._eta(sec_per_iter, it + 1),
-                 scalars["train/memory_mib"])
+                 scalars["train/images_per_s"], eta, scalars["train/memory_mib"])
         if self.scalars is not None:
             self.scalars.write(it + 1, epoch + 1, scalars)
-        self.sums, self.grad_norm_sum, self.count, self.iters, self.data_time = {}, 0.0, 0, 0, 0.0
+        self.sums, self.count, self.iters, self.data_time = {}, 0, 0, 0.0
         self.tic = time.perf_counter()
         return scalars
 

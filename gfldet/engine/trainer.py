@@ -15,7 +15,6 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -62,7 +61,7 @@ from gfldet.engine.checkpoint import (
 from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
 from gfldet.engine.ema import build_ema
 from gfldet.engine.evaluator import evaluate
-from gfldet.engine.precision import Precision, resolve_precision
+from gfldet.engine.precision import resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
 from gfldet.engine.resume import RunSetup, check_resumable, continue_schedule
 from gfldet.engine.run_dir import (
@@ -121,14 +120,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def run_precision(cfg: Config, device: torch.device) -> Precision:
-    """`train.amp` resolved for `device` (`gfldet.engine.precision`); a bad one is a ConfigError."""
-    try:
-        return resolve_precision(cfg.train.amp, device)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 class StopRequested:
     """Set by SIGTERM/SIGINT (a preempted job, Ctrl-C); the loop checkpoints and returns."""
 
@@ -171,8 +162,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     `model`: a pre-built detector following gfldet's calling convention (see
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
     from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
-    checkpoints. Build it after seeding if its initialisation should follow `train.seed`.
-    (benchmarks/accuracy.py uses it to train torchvision's detectors in this same loop.)"""
+    checkpoints. Build it after seeding if its initialisation should follow `train.seed`."""
     try:
         device = init_distributed(cfg.train.device)
     except RuntimeError as err:  # e.g. train.device: cuda without CUDA
@@ -188,7 +178,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         log.info("%s", folder_note)
     for path in stale:
         log.info("removed %s, left by a process that stopped while saving a checkpoint", path.name)
-    precision = run_precision(cfg, device)
+    precision = resolve_precision(cfg.train.amp, device)
     log.info("precision: %s (%s)", precision.name, precision.reason)
     if precision.warning:
         log.warning("%s", precision.warning)
@@ -196,13 +186,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
 
     # Both splits are checked before anything is trained; val first, as it is usually the smaller.
     # The run folder keeps each split's check results, so a --resume decodes only changed files.
-    val_set = val_loader = None
-    if cfg.train.eval_interval > 0:
-        val_set = build_dataset(cfg, "val", work_dir / CHECK_CACHE_DIR / "val.json")
-    train_set = build_dataset(cfg, "train", work_dir / CHECK_CACHE_DIR / "train.json")
-    reports = {"train": train_set.check_report}
-    if val_set is not None:
-        reports["val"] = val_set.check_report
+    splits = ["val", "train"] if cfg.train.eval_interval > 0 else ["train"]
+    sets = {s: build_dataset(cfg, s, work_dir / CHECK_CACHE_DIR / f"{s}.json") for s in splits}
+    train_set, val_set = sets["train"], sets.get("val")
+    reports = {s: sets[s].check_report for s in reversed(splits)}  # train's problems first
     problems = split_problems(cfg.model.num_classes, reports)
     if problems:
         raise DatasetError("the datasets do not fit together; nothing was trained:\n"
@@ -213,17 +200,17 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                    "distributed": is_distributed(), "size_divisor": d.size_divisor}
     train_loader = build_dataloader(train_set, d.batch_size, train=True,
                                     aspect_ratio_grouping=d.aspect_ratio_grouping, **loader_args)
-    if val_set is not None:
-        val_loader = build_dataloader(val_set, d.val_batch_size, train=False, **loader_args)
+    val_loader = (build_dataloader(val_set, d.val_batch_size, train=False, **loader_args)
+                  if val_set is not None else None)
     iters_per_epoch = len(train_loader.batch_sampler)
     log.info("%d training images, %d iterations per epoch", len(train_set), iters_per_epoch)
 
-    # A resumed run's weights come from its checkpoint: the ImageNet weights are not loaded (nor
-    # downloaded), so a moved file or an offline machine does not stop a resume.
-    model_cfg = cfg.model
-    if resume:
-        model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None))
     if model is None:
+        # A resumed run's weights come from its checkpoint: the ImageNet weights are not loaded
+        # (nor downloaded), so a moved file or an offline machine does not stop a resume.
+        model_cfg = cfg.model
+        if resume:
+            model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None))
         model = build_model(model_cfg, size_divisor=cfg.data.size_divisor)
     model = model.to(device)
     if load_from is not None:
@@ -246,8 +233,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        run = RunState(epoch=state["epoch"], batch=state.get("batch", 0),
-                       best_ap=state.get("best_ap", -1.0))
+        run = RunState(state["epoch"], state.get("batch", 0), state.get("best_ap", -1.0))
         if rebuild_schedule:  # the saved lr function is the old schedule's, batch or setup's
             continue_schedule(optimizer, scheduler, base_lrs, cfg.schedule, iters_per_epoch,
                               run.epoch * iters_per_epoch + run.batch)
@@ -264,9 +250,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     if is_main_process():  # only now: a refused resume leaves the run's config.yaml as it was
         dump_config(cfg, work_dir / "config.yaml")
 
-    train_model: nn.Module = model
-    if cfg.train.compile:
-        train_model = torch.compile(model, dynamic=True)
+    train_model = torch.compile(model, dynamic=True) if cfg.train.compile else model
     if is_distributed():
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(train_model, device_ids=device_ids)
@@ -320,13 +304,13 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                                 "--resume", run.epoch + 1, run.batch)
                     break
                 run.epoch, run.batch = run.epoch + 1, 0
-                interval = cfg.train.eval_interval
-                eval_now = interval and (run.epoch % interval == 0 or run.epoch == epochs)
+                last_epoch = run.epoch == epochs
                 names = []
-                if eval_now and val_loader is not None:
+                if val_loader is not None and (  # None when train.eval_interval is 0
+                        run.epoch % cfg.train.eval_interval == 0 or last_epoch):
                     metrics = evaluate(ema.module if ema is not None else model, val_loader,
                                        device, dtype,
-                                       keep_coco_eval=cfg.train.report and run.epoch == epochs)
+                                       keep_coco_eval=cfg.train.report and last_epoch)
                     metrics.pop("detections", None)
                     final_eval = metrics.pop("coco_eval", None)
                     if is_main_process():
@@ -342,7 +326,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                         run.best_ap = ap
                         names.append("best.pth")
                         log.info("new best bbox AP %.4f at epoch %d: best.pth", ap, run.epoch)
-                if run.epoch % cfg.train.checkpoint_interval == 0 or run.epoch == epochs:
+                if run.epoch % cfg.train.checkpoint_interval == 0 or last_epoch:
                     names += [f"epoch_{run.epoch}.pth", "last.pth"]
                 if names:
                     checkpoint(names)
@@ -411,17 +395,17 @@ def prepare_work_dir(work_dir: Path, resume: bool,
                      overwrite: bool) -> tuple[str | None, list[Path]]:
     """Rank 0 checks the run folder (`check_run_dir`) and removes stale temporary files; every
     process gets the same outcome, so all of them stop together on a refusal."""
-    outcome: tuple[str, str | None, list[Path]] = ("ok", None, [])
+    outcome: RunDirError | tuple[str | None, list[Path]] = (None, [])
     if is_main_process():
         try:
             note = check_run_dir(work_dir, resume, overwrite)
-            outcome = ("ok", note, remove_stale_temporaries(work_dir))
+            outcome = (note, remove_stale_temporaries(work_dir))
         except RunDirError as err:
-            outcome = ("refused", str(err), [])
-    status, text, stale = all_gather_objects(outcome)[0]
-    if status == "refused":
-        raise RunDirError(text)
-    return text, stale
+            outcome = err
+    outcome = all_gather_objects(outcome)[0]
+    if isinstance(outcome, RunDirError):
+        raise RunDirError(str(outcome))
+    return outcome
 
 
 # fp16 overflows in a row that stop a run: each halves the gradient scaler's scale, so by then it
@@ -452,10 +436,10 @@ class TrainLoop:
             self.progress.record_data_time(time.perf_counter() - tic)
             it = epoch * iters_per_epoch + batch
             stop = self.step(images, targets, it)
+            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch, iters_per_epoch,
+                                    self.optimizer.param_groups[0]["lr"],
+                                    force=batch + 1 == iters_per_epoch)
             batch += 1
-            self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch - 1,
-                                    iters_per_epoch, self.optimizer.param_groups[0]["lr"],
-                                    force=batch == iters_per_epoch)
             if stop:
                 break
             tic = time.perf_counter()
@@ -470,8 +454,7 @@ class TrainLoop:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                     for k, v in t.items()} for t in targets]
-        with (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
-              else nullcontext()):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             losses = self.model(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
