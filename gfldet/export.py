@@ -364,8 +364,7 @@ def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = Fals
             report.box_tol = max(report.box_tol, box_tol)
             reference = model(batch, targets)
             if nms:
-                found = [{k: got[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
-                         for b, n in enumerate(got["num_dets"])]
+                found = split_detections(*(got[name] for name in NMS_OUTPUTS))
             else:
                 raw = export_module(model)(**feeds)
                 for name, ref in zip(RAW_OUTPUTS, raw, strict=True):
