@@ -76,13 +76,10 @@ class ExportVerificationError(RuntimeError):
 
 
 class GFLDecode(nn.Module):
-    """(images, image_sizes, orig_sizes) -> the graph outputs of `model`.
-
-    Raw (`dense_detections`): every prior's boxes [B, A, 4] xyxy clipped to the image and scores
-    [B, A, C] (sigmoid), 0 at priors outside the image's own padded extent. With `nms`
-    (`select_detections` with `settings`, default the model's): evaluation's detections, boxes
-    [B, K, 4], scores [B, K], labels [B, K] int64 and num_dets [B] int64, rows past `num_dets[b]`
-    padding (zero boxes and scores, label -1). The priors are computed in the graph from the
+    """(images, image_sizes, orig_sizes) -> the graph outputs of `model`: raw, every prior's
+    boxes [B, A, 4] and scores [B, A, C] (`dense_detections`); with `nms`, evaluation's padded
+    detections boxes [B, K, 4], scores [B, K], labels [B, K], num_dets [B] (`select_detections`
+    with `settings`, default the model's). The priors are computed in the graph from the
     feature-map sizes, so a dynamic-axes graph works at any input size that is a multiple of 32.
     """
 
