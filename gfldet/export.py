@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -330,9 +329,8 @@ class ParityReport:
         if self.num_dets:
             text += f", {self.num_dets} detections compared"
         if self.mismatched:
-            text += f"; {len(self.mismatched)} detection(s) on one side only: " + "; ".join(
-                self.mismatched[:5]
-            )
+            shown = "; ".join(self.mismatched[:5])
+            text += f"; {len(self.mismatched)} detection(s) on one side only: {shown}"
         return text
 
 
@@ -451,7 +449,7 @@ def publish_weights(checkpoint: str | Path, cfg: Config, out: str | Path, use_em
     staging = save_checkpoint(published, out.with_name(f".{stem}.unhashed.pth"))
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()
     final = out.with_name(f"{stem}-{digest[:hash_chars]}.pth")
-    os.replace(staging, final)
+    staging.replace(final)
     config_path = final.with_suffix(".yaml")
     dump_config(cfg, config_path)
     return final, config_path
