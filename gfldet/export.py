@@ -20,8 +20,8 @@ beyond `onnx` (the dynamo exporter needs `onnxscript` too).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -75,13 +75,10 @@ class ExportVerificationError(RuntimeError):
 
 
 class GFLDecode(nn.Module):
-    """(images, image_sizes, orig_sizes) -> the graph outputs of `model`.
-
-    Raw (`dense_detections`): every prior's boxes [B, A, 4] xyxy clipped to the image and scores
-    [B, A, C] (sigmoid), 0 at priors outside the image's own padded extent. With `nms`
-    (`select_detections` with `settings`, default the model's): evaluation's detections, boxes
-    [B, K, 4], scores [B, K], labels [B, K] int64 and num_dets [B] int64, rows past `num_dets[b]`
-    padding (zero boxes and scores, label -1). The priors are computed in the graph from the
+    """(images, image_sizes, orig_sizes) -> the graph outputs of `model`: raw, every prior's
+    boxes [B, A, 4] and scores [B, A, C] (`dense_detections`); with `nms`, evaluation's padded
+    detections boxes [B, K, 4], scores [B, K], labels [B, K], num_dets [B] (`select_detections`
+    with `settings`, default the model's). The priors are computed in the graph from the
     feature-map sizes, so a dynamic-axes graph works at any input size that is a multiple of 32.
     """
 
@@ -206,26 +203,19 @@ def export_onnx(model: GFL, path: str | Path, example: Mapping[str, Tensor | np.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = NMS_OUTPUTS if nms else RAW_OUTPUTS
-    dynamic_axes = None
-    if dynamic:
-        output_axes = {0: "batch"} if nms else {0: "batch", 1: "priors"}
-        dynamic_axes = {
-            "images": {0: "batch", 2: "height", 3: "width"},
-            "image_sizes": {0: "batch"},
-            "orig_sizes": {0: "batch"},
-            **{name: output_axes for name in names},
-        }
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
+            "orig_sizes": {0: "batch"}}
+    axes |= {name: {0: "batch"} if nms else {0: "batch", 1: "priors"} for name in names}
     with _tracing():
         torch.onnx.export(
             export_module(model, nms, settings), _example_args(example), str(path), dynamo=False,
             opset_version=opset, input_names=list(GRAPH_INPUTS), output_names=list(names),
-            dynamic_axes=dynamic_axes,
+            dynamic_axes=axes if dynamic else None,
         )
-    try:
+    if importlib.util.find_spec("onnx"):  # the check is a bonus; verification is the real test
         import onnx
-    except ImportError:  # the check is a bonus; onnxruntime verification is the real test
-        return path
-    onnx.checker.check_model(str(path))
+
+        onnx.checker.check_model(str(path))
     return path
 
 
@@ -321,6 +311,10 @@ class ParityReport:
     num_dets: int = 0  # detections compared
     mismatched: list[str] = field(default_factory=list)  # detections present on one side only
 
+    def add(self, box_diff: float, score_diff: float) -> None:
+        self.max_box_diff = max(self.max_box_diff, float(box_diff))
+        self.max_score_diff = max(self.max_score_diff, float(score_diff))
+
     @property
     def ok(self) -> bool:
         return (self.max_box_diff <= self.box_tol and self.max_score_diff <= self.score_tol
@@ -335,12 +329,12 @@ class ParityReport:
         if self.num_dets:
             text += f", {self.num_dets} detections compared"
         if self.mismatched:
-            text += f"; {len(self.mismatched)} detection(s) on one side only: " + "; ".join(
-                self.mismatched[:5]
-            )
+            shown = "; ".join(self.mismatched[:5])
+            text += f"; {len(self.mismatched)} detection(s) on one side only: {shown}"
         return text
 
 
+@torch.no_grad()
 def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = False,
            settings: PostProcessSettings | None = None, rtol: float = 1e-4,
            what: str = "export") -> ParityReport:
@@ -353,7 +347,7 @@ def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = Fals
     (`detections_from_raw`), whose boxes and scores are also compared with the PyTorch
     wrapper's element by element."""
     settings = settings or model.test_settings
-    report = ParityReport(score_tol=rtol)
+    report = ParityReport(score_tol=rtol, num_inputs=len(inputs))
     saved = model.test_settings
     model.eval()
     try:
@@ -362,19 +356,22 @@ def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = Fals
             feeds = feeds_from_batch(batch, targets)
             got = runner(feeds)
             box_tol = rtol * float(feeds["orig_sizes"].max())
-            report.num_inputs += 1
             report.box_tol = max(report.box_tol, box_tol)
-            with torch.no_grad():
-                reference = model(batch, targets)
-                raw = None if nms else export_module(model)(**feeds)
-            if raw is None:
-                found = [{k: got[k][b, : int(n)] for k in ("boxes", "scores", "labels")}
-                         for b, n in enumerate(got["num_dets"])]
+            reference = model(batch, targets)
+            if nms:
+                found = split_detections(*(got[name] for name in NMS_OUTPUTS))
             else:
-                _compare_raw(got, raw, report, what)
-                found = detections_from_raw(
-                    got["boxes"], got["scores"], tuple(batch.shape[-2:]), settings
-                )
+                raw = export_module(model)(**feeds)
+                for name, ref in zip(RAW_OUTPUTS, raw, strict=True):
+                    if got[name].shape != tuple(ref.shape):
+                        raise ExportVerificationError(
+                            f"{what}: output {name!r} has shape {got[name].shape}, "
+                            f"PyTorch {tuple(ref.shape)}"
+                        )
+                report.add(*(np.abs(got[name] - ref.numpy()).max(initial=0.0)
+                             for name, ref in zip(RAW_OUTPUTS, raw, strict=True)))
+                found = detections_from_raw(got["boxes"], got["scores"], tuple(batch.shape[-2:]),
+                                            settings)
             for image, (ref, det) in enumerate(zip(reference, found, strict=True)):
                 _compare_detections(image, ref, det, report, box_tol, rtol)
     finally:
@@ -384,47 +381,27 @@ def verify(runner: Runner, model: GFL, inputs: Sequence[Batch], nms: bool = Fals
     return report
 
 
-def _compare_raw(got: dict[str, np.ndarray], expected: tuple[Tensor, Tensor],
-                 report: ParityReport, what: str) -> None:
-    for name, ref in zip(RAW_OUTPUTS, expected, strict=True):
-        if got[name].shape != tuple(ref.shape):
-            raise ExportVerificationError(
-                f"{what}: output {name!r} has shape {got[name].shape}, PyTorch {tuple(ref.shape)}"
-            )
-    box_diff, score_diff = (
-        float(np.abs(got[name] - ref.numpy()).max(initial=0.0))
-        for name, ref in zip(RAW_OUTPUTS, expected, strict=True)
-    )
-    report.max_box_diff = max(report.max_box_diff, box_diff)
-    report.max_score_diff = max(report.max_score_diff, score_diff)
-
-
 def _compare_detections(image: int, ref: Mapping[str, Any], got: Mapping[str, Any],
                         report: ParityReport, box_tol: float, score_tol: float) -> None:
     """Pair one image's detections by label and box; a detection without a partner counts as a
     mismatch unless it is borderline (its score within `score_tol` of another kept or cut one
     is not decidable at float precision, so only unpaired detections scoring well above the
     weakest kept one are reported)."""
-    ref = {k: np.asarray(v) for k, v in ref.items()}
-    got = {k: np.asarray(v) for k, v in got.items()}
+    ref, got = ({k: np.asarray(v) for k, v in dets.items()} for dets in (ref, got))
     used = np.zeros(len(got["scores"]), dtype=bool)
     unpaired = []
     for i, (box, score, label) in enumerate(
         zip(ref["boxes"], ref["scores"], ref["labels"], strict=True)
     ):
         cand = np.flatnonzero((got["labels"] == label) & ~used)
-        if cand.size:
-            box_diff = np.abs(got["boxes"][cand] - box).max(axis=1)
+        box_diff = np.abs(got["boxes"][cand] - box).max(axis=1)
+        if cand.size and box_diff.min() <= box_tol:
             j = cand[int(box_diff.argmin())]
-            if box_diff.min() <= box_tol:
-                used[j] = True
-                report.num_dets += 1
-                report.max_box_diff = max(report.max_box_diff, float(box_diff.min()))
-                report.max_score_diff = max(
-                    report.max_score_diff, abs(float(got["scores"][j] - score))
-                )
-                continue
-        unpaired.append(("evaluation", ref, i))
+            used[j] = True
+            report.num_dets += 1
+            report.add(box_diff.min(), abs(float(got["scores"][j] - score)))
+        else:
+            unpaired.append(("evaluation", ref, i))
     unpaired += [("export", got, j) for j in np.flatnonzero(~used)]
     for side, dets, i in unpaired:
         # Near the score threshold or the max_per_img cut a tiny score change legitimately
@@ -472,7 +449,7 @@ def publish_weights(checkpoint: str | Path, cfg: Config, out: str | Path, use_em
     staging = save_checkpoint(published, out.with_name(f".{stem}.unhashed.pth"))
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()
     final = out.with_name(f"{stem}-{digest[:hash_chars]}.pth")
-    os.replace(staging, final)
+    staging.replace(final)
     config_path = final.with_suffix(".yaml")
     dump_config(cfg, config_path)
     return final, config_path

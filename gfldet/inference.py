@@ -150,16 +150,14 @@ def list_images(source: str | Path) -> list[Path]:
     path = Path(source)
     if path.is_file():
         return [path]
-    if path.is_dir():
-        candidates = path.iterdir()
-    else:
-        candidates = map(Path, glob.glob(str(source), recursive=True))
+    is_dir = path.is_dir()
+    candidates = path.iterdir() if is_dir else map(Path, glob.glob(str(source), recursive=True))
     found = sorted(p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not found and path.is_dir():
+    if found:
+        return found
+    if is_dir:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-    if not found:
-        raise FileNotFoundError(f"{source}: not an image file, a folder, or a glob matching images")
-    return found
+    raise FileNotFoundError(f"{source}: not an image file, a folder, or a glob matching images")
 
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
@@ -245,20 +243,15 @@ class Detector:
         """
         state = load_checkpoint(path)
         cfg = config_for_checkpoint(state, config, str(path), overrides)
-        if score_thr is not None:
-            cfg = copy.deepcopy(cfg)
-            cfg.model.test.score_thr = float(score_thr)
         model = build_inference_model(cfg)
         weights = model_weights(state, use_ema, str(path))
         load_model_weights(model, weights, strict=True, source=path)
+        if score_thr is not None:  # the model's own copy of model.test
+            model.test_settings.score_thr = float(score_thr)
         return cls(
             model, cfg.data.test_short_side, cfg.data.max_size, cfg.data.size_divisor,
             class_names_for(cfg, state), device, batch_size,
         )
-
-    @property
-    def score_thr(self) -> float:
-        return self.model.test_settings.score_thr
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Tensor, list[dict[str, Any]]]:
         """RGB arrays -> a normalised, padded batch [B, 3, H', W'] on the detector's device and
@@ -295,23 +288,9 @@ class Detector:
 def detections_to_json(det: Mapping[str, Any], decimals: int = 2) -> list[dict[str, Any]]:
     """One image's detections as JSON-able dicts: box [x1, y1, x2, y2] pixels, score, label,
     class_name."""
-    return [
-        {
-            "box": [round(float(v), decimals) for v in box],
-            "score": round(float(score), 4),
-            "label": int(label),
-            "class_name": name,
-        }
-        for box, score, label, name in zip(
-            det["boxes"], det["scores"], det["labels"], det["class_names"], strict=True
-        )
-    ]
-
-
-def class_colour(label: int) -> tuple[int, int, int]:
-    """A distinct, saturated RGB colour per class (hues spaced by the golden angle)."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
+    fields = zip(det["boxes"], det["scores"], det["labels"], det["class_names"], strict=True)
+    return [{"box": [round(float(v), decimals) for v in box], "score": round(float(score), 4),
+             "label": int(label), "class_name": name} for box, score, label, name in fields]
 
 
 def draw_detections(
@@ -334,7 +313,9 @@ def draw_detections(
     # Weakest first, so the strongest detections' labels end up on top.
     for i in np.argsort(np.asarray(scores), kind="stable"):
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        colour = class_colour(int(labels[i]))
+        # A distinct, saturated colour per class: hues spaced by the golden angle.
+        hue = (int(labels[i]) * 0.618034) % 1.0
+        colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
         name = names[i] if names is not None else str(int(labels[i]))
         text = f"{name} {float(scores[i]):.2f}"
