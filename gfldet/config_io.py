@@ -249,32 +249,24 @@ def _unwrap(tp: Any) -> tuple[Any, list, bool]:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=True)
+def _fields(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every valid dotted key under ``cls`` (sections included) -> its annotation, in schema
+    order."""
+    fields = {}
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        fields[prefix + name] = tp
+        if dataclasses.is_dataclass(section := _unwrap(tp)[0]):
+            fields.update(_fields(section, f"{prefix}{name}."))
+    return fields
 
 
 def _at(root: type, loc: Sequence) -> Any:
     """The annotation at a pydantic error location such as ('data', 'train_short_side', 0)."""
-    tp = root
-    for part in loc:
-        base = _unwrap(tp)[0]
-        if isinstance(part, str):
-            tp = _hints(base)[part]
-        else:  # an item of list[X] or tuple[X, Y]
-            args = typing.get_args(base)
-            tp = args[0] if typing.get_origin(base) is list else args[part]
-    return tp
-
-
-@functools.cache
-def _all_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
-    """Every valid dotted key under ``cls`` (sections included), in schema order."""
-    keys: list[str] = []
-    for name, tp in _hints(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(section := _unwrap(tp)[0]):
-            keys.extend(_all_keys(section, f"{prefix}{name}."))
-    return tuple(keys)
+    if not isinstance(loc[-1], int):
+        return _fields(root)[_dotted(loc)]
+    base = _unwrap(_at(root, loc[:-1]))[0]  # an item of list[X] or tuple[X, Y]
+    args = typing.get_args(base)
+    return args[0] if typing.get_origin(base) is list else args[loc[-1]]
 
 
 def _type_name(tp: Any) -> str:
@@ -314,12 +306,12 @@ def _dotted(loc: Sequence) -> str:
 
 def _unknown(root: type, loc: tuple) -> str:
     """An unknown key's message, with the closest valid key here or anywhere in the tree."""
-    name, prefix = loc[-1], _dotted(loc[:-1])
-    names = list(_hints(_unwrap(_at(root, loc[:-1]))[0]))
+    name, prefix, fields = loc[-1], _dotted(loc[:-1]), _fields(root)
+    names = [k.rpartition(".")[2] for k in fields if k.rpartition(".")[0] == prefix]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.7)
     suggestion = f"{prefix}.{close[0]}".lstrip(".") if close else None
     if suggestion is None:  # maybe the key exists elsewhere in the tree (e.g. optim.epochs)
-        leaves = {k.rpartition(".")[2]: k for k in reversed(_all_keys(root))}
+        leaves = {k.rpartition(".")[2]: k for k in reversed(fields)}
         near = [name] if name in leaves else difflib.get_close_matches(name, leaves, 1, 0.8)
         suggestion = leaves[near[0]] if near else None
     hint = f"; did you mean '{suggestion}'?" if suggestion else ";"
