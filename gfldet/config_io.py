@@ -157,8 +157,7 @@ def read(source: str | os.PathLike[str] | dict, overrides: Sequence[str] = (),
 
 def parse_overrides(items: Iterable[str]) -> dict:
     """Turn ``["optim.lr=0.02", "schedule.milestones=[16, 22]"]`` into a nested mapping; each
-    value is parsed as YAML, later items win. Raises :class:`ConfigError` for an item without
-    ``=``, an empty key segment, or a value that is not valid YAML."""
+    value is parsed as YAML, later items win. A malformed item is a :class:`ConfigError`."""
     if isinstance(items, str):
         raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
     out: dict = {}
@@ -167,8 +166,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
             raise ConfigError(f"{OVERRIDE_SOURCE}: {item!r} is not of the form key=value "
                               "(e.g. optim.lr=0.02 or schedule.milestones=[16,22])")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(p.strip() for p in parts) or any(p != p.strip() for p in parts):
+        if any(not p or p != p.strip() for p in key.strip().split(".")):
             raise ConfigError(f"{OVERRIDE_SOURCE}: {item!r} has an invalid key {key!r}; "
                               "use dotted names such as model.backbone.depth")
         try:

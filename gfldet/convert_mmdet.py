@@ -112,8 +112,7 @@ def infer_model_settings(state: Mapping[str, Tensor],
 
     blocks = tuple(count(f"backbone.layer{n}.") for n in range(1, 5))
     bottleneck = "backbone.layer1.0.conv3.weight" in state
-    conv1 = state.get("backbone.layer1.0.conv1.weight")
-    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    conv1, conv2 = (state.get(f"backbone.layer1.0.conv{i}.weight") for i in (1, 2))
     if bottleneck and conv1 is not None and conv2 is not None and conv2.shape[1] != conv1.shape[0]:
         raise ConversionError("the backbone has grouped 3x3 convolutions (ResNeXt); gfldet "
                               "supports ResNet-18/34/50/101 only")
