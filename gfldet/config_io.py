@@ -436,8 +436,7 @@ def build(root: type, data: dict, origins: Origins, name: str) -> Any:
     moved = [(old, _DGQP_SWITCH if old == DGQP else f"{old} moved to {MOVED[old]}")
              for old, _ in _pop_old_keys(data)]
     obj, problems = check(root, data)
-    problems = moved + problems
-    if problems:
+    if problems := moved + problems:
         lines = [f"{msg} [{where(origins, key)}]" for key, msg in problems]
         raise ConfigError(report(f"invalid config {name}", lines))
     return obj
