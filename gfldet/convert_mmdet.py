@@ -214,7 +214,6 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
     levels = target_state["head.scales"].numel()
     unmapped, missing, reshaped = [], [], []
     for key, value in mmdet_state.items():
-        ours = gfldet_key(key)
         if _DROPPED.fullmatch(key):
             report.dropped.append(key)
         elif scale := _SCALE.fullmatch(key):
@@ -224,7 +223,7 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
                 unmapped.append(f"{key} -> head.scales[{scale[1]}] of {levels} levels")
             else:
                 scales[int(scale[1])] = value.detach().reshape(1)
-        elif ours not in target_state:
+        elif (ours := gfldet_key(key)) not in target_state:
             unmapped.append(f"{key} -> {ours or 'no gfldet prefix'} {list(value.shape)}")
         elif value.shape != target_state[ours].shape:
             reshaped.append(f"{key} {list(value.shape)} -> {ours} {list(target_state[ours].shape)}")
