@@ -157,8 +157,7 @@ def read(source: str | os.PathLike[str] | dict, overrides: Sequence[str] = (),
 
 def parse_overrides(items: Iterable[str]) -> dict:
     """Turn ``["optim.lr=0.02", "schedule.milestones=[16, 22]"]`` into a nested mapping; each
-    value is parsed as YAML, later items win. Raises :class:`ConfigError` for an item without
-    ``=``, an empty key segment, or a value that is not valid YAML."""
+    value is parsed as YAML, later items win. A malformed item is a :class:`ConfigError`."""
     if isinstance(items, str):
         raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
     out: dict = {}
@@ -167,8 +166,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
             raise ConfigError(f"{OVERRIDE_SOURCE}: {item!r} is not of the form key=value "
                               "(e.g. optim.lr=0.02 or schedule.milestones=[16,22])")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(p.strip() for p in parts) or any(p != p.strip() for p in parts):
+        if any(not p or p != p.strip() for p in key.strip().split(".")):
             raise ConfigError(f"{OVERRIDE_SOURCE}: {item!r} has an invalid key {key!r}; "
                               "use dotted names such as model.backbone.depth")
         try:
@@ -236,68 +234,57 @@ RULES_ERROR = "gfldet_rules"
 _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _arms(tp: Any) -> list[Any]:
-    """The non-null arms of a union (``X | None`` -> [X]), else [tp]."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return [a for a in typing.get_args(tp) if a is not type(None)]
-    return [tp]
-
-
-def _strip(tp: Any) -> tuple[Any, list]:
-    """``Annotated[X, ...]`` -> (X, its metadata with Field constraints flattened)."""
+def _unwrap(tp: Any) -> tuple[Any, list, bool]:
+    """``Annotated[X, ...] | None`` -> (X, its metadata with Field constraints flattened, whether
+    null is allowed)."""
+    nullable = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if nullable:  # the schema's unions are all `X | None`
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is not Annotated:
-        return tp, []
+        return tp, [], nullable
     base, *extra = typing.get_args(tp)
-    return base, [m for e in extra for m in [e, *getattr(e, "metadata", [])]]
+    return base, [m for e in extra for m in [e, *getattr(e, "metadata", [])]], nullable
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=True)
+def _fields(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every valid dotted key under ``cls`` (sections included) -> its annotation, in schema
+    order."""
+    fields = {}
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        fields[prefix + name] = tp
+        if dataclasses.is_dataclass(section := _unwrap(tp)[0]):
+            fields.update(_fields(section, f"{prefix}{name}."))
+    return fields
 
 
 def _at(root: type, loc: Sequence) -> Any:
     """The annotation at a pydantic error location such as ('data', 'train_short_side', 0)."""
-    tp = root
-    for part in loc:
-        base = _strip(_arms(tp)[0])[0]
-        if isinstance(part, str):
-            tp = _hints(base)[part]
-        else:  # an item of list[X] or tuple[X, Y]
-            args = typing.get_args(base)
-            tp = args[0] if typing.get_origin(base) is list else args[part]
-    return tp
-
-
-@functools.cache
-def _all_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
-    """Every valid dotted key under ``cls`` (sections included), in schema order."""
-    keys: list[str] = []
-    for name, tp in _hints(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(_arms(tp)[0]):
-            keys.extend(_all_keys(_arms(tp)[0], f"{prefix}{name}."))
-    return tuple(keys)
+    if not isinstance(loc[-1], int):
+        return _fields(root)[_dotted(loc)]
+    base = _unwrap(_at(root, loc[:-1]))[0]  # an item of list[X] or tuple[X, Y]
+    args = typing.get_args(base)
+    return args[0] if typing.get_origin(base) is list else args[loc[-1]]
 
 
 def _type_name(tp: Any) -> str:
-    tp, args = _strip(tp)[0], typing.get_args(_strip(tp)[0])
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if typing.get_origin(tp) is list:
-        return f"list[{_type_name(args[0])}]"
-    if typing.get_origin(tp) is tuple:
-        return f"tuple[{', '.join(map(_type_name, args))}] (a list of {len(args)})"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return {type(None): "null", bool: "bool (true/false)"}.get(tp, getattr(tp, "__name__", ""))
+    base, _, nullable = _unwrap(tp)
+    origin, args = typing.get_origin(base), typing.get_args(base)
+    if origin is list:
+        name = f"list[{_type_name(args[0])}]"
+    elif origin is tuple:
+        name = f"tuple[{', '.join(map(_type_name, args))}] (a list of {len(args)})"
+    elif dataclasses.is_dataclass(base):
+        name = f"a mapping ({base.__name__})"
+    else:
+        name = {bool: "bool (true/false)"}.get(base, getattr(base, "__name__", ""))
+    return name + (" or null" if nullable else "")
 
 
 def _allowed(tp: Any) -> str:
     """What a value of ``tp`` must be: a range, one of its literals, or its Field description."""
-    base, meta = _strip(_arms(tp)[0])
-    b = {k: v for m in meta for k in ("ge", "gt", "le", "lt") if (v := getattr(m, k, None))
-         is not None}
+    base, meta, nullable = _unwrap(tp)
+    b = {k: getattr(m, k) for m in meta for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
     lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
     hi = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
     if lo and hi:
@@ -308,7 +295,7 @@ def _allowed(tp: Any) -> str:
         text = "one of " + ", ".join(show(a) for a in typing.get_args(base))
     else:
         text = next(m.description for m in meta if getattr(m, "description", None))
-    return text + (" or null" if _arms(tp) != [tp] else "")
+    return text + (" or null" if nullable else "")
 
 
 def _dotted(loc: Sequence) -> str:
@@ -317,12 +304,12 @@ def _dotted(loc: Sequence) -> str:
 
 def _unknown(root: type, loc: tuple) -> str:
     """An unknown key's message, with the closest valid key here or anywhere in the tree."""
-    name, prefix = loc[-1], _dotted(loc[:-1])
-    names = list(_hints(_arms(_at(root, loc[:-1]))[0]))
+    name, prefix, fields = loc[-1], _dotted(loc[:-1]), _fields(root)
+    names = [k.rpartition(".")[2] for k in fields if k.rpartition(".")[0] == prefix]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.7)
     suggestion = f"{prefix}.{close[0]}".lstrip(".") if close else None
     if suggestion is None:  # maybe the key exists elsewhere in the tree (e.g. optim.epochs)
-        leaves = {k.rpartition(".")[2]: k for k in reversed(_all_keys(root))}
+        leaves = {k.rpartition(".")[2]: k for k in reversed(fields)}
         near = [name] if name in leaves else difflib.get_close_matches(name, leaves, 1, 0.8)
         suggestion = leaves[near[0]] if near else None
     hint = f"; did you mean '{suggestion}'?" if suggestion else ";"
@@ -347,7 +334,7 @@ def _explain(err: Any, root: type) -> list[tuple[str, str]]:
         return [(key, f"{key}: expected a finite float, got {show(value)}")]
     tp = _at(root, loc)
     if kind in (*_BOUNDS, "literal_error", "string_pattern_mismatch"):
-        if type(value) is int and _strip(_arms(tp)[0])[0] is float:
+        if type(value) is int and _unwrap(tp)[0] is float:
             value = float(value)  # as the config would hold it
         return [(key, f"{key}={show(value)} is invalid: must be {_allowed(tp)}")]
     got = "null" if value is None else type(value).__name__
@@ -449,8 +436,7 @@ def build(root: type, data: dict, origins: Origins, name: str) -> Any:
     moved = [(old, _DGQP_SWITCH if old == DGQP else f"{old} moved to {MOVED[old]}")
              for old, _ in _pop_old_keys(data)]
     obj, problems = check(root, data)
-    problems = moved + problems
-    if problems:
+    if problems := moved + problems:
         lines = [f"{msg} [{where(origins, key)}]" for key, msg in problems]
         raise ConfigError(report(f"invalid config {name}", lines))
     return obj

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from gfldet.config import Config, DGQPConfig, config_to_dict
-from gfldet.engine.checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint
+from gfldet.engine.checkpoint import MODEL_FORMAT, _fmt_list, load_checkpoint, save_checkpoint
 
 _DEPTHS = {  # (blocks per stage, bottleneck) -> ResNet depth
     ((2, 2, 2, 2), False): 18,
@@ -47,7 +47,6 @@ _DEPTHS = {  # (blocks per stage, bottleneck) -> ResNet depth
     ((3, 4, 6, 3), True): 50,
     ((3, 4, 23, 3), True): 101,
 }
-_MAX_LISTED = 25
 
 
 class ConversionError(ValueError):
@@ -82,9 +81,8 @@ def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str
 def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
     """Class names from MMDetection 2.x (`meta.CLASSES`) or 3.x (`meta.dataset_meta.classes`)."""
     names = meta.get("CLASSES")
-    dataset_meta = meta.get("dataset_meta")
-    if names is None and isinstance(dataset_meta, dict):
-        names = dataset_meta.get("classes")
+    if names is None and isinstance(meta.get("dataset_meta"), dict):
+        names = meta["dataset_meta"].get("classes")
     return [str(n) for n in names] if names else None
 
 
@@ -114,8 +112,7 @@ def infer_model_settings(state: Mapping[str, Tensor],
 
     blocks = tuple(count(f"backbone.layer{n}.") for n in range(1, 5))
     bottleneck = "backbone.layer1.0.conv3.weight" in state
-    conv1 = state.get("backbone.layer1.0.conv1.weight")
-    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    conv1, conv2 = (state.get(f"backbone.layer1.0.conv{i}.weight") for i in (1, 2))
     if bottleneck and conv1 is not None and conv2 is not None and conv2.shape[1] != conv1.shape[0]:
         raise ConversionError("the backbone has grouped 3x3 convolutions (ResNeXt); gfldet "
                               "supports ResNet-18/34/50/101 only")
@@ -204,40 +201,38 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
     (unmapped), every gfldet key left without a tensor (missing) and every shape difference
     (reshaped).
     """
-    report = ConversionReport()
-    out: dict[str, Tensor] = {}
-    scales: dict[int, Tensor] = {}
-    unmapped, reshaped = [], []
     bins = torch.arange(reg_max + 1, dtype=torch.float32)  # gfldet's Integral: fixed 0..R
+    project = mmdet_state.get("bbox_head.integral.project")
+    if project is not None and (project.shape != bins.shape
+                                or not torch.allclose(project.float(), bins)):
+        raise ConversionError(
+            f"bbox_head.integral.project is {project.flatten()[:20].tolist()} (shape "
+            f"{list(project.shape)}); gfldet's Integral uses the fixed bins 0..{reg_max}, so "
+            "this checkpoint's regression outputs would be decoded differently")
+    report, out = ConversionReport(), {}
+    scales: dict[int, Tensor] = {}  # level -> its mmcv Scale, one element of head.scales
+    levels = target_state["head.scales"].numel()
+    unmapped, missing, reshaped = [], [], []
     for key, value in mmdet_state.items():
-        if key == "bbox_head.integral.project" and (
-                value.shape != bins.shape or not torch.allclose(value.float(), bins)):
-            raise ConversionError(
-                f"bbox_head.integral.project is {value.flatten()[:20].tolist()} (shape "
-                f"{list(value.shape)}); gfldet's Integral uses the fixed bins 0..{reg_max}, so "
-                "this checkpoint's regression outputs would be decoded differently")
         if _DROPPED.fullmatch(key):
             report.dropped.append(key)
         elif scale := _SCALE.fullmatch(key):
-            if value.numel() == 1:
-                scales[int(scale[1])] = value.detach().reshape(1)
-            else:
+            if value.numel() != 1:
                 reshaped.append(f"{key} {list(value.shape)} -> one element of head.scales")
+            elif int(scale[1]) >= levels:
+                unmapped.append(f"{key} -> head.scales[{scale[1]}] of {levels} levels")
+            else:
+                scales[int(scale[1])] = value.detach().reshape(1)
         elif (ours := gfldet_key(key)) not in target_state:
             unmapped.append(f"{key} -> {ours or 'no gfldet prefix'} {list(value.shape)}")
         elif value.shape != target_state[ours].shape:
             reshaped.append(f"{key} {list(value.shape)} -> {ours} {list(target_state[ours].shape)}")
         else:
             out[ours] = value.detach().to(target_state[ours].dtype).clone()
-
-    levels = target_state["head.scales"].numel()
-    unmapped += [f"bbox_head.scales.{i}.scale -> head.scales[{i}] of {levels} levels"
-                 for i in sorted(scales) if i >= levels]
-    if scales and sorted(scales) == list(range(levels)):
+    if len(scales) == levels:
         out["head.scales"] = torch.cat([scales[i] for i in range(levels)]).to(
             target_state["head.scales"].dtype)
 
-    missing = []
     counters = any(k.endswith("num_batches_tracked") for k in mmdet_state)
     for key, expected in target_state.items():
         if key in out:
@@ -246,11 +241,9 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
             out[key] = torch.zeros_like(expected)
             report.filled.append(key)
         elif key == "head.scales" and scales:
-            given = sorted(i for i in scales if i < levels)
-            missing.append(f"{key} {list(expected.shape)} (only elements {given} given)")
+            missing.append(f"{key} {list(expected.shape)} (only elements {sorted(scales)} given)")
         else:
             missing.append(f"{key} {list(expected.shape)}")
-
     if unmapped or missing or reshaped:
         raise ConversionError(_error_text(unmapped, missing, reshaped))
     report.mapped = len(out) - len(report.filled)
@@ -259,16 +252,12 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
 
 def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str]) -> str:
     parts = ["the MMDetection state dict does not map exactly onto gfldet's model:"]
-    for title, items in [
+    parts += [_fmt_list(title, items) for title, items in [
         ("MMDetection keys with no place in gfldet's model (unmapped; other depth, levels?)",
          unmapped),
         ("gfldet keys no MMDetection key provides (missing)", missing),
         ("shape differences (reshaped)", reshaped),
-    ]:
-        if items:
-            more = [f"... and {len(items) - _MAX_LISTED} more"] if len(items) > _MAX_LISTED else []
-            shown = "\n".join(f"    {s}" for s in items[:_MAX_LISTED] + more)
-            parts.append(f"  {title} ({len(items)}):\n{shown}")
+    ] if items]
     parts.append(
         "Only MMDetection GFL models with a ResNet-18/34/50/101 backbone (no DCN, no ResNeXt), "
         "FPN P3-P7 and GFLHead (or GFLv2's GFocalHead) convert. If you passed --config, check "
