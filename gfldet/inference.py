@@ -253,6 +253,10 @@ class Detector:
             class_names_for(cfg, state), device, batch_size,
         )
 
+    @property
+    def score_thr(self) -> float:
+        return self.model.test_settings.score_thr
+
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Tensor, list[dict[str, Any]]]:
         """RGB arrays -> a normalised, padded batch [B, 3, H', W'] on the detector's device and
         targets with image_size / orig_size."""

@@ -278,7 +278,9 @@ def test_error_lists_the_first_twenty_and_counts_the_rest(tmp_path: Path) -> Non
 def test_recorded_size_mismatch_is_fatal(tmp_path: Path) -> None:
     img_dir, ann_file = write_dataset(tmp_path, [_img(1)], [_ann(1, 1, [1, 1, 5, 5])])
     Image.new("RGB", (32, 24)).save(img_dir / "1.png")  # "resized after annotation"
-    msg = only_fatal(check_dataset(img_dir, ann_file), "image id 1")
+    report = check_dataset(img_dir, ann_file)
+    msg = only_fatal(report, "image id 1")
+    assert len(report.fatal) == 1, report.fatal  # reported once
     assert "JSON says 64x48" in msg and "file is 32x24" in msg and "resized" in msg
 
 

@@ -32,6 +32,7 @@ def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
     folder, config_path = run
     detector = Detector.from_checkpoint(folder / "last.pth", config=config_path, score_thr=0.2)
     assert detector.class_names == [name for _, name in CATEGORIES]
+    assert detector.score_thr == 0.2
     dataset = CocoDetection(tiny_coco["val_images"], tiny_coco["val_ann"],
                             build_transforms(train=False, short_side=128, max_size=192),
                             filter_empty=False)
