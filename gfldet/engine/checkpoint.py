@@ -80,18 +80,15 @@ def _short_reason(err: BaseException, limit: int = 200) -> str:
 
 
 def _scan_pickle_globals(path: Path) -> list[str] | None:
-    """Statically list the globals a checkpoint's pickle imports (nothing is executed); None
-    when the stream does not parse as a pickle, i.e. the file is damaged."""
-    names: list[str] = []
-    strings: list[str] = []
+    """Statically list the globals a checkpoint's pickle imports (nothing is executed), for torch's
+    zip format those weights_only does not allow; None when the pickle does not parse, i.e. the
+    file is damaged."""
     try:
-        with contextlib.ExitStack() as stack:
-            if zipfile.is_zipfile(path):
-                zf = stack.enter_context(zipfile.ZipFile(path))
-                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-                stream = stack.enter_context(zf.open(member))
-            else:  # plain pickle / first record of the legacy torch format
-                stream = stack.enter_context(path.open("rb"))
+        if zipfile.is_zipfile(path):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        names: list[str] = []
+        strings: list[str] = []
+        with path.open("rb") as stream:  # plain pickle / first record of the legacy torch format
             for op, arg, _ in pickletools.genops(stream):
                 if op.name in ("GLOBAL", "INST"):
                     names.append(str(arg).replace(" ", "."))
@@ -99,9 +96,9 @@ def _scan_pickle_globals(path: Path) -> list[str] | None:
                     names.append(f"{strings[-2]}.{strings[-1]}")
                 if isinstance(arg, str):
                     strings.append(arg)
+        return names
     except Exception:
         return None
-    return names
 
 
 def find_checkpoint_file(path: str | Path) -> Path:
