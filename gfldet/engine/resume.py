@@ -61,21 +61,6 @@ class RunSetup:
         return out
 
 
-def saved_setup(state: dict, saved: Config, path: Path) -> RunSetup:
-    """The setup `state` was written with. Checkpoints from before gfldet recorded it hold one RNG
-    state per process and their config's data.batch_size; both are used, and said."""
-    if "world_size" in state:
-        return RunSetup(state["world_size"], state["batch_size"], state.get("iters_per_epoch"))
-    rng = state.get("rng")
-    world = len(rng) if isinstance(rng, list) and rng else 1
-    epoch, batch = state["epoch"], state.get("batch", 0)
-    iters = (state["iteration"] - batch) // epoch if epoch > 0 and "iteration" in state else None
-    log.info("%s records no world size or batch size (written by an older gfldet): taken as %d "
-             "process(es) (its RNG states) x %d images (its config's data.batch_size)", path, world,
-             saved.data.batch_size)
-    return RunSetup(world, saved.data.batch_size, iters)
-
-
 def config_changes(old: dict, new: dict, prefix: str) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old, new) for every leaf of two `config_to_dict` sections that differs."""
     out: dict[str, tuple[Any, Any]] = {}
@@ -135,12 +120,24 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
 
 
 def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool:
-    """Whether `setup` differs from the checkpoint's; a change mid-epoch raises `ConfigError`."""
-    before = saved_setup(state, saved, path)
+    """Whether `setup` differs from the checkpoint's; a change mid-epoch raises `ConfigError`.
+    Checkpoints from before gfldet recorded their setup hold one RNG state per process and their
+    config's data.batch_size; both are used, and said."""
+    epoch, batch = state["epoch"], state.get("batch", 0)
+    if "world_size" in state:
+        before = RunSetup(state["world_size"], state["batch_size"], state.get("iters_per_epoch"))
+    else:
+        rng = state.get("rng")
+        world = len(rng) if isinstance(rng, list) and rng else 1
+        iters = ((state["iteration"] - batch) // epoch
+                 if epoch > 0 and "iteration" in state else None)  # unknown in epoch 1
+        before = RunSetup(world, saved.data.batch_size, iters)
+        log.info("%s records no world size or batch size (written by an older gfldet): taken as "
+                 "%d process(es) (its RNG states) x %d images (its config's data.batch_size)",
+                 path, world, saved.data.batch_size)
     changes = before.changes(setup)
     if not changes:
         return False
-    epoch, batch = state["epoch"], state.get("batch", 0)
     if batch:
         n = before.world_size
         if (n, before.batch_size) == (setup.world_size, setup.batch_size):
