@@ -77,8 +77,7 @@ def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
     transform = build_transforms(train=train, max_size=d.max_size, flip_prob=d.flip_prob,
                                  short_side=tuple(d.train_short_side) if train
                                  else d.test_short_side)
-    filter_empty = d.filter_empty if train else False
-    min_size = d.min_size if train else 0
+    filter_empty, min_size = (d.filter_empty, d.min_size) if train else (False, 0)
     # Under torchrun each process decodes its share of the images for the check.
     shard = (ShardedCheck(get_rank(), get_world_size(), all_gather_objects)
              if is_distributed() else None)
@@ -130,16 +129,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
     }
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     kinds: dict[tuple[float, float], dict[str, None]] = {}  # the kinds in a group, in order
-    seen: set[int] = set()
-    for module in model.modules():  # the order of model.parameters()
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            kind = ("norm" if isinstance(module, NORM_LAYERS)
-                    else "biases" if name == "bias" else "weights")
-            groups.setdefault(settings[kind], []).append(param)
-            kinds.setdefault(settings[kind], {})[kind] = None
+    for full_name, param in model.named_parameters():  # each shared parameter once
+        if not param.requires_grad:
+            continue
+        owner, _, name = full_name.rpartition(".")
+        kind = ("norm" if isinstance(model.get_submodule(owner), NORM_LAYERS)
+                else "biases" if name == "bias" else "weights")
+        groups.setdefault(settings[kind], []).append(param)
+        kinds.setdefault(settings[kind], {})[kind] = None
     out = []
     for (group_lr, group_decay), params in groups.items():
         group: dict = {"params": params}

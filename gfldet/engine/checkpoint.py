@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-_EPOCH_RE = re.compile(r"epoch_(\d+)\.pth")
 _MAX_LISTED = 20
 log = logging.getLogger("gfldet")
 
@@ -81,18 +80,15 @@ def _short_reason(err: BaseException, limit: int = 200) -> str:
 
 
 def _scan_pickle_globals(path: Path) -> list[str] | None:
-    """Statically list the globals a checkpoint's pickle imports (nothing is executed); None
-    when the stream does not parse as a pickle, i.e. the file is damaged."""
-    names: list[str] = []
-    strings: list[str] = []
+    """Statically list the globals a checkpoint's pickle imports (nothing is executed), for torch's
+    zip format those weights_only does not allow; None when the pickle does not parse, i.e. the
+    file is damaged."""
     try:
-        with contextlib.ExitStack() as stack:
-            if zipfile.is_zipfile(path):
-                zf = stack.enter_context(zipfile.ZipFile(path))
-                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-                stream = stack.enter_context(zf.open(member))
-            else:  # plain pickle / first record of the legacy torch format
-                stream = stack.enter_context(path.open("rb"))
+        if zipfile.is_zipfile(path):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        names: list[str] = []
+        strings: list[str] = []
+        with path.open("rb") as stream:  # plain pickle / first record of the legacy torch format
             for op, arg, _ in pickletools.genops(stream):
                 if op.name in ("GLOBAL", "INST"):
                     names.append(str(arg).replace(" ", "."))
@@ -100,9 +96,9 @@ def _scan_pickle_globals(path: Path) -> list[str] | None:
                     names.append(f"{strings[-2]}.{strings[-1]}")
                 if isinstance(arg, str):
                     strings.append(arg)
+        return names
     except Exception:
         return None
-    return names
 
 
 def find_checkpoint_file(path: str | Path) -> Path:
@@ -129,26 +125,22 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                                     category=UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = (f"refused to load {path}: it contains non-tensor Python objects that a "
-                   "weights_only load will not unpickle, so it was refused for safety (nothing in "
-                   "it was executed).")
-        # Code execution in a pickle needs an import of a callable (GLOBAL/STACK_GLOBAL), so a
-        # refused global marks the file as unsafe; other failures may mean damaged bytes.
-        msg = str(e).lower()
-        if "weights only load failed" in msg and "global" in msg:
-            raise CheckpointError(
-                f"{refused} Only load checkpoints written by gfldet, or re-save the weights as a "
-                f"plain state dict in a trusted environment. ({_short_reason(e)})") from e
+        # Code execution in a pickle needs an import of a callable (GLOBAL/STACK_GLOBAL): a
+        # global torch refused, or a well-formed pickle the safe loader will not run (e.g.
+        # protocol-4 framing ahead of a code-executing global), marks the file as unsafe; other
+        # failures may mean damaged bytes.
         globals_ = _scan_pickle_globals(path)
-        if globals_ is not None:
-            # Well-formed pickle the safe loader will not run (e.g. protocol-4 framing ahead
-            # of a code-executing global): still a refusal, not a damaged file.
-            foreign = [g for g in globals_ if not g.startswith(("torch.", "collections."))]
-            shown = ", ".join(dict.fromkeys(foreign[:5])) or "pickle opcodes"
+        msg = str(e).lower()
+        if globals_ is None and not ("weights only load failed" in msg and "global" in msg):
             raise CheckpointError(
-                f"{refused} It references: {shown}. ({_short_reason(e)})") from e
+                f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}") from e
+        foreign = [g for g in globals_ or [] if not g.startswith(("torch.", "collections."))]
         raise CheckpointError(
-            f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}") from e
+            f"refused to load {path}: it contains non-tensor Python objects that a weights_only "
+            "load will not unpickle, so it was refused for safety (nothing in it was executed). "
+            f"It references: {', '.join(dict.fromkeys(foreign[:5])) or 'pickle opcodes'}. Only "
+            "load checkpoints written by gfldet, or re-save the weights as a plain state dict in "
+            f"a trusted environment. ({_short_reason(e)})") from e
     except Exception as e:
         # Truncated zip archives surface as RuntimeError from the stream reader, cut-short
         # legacy pickles as EOFError, random bytes as decode errors of many kinds.
@@ -343,32 +335,27 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: 
 # --------------------------------------------------------------------------- work_dir helpers
 
 
-def _epoch_checkpoints(work_dir: Path) -> list[Path]:
+def _epoch_checkpoints(work_dir: str | Path) -> list[Path]:
     """Every ``epoch_N.pth`` in ``work_dir``, sorted by N."""
-    found = [(int(m[1]), p) for p in Path(work_dir).glob("epoch_*.pth")
-             if (m := _EPOCH_RE.fullmatch(p.name)) and p.is_file()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in Path(work_dir).glob("epoch_*.pth")
+             if re.fullmatch(r"epoch_\d+\.pth", p.name) and p.is_file()]
+    return sorted(found, key=lambda p: int(p.stem.removeprefix("epoch_")))
 
 
-def find_latest_checkpoint(work_dir: str | Path) -> Path | None:
-    """``work_dir/last.pth`` if present, else the ``epoch_N.pth`` with the largest N."""
+def find_latest_checkpoint(work_dir: str | Path, end_of_epoch: bool = False) -> Path | None:
+    """``work_dir/last.pth`` if present, else the ``epoch_N.pth`` with the largest N;
+    ``end_of_epoch``: always the latter, the newest written at the end of an epoch (``last.pth``
+    may be mid-epoch)."""
     last = Path(work_dir) / "last.pth"
-    return last if last.is_file() else latest_epoch_checkpoint(work_dir)
-
-
-def latest_epoch_checkpoint(work_dir: str | Path) -> Path | None:
-    """The ``epoch_N.pth`` in ``work_dir`` with the largest N: the newest one written at the end
-    of an epoch (``last.pth`` may be mid-epoch)."""
-    epochs = _epoch_checkpoints(work_dir)
-    return epochs[-1] if epochs else None
+    if last.is_file() and not end_of_epoch:
+        return last
+    return next(reversed(_epoch_checkpoints(work_dir)), None)
 
 
 def prune_checkpoints(work_dir: str | Path, keep: int) -> list[Path]:
     """Delete the oldest ``epoch_N.pth`` beyond the newest ``keep`` (keep<=0 keeps all);
     ``last.pth`` and ``best.pth`` are never touched. Returns the deleted paths."""
-    if keep <= 0:
-        return []
-    removed = _epoch_checkpoints(work_dir)[:-keep]
+    removed = _epoch_checkpoints(work_dir)[:-keep] if keep > 0 else []
     for p in removed:
         p.unlink(missing_ok=True)
     return removed

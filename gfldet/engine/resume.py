@@ -23,18 +23,18 @@ import torch
 
 from gfldet.config import Config, ConfigError, ScheduleConfig, config_from_dict, config_to_dict
 from gfldet.engine.build import LrFactor
-from gfldet.engine.checkpoint import latest_epoch_checkpoint
+from gfldet.engine.checkpoint import find_latest_checkpoint
 
 log = logging.getLogger("gfldet")
 
-# Model keys that do not reach a resumed run's weights, and why.
-FREE_MODEL_KEYS = {
+# Keys (or key prefixes) that may change on a resume, and why: they do not reach the weights.
+FREE_KEYS = {
     "model.backbone.weights": "only initialises a run; the checkpoint's weights replace it",
     "model.test.": "post-processing at evaluation",
+    "optim.grad_clip": "applies from the next step",
 }
 # Optimizer keys that set the base lr: with --allow-schedule-change the new lr applies.
 LR_KEYS = ("optim.lr", "optim.reference_batch_size", "optim.scale_lr")
-FREE_OPTIM_KEYS = ("optim.grad_clip",)  # read at every step
 
 
 @dataclass(frozen=True)
@@ -59,21 +59,6 @@ class RunSetup:
         if self.iters_per_epoch is not None and self.iters_per_epoch != new.iters_per_epoch:
             out.append(f"iterations per epoch {self.iters_per_epoch} -> {new.iters_per_epoch}")
         return out
-
-
-def saved_setup(state: dict, saved: Config, path: Path) -> RunSetup:
-    """The setup `state` was written with. Checkpoints from before gfldet recorded it hold one RNG
-    state per process and their config's data.batch_size; both are used, and said."""
-    if "world_size" in state:
-        return RunSetup(state["world_size"], state["batch_size"], state.get("iters_per_epoch"))
-    rng = state.get("rng")
-    world = len(rng) if isinstance(rng, list) and rng else 1
-    epoch, batch = state["epoch"], state.get("batch", 0)
-    iters = (state["iteration"] - batch) // epoch if epoch > 0 and "iteration" in state else None
-    log.info("%s records no world size or batch size (written by an older gfldet): taken as %d "
-             "process(es) (its RNG states) x %d images (its config's data.batch_size)", path, world,
-             saved.data.batch_size)
-    return RunSetup(world, saved.data.batch_size, iters)
 
 
 def config_changes(old: dict, new: dict, prefix: str) -> dict[str, tuple[Any, Any]]:
@@ -104,27 +89,23 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
     saved = config_from_dict(state["config"], str(path))
     old, new = config_to_dict(saved), config_to_dict(cfg)
     model = config_changes(old["model"], new["model"], "model")
-    why_free = {k: next((why for prefix, why in FREE_MODEL_KEYS.items() if k.startswith(prefix)),
-                        None) for k in model}
-    fixed_model = {k: v for k, v in model.items() if why_free[k] is None}
+    optim = config_changes(old["optim"], new["optim"], "optim")
+    changes = {**model, **optim}
+    free = {k: why for k in changes for key, why in FREE_KEYS.items() if k.startswith(key)}
+    fixed_model = {k: v for k, v in model.items() if k not in free}
     if fixed_model:
         raise ConfigError(
             f"{path} was trained with another model: {_text(fixed_model)}. A resume continues the "
             "same run: use the checkpoint's values, or start a new run from its weights with "
             f"--load-from {path}")
-    for key, change in model.items():
-        log.info("resume: %s (%s)", _text({key: change}), why_free[key])
-
-    optim = config_changes(old["optim"], new["optim"], "optim")
-    fixed = {k: v for k, v in optim.items() if k not in LR_KEYS + FREE_OPTIM_KEYS}
+    fixed = {k: v for k, v in optim.items() if k not in free and k not in LR_KEYS}
     if fixed:
         raise ConfigError(
             f"{path} was trained with another optimizer: {_text(fixed)}. The optimizer state in "
             "the checkpoint was built with these values: resume with them, or start a new run "
             f"with --load-from {path}")
-    if "optim.grad_clip" in optim:
-        log.info("resume: %s (applies from the next step)",
-                 _text({"optim.grad_clip": optim["optim.grad_clip"]}))
+    for key, why in free.items():
+        log.info("resume: %s (%s)", _text({key: changes[key]}), why)
 
     schedule = config_changes(old["schedule"], new["schedule"], "schedule")
     schedule.update({k: v for k, v in optim.items() if k in LR_KEYS})
@@ -135,17 +116,28 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
                 f"({_text(schedule)}). Resume with the same schedule, or pass "
                 "--allow-schedule-change to continue on the new one.")
         log.warning("schedule changed on resume (--allow-schedule-change): %s", _text(schedule))
-    setup_changed = check_setup(state, saved, path, setup)
-    return bool(schedule) or setup_changed
+    return check_setup(state, saved, path, setup) or bool(schedule)
 
 
 def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool:
-    """Whether `setup` differs from the checkpoint's; a change mid-epoch raises `ConfigError`."""
-    before = saved_setup(state, saved, path)
+    """Whether `setup` differs from the checkpoint's; a change mid-epoch raises `ConfigError`.
+    Checkpoints from before gfldet recorded their setup hold one RNG state per process and their
+    config's data.batch_size; both are used, and said."""
+    epoch, batch = state["epoch"], state.get("batch", 0)
+    if "world_size" in state:
+        before = RunSetup(state["world_size"], state["batch_size"], state.get("iters_per_epoch"))
+    else:
+        rng = state.get("rng")
+        world = len(rng) if isinstance(rng, list) and rng else 1
+        iters = ((state["iteration"] - batch) // epoch
+                 if epoch > 0 and "iteration" in state else None)  # unknown in epoch 1
+        before = RunSetup(world, saved.data.batch_size, iters)
+        log.info("%s records no world size or batch size (written by an older gfldet): taken as "
+                 "%d process(es) (its RNG states) x %d images (its config's data.batch_size)",
+                 path, world, saved.data.batch_size)
     changes = before.changes(setup)
     if not changes:
         return False
-    epoch, batch = state["epoch"], state.get("batch", 0)
     if batch:
         n = before.world_size
         if (n, before.batch_size) == (setup.world_size, setup.batch_size):
@@ -154,13 +146,13 @@ def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool
             launch = (f"torchrun --nproc_per_node {n}, or {n} over several machines" if n > 1
                       else "without torchrun")
             same = f"{n} process(es) ({launch}) and data.batch_size={before.batch_size}"
+        epoch_end = find_latest_checkpoint(path.parent, end_of_epoch=True)
         raise ConfigError(
             f"{path} stopped in the middle of epoch {epoch + 1} (after {batch} batches) with {n} "
             f"process(es) x {before.batch_size} images; this run has {setup.world_size} x "
             f"{setup.batch_size} ({', '.join(changes)}). The rest of that epoch is made of the old "
             "setup's batches, so the run cannot continue where it stopped. Continue it with "
-            f"{same}, or resume from "
-            f"{latest_epoch_checkpoint(path.parent) or 'the last epoch_N.pth of the run'}, "
+            f"{same}, or resume from {epoch_end or 'the last epoch_N.pth of the run'}, "
             "written at the end of an epoch: there the number of processes, the batch size and "
             "the data may change.")
     log.warning("resuming at the start of epoch %d with another setup: %s. The sampler starts the "

@@ -35,12 +35,6 @@ def _files(work_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
     return sorted({p for pattern in patterns for p in work_dir.glob(pattern) if p.is_file()})
 
 
-def earlier_run_files(work_dir: Path) -> list[Path]:
-    """The files that show `work_dir` holds a run (empty for a new or unused folder)."""
-    scalars = work_dir / "scalars.jsonl"  # an empty one: the run logged no step
-    return [p for p in _files(work_dir, _RUN_EVIDENCE) if p != scalars or p.stat().st_size > 0]
-
-
 def remove_stale_temporaries(work_dir: Path) -> list[Path]:
     """Delete the temporary files a process killed mid-save left in `work_dir`; returns them."""
     stale = _files(work_dir, _STALE_PATTERNS)
@@ -70,7 +64,8 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
                           "start it again")
     if resume:
         return None
-    found = earlier_run_files(work_dir)
+    scalars = work_dir / "scalars.jsonl"  # an empty one: the run logged no step
+    found = [p for p in _files(work_dir, _RUN_EVIDENCE) if p != scalars or p.stat().st_size > 0]
     if not found:
         return None
     if overwrite:
@@ -78,8 +73,7 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
         return (f"--overwrite: removed the earlier run's {len(removed)} outputs in {work_dir}: "
                 + ", ".join(p.name for p in removed))
     names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-    has_checkpoint = any(p.suffix == ".pth" for p in found)
-    resume_hint = "continue it with --resume, " if has_checkpoint else ""
+    resume_hint = "continue it with --resume, " if any(p.suffix == ".pth" for p in found) else ""
     raise RunDirError(
         f"{work_dir} already holds a run ({names}); nothing was changed. To keep it, "
         f"{resume_hint}or give this run its own folder with --work-dir DIR; to delete that run's "
