@@ -23,18 +23,16 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: 
     """Stack images [3, H_i, W_i] (uint8) into [B, 3, Hp, Wp], zero-padded at the bottom/right.
 
     Hp/Wp are the batch maxima rounded up to a multiple of ``size_divisor`` (so every FPN level
-    has an integer size). Targets are returned unchanged; ``image_size`` in each still gives the
-    valid (unpadded) region, which ``normalize_batch`` uses to keep the padding 0 after
-    normalising (the pad equals the dataset mean, as in MMDetection).
+    has an integer size). Targets are returned unchanged: their ``image_size`` is the valid
+    region, where ``normalize_batch`` keeps the padding 0 (the mean pixel, as in MMDetection).
     """
-    images = [img for img, _ in batch]
-    targets = [tgt for _, tgt in batch]
+    images, targets = zip(*batch, strict=True)
     pad_h = math.ceil(max(img.shape[1] for img in images) / size_divisor) * size_divisor
     pad_w = math.ceil(max(img.shape[2] for img in images) / size_divisor) * size_divisor
     out = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
     for i, img in enumerate(images):
         out[i, :, : img.shape[1], : img.shape[2]] = img
-    return out, targets
+    return out, list(targets)
 
 
 class SeededIndex(int):

@@ -403,10 +403,8 @@ def _render_to_file(job: tuple[SynthParams, str, int, str]) -> tuple[int, int, l
     lo, hi = params.image_size
     width, height = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
     image, anns = render_image(rng, height, width, params)
-    if params.image_format == "jpg":
-        Image.fromarray(image).save(path, format="JPEG", quality=params.jpeg_quality)
-    else:
-        Image.fromarray(image).save(path, format="PNG")
+    # The format follows the suffix (jpg or png); the PNG encoder ignores ``quality``.
+    Image.fromarray(image).save(path, quality=params.jpeg_quality)
     return height, width, anns
 
 
