@@ -233,12 +233,11 @@ class CocoDetection(Dataset):
                     "ToTensorV2 and no Normalize: images are normalised on the device by "
                     "gfldet.data.normalize_batch)"
                 )
-            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-            labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+            boxes, labels = out["bboxes"], out["labels"]
 
         target = {
-            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
-            "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels, np.int64).reshape(-1)),
             "image_id": record.image_id,
             "image_size": (int(tensor.shape[1]), int(tensor.shape[2])),
             "orig_size": (orig_h, orig_w),

@@ -193,8 +193,6 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = get_worker_info()
-    if info is None:
-        return
     # DataLoader already seeds torch/random/numpy per worker from its generator; albumentations'
     # Compose has a private RNG copied from the parent, so without this every worker would draw
     # identical "random" augmentations for unseeded indices.
