@@ -397,39 +397,31 @@ def render_image(rng: np.random.Generator, height: int, width: int,
 # --------------------------------------------------------------------------- dataset writing
 
 
-def _render_to_file(job: tuple[SynthParams, str, int, str]) -> tuple[int, int, list[dict]]:
-    params, split, index, path = job
+def _render_to_file(job: tuple[SynthParams, str, int, Path]) -> tuple[dict, list[dict]]:
+    """Image ``index`` of ``split`` written into ``folder``: (its COCO image entry, annotations)."""
+    params, split, index, folder = job
     rng = np.random.default_rng([params.seed, _SPLIT_CODES[split], index])
     lo, hi = params.image_size
     width, height = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
     image, anns = render_image(rng, height, width, params)
+    name = f"{index:06d}.{params.image_format}"
     # The format follows the suffix (jpg or png); the PNG encoder ignores ``quality``.
-    Image.fromarray(image).save(path, quality=params.jpeg_quality)
-    return height, width, anns
+    Image.fromarray(image).save(folder / name, quality=params.jpeg_quality)
+    return {"id": index + 1, "file_name": name, "width": width, "height": height}, anns
 
 
-def _split_json(params: SynthParams, split: str,
-                results: list[tuple[int, int, list[dict]]]) -> dict:
-    images, annotations = [], []
-    for image_id, (height, width, anns) in enumerate(results, start=1):
-        images.append({"id": image_id, "file_name": _file_name(image_id - 1, params),
-                       "width": width, "height": height})
-        for ann in anns:  # category_id, bbox, area
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann,
-                                "iscrowd": 0})
+def _split_json(split: str, results: list[tuple[dict, list[dict]]]) -> dict:
+    pairs = [(image["id"], ann) for image, anns in results for ann in anns]
     return {
         "info": {"description": f"gfldet synthetic shapes ({split})",
                  "version": str(GENERATOR_VERSION)},
         "licenses": [],
-        "images": images,
-        "annotations": annotations,
+        "images": [image for image, _ in results],
+        "annotations": [{"id": k, "image_id": image_id, **ann, "iscrowd": 0}
+                        for k, (image_id, ann) in enumerate(pairs, start=1)],
         "categories": [{"id": cid, "name": name, "supercategory": "shape"}
                        for cid, name in CATEGORIES],
     }
-
-
-def _file_name(index: int, params: SynthParams) -> str:
-    return f"{index:06d}.{params.image_format}"  # jpg or png
 
 
 def dataset_layout(out_dir: Path) -> dict[str, Path]:
@@ -475,8 +467,7 @@ def generate_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = No
 
     workers = num_workers or _default_workers()
     for split, count in (("train", p.num_train), ("val", p.num_val)):
-        folder = paths[f"{split}_images"]
-        jobs = [(p, split, i, str(folder / _file_name(i, p))) for i in range(count)]
+        jobs = [(p, split, i, paths[f"{split}_images"]) for i in range(count)]
         if workers <= 1 or count < 64:
             results = [_render_to_file(job) for job in jobs]
         else:
@@ -484,7 +475,7 @@ def generate_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = No
             ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 results = list(pool.map(_render_to_file, jobs, chunksize=16))
-        _write_json(paths[f"{split}_ann"], _split_json(p, split, results))
+        _write_json(paths[f"{split}_ann"], _split_json(split, results))
     _write_json(paths["meta"], {"params": asdict(p)})
     return paths
 
