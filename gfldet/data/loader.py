@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
+
+from gfldet.distributed import get_rank, get_world_size, is_distributed
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int
@@ -67,11 +68,8 @@ def freeze_heap_for_workers() -> None:
 
 def _dist_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """(world size, rank): the arguments where given, else the default process group's."""
-    world, this_rank = 1, 0
-    if dist.is_available() and dist.is_initialized():
-        world, this_rank = dist.get_world_size(), dist.get_rank()
-    return (world if num_replicas is None else int(num_replicas),
-            this_rank if rank is None else int(rank))
+    return (get_world_size() if num_replicas is None else int(num_replicas),
+            get_rank() if rank is None else int(rank))
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -81,14 +79,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
     it, each index joins the bucket of its group (landscape w/h >= 1, portrait < 1) and a full
     bucket becomes a batch, as in MMDetection's AspectRatioBatchSampler (leftovers become smaller
     batches at the end, or are dropped with ``drop_last``); rank r takes global batches r, r+R,
-    ... Grouping each rank's ``DistributedSampler`` share instead would give ranks different
-    batch counts, and DDP deadlocks on an extra step: here the global list is made divisible by R
-    by splitting the largest batches, and batches repeat only with fewer indices than ranks.
+    ... so that all ranks have the same batch count (DDP deadlocks on an extra step): the global
+    list is made divisible by R by splitting the largest batches, repeating batches only with
+    fewer indices than ranks.
 
-    Each index is a ``SeededIndex`` with a per-(seed, epoch, index) augmentation seed. Call
-    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)``: iteration starts at this rank's
-    k-th batch of the epoch (k = optimizer steps done, so a resumed run continues at the exact
-    batch). ``len()`` is the full per-rank batch count of an epoch.
+    Each index is a ``SeededIndex`` with a per-(seed, epoch, index) augmentation seed.
+    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)`` starts at this rank's k-th batch
+    (k = optimizer steps done: a resumed run continues at the exact batch). ``len()`` is the full
+    per-rank batch count of an epoch.
     """
 
     def __init__(self, aspect_ratios: Sequence[float], batch_size: int, seed: int = 0,
@@ -214,9 +212,9 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train:
       unpadded contiguous part, and the caller gathers the per-rank results.
     ``distributed=True`` reads rank/world size from the initialised default process group.
     """
-    if distributed and not (dist.is_available() and dist.is_initialized()):
+    if distributed and not is_distributed():
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
-    world, rank = _dist_world(None, None) if distributed else (1, 0)
+    world, rank = (get_world_size(), get_rank()) if distributed else (1, 0)
     batch_sampler: Sampler[list[int]]
     if train:
         ratios = getattr(dataset, "aspect_ratios", None)
