@@ -163,8 +163,9 @@ def build_index(
             xywh.append([float(v) for v in ann["bbox"]])
     annotation_counts = np.bincount(np.array(all_positions, dtype=np.int64), minlength=len(ids))
 
-    order = np.argsort(np.array(positions, dtype=np.int64), kind="stable")  # by image, file order
-    box_positions = np.array(positions, dtype=np.int64)[order]
+    positions_arr = np.array(positions, dtype=np.int64)
+    order = np.argsort(positions_arr, kind="stable")  # by image, file order within one
+    box_positions = positions_arr[order]
     b = np.array(xywh, dtype=np.float64).reshape(-1, 4)[order]
     # x + w in float64, then float32: the arithmetic of the per-box Python code it replaces.
     boxes = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1)
