@@ -15,14 +15,12 @@ depend on the number of worker processes. CLI: ``python -m gfldet.data.synthetic
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,6 +29,11 @@ from typing import Any, Literal
 import numpy as np
 import pydantic
 from PIL import Image, ImageDraw, ImageFilter
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
 
 # Non-contiguous on purpose: consumers must map category ids to labels, not assume 0..C-1.
 CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -480,20 +483,6 @@ def generate_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = No
     return paths
 
 
-@contextlib.contextmanager
-def _directory_lock(out_dir: Path) -> Iterator[None]:
-    """Exclusive lock so concurrent callers (e.g. several ranks) generate only once."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    with open(out_dir / ".synthetic.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
-        yield
-
-
 def _is_complete(paths: dict[str, Path], params: SynthParams) -> bool:
     try:
         # Compared through JSON so tuples and lists (as read back from the meta file) are equal.
@@ -519,7 +508,12 @@ def ensure_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = None
     """
     wanted = _params(params)
     out = Path(out_dir)
-    with _directory_lock(out):
+    out.mkdir(parents=True, exist_ok=True)
+    # An exclusive lock (released when the file is closed): concurrent callers, e.g. several
+    # ranks, generate only once.
+    with open(out / ".synthetic.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         paths = dataset_layout(out)
         if not _is_complete(paths, wanted):
             paths = generate_synthetic_coco(out, num_workers=num_workers, **params)
