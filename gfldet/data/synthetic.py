@@ -439,13 +439,6 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)  # readers never see a half-written file
 
 
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _params(kwargs: dict[str, Any]) -> SynthParams:
     if unknown := set(kwargs) - {f.name for f in fields(SynthParams)} - {"generator_version"}:
         raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}")
@@ -468,7 +461,9 @@ def generate_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = No
     for folder in (paths["train_images"], paths["val_images"], paths["train_ann"].parent):
         folder.mkdir(parents=True, exist_ok=True)
 
-    workers = num_workers or _default_workers()
+    # Default: every core this process may run on (sched_getaffinity is Linux only).
+    workers = num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1)
     for split, count in (("train", p.num_train), ("val", p.num_val)):
         jobs = [(p, split, i, paths[f"{split}_images"]) for i in range(count)]
         if workers <= 1 or count < 64:
