@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pydantic
+import pydantic.dataclasses
 from PIL import Image, ImageDraw, ImageFilter
 
 try:
