@@ -24,8 +24,9 @@ from pycocotools.coco import COCO
 
 from gfldet.data import build_transforms, generate_synthetic_coco
 from gfldet.data.checks import check_dataset
-from gfldet.data.coco import CocoDetection, clip_and_filter_boxes
+from gfldet.data.coco import CocoDetection
 from gfldet.data.images import load_image_rgb
+from gfldet.data.index import clip_boxes
 
 
 def reference_records(
@@ -51,8 +52,9 @@ def reference_records(
             x, y, w, h = (float(v) for v in ann["bbox"])
             boxes.append((x, y, x + w, y + h))
             labels.append(label)
-        kept_boxes, kept_labels = clip_and_filter_boxes(
-            np.array(boxes, dtype=np.float32), np.array(labels, dtype=np.int64), height, width)
+        kept_boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        keep = clip_boxes(kept_boxes, width, height)
+        kept_boxes, kept_labels = kept_boxes[keep], np.array(labels, dtype=np.int64)[keep]
         if min_size is not None and (min(height, width) < min_size or len(kept_boxes) == 0):
             continue
         records.append({"image_id": image_id, "file_name": info["file_name"], "height": height,

@@ -33,11 +33,8 @@ __all__ = [
 
 # The synthetic generator is loaded on first use, not here: ``python -m gfldet.data.synthetic``
 # imports this package first, and an eager import would make runpy execute the module twice.
-_LAZY = {
-    "SYNTHETIC_CATEGORIES": "CATEGORIES",
-    "ensure_synthetic_coco": "ensure_synthetic_coco",
-    "generate_synthetic_coco": "generate_synthetic_coco",
-}
+_LAZY = {"SYNTHETIC_CATEGORIES": "CATEGORIES", "ensure_synthetic_coco": "ensure_synthetic_coco",
+         "generate_synthetic_coco": "generate_synthetic_coco"}
 
 
 def __getattr__(name: str) -> object:

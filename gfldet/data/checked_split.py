@@ -56,7 +56,7 @@ def load_checked_split(
 
     Training data is fixed in memory. ``as_written=True`` (a split that is scored, not trained
     on) indexes the file as written minus the unreadable images, named in ``left_out``.
-    ``filter_empty``/``min_size``: see ``gfldet.data.index.training_selection``. ``shard``: see
+    ``filter_empty``/``min_size``: see ``gfldet.data.index.index_split``. ``shard``: see
     ``ShardedCheck``. ``cache`` (a JSON file) keeps each image's decode result, and beside it the
     checked index, loaded when the annotation file, every image file and these options are
     unchanged.

@@ -38,17 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gfldet")
 
 
-def clip_and_filter_boxes(boxes: np.ndarray, labels: np.ndarray, height: int, width: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Clip xyxy boxes [G, 4] to the image and drop boxes with clipped w < 1 or h < 1.
-    Returns (boxes float32 [G', 4], labels int64 [G'])."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    keep = clip_boxes(boxes, width, height)
-    return boxes[keep], np.asarray(labels, dtype=np.int64).reshape(-1)[keep]
-
-
-# ------------------------------------------------------------------ decode failures at run time
-
 # The failure budget ignores the first few failures: with a fraction alone, the very first sample
 # failing would be 100 % of the images seen so far and would stop the run.
 MIN_DECODE_FAILURES_TO_STOP = 5
@@ -72,34 +61,26 @@ class DecodeFailureBudget:
         if not 0.0 <= self.max_fraction <= 1.0:
             raise ValueError(f"max_decode_failures must be in [0, 1], got {self.max_fraction}")
 
-    def record_failure(self, where: str, error: str) -> bool:
-        """Count a failure; True if this file had not failed before in this process."""
+    def record_failure(self, where: str, error: str, image_dir: Path) -> None:
+        """Count a failure of ``where`` ("file (image id N)"); past the budget, raise
+        ``DatasetError`` naming the failed files."""
         self.attempts += 1
         self.failures += 1
-        first = where not in self.failed_files
         self.failed_files.setdefault(where, error)
-        return first
-
-    def exceeded(self) -> bool:
-        return self.failures > 0 and (self.max_fraction == 0.0 or (
-            self.failures >= MIN_DECODE_FAILURES_TO_STOP
-            and self.failures > self.max_fraction * self.attempts))
-
-    def error(self, image_dir: Path) -> DatasetError:
+        if self.max_fraction > 0.0 and (self.failures < MIN_DECODE_FAILURES_TO_STOP
+                                        or self.failures <= self.max_fraction * self.attempts):
+            return
         listed = list(self.failed_files.items())
         lines = [f"  - {where}: {err}" for where, err in listed[:20]]
         if len(listed) > 20:
             lines.append(f"  ... and {len(listed) - 20} more files")
-        return DatasetError(
+        raise DatasetError(
             f"{self.failures} of {self.attempts} image decodes in this process failed "
             f"({len(listed)} distinct files under {image_dir}), more than max_decode_failures="
             f"{self.max_fraction:g} (train.max_decode_failures) allows:\n" + "\n".join(lines)
             + "\nRestore or re-download these files (run tools/check_dataset.py CONFIG to list "
             "every bad file before training), or raise train.max_decode_failures to accept them."
         )
-
-
-# ------------------------------------------------------------------ dataset
 
 
 class CocoDetection(Dataset):
@@ -137,8 +118,6 @@ class CocoDetection(Dataset):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transform = transform
-        self.filter_empty = filter_empty
-        self.min_size = min_size
         self.max_image_pixels = max_image_pixels
         self.decode_budget = DecodeFailureBudget(max_decode_failures)
         if split is None:
@@ -157,7 +136,6 @@ class CocoDetection(Dataset):
         if filter_empty and not len(self.index):
             raise DatasetError(no_training_images_left(self.ann_file, self.left_out,
                                                        self.num_images_in_file))
-
         self.image_ids: np.ndarray = self.index.image_ids  # int64 [N]
         # Read from the JSON so batching by aspect ratio never has to decode an image.
         self.aspect_ratios: np.ndarray = self.index.aspect_ratios  # float64 [N]
@@ -186,11 +164,10 @@ class CocoDetection(Dataset):
         aspect group first (keeps the grouped sampler's batches homogeneous). Lazy, as it is
         only walked past ``position`` when that image fails; depends only on ``position``."""
         yield position
-        n = len(self.index)
-        landscape = self.aspect_ratios[position] >= 1.0
-        ring = [(position + k) % n for k in range(1, n)]
-        yield from (j for j in ring if (self.aspect_ratios[j] >= 1.0) == landscape)
-        yield from (j for j in ring if (self.aspect_ratios[j] >= 1.0) != landscape)
+        landscape = self.aspect_ratios >= 1.0  # bool [N]
+        ring = (position + np.arange(1, len(self.index))) % len(self.index)
+        yield from ring[landscape[ring] == landscape[position]].tolist()
+        yield from ring[landscape[ring] != landscape[position]].tolist()
 
     def _decode_or_replace(self, position: int
                            ) -> tuple[ImageRecord, np.ndarray, list[dict[str, Any]]]:
@@ -213,13 +190,12 @@ class CocoDetection(Dataset):
                              failures[0]["image_id"], record.image_id)
                 return record, image, failures
             where = f"{path} (image id {record.image_id})"
-            first = self.decode_budget.record_failure(where, error)
             # Warn once per file and process; repeats (every epoch) go to debug.
+            first = where not in self.decode_budget.failed_files
             log.log(logging.WARNING if first else logging.DEBUG,
                     "cannot decode %s: %s; using another image instead", where, error)
             failures.append({"image_id": record.image_id, "file": str(path), "error": error})
-            if self.decode_budget.exceeded():
-                raise self.decode_budget.error(self.image_dir)
+            self.decode_budget.record_failure(where, error, self.image_dir)
         raise DatasetError(
             f"{len(failures)} consecutive images under {self.image_dir} failed to decode "
             f"(first: {failures[0]['file']}: {failures[0]['error']}); is the image folder "
@@ -229,7 +205,7 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         record, image, failures = self._decode_or_replace(int(index))
         orig_h, orig_w = image.shape[:2]
-        boxes, labels = record.boxes, record.labels
+        boxes, labels = record.boxes, record.labels  # the record's own copies
         if (orig_h, orig_w) != (record.height, record.width):
             # The JSON and the file disagree (e.g. EXIF rotation not reflected in the JSON).
             # Trust the pixels: re-clip so boxes never leave the image.
@@ -238,7 +214,8 @@ class CocoDetection(Dataset):
                               f"{(record.height, record.width)}; boxes re-clipped (warning shown "
                               "once)", stacklevel=2)
                 self._warned_size_mismatch = True
-            boxes, labels = clip_and_filter_boxes(boxes, labels, orig_h, orig_w)
+            keep = clip_boxes(boxes, orig_w, orig_h)
+            boxes, labels = boxes[keep], labels[keep]
 
         if self.transform is None:
             tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
@@ -256,12 +233,11 @@ class CocoDetection(Dataset):
                     "ToTensorV2 and no Normalize: images are normalised on the device by "
                     "gfldet.data.normalize_batch)"
                 )
-            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-            labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+            boxes, labels = out["bboxes"], out["labels"]
 
         target = {
-            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
-            "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels, np.int64).reshape(-1)),
             "image_id": record.image_id,
             "image_size": (int(tensor.shape[1]), int(tensor.shape[2])),
             "orig_size": (orig_h, orig_w),

@@ -139,45 +139,43 @@ def build_index(
     by_id = {im["id"]: im for im in coco["images"]}
     ids = sorted(set(by_id) - set(skip))
     infos = [by_id[i] for i in ids]
-    heights = np.array([int(im["height"]) for im in infos], dtype=np.int64).reshape(-1)
-    widths = np.array([int(im["width"]) for im in infos], dtype=np.int64).reshape(-1)
+    heights = np.array([int(im["height"]) for im in infos], dtype=np.int64)
+    widths = np.array([int(im["width"]) for im in infos], dtype=np.int64)
     raw = set(raw_orientation_ids)
-    apply_exif = np.array([i not in raw for i in ids], dtype=bool).reshape(-1)
+    apply_exif = np.array([i not in raw for i in ids], dtype=bool)
     names, name_offsets = encode_names([str(im["file_name"]) for im in infos])
 
-    # One pass over the annotations in file order: image position, label (-1: not a box used
-    # for training) and [x, y, w, h].
+    # One pass over the annotations in file order: the image position of each, and the label and
+    # [x, y, w, h] of each box used for training. Crowd regions are not instances: the detector
+    # never sees them as ground truth.
     position_of = {image_id: p for p, image_id in enumerate(ids)}
-    positions, labels, xywh = [], [], []
+    all_positions, positions, labels, xywh = [], [], [], []
     for ann in coco["annotations"]:
         position = position_of.get(ann["image_id"])
         if position is None:
             continue
-        positions.append(position)
-        # Crowd regions are not instances; the detector never sees them as ground truth.
+        all_positions.append(position)
         crowd = ann.get("iscrowd", 0) or ann.get("ignore", 0)
         label = -1 if crowd else cat_id_to_label.get(int(ann["category_id"]), -1)
-        labels.append(label)
-        xywh.append([float(v) for v in ann["bbox"]] if label >= 0 else [0.0, 0.0, 0.0, 0.0])
-    positions_arr = np.array(positions, dtype=np.int64).reshape(-1)
-    labels_arr = np.array(labels, dtype=np.int64).reshape(-1)
-    annotation_counts = np.bincount(positions_arr, minlength=len(ids)).astype(np.int64)
+        if label >= 0:
+            positions.append(position)
+            labels.append(label)
+            xywh.append([float(v) for v in ann["bbox"]])
+    annotation_counts = np.bincount(np.array(all_positions, dtype=np.int64), minlength=len(ids))
 
-    used = labels_arr >= 0
-    order = np.argsort(positions_arr[used], kind="stable")  # by image, file order within one
-    box_positions = positions_arr[used][order]
-    b = np.array(xywh, dtype=np.float64).reshape(-1, 4)[used][order]
+    positions_arr = np.array(positions, dtype=np.int64)
+    order = np.argsort(positions_arr, kind="stable")  # by image, file order within one
+    box_positions = positions_arr[order]
+    b = np.array(xywh, dtype=np.float64).reshape(-1, 4)[order]
     # x + w in float64, then float32: the arithmetic of the per-box Python code it replaces.
     boxes = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1)
     boxes = boxes.astype(np.float32)
     keep = clip_boxes(boxes, widths[box_positions].astype(np.float32)[:, None],
                       heights[box_positions].astype(np.float32)[:, None])
-    box_offsets = _offsets(np.bincount(box_positions[keep], minlength=len(ids)))
-    index = ImageIndex(
-        np.array(ids, dtype=np.int64).reshape(-1), heights, widths, apply_exif, names,
-        name_offsets, np.ascontiguousarray(boxes[keep]).reshape(-1, 4),
-        labels_arr[used][order][keep], box_offsets,
-    )
+    index = ImageIndex(np.array(ids, dtype=np.int64), heights, widths, apply_exif, names,
+                       name_offsets, np.ascontiguousarray(boxes[keep]),
+                       np.array(labels, dtype=np.int64)[order][keep],
+                       _offsets(np.bincount(box_positions[keep], minlength=len(ids))))
     return index, annotation_counts
 
 
@@ -197,42 +195,32 @@ def no_training_images_left(ann_file: Path, left_out: list[str], total: int) -> 
 def index_split(annotations: dict[str, Any], raw_orientation_ids: frozenset[int],
                 unreadable: dict[int, str], filter_empty: bool, min_size: int) -> CheckedSplit:
     """Index a (checked) COCO dict: ``unreadable`` images left out and named, and with
-    ``filter_empty`` the images training leaves out, named with why."""
+    ``filter_empty`` the images training leaves out (MMDetection's filter_empty_gt and min_size:
+    no usable box, or a side below ``min_size``), named with why, in id order."""
     label_to_cat_id = sorted(int(c["id"]) for c in annotations["categories"])
     names = {int(c["id"]): str(c["name"]) for c in annotations["categories"]}
-    cat_id_to_label = {c: i for i, c in enumerate(label_to_cat_id)}
-    index, annotation_counts = build_index(annotations, cat_id_to_label,
-                                           raw_orientation_ids=raw_orientation_ids,
-                                           skip=set(unreadable))
+    index, annotation_counts = build_index(
+        annotations, {c: i for i, c in enumerate(label_to_cat_id)},
+        raw_orientation_ids=raw_orientation_ids, skip=set(unreadable))
     left_out = [unreadable[i] for i in sorted(unreadable)]
     if filter_empty:
-        keep, filtered = training_selection(index, annotation_counts, min_size)
-        index = index.select(keep)
-        left_out += filtered
+        small = np.minimum(index.heights, index.widths) < min_size
+        empty = np.diff(index.box_offsets) == 0
+        for i in np.flatnonzero(small | empty):
+            count = int(annotation_counts[i])
+            if small[i]:
+                reason = (f"{int(index.widths[i])}x{int(index.heights[i])} px, a side below "
+                          f"data.min_size={min_size}")
+            elif count == 0:
+                reason = "no annotations"
+            else:
+                reason = (f"no usable box (its {count} annotations are crowd/ignored, or under 1 "
+                          "px once clipped to the image)")
+            left_out.append(f"{index.file_name(i)} (image id {int(index.image_ids[i])}): {reason}")
+        index = index.select(~(small | empty))
     return CheckedSplit(index, None, left_out, label_to_cat_id,
                         [names[c] for c in label_to_cat_id],
                         len({im["id"] for im in annotations["images"]}))
-
-
-def training_selection(index: ImageIndex, annotation_counts: np.ndarray, min_size: int
-                       ) -> tuple[np.ndarray, list[str]]:
-    """Which images training keeps (bool [N]; MMDetection's filter_empty_gt and min_size), and
-    "file (image id N): reason" for each one it leaves out, in id order."""
-    small = np.minimum(index.heights, index.widths) < min_size
-    empty = np.diff(index.box_offsets) == 0
-    left_out = []
-    for i in np.flatnonzero(small | empty):
-        width, height = int(index.widths[i]), int(index.heights[i])
-        count = int(annotation_counts[i])
-        if small[i]:
-            reason = f"{width}x{height} px, a side below data.min_size={min_size}"
-        elif count == 0:
-            reason = "no annotations"
-        else:
-            reason = (f"no usable box (its {count} annotations are crowd/ignored, or under 1 px "
-                      "once clipped to the image)")
-        left_out.append(f"{index.file_name(i)} (image id {int(index.image_ids[i])}): {reason}")
-    return ~(small | empty), left_out
 
 
 def images_left_out_of_training(annotations: dict[str, Any], min_size: int) -> list[str]:

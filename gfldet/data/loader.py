@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
+
+from gfldet.distributed import get_rank, get_world_size, is_distributed
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int
@@ -23,18 +24,16 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisor: 
     """Stack images [3, H_i, W_i] (uint8) into [B, 3, Hp, Wp], zero-padded at the bottom/right.
 
     Hp/Wp are the batch maxima rounded up to a multiple of ``size_divisor`` (so every FPN level
-    has an integer size). Targets are returned unchanged; ``image_size`` in each still gives the
-    valid (unpadded) region, which ``normalize_batch`` uses to keep the padding 0 after
-    normalising (the pad equals the dataset mean, as in MMDetection).
+    has an integer size). Targets are returned unchanged: their ``image_size`` is the valid
+    region, where ``normalize_batch`` keeps the padding 0 (the mean pixel, as in MMDetection).
     """
-    images = [img for img, _ in batch]
-    targets = [tgt for _, tgt in batch]
+    images, targets = zip(*batch, strict=True)
     pad_h = math.ceil(max(img.shape[1] for img in images) / size_divisor) * size_divisor
     pad_w = math.ceil(max(img.shape[2] for img in images) / size_divisor) * size_divisor
     out = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
     for i, img in enumerate(images):
         out[i, :, : img.shape[1], : img.shape[2]] = img
-    return out, targets
+    return out, list(targets)
 
 
 class SeededIndex(int):
@@ -67,10 +66,10 @@ def freeze_heap_for_workers() -> None:
     gc.freeze()
 
 
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+def _dist_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """(world size, rank): the arguments where given, else the default process group's."""
+    return (get_world_size() if num_replicas is None else int(num_replicas),
+            get_rank() if rank is None else int(rank))
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -80,14 +79,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
     it, each index joins the bucket of its group (landscape w/h >= 1, portrait < 1) and a full
     bucket becomes a batch, as in MMDetection's AspectRatioBatchSampler (leftovers become smaller
     batches at the end, or are dropped with ``drop_last``); rank r takes global batches r, r+R,
-    ... Grouping each rank's ``DistributedSampler`` share instead would give ranks different
-    batch counts, and DDP deadlocks on an extra step: here the global list is made divisible by R
-    by splitting the largest batches, and batches repeat only with fewer indices than ranks.
+    ... so that all ranks have the same batch count (DDP deadlocks on an extra step): the global
+    list is made divisible by R by splitting the largest batches, repeating batches only with
+    fewer indices than ranks.
 
-    Each index is a ``SeededIndex`` with a per-(seed, epoch, index) augmentation seed. Call
-    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)``: iteration starts at this rank's
-    k-th batch of the epoch (k = optimizer steps done, so a resumed run continues at the exact
-    batch). ``len()`` is the full per-rank batch count of an epoch.
+    Each index is a ``SeededIndex`` with a per-(seed, epoch, index) augmentation seed.
+    ``set_epoch(epoch, skip_batches=k)`` before ``iter(loader)`` starts at this rank's k-th batch
+    (k = optimizer steps done: a resumed run continues at the exact batch). ``len()`` is the full
+    per-rank batch count of an epoch.
     """
 
     def __init__(self, aspect_ratios: Sequence[float], batch_size: int, seed: int = 0,
@@ -96,13 +95,11 @@ class GroupedBatchSampler(Sampler[list[int]]):
                  drop_last: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        world, this_rank = _dist_world()
-        self.num_replicas = world if num_replicas is None else int(num_replicas)
-        self.rank = this_rank if rank is None else int(rank)
+        self.num_replicas, self.rank = _dist_world(num_replicas, rank)
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank {self.rank} not in [0, {self.num_replicas})")
-        ratios = np.asarray(aspect_ratios, dtype=np.float64)
         # Group 1: portrait (w/h < 1), 0: landscape; all in group 0 without grouping.
+        ratios = np.asarray(aspect_ratios, dtype=np.float64)
         self.group_ids = ((ratios < 1.0) & group_by_aspect).astype(np.int64)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -135,38 +132,28 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
         batches: list[list[int]] = []
         buckets: dict[int, list[int]] = {}
-        for idx in order.tolist():
-            bucket = buckets.setdefault(int(self.group_ids[idx]), [])
+        for idx, group in zip(order.tolist(), self.group_ids[order].tolist(), strict=True):
+            bucket = buckets.setdefault(group, [])
             bucket.append(idx)
             if len(bucket) == self.batch_size:
-                batches.append(bucket)
-                buckets[int(self.group_ids[idx])] = []
+                batches.append(buckets.pop(group))
         if not self.drop_last:
-            batches.extend(b for _, b in sorted(buckets.items()) if b)
+            batches.extend(b for _, b in sorted(buckets.items()))
 
-        batches = self._make_divisible(batches)
-        return [[SeededIndex(i, int(sample_seeds[i])) for i in b] for b in batches]
-
-    def _make_divisible(self, batches: list[list[int]]) -> list[list[int]]:
         world = self.num_replicas
-        if world == 1 or len(batches) % world == 0:
-            return batches
         if self.drop_last:
-            return batches[: len(batches) - len(batches) % world]
-        batches = list(batches)
+            del batches[len(batches) - len(batches) % world :]
         while len(batches) % world:
             largest = max(range(len(batches)), key=lambda j: len(batches[j]))
             big = batches[largest]
             if len(big) < 2:
+                # Fewer indices than ranks: repeat batches, as DistributedSampler pads.
+                need = world - len(batches) % world
+                batches += [batches[j % len(batches)] for j in range(need)]
                 break
             half = (len(big) + 1) // 2
             batches[largest : largest + 1] = [big[:half], big[half:]]
-        # Only reached with fewer indices than ranks: repeat batches, as DistributedSampler pads.
-        repeat = 0
-        while len(batches) % world:
-            batches.append(batches[repeat])
-            repeat += 1
-        return batches
+        return [[SeededIndex(i, int(sample_seeds[i])) for i in b] for b in batches]
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self.global_batches(self.epoch)[self.rank :: self.num_replicas]
@@ -182,17 +169,14 @@ class ShardSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        world, this_rank = _dist_world()
-        self.num_replicas = world if num_replicas is None else int(num_replicas)
-        self.rank = this_rank if rank is None else int(rank)
-        self.start = n * self.rank // self.num_replicas
-        self.stop = n * (self.rank + 1) // self.num_replicas
+        world, rank = _dist_world(num_replicas, rank)
+        self.indices = range(n * rank // world, n * (rank + 1) // world)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+        return iter(self.indices)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.indices)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -207,8 +191,6 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = get_worker_info()
-    if info is None:
-        return
     # DataLoader already seeds torch/random/numpy per worker from its generator; albumentations'
     # Compose has a private RNG copied from the parent, so without this every worker would draw
     # identical "random" augmentations for unseeded indices.
@@ -230,23 +212,18 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train:
       unpadded contiguous part, and the caller gathers the per-rank results.
     ``distributed=True`` reads rank/world size from the initialised default process group.
     """
-    if distributed and not (dist.is_available() and dist.is_initialized()):
+    if distributed and not is_distributed():
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
-    world, rank = _dist_world() if distributed else (1, 0)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-
+    world, rank = (get_world_size(), get_rank()) if distributed else (1, 0)
     batch_sampler: Sampler[list[int]]
     if train:
-        if aspect_ratio_grouping:
-            ratios = getattr(dataset, "aspect_ratios", None)
-            if ratios is None:
-                raise ValueError("aspect_ratio_grouping needs dataset.aspect_ratios")
-        else:
-            ratios = [1.0] * len(dataset)  # type: ignore[arg-type]
-        batch_sampler = GroupedBatchSampler(ratios, batch_size, seed=seed, shuffle=True,
-                                            group_by_aspect=aspect_ratio_grouping,
-                                            num_replicas=world, rank=rank, drop_last=drop_last)
+        ratios = getattr(dataset, "aspect_ratios", None)
+        if aspect_ratio_grouping and ratios is None:
+            raise ValueError("aspect_ratio_grouping needs dataset.aspect_ratios")
+        batch_sampler = GroupedBatchSampler(
+            ratios if aspect_ratio_grouping else [1.0] * len(dataset),  # type: ignore[arg-type]
+            batch_size, seed=seed, group_by_aspect=aspect_ratio_grouping, num_replicas=world,
+            rank=rank, drop_last=drop_last)
     else:
         shard = ShardSampler(len(dataset), num_replicas=world, rank=rank)  # type: ignore[arg-type]
         batch_sampler = BatchSampler(shard, batch_size, drop_last=False)
@@ -256,6 +233,6 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train:
     generator.manual_seed(int(np.random.SeedSequence([int(seed), rank]).generate_state(1)[0]))
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                       collate_fn=functools.partial(collate, size_divisor=size_divisor),
-                      pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      generator=generator, worker_init_fn=_worker_init if num_workers > 0 else None,
                       persistent_workers=num_workers > 0)

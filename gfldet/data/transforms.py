@@ -74,10 +74,9 @@ class KeepRatioResize(A.DualTransform):
 
     def apply(self, img: np.ndarray, target_size: tuple[int, int], interpolation: int,
               **params: Any) -> np.ndarray:
-        new_h, new_w = target_size
-        if img.shape[:2] == (new_h, new_w):
+        if img.shape[:2] == target_size:
             return img
-        return cv2.resize(img, (new_w, new_h), interpolation=interpolation)
+        return cv2.resize(img, target_size[::-1], interpolation=interpolation)
 
     def apply_to_mask(self, mask: np.ndarray, target_size: tuple[int, int],
                       **params: Any) -> np.ndarray:
