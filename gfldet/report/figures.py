@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from gfldet.report.matching import ImageMatches  # noqa: E402
+
 DPI = 100
 
 
@@ -101,18 +103,18 @@ def draw_box(ax, box: Sequence[float], colour, style: str, text: str, above: boo
             bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
 
 
-def image_figure(image: np.ndarray, gt_boxes: np.ndarray, gt_names: Sequence[str],
-                 gt_found: np.ndarray, det_boxes: np.ndarray, det_names: Sequence[str],
-                 det_scores: np.ndarray, det_correct: np.ndarray, title: str, path: Path) -> Path:
+def image_figure(image: np.ndarray, m: ImageMatches, class_names: Sequence[str], title: str,
+                 path: Path) -> Path:
     """An image with its ground truth (solid lines, name above; green found, orange missed) and
-    detections (dashed, name and score below; blue correct, red false positive)."""
+    the detections of `m` (dashed, name and score below; blue correct, red false positive)."""
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(min(8.0, w / 60 + 1), min(8.0, w / 60 + 1) * h / w))
     ax.imshow(image)
-    for box, name, found in zip(gt_boxes, gt_names, gt_found, strict=True):
-        draw_box(ax, box, "tab:green" if found else "tab:orange", "-", name, above=True)
-    for box, name, score, ok in zip(det_boxes, det_names, det_scores, det_correct, strict=True):
-        draw_box(ax, box, "tab:blue" if ok else "tab:red", "--", f"{name} {score:.2f}", above=False)
+    for box, k, found in zip(m.gt_boxes, m.gt_labels, m.gt_matched, strict=True):
+        draw_box(ax, box, "tab:green" if found else "tab:orange", "-", class_names[k], above=True)
+    for box, k, score, j in zip(m.det_boxes, m.det_labels, m.det_scores, m.det_gt, strict=True):
+        draw_box(ax, box, "tab:blue" if j >= 0 else "tab:red", "--",
+                 f"{class_names[k]} {score:.2f}", above=False)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return save_figure(fig, path)
