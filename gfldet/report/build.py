@@ -153,17 +153,16 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         + html.image("pr_curves.png", "precision-recall curves"))))
 
     # AP by object size.
-    counts = size_counts(coco_eval)
-    size_ap = [stats[f"bbox_mAP_{s[0]}"] for s in SIZES]
-    size_ap50 = [float(mean_valid(curves_at(coco_eval, 0.5, s))) for s in SIZES]
-    size_figure(SIZES, size_ap, size_ap50, [counts[s] for s in SIZES], out_dir / "sizes.png")
-    by_size = list(zip(SIZES, size_ap, size_ap50, strict=True))
-    data["sizes"] = {s: {"AP": a, "AP50": b, "boxes": counts[s]} for s, a, b in by_size}
+    sizes = {s: {"AP": stats[f"bbox_mAP_{s[0]}"],
+                 "AP50": float(mean_valid(curves_at(coco_eval, 0.5, s))), "boxes": n}
+             for s, n in size_counts(coco_eval).items()}
+    size_figure(sizes, out_dir / "sizes.png")
+    data["sizes"] = sizes
     sections.append(("AP by object size", (
         "<p>COCO's area ranges: small &lt; 32&sup2; px, medium 32&sup2;-96&sup2;, large &gt; "
         "96&sup2; (box area in the original image).</p>"
         + html.table(["size", "AP", "AP50", "boxes"],
-                     [[s, a, b, counts[s]] for s, a, b in by_size])
+                     [[s, *row.values()] for s, row in sizes.items()])
         + html.image("sizes.png", "AP by object size"))))
 
     # Confusion matrix and TIDE, from the matches at IoU 0.5.

@@ -43,18 +43,14 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     return dict(series)
 
 
-def loss_tags(series: dict) -> list[str]:
-    """The loss terms logged, the total last."""
-    terms = sorted(t for t in series if t.startswith("train/loss") and t != "train/loss")
-    return terms + (["train/loss"] if "train/loss" in series else [])
-
-
 def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path) -> Path:
     """Panels: one per loss term, the learning rate, and AP / AP50 / AP75 per evaluation; each
     run (name -> scalars) in its own colour, so that several runs overlay."""
-    tags: list[str] = []
+    tags: list[str] = []  # the loss terms of every run, each run's total after its terms
     for series in runs.values():
-        tags += [t for t in loss_tags(series) if t not in tags]
+        losses = sorted((t for t in series if t.startswith("train/loss")),
+                        key=lambda t: (t == "train/loss", t))
+        tags += [t for t in losses if t not in tags]
     panels = [*tags, "train/lr", "AP"]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)

@@ -20,13 +20,11 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from gfldet.report.matching import ImageMatches  # noqa: E402
 
-DPI = 100
-
 
 def save_figure(fig, path: Path, tight: bool = True) -> Path:
     """Write `fig` as PNG and free it. `tight=False` for a figure laid out already
     (`tight_layout`): trimming it would draw it once more, most of the cost of a figure."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
+    fig.savefig(path, dpi=100, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
 
@@ -51,14 +49,14 @@ def pr_curves_figure(recall: np.ndarray, curves: dict[str, dict[float, np.ndarra
     return save_figure(fig, path, tight=False)
 
 
-def size_figure(labels: Sequence[str], ap: Sequence[float], ap50: Sequence[float],
-                gt_counts: Sequence[int], path: Path) -> Path:
-    """AP and AP50 per object size, with each size's ground-truth count under its bars."""
-    x = np.arange(len(labels))
+def size_figure(sizes: dict[str, dict[str, float | int]], path: Path) -> Path:
+    """AP and AP50 per object size (name -> {"AP", "AP50", "boxes"}), with each size's
+    ground-truth count under its bars."""
+    x = np.arange(len(sizes))
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.bar(x - 0.2, np.nan_to_num(ap), 0.4, label="AP")
-    ax.bar(x + 0.2, np.nan_to_num(ap50), 0.4, label="AP50")
-    ax.set_xticks(x, [f"{name}\n{n} boxes" for name, n in zip(labels, gt_counts, strict=True)])
+    for offset, key in ((-0.2, "AP"), (0.2, "AP50")):
+        ax.bar(x + offset, np.nan_to_num([s[key] for s in sizes.values()]), 0.4, label=key)
+    ax.set_xticks(x, [f"{name}\n{s['boxes']} boxes" for name, s in sizes.items()])
     ax.set(ylim=(0, 1), ylabel="AP")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
