@@ -90,13 +90,6 @@ def gt_annotations(coco_eval) -> list[dict]:
             if not a.get("iscrowd", 0)]
 
 
-def size_counts(coco_eval) -> dict[str, int]:
-    """Non-crowd ground-truth boxes per COCO area range, by their `area` field, as COCOeval."""
-    anns = gt_annotations(coco_eval)
-    ranges = dict(zip(coco_eval.params.areaRngLbl, coco_eval.params.areaRng, strict=True))
-    return {s: sum(1 for a in anns if ranges[s][0] <= a["area"] <= ranges[s][1]) for s in SIZES}
-
-
 def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
                  image_dir: str | Path, *, thresholds: Mapping[str, float | int],
                  run_dir: str | Path | None = None, score_thr: float = 0.3, num_worst: int = 12,
@@ -153,9 +146,13 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         + html.image("pr_curves.png", "precision-recall curves"))))
 
     # AP by object size.
+    anns = gt_annotations(coco_eval)
+    ranges = dict(zip(coco_eval.params.areaRngLbl, coco_eval.params.areaRng, strict=True))
     sizes = {s: {"AP": stats[f"bbox_mAP_{s[0]}"],
-                 "AP50": float(mean_valid(curves_at(coco_eval, 0.5, s))), "boxes": n}
-             for s, n in size_counts(coco_eval).items()}
+                 "AP50": float(mean_valid(curves_at(coco_eval, 0.5, s))),
+                 # by the annotation's `area` field, as COCOeval
+                 "boxes": sum(ranges[s][0] <= a["area"] <= ranges[s][1] for a in anns)}
+             for s in SIZES}
     size_figure(sizes, out_dir / "sizes.png")
     data["sizes"] = sizes
     sections.append(("AP by object size", (
