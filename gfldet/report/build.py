@@ -204,7 +204,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
                    f"{s.true_positives} found, {s.false_positives} false positive, "
                    f"{s.missed} missed")
         name = f"worst_{rank:02d}.png"
-        image_figure(pixels, by_id[s.image_id].above(score_thr), class_names, caption,
+        image_figure(pixels, by_id[s.image_id].scoring_at_least(score_thr), class_names, caption,
                      out_dir / name)
         gallery.append(f"<figure>{html.image(name, caption)}"
                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -166,7 +166,7 @@ def confusion_matrix(images: list[ImageMatches], num_classes: int, score_thr: fl
     bg = num_classes
     counts = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     for image in images:
-        m = image.above(score_thr)
+        m = image.scoring_at_least(score_thr)
         taken = m.gt_matched
         matched = np.flatnonzero(m.det_gt >= 0)
         np.add.at(counts, (m.gt_labels[m.det_gt[matched]], m.det_labels[matched]), 1)

@@ -33,7 +33,7 @@ class ImageMatches:
         matched[self.det_gt[self.det_gt >= 0]] = True
         return matched
 
-    def above(self, score_thr: float) -> ImageMatches:
+    def scoring_at_least(self, score_thr: float) -> ImageMatches:
         """Only the detections scoring >= `score_thr`. Their matches are those COCOeval made
         among all detections: it matches greedily by descending score."""
         keep = self.det_scores >= score_thr

@@ -24,7 +24,7 @@ def worst_images(images: list[ImageMatches], score_thr: float, n: int) -> list[I
     detections); ties go to more errors (FP + FN), then lower image id."""
     scores = []
     for m in images:
-        det_gt = m.above(score_thr).det_gt
+        det_gt = m.scoring_at_least(score_thr).det_gt
         tp = int((det_gt >= 0).sum())
         fp, fn = len(det_gt) - tp, len(m.gt_labels) - tp
         denominator = 2 * tp + fp + fn
