@@ -64,7 +64,7 @@ class _Point:
     score: float
     tp: bool
     error: str | None = None  # its TIDE type when a false positive
-    target_label: int | None = None  # class of the box a Cls/Loc fix would match
+    target_label: int | None = None  # the class its fix gives it (None: the fix removes it)
 
 
 @dataclass
@@ -104,19 +104,15 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
     missed_per_class: Counter[int] = Counter()
     # (image position, gt index) of a box a Cls/Loc error aims at -> point of the best such error
     best_fix: dict[tuple[int, int], int] = {}
-    counts = dict.fromkeys(ERROR_TYPES, 0)
     for pos, m in enumerate(images):
         num_gt.update(m.gt_labels.tolist())
         gt_matched, iou = m.gt_matched, m.iou()  # [G], [D, G]
         for d in range(len(m.det_gt)):
             point = _Point(int(m.det_labels[d]), float(m.det_scores[d]), bool(m.det_gt[d] >= 0))
             if not point.tp:
-                kind, j = classify_false_positive(iou[d], m.gt_labels == point.label, gt_matched,
-                                                  fg, bg)
-                point.error = kind
-                counts[kind] += 1
-                if kind in ("Cls", "Loc") and not gt_matched[j]:
-                    point.target_label = int(m.gt_labels[j])
+                point.error, j = classify_false_positive(iou[d], m.gt_labels == point.label,
+                                                         gt_matched, fg, bg)
+                if point.error in ("Cls", "Loc") and not gt_matched[j]:
                     best = best_fix.get((pos, j))
                     if best is None or points[best].score < point.score:
                         best_fix[(pos, j)] = len(points)
@@ -124,17 +120,19 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
         for j in np.flatnonzero(~gt_matched).tolist():
             if (pos, j) not in best_fix:
                 missed_per_class[int(m.gt_labels[j])] += 1
-                counts["Miss"] += 1
 
-    winners = set(best_fix.values())
+    errors = Counter(p.error for p in points)
+    counts = {kind: errors[kind] for kind in ERROR_TYPES} | {"Miss": missed_per_class.total()}
+    for (pos, j), best in best_fix.items():  # a Cls/Loc fix applies to the best error only
+        points[best].target_label = int(images[pos].gt_labels[j])
 
     def mean_ap(fix: str | None) -> float:
         per_class: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
-        for i, p in enumerate(points):
+        for p in points:
             label, tp = p.label, p.tp
             if fix is not None and p.error == fix:
-                if fix not in ("Cls", "Loc") or i not in winners:
-                    continue  # suppressed
+                if p.target_label is None:
+                    continue  # removed, or suppressed by a better error aimed at its box
                 label, tp = p.target_label, True
             per_class[label][0].append(p.score)
             per_class[label][1].append(tp)
