@@ -9,7 +9,6 @@ from pathlib import Path
 from gfldet.report.figures import plt, save_figure
 
 SCALARS = "scalars.jsonl"
-AP_KEYS = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75")
 
 
 class CurvesError(ValueError):
@@ -56,16 +55,16 @@ def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], pat
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (name, series), colour in zip(runs.items(), colours * len(runs), strict=False):
-        for ax, panel in zip(axes.flat, panels, strict=False):
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for (name, series), colour in zip(runs.items(), colours * len(runs), strict=False):
             if panel == "AP":
-                for key, style in zip(AP_KEYS, ("-o", "--s", ":^"), strict=True):
+                for key, style in (("val/bbox_mAP", "-o"), ("val/bbox_mAP_50", "--s"),
+                                   ("val/bbox_mAP_75", ":^")):
                     if key in series:
                         ax.plot(*series[key], style, color=colour, markersize=4,
                                 label=f"{name} {key.removeprefix('val/bbox_m')}")
             elif panel in series:
                 ax.plot(*series[panel], color=colour, linewidth=1, label=name)
-    for ax, panel in zip(axes.flat, panels, strict=False):
         ax.set(title="AP per evaluation" if panel == "AP" else panel, xlabel="iteration")
         ax.grid(alpha=0.3)
         if ax.has_data():
