@@ -18,16 +18,9 @@ import numpy as np
 
 from gfldet.data.images import load_image_rgb
 from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
-from gfldet.report import html
+from gfldet.report import figures, html
 from gfldet.report.curves import CurvesError, curves_figure, read_scalars
 from gfldet.report.errors import ERROR_TYPES, confusion_matrix, tide_errors
-from gfldet.report.figures import (
-    confusion_figure,
-    image_figure,
-    pr_curves_figure,
-    size_figure,
-    tide_figure,
-)
 from gfldet.report.matching import image_matches, iou_index
 from gfldet.report.ranking import worst_images
 
@@ -134,7 +127,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     at50, at75 = curves_at(coco_eval, 0.5), curves_at(coco_eval, 0.75)
     curves = {"all classes (mean)": {0.5: mean_valid(at50, axis=1), 0.75: mean_valid(at75, axis=1)}}
     curves |= {n: {0.5: at50[:, k], 0.75: at75[:, k]} for k, n in enumerate(class_names)}
-    pr_curves_figure(recall, curves, out_dir / "pr_curves.png")
+    figures.pr_curves_figure(recall, curves, out_dir / "pr_curves.png")
     data["pr_curves"] = {"recall": recall.tolist(),
                          **{str(iou): {n: c[iou].tolist() for n, c in curves.items()}
                             for iou in (0.5, 0.75)}}
@@ -153,7 +146,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
                  # by the annotation's `area` field, as COCOeval
                  "boxes": sum(ranges[s][0] <= a["area"] <= ranges[s][1] for a in anns)}
              for s in SIZES}
-    size_figure(sizes, out_dir / "sizes.png")
+    figures.size_figure(sizes, out_dir / "sizes.png")
     data["sizes"] = sizes
     sections.append(("AP by object size", (
         "<p>COCO's area ranges: small &lt; 32&sup2; px, medium 32&sup2;-96&sup2;, large &gt; "
@@ -165,7 +158,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     # Confusion matrix and TIDE, from the matches at IoU 0.5.
     matches = image_matches(coco_eval, 0.5)
     confusion = confusion_matrix(matches, len(class_names), score_thr)
-    confusion_figure(confusion, class_names, out_dir / "confusion.png")
+    figures.confusion_figure(confusion, class_names, out_dir / "confusion.png")
     data["confusion_matrix"] = confusion.tolist()
     sections.append(("Confusion matrix (IoU 0.5)", (
         f"<p>Detections scoring at least {score_thr}. Rows: the ground truth's class; columns: "
@@ -177,7 +170,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         + html.image("confusion.png", "confusion matrix"))))
 
     tide = tide_errors(matches)
-    tide_figure(tide.delta_ap, out_dir / "tide.png")
+    figures.tide_figure(tide.delta_ap, out_dir / "tide.png")
     data["tide"] = {"ap50": tide.ap, "delta_ap": tide.delta_ap, "counts": tide.counts}
     sections.append(("Errors (TIDE)", (
         "<p>As in Bolya et al., <i>TIDE: A General Toolbox for Identifying Object Detection "
@@ -204,8 +197,8 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
                    f"{s.true_positives} found, {s.false_positives} false positive, "
                    f"{s.missed} missed")
         name = f"worst_{rank:02d}.png"
-        image_figure(pixels, by_id[s.image_id].scoring_at_least(score_thr), class_names, caption,
-                     out_dir / name)
+        figures.image_figure(pixels, by_id[s.image_id].scoring_at_least(score_thr), class_names,
+                             caption, out_dir / name)
         gallery.append(f"<figure>{html.image(name, caption)}"
                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     sections.append((f"Worst images ({len(gallery)})", (
