@@ -18,17 +18,10 @@ import numpy as np
 
 from gfldet.data.images import load_image_rgb
 from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
-from gfldet.report import html
+from gfldet.report import figures, html
 from gfldet.report.curves import CurvesError, curves_figure, read_scalars
 from gfldet.report.errors import ERROR_TYPES, confusion_matrix, tide_errors
-from gfldet.report.figures import (
-    confusion_figure,
-    image_figure,
-    pr_curves_figure,
-    size_figure,
-    tide_figure,
-)
-from gfldet.report.matching import ImageMatches, image_matches, iou_index
+from gfldet.report.matching import image_matches, iou_index
 from gfldet.report.ranking import worst_images
 
 log = logging.getLogger("gfldet")
@@ -90,40 +83,6 @@ def gt_annotations(coco_eval) -> list[dict]:
             if not a.get("iscrowd", 0)]
 
 
-def size_counts(coco_eval) -> dict[str, int]:
-    """Non-crowd ground-truth boxes per COCO area range, by their `area` field, as COCOeval."""
-    anns = gt_annotations(coco_eval)
-    ranges = dict(zip(coco_eval.params.areaRngLbl, coco_eval.params.areaRng, strict=True))
-    return {s: sum(1 for a in anns if ranges[s][0] <= a["area"] <= ranges[s][1]) for s in SIZES}
-
-
-def _draw_worst(out_dir: Path, coco_eval, by_id: Mapping[int, ImageMatches], worst,
-                class_names: Sequence[str], image_dir: Path,
-                score_thr: float) -> list[tuple[str, str]]:
-    """A PNG per worst image; returns (file name, caption) pairs."""
-    drawn = []
-    for rank, s in enumerate(worst, start=1):
-        m = by_id[s.image_id]
-        info = coco_eval.cocoGt.imgs[s.image_id]
-        try:
-            pixels = load_image_rgb(image_dir / info["file_name"])
-        except Exception as err:  # PIL raises many types for a bad file; the report goes on
-            log.warning("report: cannot draw image %s: %s", info["file_name"], err)
-            continue
-        keep = m.det_scores >= score_thr
-        found = np.zeros(len(m.gt_ids), dtype=bool)
-        found[m.det_gt[keep & (m.det_gt >= 0)]] = True
-        caption = (f"#{rank} {info['file_name']} (id {s.image_id}): F1 {s.f1:.2f}, "
-                   f"{s.true_positives} found, {s.false_positives} false positive, "
-                   f"{s.missed} missed")
-        name = f"worst_{rank:02d}.png"
-        image_figure(pixels, m.gt_boxes, [class_names[k] for k in m.gt_labels], found,
-                     m.det_boxes[keep], [class_names[k] for k in m.det_labels[keep]],
-                     m.det_scores[keep], m.det_gt[keep] >= 0, caption, out_dir / name)
-        drawn.append((name, caption))
-    return drawn
-
-
 def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
                  image_dir: str | Path, *, thresholds: Mapping[str, float | int],
                  run_dir: str | Path | None = None, score_thr: float = 0.3, num_worst: int = 12,
@@ -147,14 +106,13 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     if len(class_names) != len(coco_eval.params.catIds):
         raise ValueError(f"{len(class_names)} class names for {len(coco_eval.params.catIds)} "
                          "categories")
-    names = list(class_names)
     sections: list[tuple[str, str]] = []
     data: dict = {"thresholds": dict(thresholds), "report_score_thr": score_thr}
 
     # The numbers.
     stats = dict(zip(STAT_NAMES, (float(s) for s in coco_eval.stats[: len(STAT_NAMES)]),
                      strict=True))
-    rows = per_class_table(coco_eval, names)
+    rows = per_class_table(coco_eval, class_names)
     data |= {"stats": stats, "per_class": rows, "images": len(coco_eval.params.imgIds)}
     setting = ", ".join(f"{k} {v}" for k, v in thresholds.items())
     sections.append(("Numbers", (
@@ -168,8 +126,8 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     recall = np.asarray(coco_eval.params.recThrs)
     at50, at75 = curves_at(coco_eval, 0.5), curves_at(coco_eval, 0.75)
     curves = {"all classes (mean)": {0.5: mean_valid(at50, axis=1), 0.75: mean_valid(at75, axis=1)}}
-    curves |= {n: {0.5: at50[:, k], 0.75: at75[:, k]} for k, n in enumerate(names)}
-    pr_curves_figure(recall, curves, out_dir / "pr_curves.png")
+    curves |= {n: {0.5: at50[:, k], 0.75: at75[:, k]} for k, n in enumerate(class_names)}
+    figures.pr_curves_figure(recall, curves, out_dir / "pr_curves.png")
     data["pr_curves"] = {"recall": recall.tolist(),
                          **{str(iou): {n: c[iou].tolist() for n, c in curves.items()}
                             for iou in (0.5, 0.75)}}
@@ -181,23 +139,26 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         + html.image("pr_curves.png", "precision-recall curves"))))
 
     # AP by object size.
-    counts = size_counts(coco_eval)
-    size_ap = [stats[f"bbox_mAP_{s[0]}"] for s in SIZES]
-    size_ap50 = [float(mean_valid(curves_at(coco_eval, 0.5, s))) for s in SIZES]
-    size_figure(SIZES, size_ap, size_ap50, [counts[s] for s in SIZES], out_dir / "sizes.png")
-    by_size = list(zip(SIZES, size_ap, size_ap50, strict=True))
-    data["sizes"] = {s: {"AP": a, "AP50": b, "boxes": counts[s]} for s, a, b in by_size}
+    anns = gt_annotations(coco_eval)
+    ranges = dict(zip(coco_eval.params.areaRngLbl, coco_eval.params.areaRng, strict=True))
+    sizes = {s: {"AP": stats[f"bbox_mAP_{s[0]}"],
+                 "AP50": float(mean_valid(curves_at(coco_eval, 0.5, s))),
+                 # by the annotation's `area` field, as COCOeval
+                 "boxes": sum(ranges[s][0] <= a["area"] <= ranges[s][1] for a in anns)}
+             for s in SIZES}
+    figures.size_figure(sizes, out_dir / "sizes.png")
+    data["sizes"] = sizes
     sections.append(("AP by object size", (
         "<p>COCO's area ranges: small &lt; 32&sup2; px, medium 32&sup2;-96&sup2;, large &gt; "
         "96&sup2; (box area in the original image).</p>"
         + html.table(["size", "AP", "AP50", "boxes"],
-                     [[s, a, b, counts[s]] for s, a, b in by_size])
+                     [[s, *row.values()] for s, row in sizes.items()])
         + html.image("sizes.png", "AP by object size"))))
 
     # Confusion matrix and TIDE, from the matches at IoU 0.5.
     matches = image_matches(coco_eval, 0.5)
-    confusion = confusion_matrix(matches, len(names), score_thr)
-    confusion_figure(confusion, names, out_dir / "confusion.png")
+    confusion = confusion_matrix(matches, len(class_names), score_thr)
+    figures.confusion_figure(confusion, class_names, out_dir / "confusion.png")
     data["confusion_matrix"] = confusion.tolist()
     sections.append(("Confusion matrix (IoU 0.5)", (
         f"<p>Detections scoring at least {score_thr}. Rows: the ground truth's class; columns: "
@@ -209,7 +170,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         + html.image("confusion.png", "confusion matrix"))))
 
     tide = tide_errors(matches)
-    tide_figure(tide.delta_ap, out_dir / "tide.png")
+    figures.tide_figure(tide.delta_ap, out_dir / "tide.png")
     data["tide"] = {"ap50": tide.ap, "delta_ap": tide.delta_ap, "counts": tide.counts}
     sections.append(("Errors (TIDE)", (
         "<p>As in Bolya et al., <i>TIDE: A General Toolbox for Identifying Object Detection "
@@ -222,18 +183,30 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
 
     # The worst images.
     worst = worst_images(matches, score_thr, num_worst)
-    drawn = _draw_worst(out_dir, coco_eval, {m.image_id: m for m in matches}, worst, names,
-                        Path(image_dir), score_thr)
     data["worst_images"] = [vars(s) for s in worst]
-    gallery = "".join(
-        f"<figure>{html.image(f, c)}<figcaption>{html.escape(c)}</figcaption></figure>"
-        for f, c in drawn)
-    sections.append((f"Worst images ({len(drawn)})", (
+    by_id = {m.image_id: m for m in matches}
+    gallery = []
+    for rank, s in enumerate(worst, start=1):
+        info = coco_eval.cocoGt.imgs[s.image_id]
+        try:
+            pixels = load_image_rgb(Path(image_dir) / info["file_name"])
+        except Exception as err:  # PIL raises many types for a bad file; the report goes on
+            log.warning("report: cannot draw image %s: %s", info["file_name"], err)
+            continue
+        caption = (f"#{rank} {info['file_name']} (id {s.image_id}): F1 {s.f1:.2f}, "
+                   f"{s.true_positives} found, {s.false_positives} false positive, "
+                   f"{s.missed} missed")
+        name = f"worst_{rank:02d}.png"
+        figures.image_figure(pixels, by_id[s.image_id].scoring_at_least(score_thr), class_names,
+                             caption, out_dir / name)
+        gallery.append(f"<figure>{html.image(name, caption)}"
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    sections.append((f"Worst images ({len(gallery)})", (
         f"<p>Ranked by the F1 of the detections scoring at least {score_thr} (matched as COCO "
         "matches them, IoU 0.5); ties go to more errors. Ground truth: solid lines, name above "
         "(green found, orange missed). Detections: dashed, name and score below (blue correct, "
         "red false positive).</p>"
-        f'<div class="gallery">{gallery}</div>')))
+        f'<div class="gallery">{"".join(gallery)}</div>')))
 
     # Training curves.
     if run_dir is not None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from gfldet.report.figures import plt, save_figure
 
 SCALARS = "scalars.jsonl"
-AP_KEYS = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75")
 
 
 class CurvesError(ValueError):
@@ -43,33 +42,29 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     return dict(series)
 
 
-def loss_tags(series: dict) -> list[str]:
-    """The loss terms logged, the total last."""
-    terms = sorted(t for t in series if t.startswith("train/loss") and t != "train/loss")
-    return terms + (["train/loss"] if "train/loss" in series else [])
-
-
 def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path) -> Path:
     """Panels: one per loss term, the learning rate, and AP / AP50 / AP75 per evaluation; each
     run (name -> scalars) in its own colour, so that several runs overlay."""
-    tags: list[str] = []
+    tags: list[str] = []  # the loss terms of every run, each run's total after its terms
     for series in runs.values():
-        tags += [t for t in loss_tags(series) if t not in tags]
+        losses = sorted((t for t in series if t.startswith("train/loss")),
+                        key=lambda t: (t == "train/loss", t))
+        tags += [t for t in losses if t not in tags]
     panels = [*tags, "train/lr", "AP"]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (name, series), colour in zip(runs.items(), colours * len(runs), strict=False):
-        for ax, panel in zip(axes.flat, panels, strict=False):
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for (name, series), colour in zip(runs.items(), colours * len(runs), strict=False):
             if panel == "AP":
-                for key, style in zip(AP_KEYS, ("-o", "--s", ":^"), strict=True):
+                for key, style in (("val/bbox_mAP", "-o"), ("val/bbox_mAP_50", "--s"),
+                                   ("val/bbox_mAP_75", ":^")):
                     if key in series:
                         ax.plot(*series[key], style, color=colour, markersize=4,
                                 label=f"{name} {key.removeprefix('val/bbox_m')}")
             elif panel in series:
                 ax.plot(*series[panel], color=colour, linewidth=1, label=name)
-    for ax, panel in zip(axes.flat, panels, strict=False):
         ax.set(title="AP per evaluation" if panel == "AP" else panel, xlabel="iteration")
         ax.grid(alpha=0.3)
         if ax.has_data():

@@ -64,7 +64,7 @@ class _Point:
     score: float
     tp: bool
     error: str | None = None  # its TIDE type when a false positive
-    target_label: int | None = None  # class of the box a Cls/Loc fix would match
+    target_label: int | None = None  # the class its fix gives it (None: the fix removes it)
 
 
 @dataclass
@@ -104,37 +104,35 @@ def tide_errors(images: list[ImageMatches], fg: float = 0.5, bg: float = 0.1) ->
     missed_per_class: Counter[int] = Counter()
     # (image position, gt index) of a box a Cls/Loc error aims at -> point of the best such error
     best_fix: dict[tuple[int, int], int] = {}
-    counts = dict.fromkeys(ERROR_TYPES, 0)
     for pos, m in enumerate(images):
         num_gt.update(m.gt_labels.tolist())
-        iou = m.iou()  # [D, G]
-        for d in range(len(m.det_ids)):
+        gt_matched, iou = m.gt_matched, m.iou()  # [G], [D, G]
+        for d in range(len(m.det_gt)):
             point = _Point(int(m.det_labels[d]), float(m.det_scores[d]), bool(m.det_gt[d] >= 0))
             if not point.tp:
-                kind, j = classify_false_positive(iou[d], m.gt_labels == point.label,
-                                                  m.gt_matched, fg, bg)
-                point.error = kind
-                counts[kind] += 1
-                if kind in ("Cls", "Loc") and not m.gt_matched[j]:
-                    point.target_label = int(m.gt_labels[j])
+                point.error, j = classify_false_positive(iou[d], m.gt_labels == point.label,
+                                                         gt_matched, fg, bg)
+                if point.error in ("Cls", "Loc") and not gt_matched[j]:
                     best = best_fix.get((pos, j))
                     if best is None or points[best].score < point.score:
                         best_fix[(pos, j)] = len(points)
             points.append(point)
-        for j in np.flatnonzero(~m.gt_matched).tolist():
+        for j in np.flatnonzero(~gt_matched).tolist():
             if (pos, j) not in best_fix:
                 missed_per_class[int(m.gt_labels[j])] += 1
-                counts["Miss"] += 1
 
-    winners = set(best_fix.values())
+    errors = Counter(p.error for p in points)
+    counts = {kind: errors[kind] for kind in ERROR_TYPES} | {"Miss": missed_per_class.total()}
+    for (pos, j), best in best_fix.items():  # a Cls/Loc fix applies to the best error only
+        points[best].target_label = int(images[pos].gt_labels[j])
 
     def mean_ap(fix: str | None) -> float:
         per_class: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
-        for i, p in enumerate(points):
+        for p in points:
             label, tp = p.label, p.tp
             if fix is not None and p.error == fix:
-                if fix not in ("Cls", "Loc") or i not in winners:
-                    continue  # suppressed
+                if p.target_label is None:
+                    continue  # removed, or suppressed by a better error aimed at its box
                 label, tp = p.target_label, True
             per_class[label][0].append(p.score)
             per_class[label][1].append(tp)
@@ -165,22 +163,20 @@ def confusion_matrix(images: list[ImageMatches], num_classes: int, score_thr: fl
     """
     bg = num_classes
     counts = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
-    for m in images:
-        keep = m.det_scores >= score_thr
-        taken = np.zeros(len(m.gt_ids), dtype=bool)
-        taken[m.det_gt[keep & (m.det_gt >= 0)]] = True
-        for d in np.flatnonzero(keep & (m.det_gt >= 0)).tolist():
-            counts[m.gt_labels[m.det_gt[d]], m.det_labels[d]] += 1
-        iou = m.iou()
-        unmatched = np.flatnonzero(keep & (m.det_gt < 0))
+    for image in images:
+        m = image.scoring_at_least(score_thr)
+        taken = m.gt_matched
+        matched = np.flatnonzero(m.det_gt >= 0)
+        np.add.at(counts, (m.gt_labels[m.det_gt[matched]], m.det_labels[matched]), 1)
+        iou = m.iou()  # [D, G]
+        unmatched = np.flatnonzero(m.det_gt < 0)
         for d in unmatched[np.argsort(-m.det_scores[unmatched], kind="mergesort")].tolist():
             free = np.where(~taken & (m.gt_labels != m.det_labels[d]), iou[d], -1.0)
-            j = int(free.argmax()) if len(free) else -1
-            if j >= 0 and free[j] >= iou_thr:
+            if len(free) and free.max() >= iou_thr:
+                j = int(free.argmax())
                 taken[j] = True
                 counts[m.gt_labels[j], m.det_labels[d]] += 1
             else:
                 counts[bg, m.det_labels[d]] += 1
-        for j in np.flatnonzero(~taken).tolist():
-            counts[m.gt_labels[j], bg] += 1
+        np.add.at(counts, (m.gt_labels[~taken], bg), 1)
     return counts

@@ -18,13 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-DPI = 100
+from gfldet.report.matching import ImageMatches  # noqa: E402
 
 
 def save_figure(fig, path: Path, tight: bool = True) -> Path:
     """Write `fig` as PNG and free it. `tight=False` for a figure laid out already
     (`tight_layout`): trimming it would draw it once more, most of the cost of a figure."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
+    fig.savefig(path, dpi=100, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
 
@@ -49,14 +49,14 @@ def pr_curves_figure(recall: np.ndarray, curves: dict[str, dict[float, np.ndarra
     return save_figure(fig, path, tight=False)
 
 
-def size_figure(labels: Sequence[str], ap: Sequence[float], ap50: Sequence[float],
-                gt_counts: Sequence[int], path: Path) -> Path:
-    """AP and AP50 per object size, with each size's ground-truth count under its bars."""
-    x = np.arange(len(labels))
+def size_figure(sizes: dict[str, dict[str, float | int]], path: Path) -> Path:
+    """AP and AP50 per object size (name -> {"AP", "AP50", "boxes"}), with each size's
+    ground-truth count under its bars."""
+    x = np.arange(len(sizes))
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.bar(x - 0.2, np.nan_to_num(ap), 0.4, label="AP")
-    ax.bar(x + 0.2, np.nan_to_num(ap50), 0.4, label="AP50")
-    ax.set_xticks(x, [f"{name}\n{n} boxes" for name, n in zip(labels, gt_counts, strict=True)])
+    for offset, key in ((-0.2, "AP"), (0.2, "AP50")):
+        ax.bar(x + offset, np.nan_to_num([s[key] for s in sizes.values()]), 0.4, label=key)
+    ax.set_xticks(x, [f"{name}\n{s['boxes']} boxes" for name, s in sizes.items()])
     ax.set(ylim=(0, 1), ylabel="AP")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
@@ -101,18 +101,18 @@ def draw_box(ax, box: Sequence[float], colour, style: str, text: str, above: boo
             bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
 
 
-def image_figure(image: np.ndarray, gt_boxes: np.ndarray, gt_names: Sequence[str],
-                 gt_found: np.ndarray, det_boxes: np.ndarray, det_names: Sequence[str],
-                 det_scores: np.ndarray, det_correct: np.ndarray, title: str, path: Path) -> Path:
+def image_figure(image: np.ndarray, m: ImageMatches, class_names: Sequence[str], title: str,
+                 path: Path) -> Path:
     """An image with its ground truth (solid lines, name above; green found, orange missed) and
-    detections (dashed, name and score below; blue correct, red false positive)."""
+    the detections of `m` (dashed, name and score below; blue correct, red false positive)."""
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(min(8.0, w / 60 + 1), min(8.0, w / 60 + 1) * h / w))
     ax.imshow(image)
-    for box, name, found in zip(gt_boxes, gt_names, gt_found, strict=True):
-        draw_box(ax, box, "tab:green" if found else "tab:orange", "-", name, above=True)
-    for box, name, score, ok in zip(det_boxes, det_names, det_scores, det_correct, strict=True):
-        draw_box(ax, box, "tab:blue" if ok else "tab:red", "--", f"{name} {score:.2f}", above=False)
+    for box, k, found in zip(m.gt_boxes, m.gt_labels, m.gt_matched, strict=True):
+        draw_box(ax, box, "tab:green" if found else "tab:orange", "-", class_names[k], above=True)
+    for box, k, score, j in zip(m.det_boxes, m.det_labels, m.det_scores, m.det_gt, strict=True):
+        draw_box(ax, box, "tab:blue" if j >= 0 else "tab:red", "--",
+                 f"{class_names[k]} {score:.2f}", above=False)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return save_figure(fig, path)

@@ -7,6 +7,7 @@ Boxes are COCO `(x, y, w, h)` in original-image pixels, as in the annotation fil
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,23 +19,34 @@ class ImageMatches:
     """One image's ground truth and detections with COCOeval's class-aware matching."""
 
     image_id: int
-    gt_ids: np.ndarray  # int64 [G] annotation ids
     gt_labels: np.ndarray  # int64 [G] category index k (order of params.catIds)
     gt_boxes: np.ndarray  # float64 [G, 4] xywh
-    gt_matched: np.ndarray  # bool [G] matched by a detection of its class
-    det_ids: np.ndarray  # int64 [D]
     det_labels: np.ndarray  # int64 [D]
     det_scores: np.ndarray  # float64 [D]
     det_boxes: np.ndarray  # float64 [D, 4] xywh
     det_gt: np.ndarray  # int64 [D] index into the gt arrays of the matched box, -1 = false positive
 
+    @property
+    def gt_matched(self) -> np.ndarray:
+        """bool [G]: matched by one of these detections (of its class)."""
+        matched = np.zeros(len(self.gt_labels), dtype=bool)
+        matched[self.det_gt[self.det_gt >= 0]] = True
+        return matched
+
+    def scoring_at_least(self, score_thr: float) -> ImageMatches:
+        """Only the detections scoring >= `score_thr`. Their matches are those COCOeval made
+        among all detections: it matches greedily by descending score."""
+        keep = self.det_scores >= score_thr
+        return dataclasses.replace(self, det_labels=self.det_labels[keep],
+                                   det_scores=self.det_scores[keep],
+                                   det_boxes=self.det_boxes[keep], det_gt=self.det_gt[keep])
+
     def iou(self) -> np.ndarray:
         """IoU of every detection with every ground-truth box, [D, G] (pycocotools' own IoU)."""
-        if not len(self.det_ids) or not len(self.gt_ids):
-            return np.zeros((len(self.det_ids), len(self.gt_ids)))
-        return np.asarray(mask_utils.iou(self.det_boxes.tolist(), self.gt_boxes.tolist(),
-                                         [0] * len(self.gt_ids)), dtype=np.float64).reshape(
-            len(self.det_ids), len(self.gt_ids))
+        shape = (len(self.det_labels), len(self.gt_labels))
+        if not all(shape):
+            return np.zeros(shape)
+        return mask_utils.iou(self.det_boxes, self.gt_boxes, [0] * shape[1])
 
 
 def iou_index(coco_eval, iou_thr: float) -> int:
@@ -56,14 +68,15 @@ def image_matches(coco_eval, iou_thr: float = 0.5) -> list[ImageMatches]:
     params = coco_eval.params
     t = iou_index(coco_eval, iou_thr)
     area = list(params.areaRngLbl).index("all")
-    num_areas, num_images = len(params.areaRng), len(params.imgIds)
+    num_images = len(params.imgIds)
     gt_anns, dt_anns = coco_eval.cocoGt.anns, coco_eval.cocoDt.anns
     out = []
     for i, image_id in enumerate(params.imgIds):
         gts: list[tuple[int, int]] = []  # (annotation id, k)
         dets: list[tuple[int, int, float, int]] = []  # (id, k, score, matched gt id or 0)
         for k in range(len(params.catIds)):
-            e = coco_eval.evalImgs[k * num_areas * num_images + area * num_images + i]
+            # evalImgs is ordered by category, then area range, then image
+            e = coco_eval.evalImgs[(k * len(params.areaRng) + area) * num_images + i]
             if e is None:
                 continue
             gts += [(g, k) for g, ignore in zip(e["gtIds"], e["gtIgnore"], strict=True)
@@ -72,21 +85,14 @@ def image_matches(coco_eval, iou_thr: float = 0.5) -> list[ImageMatches]:
                 e["dtIds"], e["dtScores"], e["dtMatches"][t], e["dtIgnore"][t], strict=True)
                 if not ignore]
         gt_index = {g: j for j, (g, _) in enumerate(gts)}
-        det_gt = np.array([gt_index[m] if m else -1 for *_, m in dets], dtype=np.int64)
-        gt_matched = np.zeros(len(gts), dtype=bool)
-        gt_matched[det_gt[det_gt >= 0]] = True
         out.append(ImageMatches(
             image_id=int(image_id),
-            gt_ids=np.array([g for g, _ in gts], dtype=np.int64),
             gt_labels=np.array([k for _, k in gts], dtype=np.int64),
             gt_boxes=np.array([gt_anns[g]["bbox"] for g, _ in gts],
                               dtype=np.float64).reshape(-1, 4),
-            gt_matched=gt_matched,
-            det_ids=np.array([d for d, *_ in dets], dtype=np.int64),
             det_labels=np.array([k for _, k, *_ in dets], dtype=np.int64),
             det_scores=np.array([s for _, _, s, _ in dets], dtype=np.float64),
             det_boxes=np.array([dt_anns[d]["bbox"] for d, *_ in dets],
                                dtype=np.float64).reshape(-1, 4),
-            det_gt=det_gt,
-        ))
+            det_gt=np.array([gt_index[m] if m else -1 for *_, m in dets], dtype=np.int64)))
     return out

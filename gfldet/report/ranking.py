@@ -18,19 +18,16 @@ class ImageScore:
     missed: int
 
 
-def image_score(m: ImageMatches, score_thr: float) -> ImageScore:
-    """F1 = 2 TP / (2 TP + FP + FN) of the detections >= `score_thr`, matched as COCOeval
-    matches them (its class, greedy by score, so the matches above a threshold are those of
-    all detections); 1 for an image with neither boxes nor detections."""
-    keep = m.det_scores >= score_thr
-    tp = int((keep & (m.det_gt >= 0)).sum())
-    fp = int((keep & (m.det_gt < 0)).sum())
-    fn = len(m.gt_ids) - tp
-    denominator = 2 * tp + fp + fn
-    return ImageScore(m.image_id, 2 * tp / denominator if denominator else 1.0, tp, fp, fn)
-
-
 def worst_images(images: list[ImageMatches], score_thr: float, n: int) -> list[ImageScore]:
-    """The `n` images with the lowest F1; ties go to more errors (FP + FN), then lower image id."""
-    scores = [image_score(m, score_thr) for m in images]
+    """The `n` images with the lowest F1 = 2 TP / (2 TP + FP + FN) of their detections scoring
+    >= `score_thr`, matched as COCOeval matches them (1 for an image with neither boxes nor
+    detections); ties go to more errors (FP + FN), then lower image id."""
+    scores = []
+    for m in images:
+        det_gt = m.scoring_at_least(score_thr).det_gt
+        tp = int((det_gt >= 0).sum())
+        fp, fn = len(det_gt) - tp, len(m.gt_labels) - tp
+        denominator = 2 * tp + fp + fn
+        scores.append(ImageScore(m.image_id, 2 * tp / denominator if denominator else 1.0,
+                                 tp, fp, fn))
     return sorted(scores, key=lambda s: (s.f1, -(s.false_positives + s.missed), s.image_id))[:n]
