@@ -4,6 +4,7 @@ steps, the Integral's precision under autocast and in converted models, and the 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,19 @@ def test_fp16_nan_loss_skips_the_step_and_the_next_step_runs():
     loop.step(*batch(2), it=1)  # raised "unscale_() has already been called" before the fix
     assert not torch.equal(model.weight, before) and loop.bad_steps == 0
     assert loop.ema.n_averaged.item() == 1 and loop.progress.count == 1
+
+
+def test_a_skipped_first_step_does_not_warn_that_the_schedule_lost_a_value():
+    """torch warns that calling lr_scheduler.step() before any optimizer.step() skips the first
+    learning rate. Here the skip is the loop's own and the schedule still counts the iteration, so
+    that warning would mislead the user."""
+    loop = fp16_loop(ToyModel(nan_loss={1}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.step(*batch(1), it=0)
+        loop.step(*batch(2), it=1)
+    assert loop.bad_steps == 0
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], caught
 
 
 def test_fp16_overflow_is_the_scalers_skip_without_ema_or_logged_step():

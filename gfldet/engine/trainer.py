@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -504,7 +505,14 @@ class TrainLoop:
             ddp = isinstance(self.model, DistributedDataParallel)
             self.ema.update_parameters(self.model.module if ddp else self.model)
         self.progress.update(losses if stepped else None, grad_norm if stepped else None)
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
+        else:
+            # torch warns that a learning rate is lost when the first step is skipped; none is,
+            # the schedule counts iterations. (Only here: catch_warnings resets "warn once".)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                self.scheduler.step()
         return stop
 
     def skip_step(self, losses: dict, targets: list[dict], it: int, what: str | None) -> None:
