@@ -23,10 +23,10 @@ from common import machine, markdown_table, time_alternating
 
 from gfldet.data import build_dataloader
 from gfldet.engine.build import build_dataset
-from gfldet.engine.checkpoint import load_checkpoint, load_model_weights
+from gfldet.engine.checkpoint import load_checkpoint
 from gfldet.engine.evaluator import evaluate
 from gfldet.engine.precision import resolve_precision
-from gfldet.inference import build_inference_model, config_for_checkpoint, model_weights
+from gfldet.inference import config_for_checkpoint, load_inference_model
 from gfldet.report import post_processing_settings, write_report
 
 
@@ -43,9 +43,7 @@ def main() -> None:
     dataset = build_dataset(cfg, "val")
     device = torch.device("cpu")
     precision = resolve_precision(cfg.train.amp, device)
-    model = build_inference_model(cfg)
-    load_model_weights(model, model_weights(state, use_ema=True, source=args.checkpoint),
-                       strict=True, source=args.checkpoint)
+    model = load_inference_model(cfg, state, args.checkpoint)
     loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers,
                               train=False, seed=cfg.train.seed, distributed=False,
                               size_divisor=cfg.data.size_divisor)

@@ -39,14 +39,12 @@ from gfldet.data import build_transforms, normalize_batch
 from gfldet.engine.checkpoint import (
     MODEL_FORMAT,
     load_checkpoint,
-    load_model_weights,
     save_checkpoint,
 )
 from gfldet.inference import (
     ImageInput,
-    build_inference_model,
     class_names_for,
-    model_weights,
+    load_inference_model,
     prepare_batch,
     to_rgb_array,
 )
@@ -429,8 +427,7 @@ def publish_weights(checkpoint: str | Path, cfg: Config, out: str | Path, use_em
     """
     checkpoint, out = Path(checkpoint), Path(out)
     state = load_checkpoint(checkpoint)
-    model = build_inference_model(cfg)
-    load_model_weights(model, model_weights(state, use_ema, str(checkpoint)), strict=True)
+    model = load_inference_model(cfg, state, checkpoint, use_ema)
     published = {
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "model_format": MODEL_FORMAT,

@@ -112,6 +112,16 @@ def build_inference_model(cfg: Config) -> GFL:
     return build_model(model_cfg, size_divisor=cfg.data.size_divisor).eval()
 
 
+def load_inference_model(cfg: Config, state: Mapping[str, Any], source: str | Path,
+                         use_ema: bool = True) -> GFL:
+    """`build_inference_model(cfg)` with the weights of checkpoint `state` (`model_weights`);
+    every weight must fit, else a CheckpointError naming `source`."""
+    model = build_inference_model(cfg)
+    load_model_weights(model, model_weights(state, use_ema, str(source)), strict=True,
+                       source=source)
+    return model
+
+
 def class_names_for(cfg: Config, state: Mapping[str, Any] | None = None) -> list[str]:
     """Class names, first found of: the checkpoint's `meta.class_names`, the categories of the
     config's val (then train) annotation file (the synthetic dataset's, if it is generated);
@@ -243,9 +253,7 @@ class Detector:
         """
         state = load_checkpoint(path)
         cfg = config_for_checkpoint(state, config, str(path), overrides)
-        model = build_inference_model(cfg)
-        weights = model_weights(state, use_ema, str(path))
-        load_model_weights(model, weights, strict=True, source=path)
+        model = load_inference_model(cfg, state, path, use_ema)
         if score_thr is not None:  # the model's own copy of model.test
             model.test_settings.score_thr = float(score_thr)
         return cls(

@@ -30,15 +30,14 @@ from gfldet.data import build_dataloader
 from gfldet.data.images import DatasetError
 from gfldet.distributed import is_distributed, is_main_process
 from gfldet.engine.build import build_dataset
-from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
 from gfldet.engine.coco_eval import check_backend, write_metrics_json
 from gfldet.engine.evaluator import evaluate
 from gfldet.engine.precision import resolve_precision
 from gfldet.engine.trainer import init_distributed, log, setup_logging
 from gfldet.inference import (
-    build_inference_model,
     config_for_checkpoint,
-    model_weights,
+    load_inference_model,
     split_config_argument,
 )
 
@@ -108,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                  precision.name, precision.reason)
         if precision.warning:
             log.warning("%s", precision.warning)
-        model = build_inference_model(cfg)  # every weight from the checkpoint: no ImageNet download
-        weights = model_weights(state, use_ema=not args.no_ema, source=checkpoint)
-        load_model_weights(model, weights, strict=True, source=checkpoint)
+        # Every weight from the checkpoint: no ImageNet download.
+        model = load_inference_model(cfg, state, checkpoint, use_ema=not args.no_ema)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ import numpy as np
 from gfldet.config import Config, ConfigError, load_config
 from gfldet.data import build_transforms
 from gfldet.data.synthetic import SynthParams, render_image
-from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
 from gfldet.export import (
     DEFAULT_OPSET,
     ExportVerificationError,
@@ -51,10 +51,9 @@ from gfldet.export import (
     verify,
 )
 from gfldet.inference import (
-    build_inference_model,
     config_for_checkpoint,
     list_images,
-    model_weights,
+    load_inference_model,
     split_config_argument,
     to_rgb_array,
 )
@@ -151,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.cfg_options) if args.config else None
         state = load_checkpoint(args.checkpoint)
         cfg = cfg or config_for_checkpoint(state, None, args.checkpoint, args.cfg_options)
-        model = build_inference_model(cfg)
-        load_model_weights(model, model_weights(state, use_ema, args.checkpoint), strict=True,
-                           source=args.checkpoint)
+        model = load_inference_model(cfg, state, args.checkpoint, use_ema)
         if args.format == "weights":
             weights_path, config_path = publish_weights(args.checkpoint, cfg, out, use_ema)
             print(f"weights: {weights_path}\nconfig:  {config_path}")
