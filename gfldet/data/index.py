@@ -139,43 +139,45 @@ def build_index(
     by_id = {im["id"]: im for im in coco["images"]}
     ids = sorted(set(by_id) - set(skip))
     infos = [by_id[i] for i in ids]
-    heights = np.array([int(im["height"]) for im in infos], dtype=np.int64)
-    widths = np.array([int(im["width"]) for im in infos], dtype=np.int64)
+    heights = np.array([int(im["height"]) for im in infos], dtype=np.int64).reshape(-1)
+    widths = np.array([int(im["width"]) for im in infos], dtype=np.int64).reshape(-1)
     raw = set(raw_orientation_ids)
-    apply_exif = np.array([i not in raw for i in ids], dtype=bool)
+    apply_exif = np.array([i not in raw for i in ids], dtype=bool).reshape(-1)
     names, name_offsets = encode_names([str(im["file_name"]) for im in infos])
 
-    # One pass over the annotations in file order: the image position of each, and the label and
-    # [x, y, w, h] of each box used for training. Crowd regions are not instances: the detector
-    # never sees them as ground truth.
+    # One pass over the annotations in file order: image position, label (-1: not a box used
+    # for training) and [x, y, w, h].
     position_of = {image_id: p for p, image_id in enumerate(ids)}
-    all_positions, positions, labels, xywh = [], [], [], []
+    positions, labels, xywh = [], [], []
     for ann in coco["annotations"]:
         position = position_of.get(ann["image_id"])
         if position is None:
             continue
-        all_positions.append(position)
+        positions.append(position)
+        # Crowd regions are not instances; the detector never sees them as ground truth.
         crowd = ann.get("iscrowd", 0) or ann.get("ignore", 0)
         label = -1 if crowd else cat_id_to_label.get(int(ann["category_id"]), -1)
-        if label >= 0:
-            positions.append(position)
-            labels.append(label)
-            xywh.append([float(v) for v in ann["bbox"]])
-    annotation_counts = np.bincount(np.array(all_positions, dtype=np.int64), minlength=len(ids))
+        labels.append(label)
+        xywh.append([float(v) for v in ann["bbox"]] if label >= 0 else [0.0, 0.0, 0.0, 0.0])
+    positions_arr = np.array(positions, dtype=np.int64).reshape(-1)
+    labels_arr = np.array(labels, dtype=np.int64).reshape(-1)
+    annotation_counts = np.bincount(positions_arr, minlength=len(ids)).astype(np.int64)
 
-    positions_arr = np.array(positions, dtype=np.int64)
-    order = np.argsort(positions_arr, kind="stable")  # by image, file order within one
-    box_positions = positions_arr[order]
-    b = np.array(xywh, dtype=np.float64).reshape(-1, 4)[order]
+    used = labels_arr >= 0
+    order = np.argsort(positions_arr[used], kind="stable")  # by image, file order within one
+    box_positions = positions_arr[used][order]
+    b = np.array(xywh, dtype=np.float64).reshape(-1, 4)[used][order]
     # x + w in float64, then float32: the arithmetic of the per-box Python code it replaces.
     boxes = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1)
     boxes = boxes.astype(np.float32)
     keep = clip_boxes(boxes, widths[box_positions].astype(np.float32)[:, None],
                       heights[box_positions].astype(np.float32)[:, None])
-    index = ImageIndex(np.array(ids, dtype=np.int64), heights, widths, apply_exif, names,
-                       name_offsets, np.ascontiguousarray(boxes[keep]),
-                       np.array(labels, dtype=np.int64)[order][keep],
-                       _offsets(np.bincount(box_positions[keep], minlength=len(ids))))
+    box_offsets = _offsets(np.bincount(box_positions[keep], minlength=len(ids)))
+    index = ImageIndex(
+        np.array(ids, dtype=np.int64).reshape(-1), heights, widths, apply_exif, names,
+        name_offsets, np.ascontiguousarray(boxes[keep]).reshape(-1, 4),
+        labels_arr[used][order][keep], box_offsets,
+    )
     return index, annotation_counts
 
 
