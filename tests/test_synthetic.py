@@ -136,6 +136,8 @@ def test_ensure_generates_once_and_regenerates_on_change(tmp_path: Path) -> None
     assert (out / "train" / "000000.jpg").is_file()
     with pytest.raises(TypeError):
         ensure_synthetic_coco(out, bogus=1)
+    with pytest.raises(TypeError, match="generator_version"):  # the code's, not a parameter
+        ensure_synthetic_coco(out, generator_version=0)
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -137,13 +137,14 @@ def _load(path: Path, key: dict[str, Any], image_dir: Path) -> tuple[CheckedSpli
             if file_stamp(image_dir / name) != stamp:
                 return None, f"{name} changed since {path} was stored"
         r = record["report"]
-        report = DatasetReport(
-            Path(r["ann_file"]), Path(r["image_dir"]), fixed=Counter(r["fixed"]),
-            fix_examples=defaultdict(list, r["fix_examples"]), warnings=r["warnings"],
-            num_images=r["num_images"], num_annotations=r["num_annotations"],
-            categories=r["categories"], kept=tuple(r["kept"]) if r["kept"] is not None else None,
-            raw_orientation_ids=frozenset(r["raw_orientation_ids"]),
-            unreadable={int(k): v for k, v in r["unreadable"].items()})  # JSON keys are text
+        # The fields _store wrote, then the four whose type JSON does not keep.
+        report = DatasetReport(Path(r["ann_file"]), Path(r["image_dir"]),
+                               **{name: r[name] for name in _REPORT_FIELDS})
+        report.fixed = Counter(report.fixed)
+        report.fix_examples = defaultdict(list, report.fix_examples)
+        report.kept = tuple(report.kept) if report.kept is not None else None
+        report.unreadable = {int(k): v for k, v in report.unreadable.items()}  # keys were text
+        report.raw_orientation_ids = frozenset(r["raw_orientation_ids"])
         split = CheckedSplit(index, report, *(record[name] for name in _SPLIT_FIELDS))
     # Valid JSON that is not this version's record raises the last three.
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

@@ -440,7 +440,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _params(kwargs: dict[str, Any]) -> SynthParams:
-    if unknown := set(kwargs) - {f.name for f in fields(SynthParams)} - {"generator_version"}:
+    # generator_version is the code's, not the caller's: it decides when a dataset is stale.
+    if unknown := set(kwargs) - ({f.name for f in fields(SynthParams)} - {"generator_version"}):
         raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}")
     return SynthParams(**kwargs)
 
