@@ -219,18 +219,18 @@ class Detector:
 
     Args:
         model: the detector (put in eval mode and moved to `device`).
-        short_side, max_size, size_divisor: the test-time resize and padding (config `data.*`).
+        short_side, max_size: the test-time resize (config `data.*`); images are padded to a
+            multiple of the model's own `size_divisor`, as in evaluation.
         class_names: one name per class; defaults to "class_<i>".
         batch_size: images per forward pass. 1 reproduces evaluation exactly; larger batches pad
             images to a common size, which changes features near the padding slightly.
     """
 
     def __init__(self, model: GFL, short_side: int, max_size: int,
-                 size_divisor: int, class_names: Sequence[str] | None = None,
+                 class_names: Sequence[str] | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 1) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.size_divisor = size_divisor
         num_classes = model.num_classes
         self.class_names = list(class_names or [f"class_{i}" for i in range(num_classes)])
         if len(self.class_names) != num_classes:
@@ -257,8 +257,8 @@ class Detector:
         if score_thr is not None:  # the model's own copy of model.test
             model.test_settings.score_thr = float(score_thr)
         return cls(
-            model, cfg.data.test_short_side, cfg.data.max_size, cfg.data.size_divisor,
-            class_names_for(cfg, state), device, batch_size,
+            model, cfg.data.test_short_side, cfg.data.max_size, class_names_for(cfg, state),
+            device, batch_size,
         )
 
     @property
@@ -268,7 +268,8 @@ class Detector:
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Tensor, list[dict[str, Any]]]:
         """RGB arrays -> a normalised, padded batch [B, 3, H', W'] on the detector's device and
         targets with image_size / orig_size."""
-        return prepare_batch(images, self.transform, self.size_divisor, self.device)
+        # The model's divisor: it also decides which priors lie inside each padded image.
+        return prepare_batch(images, self.transform, self.model.size_divisor, self.device)
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput]) -> list[dict[str, Any]]:

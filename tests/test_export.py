@@ -95,14 +95,24 @@ def scenes() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def detector(model) -> Detector:
-    return Detector(model, short_side=128, max_size=192, size_divisor=32)
+    return Detector(model, short_side=128, max_size=192)
+
+
+def test_detector_pads_by_the_models_size_divisor(scenes):
+    """The padding and the model's valid-prior mask use one divisor: the model's."""
+    cfg = tiny_config()
+    cfg.data.size_divisor = 64
+    model = build_inference_model(cfg)
+    batch, _ = Detector(model, short_side=140, max_size=192).preprocess(scenes[:1])
+    assert model.size_divisor == 64
+    assert batch.shape[-2:] == (192, 192)  # 176 x 140 padded by 64 (by 32: 192 x 160)
 
 
 @pytest.fixture(scope="module")
 def expected(model, detector, scenes) -> dict[str, tuple]:
     """(batch, targets, Detector's detections) of SCENES[0] and SCENES[1] alone ("single0",
     "single1") and together ("mixed", Detector with batch_size=2 as evaluation batches them)."""
-    batched = Detector(model, short_side=128, max_size=192, batch_size=2, size_divisor=32)
+    batched = Detector(model, short_side=128, max_size=192, batch_size=2)
     out = {
         f"single{i}": (*detector.preprocess([im]), [detector(im)])
         for i, im in enumerate(scenes[:2])
@@ -250,7 +260,7 @@ def test_onnx_graph_has_dynamic_axes_and_one_softmax(graphs, graph_folder):
 def test_verification_compares_with_the_evaluation_path(model, scenes, graphs):
     """The self-check fails a graph that clips to the padded input and masks no prior (what the
     graphs did before they took the images' sizes), and passes the exported ones."""
-    detector = Detector(model, short_side=128, max_size=192, size_divisor=32)
+    detector = Detector(model, short_side=128, max_size=192)
     inputs = verification_inputs(scenes[:2], detector.transform, 32)
     assert [tuple(b.shape) for b, _ in inputs] == [
         (1, 3, 192, 128),
@@ -283,7 +293,7 @@ def test_verification_compares_with_the_evaluation_path(model, scenes, graphs):
 
 
 def test_verification_fails_above_tolerance(model, scenes):
-    detector = Detector(model, short_side=128, max_size=192, size_divisor=32)
+    detector = Detector(model, short_side=128, max_size=192)
     inputs = verification_inputs(scenes[:1], detector.transform, 32)
     wrapper = export_module(model, nms=False)
 

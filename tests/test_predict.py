@@ -41,7 +41,7 @@ def test_detector_matches_the_evaluation_pipeline(run, tiny_coco):
     assert isinstance(got, list) and len(got) == len(paths)
     with torch.no_grad():
         for i, det in enumerate(got):
-            images, targets = collate([dataset[i]], size_divisor=32)
+            images, targets = collate([dataset[i]], size_divisor=detector.model.size_divisor)
             (ref,) = detector.model(normalize_batch(images, [t["image_size"] for t in targets]),
                                     targets)
             assert np.allclose(det["boxes"], ref["boxes"].numpy()) and np.allclose(
