@@ -87,6 +87,21 @@ def test_a_skipped_first_step_does_not_warn_that_the_schedule_lost_a_value():
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], caught
 
 
+def test_a_skip_after_a_taken_step_leaves_the_warning_filters_alone(monkeypatch):
+    """catch_warnings makes Python forget which warnings it has shown once; fp16 skips steps all
+    run long, so the filter above is entered only before the first step is taken."""
+    import gfldet.engine.trainer as trainer_mod
+
+    entered = []
+    real = trainer_mod.warnings.catch_warnings
+    monkeypatch.setattr(trainer_mod.warnings, "catch_warnings",
+                        lambda *a, **k: entered.append(1) or real(*a, **k))
+    loop = fp16_loop(ToyModel(nan_loss={2}))
+    loop.step(*batch(1), it=0)
+    loop.step(*batch(2), it=1)  # skipped
+    assert loop.bad_steps == 1 and entered == []
+
+
 def test_fp16_overflow_is_the_scalers_skip_without_ema_or_logged_step():
     """A finite loss with inf gradients is the scaler's own overflow skip (expected while its
     scale calibrates): no weight change, no EMA update, no logged loss or inf gradient norm, not a

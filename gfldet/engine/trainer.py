@@ -425,6 +425,7 @@ class TrainLoop:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.bad_steps = 0
         self.overflow_steps = 0  # fp16 overflows in a row (not bad steps: the scaler calibrating)
+        self.stepped_once = False  # in this process
 
     def run_epoch(self, loader, epoch: int, start_batch: int) -> int:
         """Train from `start_batch` to the end of the epoch (or to a stop request); returns the
@@ -505,11 +506,13 @@ class TrainLoop:
             ddp = isinstance(self.model, DistributedDataParallel)
             self.ema.update_parameters(self.model.module if ddp else self.model)
         self.progress.update(losses if stepped else None, grad_norm if stepped else None)
-        if stepped:
+        self.stepped_once |= stepped
+        if self.stepped_once:
             self.scheduler.step()
         else:
-            # torch warns that a learning rate is lost when the first step is skipped; none is,
-            # the schedule counts iterations. (Only here: catch_warnings resets "warn once".)
+            # torch warns that a learning rate is lost when the steps before the first optimizer
+            # step are skipped; none is, the schedule counts iterations. (Only then:
+            # catch_warnings makes Python forget which warnings it has shown once.)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
