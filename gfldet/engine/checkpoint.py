@@ -134,13 +134,14 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         if globals_ is None and not ("weights only load failed" in msg and "global" in msg):
             raise CheckpointError(
                 f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}") from e
+        # (A legacy-format file's scan sees only its first record, so it may name nothing.)
         foreign = [g for g in globals_ or [] if not g.startswith(("torch.", "collections."))]
+        named = f"It references: {', '.join(dict.fromkeys(foreign[:5]))}. " if foreign else ""
         raise CheckpointError(
             f"refused to load {path}: it contains non-tensor Python objects that a weights_only "
-            "load will not unpickle, so it was refused for safety (nothing in it was executed). "
-            f"It references: {', '.join(dict.fromkeys(foreign[:5])) or 'pickle opcodes'}. Only "
-            "load checkpoints written by gfldet, or re-save the weights as a plain state dict in "
-            f"a trusted environment. ({_short_reason(e)})") from e
+            f"load will not unpickle, so it was refused for safety (nothing in it was executed). "
+            f"{named}Only load checkpoints written by gfldet, or re-save the weights as a plain "
+            f"state dict in a trusted environment. ({_short_reason(e)})") from e
     except Exception as e:
         # Truncated zip archives surface as RuntimeError from the stream reader, cut-short
         # legacy pickles as EOFError, random bytes as decode errors of many kinds.
