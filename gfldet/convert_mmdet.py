@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from gfldet.config import Config, DGQPConfig, config_to_dict
-from gfldet.engine.checkpoint import MODEL_FORMAT, _fmt_list, load_checkpoint, save_checkpoint
+from gfldet.engine.checkpoint import MODEL_FORMAT, format_key_list, load_checkpoint, save_checkpoint
 
 _DEPTHS = {  # (blocks per stage, bottleneck) -> ResNet depth
     ((2, 2, 2, 2), False): 18,
@@ -252,7 +252,7 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
 
 def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str]) -> str:
     parts = ["the MMDetection state dict does not map exactly onto gfldet's model:"]
-    parts += [_fmt_list(title, items) for title, items in [
+    parts += [format_key_list(title, items) for title, items in [
         ("MMDetection keys with no place in gfldet's model (unmapped; other depth, levels?)",
          unmapped),
         ("gfldet keys no MMDetection key provides (missing)", missing),

@@ -277,7 +277,8 @@ def _shape(v: Any) -> tuple[int, ...] | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def _fmt_list(title: str, items: list[str]) -> str:
+def format_key_list(title: str, items: list[str]) -> str:
+    """``title (N):`` and the first 20 items, one per line, for the key lists of load errors."""
     shown = "\n".join(f"    {s}" for s in items[:_MAX_LISTED])
     more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
     return f"  {title} ({len(items)}):\n{shown}{more}"
@@ -314,7 +315,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: 
     if strict and any(report[key] for key in titles):
         parts = [f"the weights in {source} do not match the model:" if source is not None
                  else "state dict does not match the model:"]
-        parts += [_fmt_list(title, report[key]) for key, title in titles.items() if report[key]]
+        parts += [format_key_list(title, report[key]) for key, title in titles.items()
+                  if report[key]]
         if not matched and any(k in sd for k in ("model", "state_dict")):
             parts.append(
                 "  hint: this looks like a full training checkpoint; pass checkpoint['model'].")
