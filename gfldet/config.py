@@ -171,7 +171,7 @@ class DataConfig:
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(  # validation split
         "data/coco/val2017", "data/coco/annotations/instances_val2017.json"))
     # when set, the bundled synthetic dataset is generated into `root` on first use and train/val
-    # point there (wins over train/val)
+    # point there (null it to name your own train/val files)
     synthetic: SyntheticConfig | None = None
     train_short_side: tuple[Count, Count] = (800, 800)  # sampled in [lo, hi] (multi-scale)
     test_short_side: Count = 800  # short side at test time
@@ -297,6 +297,13 @@ class Config:
              "torch refuses ('Expected more than 1 value per channel'). Set "
              f"model.head.feat_channels: {2 * g}, or the short sides above {t}, or norm: none"),
         ]
+        # The demo set replaces data.train/val; a config naming its own files as well (one based
+        # on the demo config, or an eval override) would otherwise train or score the demo set.
+        own = [f"data.{n}" for n in ("train", "val") if getattr(d, n) != getattr(DataConfig(), n)]
+        rules.append((d.synthetic is None or not own, "data.synthetic",
+                      d.synthetic and dataclasses.asdict(d.synthetic),
+                      f"null when {' and '.join(own)} name{'s' * (len(own) == 1)} your own files: "
+                      "the demo set it generates would replace them"))
         broken = [(key, value, allowed) for holds, key, value, allowed in rules if not holds]
         if broken:
             raise PydanticCustomError(config_io.RULES_ERROR, "rules", {"problems": broken})

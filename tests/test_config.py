@@ -292,6 +292,25 @@ def test_override_enables_synthetic_with_defaults():
     assert cfg.data.synthetic == SyntheticConfig(num_train=50)
 
 
+@pytest.mark.parametrize("own", [["data.val.images=my/val"],
+                                 ["data.train.annotations=my/train.json", "data.val.images=v"]])
+def test_synthetic_data_and_own_files_are_refused_together(tmp_path, own):
+    # A config based on the demo that names its own files (or an eval override of data.val)
+    # would silently train or score the generated demo set instead.
+    demo = CONFIGS / "demo_synthetic_cpu.yaml"
+    message = error_of(demo, own)
+    named = sorted({o.split(".")[1] for o in own})
+    assert "data.synthetic=" in message and "must be null when" in message
+    assert " and ".join(f"data.{n}" for n in named) in message
+    child = write(tmp_path / "mine.yaml", f"base: {demo}\ndata:\n  val: {{images: my/val}}\n")
+    assert "data.synthetic=" in error_of(child)
+    stored = config_to_dict(load_config(demo))
+    with pytest.raises(ConfigError, match="data.synthetic="):
+        config_from_dict(stored, "last.pth", own)
+    cfg = load_config(demo, [*own, "data.synthetic=null"])
+    assert cfg.data.synthetic is None and cfg.data.val.images != "data/coco/val2017"
+
+
 def test_override_beats_file_and_base():
     cfg = load_config(CONFIGS / "gfl_r101_fpn_ms_2x_coco.yaml", ["model.backbone.depth=50"])
     assert cfg.model.backbone.depth == 50

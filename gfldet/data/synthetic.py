@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -29,6 +30,8 @@ from typing import Any, Literal
 import numpy as np
 import pydantic.dataclasses
 from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger("gfldet")
 
 try:
     import fcntl
@@ -512,6 +515,9 @@ def ensure_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = None
             fcntl.flock(lock, fcntl.LOCK_EX)
         paths = dataset_layout(out)
         if not _is_complete(paths, wanted):
+            log.info("generating the synthetic demo dataset into %s (%d train / %d val images; "
+                     "reused while data.synthetic is unchanged)", out, wanted.num_train,
+                     wanted.num_val)
             paths = generate_synthetic_coco(out, num_workers=num_workers, **params)
     return paths
 
