@@ -97,6 +97,26 @@ def test_eval_reproduces_the_training_ap(trained_run, tiny_coco, tmp_path):
     assert isinstance(json.loads(out.read_text()), list)
 
 
+def test_eval_refuses_a_val_file_whose_classes_differ_from_the_checkpoints(trained_run,
+                                                                           tiny_coco, tmp_path):
+    # Two category ids swapped by a re-export: every label would be scored as the other class.
+    work, _ = trained_run
+    data = json.loads(tiny_coco["val_ann"].read_text())
+    first, second = sorted(data["categories"], key=lambda c: c["id"])[:2]
+    first["name"], second["name"] = second["name"], first["name"]
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps(data))
+    metrics = tmp_path / "m.json"
+    proc = run_in_process(EVAL, str(work / "last.pth"), "--metrics", str(metrics), "--cfg-options",
+                          f"data.val.annotations={swapped}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and not metrics.exists()
+    assert str(swapped) in proc.stderr and "nothing was evaluated" in proc.stderr
+    trained = load_checkpoint(work / "last.pth")["meta"]["class_names"]
+    assert str(trained) in proc.stderr and str(trained) != str(
+        [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])])
+
+
 def test_eval_with_faster_coco_eval_matches_pycocotools(trained_run, tmp_path):
     pytest.importorskip("faster_coco_eval")
     work, _ = trained_run

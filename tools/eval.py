@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             cfg = config_for_checkpoint(state, None, checkpoint, args.cfg_options)
             dataset = build_dataset(cfg, "val")
+        check_same_classes(state, checkpoint, dataset)
         precision = resolve_precision(cfg.train.amp, device)
         log.info("config: %s; precision: %s (%s)", config_path or f"{checkpoint} (stored config)",
                  precision.name, precision.reason)
@@ -138,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
                                  score_thr=args.report_score_thr, num_worst=args.report_images)
             print(f"report: {index}")
     return 0
+
+
+def check_same_classes(state: dict, checkpoint: str, dataset) -> None:
+    """The val file's classes (in label order: by category id) must be the ones the checkpoint
+    was trained on, as training requires of train and val: otherwise each label is scored as
+    another class, silently."""
+    trained = (state.get("meta") or {}).get("class_names")
+    if trained is not None and list(trained) != list(dataset.class_names):
+        raise DatasetError(
+            f"{checkpoint} was trained on the classes {list(trained)} but {dataset.ann_file} "
+            f"lists {list(dataset.class_names)} (in category id order); its labels would be "
+            "scored as other classes. Evaluate on annotations with the training categories (the "
+            "same names, in the same id order); nothing was evaluated")
 
 
 if __name__ == "__main__":
