@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, run_in_process, tiny_overrides
 
+from gfldet.engine.checkpoint import load_checkpoint
 from gfldet.engine.precision import cpu_bf16_support, resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
 from gfldet.engine.run_dir import RunDirError, check_run_dir
@@ -225,6 +226,36 @@ def test_overwrite_removes_the_earlier_runs_report_and_keeps_other_folders(tmp_p
     removed = remove_run_outputs(tmp_path)
     assert removed == [tmp_path / "report"] and not (tmp_path / "report").exists()
     assert (tmp_path / "exports" / "model.onnx").read_text() == "mine"
+
+
+def test_a_failed_evaluation_keeps_the_epochs_training(tiny_coco, tmp_path, monkeypatch):
+    # An error while scoring (a scorer's KeyError, a full disk...) came after a whole epoch of
+    # training and before its checkpoint: the epoch was lost, and the folder refused a rerun.
+    import gfldet.engine.trainer as trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the scorer broke")
+
+    work = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "evaluate", broken)
+        with pytest.raises(RuntimeError, match="the scorer broke"):
+            run_in_process(*tiny_args(tiny_coco, work))
+    state = load_checkpoint(work / "last.pth")
+    assert (state["epoch"], state["batch"]) == (1, 0)
+    assert "the evaluation after epoch 1 failed; last.pth holds" in (work / "train.log").read_text()
+    proc = run_in_process(*tiny_args(tiny_coco, work, "--resume"))
+    assert "resumed from" in proc.stdout and "final bbox AP" in proc.stdout
+    assert load_checkpoint(work / "last.pth")["epoch"] == 2
+
+
+def test_a_folder_without_a_checkpoint_is_refused_without_offering_resume(tmp_path):
+    (tmp_path / "scalars.jsonl").write_text('{"iteration": 1}\n')  # a run that died in epoch 1
+    with pytest.raises(RunDirError) as info:
+        check_run_dir(tmp_path, resume=False, overwrite=False)
+    message = str(info.value)
+    assert "To keep it, give this run its own folder with --work-dir DIR; " in message
+    assert "--resume" not in message and "--overwrite" in message
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path):

@@ -46,8 +46,8 @@ class SplitPaths:
 
 def dataset_paths(cfg: DataConfig, split: str, generate: bool = True) -> SplitPaths:
     """Image folder and annotation file of `split` ("train" or "val"). With `data.synthetic` set
-    (the config then leaves train/val at their defaults) the bundled synthetic dataset is generated on first use, unless
-    `generate` is False: then its paths are returned whether it exists or not."""
+    (train/val are then left at their defaults) the bundled synthetic dataset is generated on
+    first use, unless `generate` is False: then its paths are returned whether it exists or not."""
     if cfg.synthetic is None:
         split_cfg = getattr(cfg, split)
         return SplitPaths(Path(split_cfg.images), Path(split_cfg.annotations))

@@ -73,9 +73,10 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
         return (f"--overwrite: removed the earlier run's {len(removed)} outputs in {work_dir}: "
                 + ", ".join(p.name for p in removed))
     names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-    resume_hint = "continue it with --resume, " if any(p.suffix == ".pth" for p in found) else ""
+    keep = "give this run its own folder with --work-dir DIR"
+    if any(p.suffix == ".pth" for p in found):
+        keep = f"continue it with --resume, or {keep}"
     raise RunDirError(
-        f"{work_dir} already holds a run ({names}); nothing was changed. To keep it, "
-        f"{resume_hint}or give this run its own folder with --work-dir DIR; to delete that run's "
-        "outputs and start again in the same folder, pass --overwrite."
+        f"{work_dir} already holds a run ({names}); nothing was changed. To keep it, {keep}; to "
+        "delete that run's outputs and start again in the same folder, pass --overwrite."
     )

@@ -309,9 +309,18 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                 names = []
                 if val_loader is not None and (  # None when train.eval_interval is 0
                         run.epoch % cfg.train.eval_interval == 0 or last_epoch):
-                    metrics = evaluate(ema.module if ema is not None else model, val_loader,
-                                       device, dtype,
-                                       keep_coco_eval=cfg.train.report and last_epoch)
+                    try:
+                        metrics, failure = evaluate(
+                            ema.module if ema is not None else model, val_loader, device, dtype,
+                            keep_coco_eval=cfg.train.report and last_epoch), None
+                    except Exception as err:  # e.g. a scorer's error: first keep the epoch
+                        metrics, failure = {}, err
+                    if any(all_gather_objects(failure is not None)):
+                        checkpoint(["last.pth"])
+                        log.error("the evaluation after epoch %d failed; last.pth holds the "
+                                  "epoch's training: fix the cause, then continue with --resume "
+                                  "(tools/eval.py last.pth scores it)", run.epoch)
+                        raise failure or RuntimeError("the evaluation failed on another process")
                     metrics.pop("detections", None)
                     final_eval = metrics.pop("coco_eval", None)
                     if is_main_process():
