@@ -223,8 +223,11 @@ def test_overwrite_removes_the_earlier_runs_report_and_keeps_other_folders(tmp_p
     (tmp_path / "report" / "index.html").write_text("old report")
     (tmp_path / "exports").mkdir()
     (tmp_path / "exports" / "model.onnx").write_text("mine")
+    (tmp_path / "last.pth.metrics.json").write_text("{}")  # tools/eval.py's, of the old last.pth
+    (tmp_path / "notes.metrics.json").write_text("mine")
     removed = remove_run_outputs(tmp_path)
-    assert removed == [tmp_path / "report"] and not (tmp_path / "report").exists()
+    assert removed == [tmp_path / "last.pth.metrics.json", tmp_path / "report"]
+    assert not (tmp_path / "report").exists() and (tmp_path / "notes.metrics.json").exists()
     assert (tmp_path / "exports" / "model.onnx").read_text() == "mine"
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 _CHECKPOINTS = ("epoch_*.pth", "last.pth", "best.pth")  # other .pth files (exports, a user's) stay
 # The dataset check's cache (gfldet.data.checks), one JSON file per split.
 CHECK_CACHE_DIR = "dataset_check"
-RUN_OUTPUTS = (*_CHECKPOINTS, "scalars.jsonl", "train.log", "config.yaml", "metrics_epoch_*.json",
-               "tb", CHECK_CACHE_DIR, "report")
+# tools/eval.py's metrics of a checkpoint (CHECKPOINT.metrics.json) go with the checkpoint.
+RUN_OUTPUTS = (*_CHECKPOINTS, *(f"{c}.metrics.json" for c in _CHECKPOINTS), "scalars.jsonl",
+               "train.log", "config.yaml", "metrics_epoch_*.json", "tb", CHECK_CACHE_DIR, "report")
 # Signs that a run trained here: a checkpoint, a logged step, or an evaluation.
 _RUN_EVIDENCE = (*_CHECKPOINTS, "scalars.jsonl", "metrics_epoch_*.json")
 # Temporary files of `save_checkpoint` (".NAME.XXXX.tmp") and of `publish_weights`.
