@@ -60,6 +60,8 @@ GRAPH_INPUTS = ("images", "image_sizes", "orig_sizes")
 RAW_OUTPUTS = ("boxes", "scores")
 NMS_OUTPUTS = ("boxes", "scores", "labels", "num_dets")
 DEFAULT_OPSET = 17
+# pyproject's "export" extra: onnx to write ONNX graphs, onnxruntime to run (and verify) them.
+INSTALL_EXPORT = 'pip install onnx onnxruntime (gfldet\'s extra: pip install -e ".[export]")'
 
 # (images, targets with image_size, orig_size), as prepare_batch
 Batch = tuple[Tensor, list[dict[str, Any]]]
@@ -198,22 +200,24 @@ def export_onnx(model: GFL, path: str | Path, example: Mapping[str, Tensor | np.
     dynamic: batch, height and width are free axes; otherwise the graph accepts exactly
     `example`'s shapes. NMS needs opset >= 11 (ONNX NonMaxSuppression).
     """
+    # torch raises its own OnnxExporterError without onnx, after tracing; say what to install.
+    if importlib.util.find_spec("onnx") is None:
+        raise ImportError(f"ONNX export needs the onnx package: {INSTALL_EXPORT}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = NMS_OUTPUTS if nms else RAW_OUTPUTS
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
             "orig_sizes": {0: "batch"}}
     axes |= {name: {0: "batch"} if nms else {0: "batch", 1: "priors"} for name in names}
-    with _tracing():
+    with _tracing(model):
         torch.onnx.export(
             export_module(model, nms, settings), _example_args(example), str(path), dynamo=False,
             opset_version=opset, input_names=list(GRAPH_INPUTS), output_names=list(names),
             dynamic_axes=axes if dynamic else None,
         )
-    if importlib.util.find_spec("onnx"):  # the check is a bonus; verification is the real test
-        import onnx
+    import onnx
 
-        onnx.checker.check_model(str(path))
+    onnx.checker.check_model(str(path))  # a bonus; the verification is the real test
     return path
 
 
@@ -228,10 +232,10 @@ def export_torchscript(model: GFL, path: str | Path, example: Mapping[str, Tenso
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _tracing():
+    with _tracing(model):
         wrapper = export_module(model, nms, settings)
         traced = torch.jit.trace(wrapper, _example_args(example), check_trace=False)
-    traced.save(str(path))
+        traced.save(str(path))  # while the (shared) parameters do not require grad
     return path
 
 
@@ -240,13 +244,21 @@ def _example_args(example: Mapping[str, Tensor | np.ndarray]) -> tuple[Tensor, .
 
 
 @contextmanager
-def _tracing() -> Iterator[None]:
+def _tracing(model: nn.Module) -> Iterator[None]:
+    # Parameters are traced (and saved) without requires_grad, else a loaded TorchScript file's
+    # outputs require grad and `.numpy()` fails on them; the model's own flags are restored.
+    flags = [p.requires_grad for p in model.parameters()]
     # Tracing warns about Python ints taken from sizes (stride bookkeeping); the graph is
     # checked against evaluation at other sizes by the verification instead.
-    with torch.no_grad(), warnings.catch_warnings():
-        for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
-            warnings.simplefilter("ignore", category)
-        yield
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
+                warnings.simplefilter("ignore", category)
+            model.requires_grad_(False)
+            yield
+    finally:
+        for param, flag in zip(model.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------- runners
@@ -261,7 +273,7 @@ def onnx_runner(path: str | Path) -> Runner:
         import onnxruntime as ort
     except ImportError as err:
         raise ImportError(
-            "onnxruntime is needed to run or verify ONNX exports: pip install -e \".[export]\""
+            f"onnxruntime is needed to run or verify ONNX exports: {INSTALL_EXPORT}"
         ) from err
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
@@ -414,7 +426,8 @@ def _compare_detections(image: int, ref: Mapping[str, Any], got: Mapping[str, An
 
 
 def publish_weights(checkpoint: str | Path, cfg: Config, out: str | Path, use_ema: bool = True,
-                    hash_chars: int = 8) -> tuple[Path, Path]:
+                    hash_chars: int = 8,
+                    state: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write an inference-only copy of a checkpoint, named by its SHA-256 (MMDetection's publish).
 
     Keeps the model weights (the EMA weights when the run kept an EMA and `use_ema`), the
@@ -423,10 +436,11 @@ def publish_weights(checkpoint: str | Path, cfg: Config, out: str | Path, use_em
     `cfg` first, so a file that would not load is never published.
 
     out: "DIR/NAME.pth" -> writes DIR/NAME-<sha256[:8]>.pth and DIR/NAME-<sha256[:8]>.yaml
-    (the config, beside it). Returns both paths.
+    (the config, beside it). Returns both paths. state: the checkpoint already loaded
+    (`load_checkpoint`), so that it is not read (and its notes logged) a second time.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint) if state is None else state
     model = load_inference_model(cfg, state, checkpoint, use_ema)
     published = {
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},

@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_in_process, to_format_1
 
 from gfldet.config import config_from_dict, config_to_dict, load_config
 from gfldet.data.synthetic import SynthParams, render_image
@@ -414,3 +417,200 @@ def test_readme_onnx_recipe_gives_detectors_detections(tmp_path, scenes, monkeyp
     assert len(ref["scores"]) > 10
     got = {k: namespace[k] for k in ("boxes", "scores", "labels")}
     assert_same_detections([got], [ref])
+
+
+# --------------------------------------------------------------------------- CLI: what --out means,
+# options that do nothing, unreadable verification images, unverified exports
+
+EXPORT = ROOT / "tools" / "export.py"
+
+
+def export_cli(*args: str):
+    """tools/export.py ARGS in this process; a traceback fails the test (run_in_process)."""
+    return run_in_process(EXPORT, *map(str, args), check=False)
+
+
+def jit_load(path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+        return torch.jit.load(str(path))
+
+
+def files_under(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny training checkpoint, tmp_path/run/last.pth."""
+    (tmp_path / "run").mkdir()
+    training_checkpoint(tmp_path / "run" / "last.pth", with_ema=False)
+    return tmp_path / "run" / "last.pth"
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "weights"])
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+def test_out_that_is_the_input_checkpoint_is_refused(checkpoint, fmt, spelling):
+    """Even with --overwrite: the training checkpoint (optimizer, EMA) must never be replaced."""
+    run = checkpoint.parent
+    out = {"same": checkpoint, "dotdot": run / ".." / "run" / "last.pth",
+           "symlink": run / "link.pth", "hardlink": run / "hard.pth"}[spelling]
+    if spelling == "symlink":
+        out.symlink_to(checkpoint)
+    elif spelling == "hardlink":
+        out.hardlink_to(checkpoint)
+    before = checkpoint.read_bytes()
+    listing = files_under(run)
+    proc = export_cli(checkpoint, "--format", fmt, "--out", out, "--overwrite")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"--out {out} is the input checkpoint {checkpoint} itself" in proc.stderr
+    assert checkpoint.read_bytes() == before and files_under(run) == listing
+
+
+def test_out_that_is_the_input_config_is_refused_and_weights_default_name_is_not(checkpoint):
+    run = checkpoint.parent
+    config = run / "tiny.yaml"
+    config.write_text(json.dumps(config_to_dict(tiny_config())))
+    proc = export_cli(config, checkpoint, "--format", "torchscript", "--out", config, "--overwrite")
+    assert proc.returncode == 2 and f"--out {config} is the input config {config} itself" in (
+        proc.stderr)
+    # weights' default NAME.pth (the run folder's name) only prefixes the hashed file names
+    renamed = checkpoint.rename(run / "run.pth")
+    proc = export_cli(renamed, "--format", "weights")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(run.glob("run-*.pth"))) == 1 and renamed.is_file()
+
+
+def test_weights_out_is_a_folder_or_a_name_pth(checkpoint, tmp_path):
+    """--format weights: an existing folder (or a path ending in /) receives RUN-<hash>.pth and
+    .yaml; DIR/NAME.pth gives DIR/NAME-<hash>.*; anything else is refused, nothing written."""
+    (tmp_path / "exp").mkdir()
+    listing = files_under(tmp_path)
+    proc = export_cli(checkpoint, "--format", "weights", "--out", tmp_path / "exp" / "m.onnx")
+    assert proc.returncode == 2 and "for --format weights, --out is a folder" in proc.stderr
+    assert "or DIR/NAME.pth to write DIR/NAME-<sha256[:8]>.pth" in proc.stderr
+    assert files_under(tmp_path) == listing
+
+    assert export_cli(checkpoint, "--format", "weights", "--out", tmp_path / "exp").returncode == 0
+    (weights,) = (tmp_path / "exp").glob("*.pth")
+    assert weights.name.startswith("run-") and weights.with_suffix(".yaml").is_file()
+    assert files_under(tmp_path) == listing | {f"exp/{weights.name}", f"exp/{weights.stem}.yaml"}
+
+    proc = export_cli(checkpoint, "--format", "weights", "--out", f"{tmp_path}/new/")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(files_under(tmp_path / "new")) == [weights.name, f"{weights.stem}.yaml"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_graph_out_that_is_a_folder_is_refused(checkpoint, tmp_path, overwrite):
+    (tmp_path / "d").mkdir()
+    proc = export_cli(checkpoint, "--format", "torchscript", "--out", tmp_path / "d", *overwrite)
+    assert proc.returncode == 2
+    assert f"--out {tmp_path / 'd'} is a folder; give a file name" in proc.stderr
+    assert not any((tmp_path / "d").iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-verify", "0"], "argument --num-verify: 0 is not >= 1"),
+    (["--num-verify", "-2"], "argument --num-verify: -2 is not >= 1"),
+    (["--score-thr", "0.5"], "--score-thr does nothing without --nms"),
+    (["--nms", "--score-thr", "1.5"], "argument --score-thr: 1.5 is outside [0, 1]"),
+    (["--nms", "--score-thr", "-0.1"], "argument --score-thr: -0.1 is outside [0, 1]"),
+    (["--dynamic"], "--dynamic does nothing with torchscript"),
+    (["--shape", "128", "128"], "--shape does nothing with torchscript or --dynamic"),
+    (["--format", "onnx", "--dynamic", "--shape", "128", "128"], "--shape does nothing"),
+    (["--format", "weights", "--nms", "--num-verify", "2"],
+     "--nms, --num-verify: only for --format onnx or torchscript"),
+])
+def test_options_that_would_do_nothing_are_refused(checkpoint, tmp_path, args, message):
+    """--format torchscript unless the case says otherwise (argparse takes the last)."""
+    proc = export_cli(checkpoint, "--format", "torchscript", "--out", tmp_path / "m.pt", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt").exists()
+
+
+def test_unreadable_verification_images_are_skipped_and_named(checkpoint, tmp_path, scenes):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a_empty.png").write_bytes(b"")
+    (images / "b_fake.jpg").write_text("x")
+    out = tmp_path / "m.pt"
+    proc = export_cli(checkpoint, "--format", "torchscript", "--out", out,
+                      "--verify-images", images, "--num-verify", "2")
+    assert proc.returncode == 2 and not out.exists()
+    assert f"none of the 2 file(s) of {images} could be read" in proc.stderr
+    assert f"{images / 'a_empty.png'}: UnidentifiedImageError" in proc.stderr
+    assert f"{images / 'b_fake.jpg'}: UnidentifiedImageError" in proc.stderr
+
+    Image.fromarray(scenes[0]).save(images / "c_good.png")
+    proc = export_cli(checkpoint, "--format", "torchscript", "--out", out,
+                      "--verify-images", images, "--num-verify", "2")
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
+    assert f"skipped 2 file(s) of {images} that could not be read" in proc.stderr
+    assert "a_empty.png" in proc.stderr and "b_fake.jpg" in proc.stderr
+    assert "on 2 input(s)" in proc.stdout  # the one readable image alone and in a pair
+
+
+def test_onnx_export_without_the_onnx_package_says_what_to_install(checkpoint, tmp_path,
+                                                                    monkeypatch, model):
+    """torch raises its OnnxExporterError (not an ImportError) when onnx is missing."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx fails, find_spec gives None
+    out = tmp_path / "m.onnx"
+    proc = export_cli(checkpoint, "--format", "onnx", "--dynamic", "--out", out)
+    assert proc.returncode == 2 and "ONNX export needs onnx, not installed here" in proc.stderr
+    assert "pip install onnx" in proc.stderr and files_under(tmp_path) == {"run", "run/last.pth"}
+    example = graph_inputs([np.zeros((64, 64, 3), np.uint8)], tiny_config())
+    with pytest.raises(ImportError, match="needs the onnx package: pip install onnx"):
+        export_onnx(model, out, example)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_export_that_fails_verification_is_kept_as_unverified(checkpoint, tmp_path, monkeypatch,
+                                                              existing):
+    """OUT appears only once verified; a failed one is OUT.unverified, and an OUT replaced with
+    --overwrite is left as it was."""
+    from gfldet import export
+
+    def fails(*args, **kwargs):
+        raise ExportVerificationError("torchscript export does not match evaluation: (forced)")
+
+    monkeypatch.setattr(export, "verify", fails)
+    tool = load_tool("export")  # imports verify from the patched module
+    out = tmp_path / "m.pt"
+    if existing:
+        out.write_text("an earlier export")
+    code = tool.main([str(checkpoint), "--format", "torchscript", "--out", str(out),
+                      "--overwrite", "--num-verify", "1"])
+    assert code == 1
+    unverified = tmp_path / "m.pt.unverified"
+    assert unverified.is_file() and jit_load(unverified) is not None
+    assert files_under(tmp_path) == {"run", "run/last.pth", "m.pt.unverified"} | (
+        {"m.pt"} if existing else set())  # no temporary file left behind
+    assert not existing or out.read_text() == "an earlier export"
+
+
+def test_loaded_torchscript_outputs_do_not_require_grad(graphs, graph_folder, model, expected):
+    """The README's TorchScript call, outside torch.no_grad: the outputs convert to numpy."""
+    batch, targets, _ = expected["single0"]
+    feeds = feeds_from_batch(batch, targets)
+    for kind in ("raw", "nms"):
+        outputs = jit_load(graph_folder / f"{kind}.pt")(*feeds.values())
+        assert not any(o.requires_grad for o in outputs)
+        assert outputs[0].numpy().shape[0] == 1
+    assert all(p.requires_grad for p in model.parameters())  # the model's own flags are restored
+
+
+def test_weights_export_logs_the_model_format_note_once(tmp_path, caplog):
+    """A model format 1 checkpoint: the key-map note once, not again when publishing."""
+    training_checkpoint(tmp_path / "old.pth", with_ema=False)
+    state = load_checkpoint(tmp_path / "old.pth")
+    state["model"] = to_format_1(state["model"])
+    state.pop("model_format", None)
+    save_checkpoint(state, tmp_path / "old.pth")
+    with caplog.at_level(logging.WARNING):
+        proc = export_cli(tmp_path / "old.pth", "--format", "weights", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    notes = [r for r in caplog.records if "model format 1" in r.getMessage()]
+    assert len(notes) == 1, [r.getMessage() for r in notes]
