@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,21 +173,66 @@ def test_numpy_rng_state_raw_is_refused_but_captured_is_not(tmp_path: Path) -> N
     assert "numpy" in load_checkpoint(ok)["rng"]
 
 
-@pytest.mark.parametrize("damage", ["half", "head", "empty", "garbage"])
+@pytest.mark.parametrize("damage", ["half", "head", "empty", "legacy_half", "garbage"])
 def test_corrupt_file_raises_checkpoint_error(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "last.pth"
     save_checkpoint(_state(1), path)
     data = path.read_bytes()
+    legacy = io.BytesIO()
+    torch.save(_state(1), legacy, _use_new_zipfile_serialization=False)
     damaged = {
         "half": data[: len(data) // 2],
         "head": data[:100],
         "empty": b"",
+        "legacy_half": legacy.getvalue()[: len(legacy.getvalue()) // 2],
         "garbage": bytes(random.Random(0).randrange(256) for _ in range(4096)),
     }[damage]
     path.write_bytes(damaged)
-    with pytest.raises(CheckpointError, match="incomplete or corrupt") as exc:
+    # Bytes that begin as no torch.save file does are named as such (finding 17), not as a
+    # checkpoint whose write was interrupted.
+    expected = ("not a PyTorch checkpoint" if damage == "garbage"
+                else r"incomplete or corrupt \(was the write interrupted\?\)")
+    with pytest.raises(CheckpointError, match=expected) as exc:
         load_checkpoint(path)
     assert str(path) in str(exc.value)
+
+
+def _jpeg_bytes() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["text", "jpeg", "npy"])
+def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.pth"
+    if kind == "npy":
+        np.save(tmp_path / "a.npy", np.zeros(3))
+        path.write_bytes((tmp_path / "a.npy").read_bytes())
+    else:
+        path.write_bytes(b"hello\n" if kind == "text" else _jpeg_bytes())
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert f"{path} is not a PyTorch checkpoint (torch.save file)" in msg
+    assert repr(path.read_bytes()[:5])[2:-1] in msg  # what the file begins with
+    assert "incomplete" not in msg and "interrupted" not in msg
+
+
+def test_a_torchscript_archive_is_named_so(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+        torch.jit.trace(nn.Linear(2, 2), torch.zeros(1, 2)).save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "looks like a TorchScript archive" is muted
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(path)
+    msg = str(exc.value)
+    assert f"{path} is a TorchScript archive" in msg and "torch.jit.load" in msg
+    assert "incomplete" not in msg
 
 
 def test_non_dict_payload_rejected(tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write ``state`` to ``path``; a crash mid-write leaves the old file intact."""
     path = Path(path)
+    if path.is_dir():  # else the rename below fails only after the whole file was written
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Temp file in the same directory so os.replace is a same-filesystem atomic rename;
     # the leading dot keeps it out of the epoch_*.pth / last.pth patterns.
@@ -101,6 +103,42 @@ def _scan_pickle_globals(path: Path) -> list[str] | None:
         return None
 
 
+def is_torch_file(path: str | Path) -> bool:
+    """Whether ``path`` begins as torch.save writes a file: a zip archive, or a pickle of protocol
+    2 or later (torch's legacy format, plain pickles). Only the first bytes are read."""
+    try:
+        with Path(path).open("rb") as f:
+            return _torch_header(f.read(4))
+    except OSError:
+        return False
+
+
+def _torch_header(head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                               and 2 <= head[1] <= 5)
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    """The error for a file torch.load could not read, by what its bytes say it is: no torch.save
+    file at all, a TorchScript archive, or one that begins as a checkpoint but is cut short or
+    damaged."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head and not _torch_header(head):
+        return CheckpointError(
+            f"{path} is not a PyTorch checkpoint (torch.save file): it begins with {head!r}. "
+            "Check the path: a checkpoint is a .pth that gfldet (or MMDetection) wrote.")
+    with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
+        if any(n.endswith("/constants.pkl") for n in archive.namelist()):
+            return CheckpointError(
+                f"{path} is a TorchScript archive (torch.jit.save, tools/export.py --format "
+                "torchscript), not a checkpoint: run it with torch.jit.load, and give gfldet's "
+                "tools the .pth it was exported from.")
+    return CheckpointError(
+        f"checkpoint {path} is incomplete or corrupt (was the write interrupted?): "
+        f"{type(err).__name__}: {_short_reason(err)}")
+
+
 def find_checkpoint_file(path: str | Path) -> Path:
     """``path`` if it is a file; else FileNotFoundError naming it and the checkpoints beside it."""
     path = Path(path)
@@ -123,6 +161,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             # the refusal below, which says all there is to say.
             warnings.filterwarnings("ignore", message="Detected pickle protocol",
                                     category=UserWarning)
+            # Likewise for a TorchScript archive, which `_unreadable` names.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive",
+                                    category=UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # Code execution in a pickle needs an import of a callable (GLOBAL/STACK_GLOBAL): a
@@ -132,8 +173,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         globals_ = _scan_pickle_globals(path)
         msg = str(e).lower()
         if globals_ is None and not ("weights only load failed" in msg and "global" in msg):
-            raise CheckpointError(
-                f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}") from e
+            raise _unreadable(path, e) from e
         # (A legacy-format file's scan sees only its first record, so it may name nothing.)
         foreign = [g for g in globals_ or [] if not g.startswith(("torch.", "collections."))]
         named = f"It references: {', '.join(dict.fromkeys(foreign[:5]))}. " if foreign else ""
@@ -144,10 +184,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"state dict in a trusted environment. ({_short_reason(e)})") from e
     except Exception as e:
         # Truncated zip archives surface as RuntimeError from the stream reader, cut-short
-        # legacy pickles as EOFError, random bytes as decode errors of many kinds.
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete or corrupt (was the write interrupted?): "
-            f"{type(e).__name__}: {_short_reason(e)}") from e
+        # legacy pickles as EOFError, other bytes as decode errors of many kinds.
+        raise _unreadable(path, e) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return _to_current_format(obj, path)
