@@ -466,6 +466,26 @@ def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, v
             assert torch.equal(got, expected)
 
 
+def test_model_format_note_is_logged_once_per_file_and_says_how_to_stop_it(tmp_path, caplog):
+    """Finding 13: the note says what rewrites the file in the current format, and a tool that
+    reads the same file twice (export) logs it once; another old file gets its own note."""
+    from conftest import to_format_1
+
+    state = {"model": to_format_1(_tiny_gfl().state_dict()), "epoch": 1}
+    for name in ("old.pth", "other.pth"):
+        save_checkpoint(state, tmp_path / name)
+    caplog.set_level("WARNING", logger="gfldet")
+    ckpt_mod.log.propagate, before = True, ckpt_mod.log.propagate
+    try:
+        for name in ("old.pth", "old.pth", "other.pth"):
+            assert load_checkpoint(tmp_path / name)["model_format"] == 2
+    finally:
+        ckpt_mod.log.propagate = before
+    notes = [r.getMessage() for r in caplog.records if "model format 1" in r.getMessage()]
+    assert len(notes) == 2 and "old.pth" in notes[0] and "other.pth" in notes[1]
+    assert f"tools/export.py {tmp_path / 'old.pth'} --format weights" in notes[0]
+
+
 def test_current_format_and_plain_checkpoints_load_unchanged_and_unannounced(
     tmp_path, caplog
 ) -> None:

@@ -210,10 +210,20 @@ def _to_current_format(state: dict[str, Any], path: Path) -> dict[str, Any]:
     renamed = [k for k, sd in mapped.items() if list(sd) != list(state[k])]
     if not renamed:
         return state
-    log.warning("%s: model format 1 (gfldet's module names before torchvision's and "
-                "MMDetection's): the keys of its %s are mapped to model format %d",
-                path, " and ".join(renamed), MODEL_FORMAT)
+    # Once per file and process: a tool that reads the file twice (export) says it once.
+    noted = (str(path.resolve()), path.stat().st_mtime_ns)
+    if noted not in _FORMAT_NOTED:
+        _FORMAT_NOTED.add(noted)
+        log.warning("%s: model format 1 (gfldet's module names before torchvision's and "
+                    "MMDetection's): the keys of its %s are mapped to model format %d on every "
+                    "load. To stop this note, `python tools/export.py %s --format weights` "
+                    "writes an inference copy in the current format (config included); keep "
+                    "this file to resume training.", path, " and ".join(renamed), MODEL_FORMAT,
+                    path)
     return {**state, **mapped, "model_format": MODEL_FORMAT}
+
+
+_FORMAT_NOTED: set[tuple[str, int]] = set()  # (file, mtime) whose model-format note was logged
 
 
 _FORMAT_1_RENAMES = [  # (model format 1 pattern, MODEL_FORMAT replacement), for re.sub
