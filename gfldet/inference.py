@@ -117,8 +117,13 @@ def load_inference_model(cfg: Config, state: Mapping[str, Any], source: str | Pa
     """`build_inference_model(cfg)` with the weights of checkpoint `state` (`model_weights`);
     every weight must fit, else a CheckpointError naming `source`."""
     model = build_inference_model(cfg)
+    # Partly loaded weights are no detector: the config, not the weights, is what to change.
+    advice = (f"The config does not describe the model of {source} (its num_classes, reg_max, "
+              "depth or channels differ): drop the override that changes the model "
+              "(--cfg-options, overrides=), or use the checkpoint's own config (no CONFIG "
+              "argument, config=None).")
     load_model_weights(model, model_weights(state, use_ema, str(source)), strict=True,
-                       source=source)
+                       source=source, advice=advice)
     return model
 
 

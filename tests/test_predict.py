@@ -13,6 +13,7 @@ from test_export import load_tool, training_checkpoint
 from gfldet.config import config_to_dict
 from gfldet.data import CocoDetection, build_transforms, collate, normalize_batch
 from gfldet.data.synthetic import CATEGORIES
+from gfldet.engine.checkpoint import CheckpointError
 from gfldet.inference import Detector, draw_detections, to_rgb_array
 
 
@@ -114,3 +115,25 @@ def test_pil_input_is_made_upright_by_its_exif_orientation_like_a_path(tmp_path)
         from_pil = to_rgb_array(pil)
     assert from_path.shape == (40, 20, 3)  # upright: the stored 20x40 turned on its side
     assert np.array_equal(from_pil, from_path)
+
+
+@pytest.mark.parametrize("override", ["model.num_classes=80", "model.head.reg_max=8"])
+def test_a_config_that_does_not_fit_the_weights_says_so_without_training_advice(
+    run, tiny_coco, tmp_path, capsys, override
+):
+    """Finding 7: inference cannot use partly loaded weights, so the error names the mismatch and
+    says to drop the override, not to use training's --load-from."""
+    folder, _ = run
+    checkpoint = folder / "last.pth"
+    with pytest.raises(CheckpointError) as exc:
+        Detector.from_checkpoint(checkpoint, overrides=[override])
+    msg = str(exc.value)
+    assert "head.gfl_" in msg and "--load-from" not in msg and "strict=False" not in msg
+    assert f"does not describe the model of {checkpoint}" in msg and "drop the override" in msg
+
+    out = tmp_path / "out"
+    code = load_tool("predict").main([str(checkpoint), str(tiny_coco["val_images"]), "--out",
+                                      str(out), "--cfg-options", override])
+    err = capsys.readouterr().err
+    assert code == 2 and "drop the override" in err and "--load-from" not in err
+    assert "Traceback" not in err and not out.exists()

@@ -332,10 +332,17 @@ def format_key_list(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
+_LOAD_FROM_ADVICE = (
+    "To load only the matching weights (e.g. fine-tuning with a different number of classes) use "
+    "--load-from, which calls load_model_weights(..., strict=False).")
+
+
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
-                       source: str | Path | None = None) -> dict[str, list[str]]:
+                       source: str | Path | None = None,
+                       advice: str = _LOAD_FROM_ADVICE) -> dict[str, list[str]]:
     """Load ``state_dict`` into ``model`` after checking keys and shapes (``source``: the file
-    it came from, named in the error).
+    it came from, named in the error; ``advice``: the error's last line, by default training's
+    --load-from).
 
     strict=True raises :class:`CheckpointError` on any missing/unexpected/mismatched key.
     strict=False loads only the tensors whose name and shape match and returns a report
@@ -373,9 +380,7 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: 
                 f"  hint: these are model format 1 names (gfldet's before format {MODEL_FORMAT}); "
                 "read the file with load_checkpoint, which maps them, or map them with "
                 "format_1_to_current.")
-        parts.append(
-            "To load only the matching weights (e.g. fine-tuning with a different number of "
-            "classes) use --load-from, which calls load_model_weights(..., strict=False).")
+        parts.append(advice)
         raise CheckpointError("\n".join(parts))
 
     # strict=False here is safe: we already filtered to the exact matching keys/shapes.
