@@ -137,3 +137,43 @@ def test_a_config_that_does_not_fit_the_weights_says_so_without_training_advice(
     err = capsys.readouterr().err
     assert code == 2 and "drop the override" in err and "--load-from" not in err
     assert "Traceback" not in err and not out.exists()
+
+
+_RGB = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("array", "hint"), [
+    (_RGB.astype(np.float32) / 255, "scale to 0..255 and cast to uint8"),
+    (_RGB.astype(np.float32), "cast them to uint8"),
+    (_RGB.transpose(2, 0, 1).copy(), "transpose it to [H, W, C]"),
+    (_RGB[..., 0], "stack it to 3 channels"),
+    (np.dstack([_RGB, _RGB[..., :1]]), "drop the alpha channel"),
+    (_RGB[None], "pass a list of images"),
+])
+def test_a_numpy_image_of_another_form_gets_the_hint_that_fits(array, hint):
+    """Finding 10: each problem gets its own fix; BGR (undetectable, accepted) is not one."""
+    with pytest.raises(ValueError, match="must be uint8 \\[H, W, 3\\] RGB") as exc:
+        to_rgb_array(array)
+    assert hint in str(exc.value) and str(list(array.shape)) in str(exc.value)
+    assert "BGR" not in str(exc.value)
+    assert to_rgb_array(_RGB).shape == (40, 60, 3)  # the accepted form, for contrast
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 10, 3), np.uint8), np.zeros((10, 0, 3), np.uint8),
+                                   Image.new("RGB", (0, 5))])
+def test_an_empty_image_is_a_value_error_naming_it(image):
+    with pytest.raises(ValueError, match=r"is empty: shape \[.*\] has no pixels"):
+        to_rgb_array(image)
+
+
+def test_detector_on_cuda_without_cuda_is_a_clear_error(run, monkeypatch):
+    """Finding 18: the tools' --device check, for the Python API, before the file is read."""
+    folder, _ = run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available here; use "
+                                         r"device='cpu'"):
+        Detector.from_checkpoint(folder / "last.pth", device="cuda")
+    with pytest.raises(ValueError, match="'cuda:1'"):
+        Detector.from_checkpoint(folder / "nonexistent.pth", device="cuda:1")
+    assert Detector.from_checkpoint(folder / "last.pth", device="auto").device.type == "cpu"
