@@ -30,7 +30,12 @@ from torch import Tensor
 from gfldet.config import Config, ConfigError, config_from_dict, load_config
 from gfldet.data import build_transforms, collate, load_image_rgb, normalize_batch, pil_to_rgb_array
 from gfldet.engine.build import build_model, dataset_paths
-from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from gfldet.engine.checkpoint import (
+    CheckpointError,
+    is_torch_file,
+    load_checkpoint,
+    load_model_weights,
+)
 from gfldet.models.detector import GFL
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -80,22 +85,58 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     return config_from_dict(state["config"], f"{source} (stored config)", overrides)
 
 
-def split_config_argument(positionals: Sequence[str],
-                          names: Sequence[str]) -> tuple[str | None, list[str]]:
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def _is_checkpoint(arg: str, by_content: bool = True) -> bool:
+    """A checkpoint by its suffix or, `by_content`, by its first bytes (a torch.save file named
+    otherwise; not for images, since a zip of them begins as one does)."""
+    path = Path(arg)
+    return path.suffix.lower() in CHECKPOINT_SUFFIXES or (
+        by_content and path.is_file() and is_torch_file(path))
+
+
+def split_config_argument(positionals: Sequence[str], names: Sequence[str],
+                          repeat_last: bool = False) -> tuple[str | None, list[str]]:
     """A tool's positional arguments `[CONFIG] NAMES...`: the config is optional (the checkpoint
-    stores one), so one extra leading argument is the config. Returns (config or None, the rest).
-    Raises ValueError with the usage when the count is wrong."""
-    if len(positionals) == len(names):
-        if Path(positionals[0]).suffix.lower() in (".yaml", ".yml"):
-            raise ValueError(f"{positionals[0]} is a YAML config, so expected "
-                             f"{' '.join(['CONFIG', *names])}; "
-                             f"got only {len(positionals)} argument(s)")
-        return None, list(positionals)
-    if len(positionals) == len(names) + 1:
-        return positionals[0], list(positionals[1:])
-    usage = " ".join(["[CONFIG]", *names])
-    raise ValueError(f"expected {usage}, got {len(positionals)} argument(s): "
-                     f"{' '.join(positionals) or '(none)'}")
+    stores one), so one extra leading argument is the config. `repeat_last`: the last name takes
+    one or more arguments (predict's INPUT...), and the config is the first argument when it is
+    a .yaml/.yml or is followed by a checkpoint. Returns (config or None, the rest).
+
+    Raises ValueError with the usage when the count is wrong, or when a checkpoint stands where
+    the config goes (never read as YAML), or, with `repeat_last`, a checkpoint or config among
+    the last name's arguments."""
+    args, count = list(positionals), len(names)
+    usage = " ".join(["[CONFIG]", *names]) + (f" [{names[-1]} ...]" if repeat_last else "")
+    shown = " ".join(args[:6]) + (f" ... ({len(args) - 6} more)" if len(args) > 6 else "")
+    got = f"got {len(args)} argument(s): {shown or '(none)'}"
+    first = args[0] if args else ""
+    is_yaml = Path(first).suffix.lower() in CONFIG_SUFFIXES
+    if repeat_last:
+        followed = len(args) > count and not _is_checkpoint(first) and _is_checkpoint(args[1])
+    else:
+        followed = len(args) == count + 1
+    has_config = is_yaml or followed
+    config, rest = (first, args[1:]) if has_config else (None, args)
+    if config is not None and _is_checkpoint(config):
+        order = ("; the config goes first" if any(Path(a).suffix.lower() in CONFIG_SUFFIXES
+                                                  for a in rest) else "")
+        raise ValueError(f"{config} is a checkpoint, not a YAML config: expected {usage}, with "
+                         f"one checkpoint{order}; {got}")
+    if len(rest) < count and is_yaml:
+        raise ValueError(f"{first} is a YAML config, so expected "
+                         f"{' '.join(['CONFIG', *names])}; got only {len(args)} argument(s)")
+    if len(rest) < count or (len(rest) > count and not repeat_last):
+        raise ValueError(f"expected {usage}, {got}")
+    for arg in rest[count - 1:] if repeat_last else ():
+        if _is_checkpoint(arg, by_content=False):
+            raise ValueError(f"{arg} is a checkpoint, given as an {names[-1]}: expected {usage}, "
+                             f"with one checkpoint; {got}")
+        if Path(arg).suffix.lower() in CONFIG_SUFFIXES:
+            raise ValueError(f"{arg} is a YAML config, given as an {names[-1]}: expected {usage}, "
+                             f"the config first; {got}")
+    return config, rest
 
 
 def default_device(device: str = "auto") -> str:

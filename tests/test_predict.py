@@ -14,7 +14,7 @@ from gfldet.config import config_to_dict
 from gfldet.data import CocoDetection, build_transforms, collate, normalize_batch
 from gfldet.data.synthetic import CATEGORIES
 from gfldet.engine.checkpoint import CheckpointError
-from gfldet.inference import Detector, draw_detections, to_rgb_array
+from gfldet.inference import Detector, draw_detections, split_config_argument, to_rgb_array
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,67 @@ def test_detector_on_cuda_without_cuda_is_a_clear_error(run, monkeypatch):
     with pytest.raises(ValueError, match="'cuda:1'"):
         Detector.from_checkpoint(folder / "nonexistent.pth", device="cuda:1")
     assert Detector.from_checkpoint(folder / "last.pth", device="auto").device.type == "cpu"
+
+
+def test_predict_takes_several_inputs_as_an_unquoted_glob_gives_them(run, tiny_coco, tmp_path,
+                                                                     capsys):
+    """Finding 6: every argument after the checkpoint is an INPUT (files, folders, globs), with
+    or without a CONFIG first; an image named twice is predicted once."""
+    folder, config_path = run
+    images = sorted(tiny_coco["val_images"].glob("*.jpg"))
+    assert len(images) >= 3
+    predict = load_tool("predict")
+    two = [str(p) for p in images[:2]]  # what the shell passes for an unquoted glob
+    assert predict.main([str(folder / "last.pth"), *two, "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.stem for p in (tmp_path / "a").glob("*.json")) == [p.stem for p in images[:2]]
+    assert "2 image(s)" in capsys.readouterr().out
+
+    every = [str(config_path), str(folder / "last.pth"), *two, str(tiny_coco["val_images"])]
+    assert predict.main([*every, "--out", str(tmp_path / "b")]) == 0
+    assert len(list((tmp_path / "b").glob("*.json"))) == len(images)  # no NAME_1 duplicates
+    assert f"{len(images)} image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("misplaced", ["checkpoint_twice", "config_among_inputs"])
+def test_predict_refuses_a_checkpoint_or_config_among_the_inputs(run, tiny_coco, tmp_path,
+                                                                  capsys, misplaced):
+    folder, config_path = run
+    checkpoint, image = str(folder / "last.pth"), str(next(tiny_coco["val_images"].glob("*.jpg")))
+    extra = checkpoint if misplaced == "checkpoint_twice" else str(config_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("predict").main([checkpoint, extra, image, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    kind = "a checkpoint" if misplaced == "checkpoint_twice" else "a YAML config"
+    assert exit_info.value.code == 2 and f"{extra} is {kind}, given as an INPUT" in err
+    assert "[CONFIG] CHECKPOINT INPUT [INPUT ...]" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_where_the_config_goes_is_never_read_as_yaml(run, tmp_path):
+    """Finding 6: `export.py A.pth B.pth` (fixed count) and a torch.save file without a .pth
+    name are called checkpoints, not decoded as YAML."""
+    folder, _ = run
+    checkpoint = folder / "last.pth"
+    with pytest.raises(ValueError, match=r"last.pth is a checkpoint, not a YAML config: "
+                                         r"expected \[CONFIG\] CHECKPOINT, with one checkpoint"):
+        split_config_argument([str(checkpoint), str(checkpoint)], ["CHECKPOINT"])
+    renamed = tmp_path / "weights"  # no suffix: told by its first bytes
+    renamed.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(ValueError, match="weights is a checkpoint, not a YAML config"):
+        split_config_argument([str(renamed), str(checkpoint)], ["CHECKPOINT"])
+    # Existing invocations keep their meaning.
+    assert split_config_argument(["c.yaml", str(checkpoint)], ["CHECKPOINT"]) == (
+        "c.yaml", [str(checkpoint)])
+    assert split_config_argument(["c.txt", str(checkpoint), "img.jpg"], ["CHECKPOINT", "INPUT"],
+                                 repeat_last=True) == ("c.txt", [str(checkpoint), "img.jpg"])
+    assert split_config_argument([str(checkpoint), "a.jpg", "b.jpg"], ["CHECKPOINT", "INPUT"],
+                                 repeat_last=True) == (None, [str(checkpoint), "a.jpg", "b.jpg"])
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_predict_score_thr_outside_0_1_is_an_argparse_error(value, capsys):
+    """Finding 15: scores lie in [0, 1]; 1.5 used to give 0 detections without a word."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("predict").main(["any.pth", "any.jpg", "--score-thr", value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--score-thr: {value} is outside 0..1" in err
