@@ -514,3 +514,12 @@ def test_format_1_state_dict_given_directly_gets_a_hint() -> None:
     model = _tiny_gfl()
     with pytest.raises(CheckpointError, match=r"model format 1 names .*load_checkpoint"):
         load_model_weights(model, to_format_1(model.state_dict()))
+
+
+def test_save_checkpoint_refuses_a_folder_before_writing(tmp_path: Path) -> None:
+    """Finding 9: the rename onto a folder used to fail only after the whole file was written."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="d is a folder; give a file name"):
+        save_checkpoint(_state(1), folder)
+    assert not list(folder.iterdir()) and not _tmp_leftovers(tmp_path)
