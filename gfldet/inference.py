@@ -91,7 +91,7 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 
 def _is_checkpoint(arg: str, by_content: bool = True) -> bool:
     """A checkpoint by its suffix or, `by_content`, by its first bytes (a torch.save file named
-    otherwise; not for images, since a zip of them begins as one does)."""
+    otherwise; off for INPUTs, where a zip of images would begin as one does)."""
     path = Path(arg)
     return path.suffix.lower() in CHECKPOINT_SUFFIXES or (
         by_content and path.is_file() and is_torch_file(path))

@@ -122,7 +122,8 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
     """The error for a file torch.load could not read, by what its bytes say it is: no torch.save
     file at all, a TorchScript archive, or one that begins as a checkpoint but is cut short or
     damaged."""
-    with path.open("rb") as f:
+    head = b""
+    with contextlib.suppress(OSError), path.open("rb") as f:  # unreadable: torch's error says why
         head = f.read(16)
     if head and not _torch_header(head):
         return CheckpointError(
