@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from gfldet.config import Config, DGQPConfig, config_to_dict
+from gfldet.engine.build import dataset_paths
 from gfldet.engine.checkpoint import MODEL_FORMAT, format_key_list, load_checkpoint, save_checkpoint
 
 _DEPTHS = {  # (blocks per stage, bottleneck) -> ResNet depth
@@ -59,6 +60,7 @@ class ConversionReport:
     dropped: list[str] = field(default_factory=list)  # MMDetection keys left out on purpose
     filled: list[str] = field(default_factory=list)  # num_batches_tracked absent, set to 0
     sliced: list[str] = field(default_factory=list)  # GFLv2's background class channel, cut
+    class_names: str = ""  # one line: the names stored, where from; or what detections are named
 
 
 # --------------------------------------------------------------------------- reading
@@ -68,6 +70,13 @@ def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str
     """(state dict, meta) of an MMDetection checkpoint ({"state_dict": ..., "meta": ...} or a bare
     state dict), loaded with weights_only=True; a "module." prefix (DataParallel) is removed."""
     state = load_checkpoint(path)
+    if "model_format" in state or (isinstance(state.get("model"), Mapping)
+                                   and isinstance(state.get("config"), Mapping)):
+        raise ConversionError(
+            f"{path} is already a gfldet checkpoint (model format "
+            f"{state.get('model_format', 1)}, with 'model' and 'config'): use it directly with "
+            "tools/predict.py, tools/eval.py, tools/export.py or Detector.from_checkpoint. "
+            "convert_mmdet reads MMDetection's files ('state_dict' and 'meta').")
     weights = state.get("state_dict", state)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
     tensors = {k: v for k, v in weights.items() if isinstance(v, Tensor)}
@@ -80,10 +89,33 @@ def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str
 
 def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
     """Class names from MMDetection 2.x (`meta.CLASSES`) or 3.x (`meta.dataset_meta.classes`)."""
-    names = meta.get("CLASSES")
-    if names is None and isinstance(meta.get("dataset_meta"), dict):
-        names = meta["dataset_meta"].get("classes")
-    return [str(n) for n in names] if names else None
+    return _class_names_and_key(meta)[0]
+
+
+def _class_names_and_key(meta: Mapping[str, Any]) -> tuple[list[str] | None, str]:
+    """(`mmdet_class_names`, the meta key they came from, "" when none)."""
+    if names := meta.get("CLASSES"):
+        return [str(n) for n in names], "meta.CLASSES"
+    dataset_meta = meta.get("dataset_meta")
+    if isinstance(dataset_meta, dict) and (names := dataset_meta.get("classes")):
+        return [str(n) for n in names], "meta.dataset_meta.classes"
+    return None, ""
+
+
+def class_names_line(names: list[str] | None, key: str, cfg: Config, src: str | Path) -> str:
+    """What a conversion did about class names, in one line: how many from which meta key, or
+    (none, or a count that differs from the model's) what detections will be named and how to
+    give names. The fallback is `gfldet.inference.class_names_for`'s, at load time."""
+    num = cfg.model.num_classes
+    if names is not None and len(names) == num:
+        shown = ", ".join(names[:3]) + (", ..." if num > 3 else "")
+        return f"class names: {num} from {key} ({shown})"
+    found = (f"{key} has {len(names)} for {num} classes, none stored" if names is not None
+             else f"none in {src} (no meta.CLASSES or meta.dataset_meta.classes)")
+    ann = dataset_paths(cfg.data, "val", generate=False).annotations
+    return (f"class names: {found}; detections will be named class_0 .. class_{num - 1} unless "
+            f"the config's data.val annotations ({ann}) list {num} categories (give such a "
+            "config with --config, or as CONFIG to predict and eval)")
 
 
 def infer_model_settings(state: Mapping[str, Tensor],
@@ -282,13 +314,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path,
 
     src, dst = Path(src), Path(dst)
     mmdet_state, meta = read_mmdet_checkpoint(src)
-    names = mmdet_class_names(meta)
+    names, names_key = _class_names_and_key(meta)
     cfg = config or config_from_settings(infer_model_settings(mmdet_state, names))
     model = build_inference_model(cfg)
     mmdet_state, sliced = extra_class_channel(mmdet_state, cfg.model.num_classes)
     converted, report = convert_state_dict(mmdet_state, model.state_dict(), cfg.model.head.reg_max)
     report.sliced = sliced
     model.load_state_dict(converted, strict=True)  # cannot fail after the checks; a last guard
+    report.class_names = class_names_line(names, names_key, cfg, src)
     if names is not None and len(names) != cfg.model.num_classes:
         names = None
     meta = {"class_names": names, "source": src.name,

@@ -30,7 +30,12 @@ from torch import Tensor
 from gfldet.config import Config, ConfigError, config_from_dict, load_config
 from gfldet.data import build_transforms, collate, load_image_rgb, normalize_batch, pil_to_rgb_array
 from gfldet.engine.build import build_model, dataset_paths
-from gfldet.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from gfldet.engine.checkpoint import (
+    CheckpointError,
+    is_torch_file,
+    load_checkpoint,
+    load_model_weights,
+)
 from gfldet.models.detector import GFL
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -80,22 +85,58 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     return config_from_dict(state["config"], f"{source} (stored config)", overrides)
 
 
-def split_config_argument(positionals: Sequence[str],
-                          names: Sequence[str]) -> tuple[str | None, list[str]]:
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def _is_checkpoint(arg: str, by_content: bool = True) -> bool:
+    """A checkpoint by its suffix or, `by_content`, by its first bytes (a torch.save file named
+    otherwise; off for INPUTs, where a zip of images would begin as one does)."""
+    path = Path(arg)
+    return path.suffix.lower() in CHECKPOINT_SUFFIXES or (
+        by_content and path.is_file() and is_torch_file(path))
+
+
+def split_config_argument(positionals: Sequence[str], names: Sequence[str],
+                          repeat_last: bool = False) -> tuple[str | None, list[str]]:
     """A tool's positional arguments `[CONFIG] NAMES...`: the config is optional (the checkpoint
-    stores one), so one extra leading argument is the config. Returns (config or None, the rest).
-    Raises ValueError with the usage when the count is wrong."""
-    if len(positionals) == len(names):
-        if Path(positionals[0]).suffix.lower() in (".yaml", ".yml"):
-            raise ValueError(f"{positionals[0]} is a YAML config, so expected "
-                             f"{' '.join(['CONFIG', *names])}; "
-                             f"got only {len(positionals)} argument(s)")
-        return None, list(positionals)
-    if len(positionals) == len(names) + 1:
-        return positionals[0], list(positionals[1:])
-    usage = " ".join(["[CONFIG]", *names])
-    raise ValueError(f"expected {usage}, got {len(positionals)} argument(s): "
-                     f"{' '.join(positionals) or '(none)'}")
+    stores one), so one extra leading argument is the config. `repeat_last`: the last name takes
+    one or more arguments (predict's INPUT...), and the config is the first argument when it is
+    a .yaml/.yml or is followed by a checkpoint. Returns (config or None, the rest).
+
+    Raises ValueError with the usage when the count is wrong, or when a checkpoint stands where
+    the config goes (never read as YAML), or, with `repeat_last`, a checkpoint or config among
+    the last name's arguments."""
+    args, count = list(positionals), len(names)
+    usage = " ".join(["[CONFIG]", *names]) + (f" [{names[-1]} ...]" if repeat_last else "")
+    shown = " ".join(args[:6]) + (f" ... ({len(args) - 6} more)" if len(args) > 6 else "")
+    got = f"got {len(args)} argument(s): {shown or '(none)'}"
+    first = args[0] if args else ""
+    is_yaml = Path(first).suffix.lower() in CONFIG_SUFFIXES
+    if repeat_last:
+        followed = len(args) > count and not _is_checkpoint(first) and _is_checkpoint(args[1])
+    else:
+        followed = len(args) == count + 1
+    has_config = is_yaml or followed
+    config, rest = (first, args[1:]) if has_config else (None, args)
+    if config is not None and _is_checkpoint(config):
+        order = ("; the config goes first" if any(Path(a).suffix.lower() in CONFIG_SUFFIXES
+                                                  for a in rest) else "")
+        raise ValueError(f"{config} is a checkpoint, not a YAML config: expected {usage}, with "
+                         f"one checkpoint{order}; {got}")
+    if len(rest) < count and is_yaml:
+        raise ValueError(f"{first} is a YAML config, so expected "
+                         f"{' '.join(['CONFIG', *names])}; got only {len(args)} argument(s)")
+    if len(rest) < count or (len(rest) > count and not repeat_last):
+        raise ValueError(f"expected {usage}, {got}")
+    for arg in rest[count - 1:] if repeat_last else ():
+        if _is_checkpoint(arg, by_content=False):
+            raise ValueError(f"{arg} is a checkpoint, given as an {names[-1]}: expected {usage}, "
+                             f"with one checkpoint; {got}")
+        if Path(arg).suffix.lower() in CONFIG_SUFFIXES:
+            raise ValueError(f"{arg} is a YAML config, given as an {names[-1]}: expected {usage}, "
+                             f"the config first; {got}")
+    return config, rest
 
 
 def default_device(device: str = "auto") -> str:
@@ -103,6 +144,22 @@ def default_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`default_device` as a torch.device; CUDA that is not available here (or a cuda:N beyond
+    its devices) is a ValueError naming it, as the tools' --device check, rather than torch's
+    driver error at the first tensor moved."""
+    dev = torch.device(default_device(device) if isinstance(device, str) else device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here; "
+                             "use device='cpu' (or 'auto': CUDA when available)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    return dev
 
 
 def build_inference_model(cfg: Config) -> GFL:
@@ -117,8 +174,13 @@ def load_inference_model(cfg: Config, state: Mapping[str, Any], source: str | Pa
     """`build_inference_model(cfg)` with the weights of checkpoint `state` (`model_weights`);
     every weight must fit, else a CheckpointError naming `source`."""
     model = build_inference_model(cfg)
+    # Partly loaded weights are no detector: the config, not the weights, is what to change.
+    advice = (f"The config does not describe the model of {source} (its num_classes, reg_max, "
+              "depth or channels differ): drop the override that changes the model "
+              "(--cfg-options, overrides=), or use the checkpoint's own config (no CONFIG "
+              "argument, config=None).")
     load_model_weights(model, model_weights(state, use_ema, str(source)), strict=True,
-                       source=source)
+                       source=source, advice=advice)
     return model
 
 
@@ -171,28 +233,70 @@ def list_images(source: str | Path) -> list[Path]:
 
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
-    """A path, PIL image or [H, W, 3] uint8 RGB array -> uint8 [H, W, 3] RGB array."""
+    """A path, PIL image or [H, W, 3] uint8 RGB array -> uint8 [H, W, 3] RGB array; a
+    ValueError saying what to change for any other array, and for an image without pixels."""
     if isinstance(image, str | Path):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
-        return load_image_rgb(path)
-    if isinstance(image, Image.Image):
+        array, what = load_image_rgb(path), f"image {path}"
+    elif isinstance(image, Image.Image):
         # As for a path: pixels upright by the EXIF orientation (a no-op without the tag).
-        return pil_to_rgb_array(ImageOps.exif_transpose(image))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"a numpy image must be uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)} "
-                "(convert BGR from cv2 with image[..., ::-1])"
-            )
+        array, what = pil_to_rgb_array(ImageOps.exif_transpose(image)), "the PIL image"
+    elif isinstance(image, np.ndarray):
+        if image.size and (hints := _array_hints(image)):
+            raise ValueError(f"a numpy image must be uint8 [H, W, 3] RGB, got {image.dtype} "
+                             f"{list(image.shape)}: {'; '.join(hints)}")
         # A read-only array (np.asarray of a PIL image, a memory map) would reach torch un-copied
         # when no resize is needed; torch warns about non-writable tensors.
-        return np.ascontiguousarray(image) if image.flags.writeable else image.copy()
-    raise TypeError(
-        "expected an image path, a PIL image or a uint8 [H, W, 3] numpy array, "
-        f"got {type(image).__name__}"
-    )
+        array = np.ascontiguousarray(image) if image.flags.writeable else image.copy()
+        what = "the numpy image"
+    else:
+        raise TypeError(
+            "expected an image path, a PIL image or a uint8 [H, W, 3] numpy array, "
+            f"got {type(image).__name__}"
+        )
+    if array.size == 0:  # the resize would divide by its zero side
+        raise ValueError(f"{what} is empty: shape {list(array.shape)} has no pixels")
+    return array
+
+
+def _array_hints(image: np.ndarray) -> list[str]:
+    """What to change in a non-empty array to make it uint8 [H, W, 3] RGB (none: it is one)."""
+    hints, shape = [], image.shape
+    channels = shape[2] if image.ndim == 3 else 1 if image.ndim == 2 else 3
+    if image.ndim == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+        hints.append("channels first [C, H, W]: transpose it to [H, W, C] with "
+                     "image.transpose(1, 2, 0)")
+        channels = shape[0]
+    elif image.ndim == 4:
+        hints.append("a batch [B, H, W, C]: pass a list of images, list(batch)")
+    elif image.ndim not in (2, 3):
+        hints.append(f"{image.ndim} dimensions: an image has [H, W, 3]")
+    if channels == 1:
+        hints.append("grayscale: stack it to 3 channels with np.stack([image] * 3, axis=-1), or "
+                     "pass a PIL image (Image.fromarray)" if image.ndim == 2 else
+                     "one channel: repeat it to 3 with np.repeat(image, 3, axis=-1)")
+    elif channels == 4:
+        hints.append("4 channels (RGBA): drop the alpha channel with image[..., :3]")
+    elif channels != 3:
+        hints.append(f"{channels} channels: an RGB image has 3")
+    if image.dtype != np.uint8:
+        kind = image.dtype.kind
+        peak = float(np.nanmax(image)) if kind in "fiu" else None
+        if kind == "f" and peak <= 1.0:
+            hints.append("floats in 0..1: scale to 0..255 and cast to uint8, "
+                         "(image * 255).round().astype(np.uint8)")
+        elif peak is not None and peak <= 255:
+            rounded = "image.round()" if kind == "f" else "image"
+            hints.append(f"{image.dtype} values in 0..255: cast them to uint8, "
+                         f"{rounded}.astype(np.uint8)")
+        elif peak is not None:
+            hints.append(f"values up to {peak:g}: scale them to 0..255 (16-bit: image / 257) "
+                         "and cast to uint8")
+        else:
+            hints.append(f"{image.dtype}: convert it to uint8 values 0..255")
+    return hints
 
 
 # --------------------------------------------------------------------------- detector
@@ -229,7 +333,7 @@ class Detector:
     def __init__(self, model: GFL, short_side: int, max_size: int,
                  class_names: Sequence[str] | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 1) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         num_classes = model.num_classes
         self.class_names = list(class_names or [f"class_{i}" for i in range(num_classes)])
@@ -248,9 +352,12 @@ class Detector:
         """Load any gfldet checkpoint (training, exported weights, converted MMDetection).
 
         config: a Config or YAML path; by default the config stored in the checkpoint.
+        device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available); CUDA that is not
+            available here is a ValueError.
         score_thr: keep detections scoring above this (default: the config's model.test.score_thr).
         overrides: ``a.b=c`` items merged onto the YAML or stored config (as --cfg-options).
         """
+        device = resolve_device(device)  # before the checkpoint is read
         state = load_checkpoint(path)
         cfg = config_for_checkpoint(state, config, str(path), overrides)
         model = load_inference_model(cfg, state, path, use_ema)
@@ -289,7 +396,10 @@ class Detector:
         return results
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict | list[dict]:
-        """One image -> one dict; a list or tuple of images -> a list of dicts."""
+        """One image -> one dict; a list or tuple of images -> a list of dicts.
+
+        A numpy image is uint8 [H, W, 3] in RGB order. BGR (cv2.imread) cannot be told apart
+        and would be read as RGB: convert it first with image[..., ::-1]."""
         if isinstance(images, list | tuple):
             return self.predict(images)
         return self.predict([images])[0]

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,21 +173,66 @@ def test_numpy_rng_state_raw_is_refused_but_captured_is_not(tmp_path: Path) -> N
     assert "numpy" in load_checkpoint(ok)["rng"]
 
 
-@pytest.mark.parametrize("damage", ["half", "head", "empty", "garbage"])
+@pytest.mark.parametrize("damage", ["half", "head", "empty", "legacy_half", "garbage"])
 def test_corrupt_file_raises_checkpoint_error(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "last.pth"
     save_checkpoint(_state(1), path)
     data = path.read_bytes()
+    legacy = io.BytesIO()
+    torch.save(_state(1), legacy, _use_new_zipfile_serialization=False)
     damaged = {
         "half": data[: len(data) // 2],
         "head": data[:100],
         "empty": b"",
+        "legacy_half": legacy.getvalue()[: len(legacy.getvalue()) // 2],
         "garbage": bytes(random.Random(0).randrange(256) for _ in range(4096)),
     }[damage]
     path.write_bytes(damaged)
-    with pytest.raises(CheckpointError, match="incomplete or corrupt") as exc:
+    # Bytes that begin as no torch.save file does are named as such (finding 17), not as a
+    # checkpoint whose write was interrupted.
+    expected = ("not a PyTorch checkpoint" if damage == "garbage"
+                else r"incomplete or corrupt \(was the write interrupted\?\)")
+    with pytest.raises(CheckpointError, match=expected) as exc:
         load_checkpoint(path)
     assert str(path) in str(exc.value)
+
+
+def _jpeg_bytes() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["text", "jpeg", "npy"])
+def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.pth"
+    if kind == "npy":
+        np.save(tmp_path / "a.npy", np.zeros(3))
+        path.write_bytes((tmp_path / "a.npy").read_bytes())
+    else:
+        path.write_bytes(b"hello\n" if kind == "text" else _jpeg_bytes())
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert f"{path} is not a PyTorch checkpoint (torch.save file)" in msg
+    assert repr(path.read_bytes()[:5])[2:-1] in msg  # what the file begins with
+    assert "incomplete" not in msg and "interrupted" not in msg
+
+
+def test_a_torchscript_archive_is_named_so(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+        torch.jit.trace(nn.Linear(2, 2), torch.zeros(1, 2)).save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "looks like a TorchScript archive" is muted
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(path)
+    msg = str(exc.value)
+    assert f"{path} is a TorchScript archive" in msg and "torch.jit.load" in msg
+    assert "incomplete" not in msg
 
 
 def test_non_dict_payload_rejected(tmp_path: Path) -> None:
@@ -420,6 +466,26 @@ def test_model_format_1_checkpoint_loads_through_the_key_map(tmp_path, caplog, v
             assert torch.equal(got, expected)
 
 
+def test_model_format_note_is_logged_once_per_file_and_says_how_to_stop_it(tmp_path, caplog):
+    """Finding 13: the note says what rewrites the file in the current format, and a tool that
+    reads the same file twice (export) logs it once; another old file gets its own note."""
+    from conftest import to_format_1
+
+    state = {"model": to_format_1(_tiny_gfl().state_dict()), "epoch": 1}
+    for name in ("old.pth", "other.pth"):
+        save_checkpoint(state, tmp_path / name)
+    caplog.set_level("WARNING", logger="gfldet")
+    ckpt_mod.log.propagate, before = True, ckpt_mod.log.propagate
+    try:
+        for name in ("old.pth", "old.pth", "other.pth"):
+            assert load_checkpoint(tmp_path / name)["model_format"] == 2
+    finally:
+        ckpt_mod.log.propagate = before
+    notes = [r.getMessage() for r in caplog.records if "model format 1" in r.getMessage()]
+    assert len(notes) == 2 and "old.pth" in notes[0] and "other.pth" in notes[1]
+    assert f"tools/export.py {tmp_path / 'old.pth'} --format weights" in notes[0]
+
+
 def test_current_format_and_plain_checkpoints_load_unchanged_and_unannounced(
     tmp_path, caplog
 ) -> None:
@@ -448,3 +514,12 @@ def test_format_1_state_dict_given_directly_gets_a_hint() -> None:
     model = _tiny_gfl()
     with pytest.raises(CheckpointError, match=r"model format 1 names .*load_checkpoint"):
         load_model_weights(model, to_format_1(model.state_dict()))
+
+
+def test_save_checkpoint_refuses_a_folder_before_writing(tmp_path: Path) -> None:
+    """Finding 9: the rename onto a folder used to fail only after the whole file was written."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="d is a folder; give a file name"):
+        save_checkpoint(_state(1), folder)
+    assert not list(folder.iterdir()) and not _tmp_leftovers(tmp_path)

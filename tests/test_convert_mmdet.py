@@ -245,3 +245,61 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "num_clases" in capsys.readouterr().err
+
+
+def _tiny_mmdet_file(path, meta=None):
+    torch.manual_seed(1)
+    mmdet = mmdet_gfl_state_dict(depth=18, num_classes=3, fpn=32, feat=64, stacked=1)
+    torch.save(mmdet if meta is None else {"meta": meta, "state_dict": mmdet}, path)
+    return path
+
+
+def test_cli_says_a_gfldet_checkpoint_is_one(tmp_path, capsys):
+    """Finding 8: a converted (or trained) gfldet file is named as such, not 'no tensors found'."""
+    convert = load_tool("convert_mmdet")
+    converted = tmp_path / "gfldet.pth"
+    assert convert.main([str(_tiny_mmdet_file(tmp_path / "mm.pth")), str(converted)]) == 0
+    state = load_checkpoint(converted)
+    trained = tmp_path / "last.pth"  # as tools/train.py writes it: no model_format entry
+    torch.save({"model": state["model"], "config": state["config"], "epoch": 1}, trained)
+    capsys.readouterr()
+    for source in (converted, trained):
+        out = tmp_path / f"again_{source.name}"
+        assert convert.main([str(source), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{source} is already a gfldet checkpoint" in err and "use it directly" in err
+        assert "no tensors found" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_cli_refuses_a_folder_as_out(tmp_path, capsys, overwrite):
+    """Finding 9: OUT a folder is refused before converting, --overwrite or not."""
+    src = _tiny_mmdet_file(tmp_path / "mm.pth")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    argv = [str(src), str(folder)] + (["--overwrite"] if overwrite else [])
+    assert load_tool("convert_mmdet").main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"OUT {folder} is a folder; give a file name" in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(("meta", "line"), [
+    ({"CLASSES": ("cat", "dog", "bird")}, "class names: 3 from meta.CLASSES (cat, dog, bird)"),
+    ({"dataset_meta": {"classes": ["a", "b", "c"]}},
+     "class names: 3 from meta.dataset_meta.classes (a, b, c)"),
+    ({"CLASSES": ("cat", "dog")}, "class names: meta.CLASSES has 2 for 3 classes, none stored; "
+                                  "detections will be named class_0 .. class_2"),
+    (None, "class names: none in {src} (no meta.CLASSES or meta.dataset_meta.classes); "
+           "detections will be named class_0 .. class_2"),
+])
+def test_cli_says_where_the_class_names_came_from(tmp_path, capsys, meta, line):
+    """Finding 16: one line about the class names, also when there are none."""
+    src = _tiny_mmdet_file(tmp_path / "mm.pth", meta)
+    assert load_tool("convert_mmdet").main([str(src), str(tmp_path / "out.pth")]) == 0
+    lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("class names:")]
+    assert len(lines) == 1 and line.format(src=src) in lines[0]
+    if "class_0" in line:
+        assert "data.val annotations" in lines[0] and "--config" in lines[0]

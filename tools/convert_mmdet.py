@@ -9,9 +9,11 @@ gfldet's modules carry MMDetection's names, so every MMDetection key is its own 
 (`bbox_head.` read as `head.`) except for the short table in gfldet/convert_mmdet.py. Every
 MMDetection key must land on exactly one gfldet key with the same shape (or be one of the keys
 dropped on purpose: the Integral's `project` bins, a classifier `fc`), and every gfldet key must
-be filled; otherwise nothing is written and the offending keys are listed (exit 1).
-Without --config the model (depth, channels, classes) is inferred from the file. A file that is
-missing, damaged or unsafe, or an existing OUT (without --overwrite): a message, exit 2.
+be filled; otherwise nothing is written and the offending keys are listed (exit 1), as for a
+gfldet checkpoint (said to be one: it is used as it is). Without --config the model (depth,
+channels, classes) is inferred from the file; the class names come from its meta, and one line
+says how many and from which key, or what the detections will be named. A file that is missing,
+damaged or unsafe, an OUT folder, or an existing OUT (without --overwrite): a message, exit 2.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A bad config: status 2, like every tool.
     cfg = load_config_or_exit(args.config) if args.config else None
+    if Path(args.out).is_dir():  # --overwrite replaces a file, never a folder
+        example = Path(args.out) / f"{Path(args.mmdet_checkpoint).stem}_gfldet.pth"
+        print(f"error: OUT {args.out} is a folder; give a file name (e.g. {example})",
+              file=sys.stderr)
+        return 2
     if Path(args.out).exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it, or give another OUT",
               file=sys.stderr)
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.sliced:
         print("dropped the official GFLv2 background class channel (trained to 0, no class): "
               + "; ".join(report.sliced))
+    print(report.class_names)
     if report.filled:
         print(f"filled {len(report.filled)} BatchNorm num_batches_tracked counters absent from "
               "the file with 0")

@@ -1,8 +1,13 @@
-"""Detect objects in an image, a folder of images or a glob; draw them and write them as JSON.
+"""Detect objects in images, folders of images or globs; draw them and write them as JSON.
 
-    python tools/predict.py CHECKPOINT INPUT [--out DIR] [--score-thr 0.3]
+    python tools/predict.py CHECKPOINT INPUT [INPUT ...] [--out DIR] [--score-thr 0.3]
     python tools/predict.py work_dirs/demo_synthetic_cpu/best.pth "data/synthetic/val/*.jpg"
-    python tools/predict.py CONFIG CHECKPOINT INPUT      # a YAML config, not the checkpoint's own
+    python tools/predict.py work_dirs/demo_synthetic_cpu/best.pth photos/*.jpg more/  # several
+    python tools/predict.py CONFIG CHECKPOINT INPUT...   # a YAML config, not the checkpoint's own
+
+The CONFIG is told apart by its .yaml/.yml name (or by the checkpoint after it); every argument
+after the checkpoint is an INPUT: an image, a folder (its images) or a glob. A checkpoint or a
+config among the INPUTs is refused, as is a checkpoint where the CONFIG goes.
 
 For each image NAME.ext, writes DIR/NAME.ext (boxes, class names and scores drawn) and
 DIR/NAME.json: {"image", "width", "height", "detections": [{"box": [x1, y1, x2, y2] (pixels
@@ -85,17 +90,29 @@ def check_outputs(out: Path, paths: list[Path], files: list[tuple[Path, Path]]) 
                               "folder")
 
 
+def score_threshold(text: str) -> float:
+    """--score-thr: a float in [0, 1], the range of the detections' scores."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..1, the range of the scores")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT INPUT",
+    # Two positionals for the usage line "[CONFIG] CHECKPOINT INPUT [INPUT ...]"; which leading
+    # argument is the config is decided by split_config_argument.
+    parser.add_argument("checkpoint", metavar="[CONFIG] CHECKPOINT",
                         help="a gfldet checkpoint (training, exported or converted), optionally "
-                             "preceded by a YAML config to use instead of its own, then an image, "
-                             "a folder of images, or a glob such as 'photos/*.jpg' (quoted)")
+                             "preceded by a YAML config to use instead of its own")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="images, folders of images, or globs such as 'photos/*.jpg' "
+                             "(quoted, or expanded by the shell)")
     parser.add_argument("--out", default="outputs/predict",
                         help="output folder (default: outputs/predict)")
-    parser.add_argument("--score-thr", type=float, default=0.3,
-                        help="draw and keep detections above this score")
+    parser.add_argument("--score-thr", type=score_threshold, default=0.3,
+                        help="draw and keep detections above this score, in 0..1 (default: 0.3)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-ema", action="store_true",
@@ -103,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        config, (checkpoint, source) = split_config_argument(args.paths, ["CHECKPOINT", "INPUT"])
+        config, (checkpoint, *sources) = split_config_argument(
+            [args.checkpoint, *args.inputs], ["CHECKPOINT", "INPUT"], repeat_last=True)
     except ValueError as err:
         parser.error(str(err))
     device = default_device(args.device)
@@ -115,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         cfg = load_config(config, args.cfg_options) if config else None  # before the checkpoint
-        paths = list_images(source)
+        # In the order given, each image once (a folder and a glob may both hold it).
+        paths = list(dict.fromkeys(path for source in sources for path in list_images(source)))
         files = output_files(out, paths)
         check_outputs(out, paths, files)
         detector = Detector.from_checkpoint(

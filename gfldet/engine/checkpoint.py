@@ -41,6 +41,8 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write ``state`` to ``path``; a crash mid-write leaves the old file intact."""
     path = Path(path)
+    if path.is_dir():  # else the rename below fails only after the whole file was written
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Temp file in the same directory so os.replace is a same-filesystem atomic rename;
     # the leading dot keeps it out of the epoch_*.pth / last.pth patterns.
@@ -101,6 +103,43 @@ def _scan_pickle_globals(path: Path) -> list[str] | None:
         return None
 
 
+def is_torch_file(path: str | Path) -> bool:
+    """Whether ``path`` begins as torch.save writes a file: a zip archive, or a pickle of protocol
+    2 or later (torch's legacy format, plain pickles). Only the first bytes are read."""
+    try:
+        with Path(path).open("rb") as f:
+            return _torch_header(f.read(4))
+    except OSError:
+        return False
+
+
+def _torch_header(head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                               and 2 <= head[1] <= 5)
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    """The error for a file torch.load could not read, by what its bytes say it is: no torch.save
+    file at all, a TorchScript archive, or one that begins as a checkpoint but is cut short or
+    damaged."""
+    head = b""
+    with contextlib.suppress(OSError), path.open("rb") as f:  # unreadable: torch's error says why
+        head = f.read(16)
+    if head and not _torch_header(head):
+        return CheckpointError(
+            f"{path} is not a PyTorch checkpoint (torch.save file): it begins with {head!r}. "
+            "Check the path: a checkpoint is a .pth that gfldet (or MMDetection) wrote.")
+    with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
+        if any(n.endswith("/constants.pkl") for n in archive.namelist()):
+            return CheckpointError(
+                f"{path} is a TorchScript archive (torch.jit.save, tools/export.py --format "
+                "torchscript), not a checkpoint: run it with torch.jit.load, and give gfldet's "
+                "tools the .pth it was exported from.")
+    return CheckpointError(
+        f"checkpoint {path} is incomplete or corrupt (was the write interrupted?): "
+        f"{type(err).__name__}: {_short_reason(err)}")
+
+
 def find_checkpoint_file(path: str | Path) -> Path:
     """``path`` if it is a file; else FileNotFoundError naming it and the checkpoints beside it."""
     path = Path(path)
@@ -123,6 +162,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             # the refusal below, which says all there is to say.
             warnings.filterwarnings("ignore", message="Detected pickle protocol",
                                     category=UserWarning)
+            # Likewise for a TorchScript archive, which `_unreadable` names.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive",
+                                    category=UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # Code execution in a pickle needs an import of a callable (GLOBAL/STACK_GLOBAL): a
@@ -132,8 +174,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         globals_ = _scan_pickle_globals(path)
         msg = str(e).lower()
         if globals_ is None and not ("weights only load failed" in msg and "global" in msg):
-            raise CheckpointError(
-                f"checkpoint {path} is incomplete or corrupt: {_short_reason(e)}") from e
+            raise _unreadable(path, e) from e
         # (A legacy-format file's scan sees only its first record, so it may name nothing.)
         foreign = [g for g in globals_ or [] if not g.startswith(("torch.", "collections."))]
         named = f"It references: {', '.join(dict.fromkeys(foreign[:5]))}. " if foreign else ""
@@ -144,10 +185,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"state dict in a trusted environment. ({_short_reason(e)})") from e
     except Exception as e:
         # Truncated zip archives surface as RuntimeError from the stream reader, cut-short
-        # legacy pickles as EOFError, random bytes as decode errors of many kinds.
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete or corrupt (was the write interrupted?): "
-            f"{type(e).__name__}: {_short_reason(e)}") from e
+        # legacy pickles as EOFError, other bytes as decode errors of many kinds.
+        raise _unreadable(path, e) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return _to_current_format(obj, path)
@@ -172,10 +211,20 @@ def _to_current_format(state: dict[str, Any], path: Path) -> dict[str, Any]:
     renamed = [k for k, sd in mapped.items() if list(sd) != list(state[k])]
     if not renamed:
         return state
-    log.warning("%s: model format 1 (gfldet's module names before torchvision's and "
-                "MMDetection's): the keys of its %s are mapped to model format %d",
-                path, " and ".join(renamed), MODEL_FORMAT)
+    # Once per file and process: a tool that reads the file twice (export) says it once.
+    noted = (str(path.resolve()), path.stat().st_mtime_ns)
+    if noted not in _FORMAT_NOTED:
+        _FORMAT_NOTED.add(noted)
+        log.warning("%s: model format 1 (gfldet's module names before torchvision's and "
+                    "MMDetection's): the keys of its %s are mapped to model format %d on every "
+                    "load. To stop this note, `python tools/export.py %s --format weights` "
+                    "writes an inference copy in the current format (config included); keep "
+                    "this file to resume training.", path, " and ".join(renamed), MODEL_FORMAT,
+                    path)
     return {**state, **mapped, "model_format": MODEL_FORMAT}
+
+
+_FORMAT_NOTED: set[tuple[str, int]] = set()  # (file, mtime) whose model-format note was logged
 
 
 _FORMAT_1_RENAMES = [  # (model format 1 pattern, MODEL_FORMAT replacement), for re.sub
@@ -284,10 +333,17 @@ def format_key_list(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
+_LOAD_FROM_ADVICE = (
+    "To load only the matching weights (e.g. fine-tuning with a different number of classes) use "
+    "--load-from, which calls load_model_weights(..., strict=False).")
+
+
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
-                       source: str | Path | None = None) -> dict[str, list[str]]:
+                       source: str | Path | None = None,
+                       advice: str = _LOAD_FROM_ADVICE) -> dict[str, list[str]]:
     """Load ``state_dict`` into ``model`` after checking keys and shapes (``source``: the file
-    it came from, named in the error).
+    it came from, named in the error; ``advice``: the error's last line, by default training's
+    --load-from).
 
     strict=True raises :class:`CheckpointError` on any missing/unexpected/mismatched key.
     strict=False loads only the tensors whose name and shape match and returns a report
@@ -325,9 +381,7 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: 
                 f"  hint: these are model format 1 names (gfldet's before format {MODEL_FORMAT}); "
                 "read the file with load_checkpoint, which maps them, or map them with "
                 "format_1_to_current.")
-        parts.append(
-            "To load only the matching weights (e.g. fine-tuning with a different number of "
-            "classes) use --load-from, which calls load_model_weights(..., strict=False).")
+        parts.append(advice)
         raise CheckpointError("\n".join(parts))
 
     # strict=False here is safe: we already filtered to the exact matching keys/shapes.
