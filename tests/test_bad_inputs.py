@@ -281,7 +281,8 @@ def kind(name: str, expect: dict[str, int], *names: str, **extra) -> Callable:
 # ---- data: the annotation file
 
 
-@kind("ann_missing", DATA_VAL, "{val_ann}", "not found", absent=(STEP,))
+@kind("ann_missing", DATA_VAL, "{val_ann}", "not found", absent=(STEP,),
+      tool_names={"check_dataset": ("check data.val.annotations",)})
 def _(w):
     w.split("val")[1].unlink()
 
@@ -343,6 +344,12 @@ def _(w):
     w.edit_json("val", lambda d: d["annotations"][0].update(bbox=[1, 1, 5]))
 
 
+@kind("iscrowd_a_string", DATA_VAL, "annotation id 1", "'iscrowd' must be 0 or 1", 'got "0"',
+      absent=(STEP,))
+def _(w):
+    w.edit_json("val", lambda d: d["annotations"][0].update(iscrowd="0"))
+
+
 @kind("image_without_width", DATA_VAL, "image id 1", "'width' must be a positive integer",
       absent=(STEP,))
 def _(w):
@@ -391,6 +398,22 @@ def _(w):
 # ---- data accepted: fixed in memory or worked around, and said so with the file or id
 
 
+def _strip_area_and_iscrowd(w: World) -> None:
+    """A script-written COCO file: no `area`, no `iscrowd` (COCOeval reads both)."""
+    for split in ("train", "val"):
+        w.edit_json(split, lambda d: [(a.pop("area"), a.pop("iscrowd")) for a in d["annotations"]])
+
+
+def _evaluated(w: World, tool: str, out: str) -> None:
+    if tool != "check_dataset":
+        assert "bbox AP" in out and "KeyError" not in out, out[-3000:]
+
+
+KINDS.append(Kind("ann_without_area_and_iscrowd", _strip_area_and_iscrowd, FIXED_VAL,
+                  ("annotations without 'iscrowd': 2 (0 is used", "without 'area': 2"),
+                  check=_evaluated))
+
+
 @kind("box_negative_width", FIXED_TRAIN, "annotation id 50", "zero or negative width/height")
 def _(w):
     w.edit_json("train", lambda d: d["annotations"].append(_ann(50, 1, [10, 10, -5, 5])))
@@ -419,7 +442,8 @@ def _(w):
     w.edit_json("train", lambda d: d["images"].append(_img(9, name="empty.png")))
 
 
-def bad_val_image(name: str, damage: Callable[[Path], None]) -> None:
+def bad_val_image(name: str, damage: Callable[[Path], None], named: str = "2.png (image id 2)"
+                  ) -> None:
     """One of the two val images unreadable: within the budget, left out and named, not scored."""
 
     def make(w: World) -> None:
@@ -429,10 +453,11 @@ def bad_val_image(name: str, damage: Callable[[Path], None]) -> None:
         if tool != "check_dataset":
             assert "left out of the evaluation" in out and "2.png" in out, out[-3000:]
 
-    KINDS.append(Kind(name, make, FIXED_VAL, ("2.png (image id 2)",), check=check))
+    KINDS.append(Kind(name, make, FIXED_VAL, (named,), check=check))
 
 
-bad_val_image("val_image_missing", lambda p: p.unlink())
+# A missing file's path is quoted (repr), so that whitespace in its name shows.
+bad_val_image("val_image_missing", lambda p: p.unlink(), named="2.png' (image id 2)")
 bad_val_image("val_image_truncated", truncate)
 bad_val_image("val_image_zero_bytes", lambda p: p.write_bytes(b""))
 bad_val_image("val_image_is_text", lambda p: p.write_text("not an image\n"))
@@ -932,10 +957,11 @@ def test_an_unreadable_val_image_is_left_out_of_the_score_not_scored_as_missed(
         metrics = evaluate(PerfectDetector(dataset), loader, torch.device("cpu"))
     # Scored as a miss, category 7 would have AP 0 and the mean 0.5.
     assert metrics["bbox_mAP"] == pytest.approx(1.0)
-    assert [name.split(": ")[0] for name in metrics["images_left_out"]] == [
-        f"{missing} (image id 2)"
-    ]
-    assert f"1 of 2 images left out of the evaluation: {missing} (image id 2)" in caplog.text
+    # The check quotes a missing file's path (whitespace shows); a failed decode names it as is.
+    named = f"{str(missing)!r} (image id 2)" if when == "before the check" else (
+        f"{missing} (image id 2)")
+    assert [name.split(": ")[0] for name in metrics["images_left_out"]] == [named]
+    assert f"1 of 2 images left out of the evaluation: {named}" in caplog.text
 
 
 def test_every_image_training_leaves_out_is_named_with_why(tmp_path, caplog):

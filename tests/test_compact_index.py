@@ -287,7 +287,9 @@ def _same_split(a: CocoDetection, b: CocoDetection) -> bool:
             and a.label_to_cat_id == b.label_to_cat_id
             and a.num_images_in_file == b.num_images_in_file
             and a.check_report.fixed == b.check_report.fixed
-            and a.check_report.warnings == b.check_report.warnings)
+            and a.check_report.warnings == b.check_report.warnings
+            and a.check_report.notes == b.check_report.notes
+            and a.check_report.evaluation == b.check_report.evaluation)
 
 
 def test_an_unchanged_split_loads_its_checked_index_without_reading_the_json(
@@ -295,9 +297,11 @@ def test_an_unchanged_split_loads_its_checked_index_without_reading_the_json(
 ) -> None:
     data = json.loads(split["ann"].read_text())
     data["annotations"][0]["bbox"][0] = -3.0  # a fix (clipped): the report has something to keep
+    data["annotations"][1]["iscrowd"] = 1  # and a note
     split["ann"].write_text(json.dumps(data))
     first = _checked(split)
     assert first.check_report.fixed and (split["cache"].parent / "train.index.npz").is_file()
+    assert first.check_report.notes[0].startswith("crowd boxes (iscrowd: 1): 1 of ")
     with monkeypatch.context() as m:  # witnesses: neither the check nor the JSON parser runs
         m.setattr("gfldet.data.checked_split.check_dataset",
                   lambda *a, **k: pytest.fail("checked again"))

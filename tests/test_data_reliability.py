@@ -6,6 +6,7 @@ JSON by writing it so.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, checked_dataset
+from conftest import ROOT, checked_dataset, run_in_process
+from matplotlib.colors import to_rgba
 from PIL import Image, ImageFile
 
 from gfldet.data import CocoDetection, SeededIndex, build_dataloader, build_transforms
@@ -45,6 +47,7 @@ from gfldet.data.images import (
 
 CATS = [{"id": 3, "name": "c3"}, {"id": 7, "name": "c7"}]
 TOOL = str(ROOT / "tools" / "check_dataset.py")
+BROWSE = str(ROOT / "tools" / "browse_dataset.py")
 DEMO = str(ROOT / "configs" / "demo_synthetic_cpu.yaml")
 
 # --------------------------------------------------------------------------- helpers
@@ -271,7 +274,7 @@ def test_error_lists_the_first_twenty_and_counts_the_rest(tmp_path: Path) -> Non
     with pytest.raises(DatasetError) as err:
         check_dataset(img_dir, ann_file).raise_if_fatal()
     text = str(err.value)
-    assert "25 fatal problem(s)" in text and "... and 5 more" in text
+    assert "25 fatal problems; nothing was trained" in text and "... and 5 more" in text
     assert text.count("category_id 1") == 20
 
 
@@ -307,7 +310,7 @@ def test_missing_and_corrupt_images_dropped_within_budget(tmp_path: Path, caplog
     msg = only_fatal(report, "4 of 4 image files are missing or unreadable")
     for piece in ("2.jpg (image id 2): OSError: image file is truncated",
                   "3.png (image id 3): UnidentifiedImageError",
-                  "4.png (image id 4): file not found"):
+                  "4.png' (image id 4): file not found"):  # quoted: whitespace would show
         assert piece in msg
     # Without decoding only the missing file is seen.
     fast = check_dataset(img_dir, ann_file, check_images=False, max_bad_image_fraction=0.5)
@@ -503,6 +506,225 @@ def test_check_true_trains_on_the_fixed_annotations(tmp_path: Path) -> None:
         checked_dataset(img_dir, ann_file, max_decode_failures=0.0)
 
 
+# --------------------------------------------------------------------------- what the check says
+# (trial B: a user's own COCO file)
+
+
+def _without(anns: list[dict], *keys: str) -> list[dict]:
+    return [{k: v for k, v in a.items() if k not in keys} for a in anns]
+
+
+def test_annotations_without_area_and_iscrowd_are_noted_and_evaluate(tmp_path: Path) -> None:
+    from pycocotools.cocoeval import COCOeval
+
+    anns = _without([_ann(1, 1, [4, 4, 20, 16]), _ann(2, 2, [2, 2, 10, 8], cat=7)],
+                    "area", "iscrowd")
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1), _img(2)], anns)
+    written = ann_file.read_bytes()
+    summary = check_dataset(img_dir, ann_file).summary()
+    assert ("annotations without 'iscrowd': 2 (0 is used: not a crowd); without 'area': 2 "
+            "(evaluation uses the box's width * height") in summary
+    # Evaluation's ground truth gets COCO's values; COCOeval raised KeyError without them.
+    ds = checked_dataset(img_dir, ann_file, as_written=True, filter_empty=False)
+    gt = ds.ground_truth()
+    assert [(a["iscrowd"], a["area"]) for a in gt.dataset["annotations"]] == [(0, 320), (0, 80)]
+    assert gt.anns[1]["area"] == 320  # the index holds the same dicts
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+             "score": 1.0} for a in anns]
+    coco_eval = COCOeval(gt, gt.loadRes(dets), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    assert coco_eval.stats[0] == pytest.approx(1.0)
+    assert ann_file.read_bytes() == written  # filled in memory only
+
+
+@pytest.mark.parametrize(("key", "value", "rule"), [
+    ("iscrowd", "0", "0 or 1 (an integer"), ("iscrowd", 2, "0 or 1"), ("iscrowd", True, "0 or 1"),
+    ("area", -1, "a finite number >= 0"), ("area", "25", "a finite number"),
+    ("area", float("inf"), "a finite number"),
+])
+def test_iscrowd_and_area_when_present_are_validated(tmp_path: Path, key, value, rule) -> None:
+    anns = [_ann(1, 1, [4, 4, 20, 16]) | {key: value}]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1)], anns)
+    msg = only_fatal(check_dataset(img_dir, ann_file), "(annotation id 1)")
+    assert f"'{key}' must be {rule}" in msg and f"got {json.dumps(value)}" in msg
+
+
+def test_a_string_iscrowd_is_not_a_crowd_in_an_unchecked_index(tmp_path: Path) -> None:
+    anns = [_ann(1, 1, [4, 4, 20, 16]) | {"iscrowd": "0"},
+            _ann(2, 1, [2, 2, 8, 8]) | {"iscrowd": 1}]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1)], anns)
+    ds = CocoDetection(img_dir, ann_file)  # indexed as read: no check refuses the "0"
+    assert ds.get_annotations(0)[0].tolist() == [[4, 4, 24, 20]]
+
+
+def test_crowd_boxes_are_counted_and_said(tmp_path: Path) -> None:
+    anns = [_ann(1, 1, [4, 4, 20, 16]), _ann(2, 1, [2, 2, 8, 8]) | {"iscrowd": 1},
+            _ann(3, 2, [2, 2, 8, 8]) | {"iscrowd": 1}, _ann(4, 2, [4, 4, 20, 16], cat=7)]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1), _img(2)], anns)
+    for evaluation in (False, True):
+        report = check_dataset(img_dir, ann_file, evaluation=evaluation)
+        assert report.notes == [
+            "crowd boxes (iscrowd: 1): 2 of 4 annotations; training ignores them and evaluation "
+            "treats them as ignore regions (a detection on one is neither a hit nor a false "
+            "positive)"]
+        assert "notes:\n  - crowd boxes (iscrowd: 1): 2 of 4" in report.summary()
+
+
+def test_missing_files_are_quoted_with_a_hint_about_the_name(tmp_path: Path) -> None:
+    names = ["sub\\1.png", "2.png ", " 3.png", "4.PNG", "5.png", "6.png"]
+    images = [_img(i + 1, name=name) for i, name in enumerate(names)]
+    img_dir, ann_file = write_dataset(tmp_path, images, [_ann(1, 1, [1, 1, 5, 5])], files=False)
+    # On disk: sub/1.png (the backslash meant a folder), 2.png, 3.png, 4.png, 6.png; no 5.png.
+    (img_dir / "sub").mkdir()
+    for on_disk in ("sub/1.png", "2.png", "3.png", "4.png", "6.png"):
+        Image.new("RGB", (64, 48)).save(img_dir / on_disk)
+    report = check_dataset(img_dir, ann_file, max_bad_image_fraction=0.9)
+    summary = report.summary()
+    for name, hint in [
+        ("sub\\1.png", " (the name has a backslash: use / in file_name)"),
+        ("2.png ", " (the name has leading or trailing whitespace)"),
+        (" 3.png", " (the name has leading or trailing whitespace)"),
+        ("4.PNG", " ('4.png' exists: the letter case differs)"),
+        ("5.png", ""),
+    ]:
+        image_id = names.index(name) + 1
+        assert f"{str(img_dir / name)!r} (image id {image_id}): file not found{hint}" in summary
+    assert f"{str(img_dir / '5.png')!r} (image id 5): file not found (" not in summary
+    # Only the file that exists was decoded.
+    assert (report.images_decoded, report.images_missing) == (1, 5)
+    assert "; 1 image files decoded, 5 not found;" in summary
+    # Too many: the fatal message points at the names, not at the archive.
+    strict = check_dataset(img_dir, ann_file)
+    assert "The names of 4 missing files look wrong: see the hint after each" in only_fatal(
+        strict, "5 of 6 image files")
+
+
+def test_a_missing_annotation_file_names_its_key_and_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("images").mkdir()
+    report = check_dataset("images", "data/val.json", split="val", evaluation=True)
+    assert report.fatal == [
+        f"data/val.json: annotation file not found (looked for {tmp_path}/data/val.json: a "
+        "relative path is taken from the current folder); check data.val.annotations (in the "
+        "config, or --cfg-options data.val.annotations=PATH)"]
+    _, ann_file = simple_dataset(tmp_path)
+    msg = only_fatal(check_dataset("imgs", ann_file, split="train"), "imgs")
+    assert f"image directory imgs not found (looked for {tmp_path}/imgs: " in msg
+    assert "check data.train.images (in the config, or --cfg-options data.train.images=PATH)" in msg
+    # Training says what was not done; an evaluation says its own.
+    with pytest.raises(DatasetError) as err:
+        report.raise_if_fatal()
+    assert "has 1 fatal problem; nothing was trained:" in str(err.value)
+    assert str(err.value).endswith("Run tools/check_dataset.py CONFIG for the full report.")
+    with pytest.raises(DatasetError) as err:
+        checked_dataset("images", "data/val.json", as_written=True, split="val",
+                        not_done="nothing was evaluated", advice="Give --cfg-options data.val...")
+    assert "has 1 fatal problem; nothing was evaluated:" in str(err.value)
+    assert "check data.val.annotations" in str(err.value) and "trained" not in str(err.value)
+    assert str(err.value).endswith("Give --cfg-options data.val...")
+
+
+def test_an_evaluation_split_is_worded_as_scored(tmp_path: Path) -> None:
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1), _img(2)], [])
+    for evaluation, said, not_said in [
+        (True, "no boxes to score against (crowd boxes aside): AP cannot be computed, and "
+               "evaluation reports -1", "a training split needs boxes"),
+        (False, "no usable annotations remain: a training split needs boxes", "AP"),
+    ]:
+        summary = check_dataset(img_dir, ann_file, evaluation=evaluation).summary()
+        assert said in summary and not_said not in summary
+
+    anns = [_ann(1, 1, [1, 1, 10, 10]), _ann(2, 1, [60, 2, 10, 10]), _ann(3, 2, [2, 2, -4, 5]),
+            _ann(4, 2, [1, 1, 10, 10], cat=7)]
+    img_dir, ann_file = write_dataset(tmp_path / "b", [_img(1), _img(2)], anns)
+    scored = check_dataset(img_dir, ann_file, evaluation=True).summary()
+    assert "  - 1 box partly outside the image found, scored as written: annotation id 2" in scored
+    assert ("  - 1 box with zero or negative width/height found, scored as written: annotation "
+            "id 3") in scored
+    assert "clipped" not in scored and "dropped" not in scored
+    trained = check_dataset(img_dir, ann_file).summary()
+    assert "  - 1 box partly outside the image clipped to it: annotation id 2" in trained
+
+
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_normalised_boxes_get_the_box_format_hint(tmp_path: Path, evaluation: bool) -> None:
+    anns = [_ann(i, 1, [0.1 * i, 0.2, 0.3, 0.25]) for i in range(1, 6)]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1)], anns, cats=CATS[:1])
+    report = check_dataset(img_dir, ann_file, evaluation=evaluation)
+    assert report.warnings == [
+        "5 of 5 boxes are under 2 px wide and high: COCO boxes are [x, y, width, height] in "
+        "pixels of the image as listed; if yours are [x1, y1, x2, y2] or normalised (0..1), "
+        "convert them"]
+    anns[0]["bbox"] = [1, 1, 20, 20]  # one real box among ten: still (nearly) all under 2 px
+    anns += [_ann(i, 1, [0.1, 0.2, 0.3, 0.25]) for i in range(6, 11)]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1)], anns, cats=CATS[:1])
+    assert "9 of 10 boxes are under 2 px" in check_dataset(img_dir, ann_file).warnings[0]
+
+
+def test_lists_counts_and_categories_are_worded_right(tmp_path: Path) -> None:
+    images = [_img(1), _img(2)]
+    anns = [_ann(i, 1, [1, 1, 5, 5]) for i in (1, 2, 3)] + [_ann(4, 2, [1, 1, 5, 5])]
+    cats = [*CATS, {"id": 9, "name": "unused"}]
+    img_dir, ann_file = write_dataset(tmp_path, images, anns, cats=cats)
+    (img_dir / "1.png").unlink()
+    report = check_dataset(img_dir, ann_file, max_bad_image_fraction=0.5)
+    summary = report.summary()
+    # Every id is listed: no "..." after a complete list.
+    assert "  - 3 annotations of dropped images removed: ids 1, 2, 3\n" in summary
+    assert "  - 1 missing or unreadable image dropped (with its annotations): " in summary
+    assert report.warnings == ["2 categories without a box (crowd aside): 7 'c7', 9 'unused'; "
+                               "the model cannot learn them"]
+    val = check_dataset(img_dir, ann_file, max_bad_image_fraction=0.5, evaluation=True)
+    assert "no AP can be computed for them (nan in the per-class table" in val.warnings[0]
+    strict = check_dataset(img_dir, ann_file, max_bad_image_fraction=0.0)
+    assert "FATAL (1 problem; training would not start)" in strict.summary()
+    with pytest.raises(DatasetError, match="has 1 fatal problem; nothing was trained"):
+        strict.raise_if_fatal()
+
+
+def test_tool_warns_when_val_is_the_train_file(tmp_path: Path, capsys) -> None:
+    tool = _tool_module()
+    good = simple_dataset(tmp_path / "a", n=2)
+    other = simple_dataset(tmp_path / "b", n=2)
+    assert tool.main(_tool_args(good, good)[2:]) == 0
+    out = capsys.readouterr().out
+    assert ("warnings (train vs val):\n  - val uses the train annotation file "
+            f"({good[1]}): its AP measures images the model was trained on") in out
+    assert "all checked splits are usable" in out
+    assert tool.main(_tool_args(good, other)[2:]) == 0
+    assert "train vs val" not in capsys.readouterr().out
+
+
+def test_browse_dataset_counts_and_draws_crowd_boxes(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    anns = [_ann(1, 1, [4, 4, 30, 24]), _ann(2, 1, [2, 2, 10, 8]) | {"iscrowd": 1},
+            _ann(3, 1, [30, 20, 20, 20]) | {"iscrowd": 1}, _ann(4, 2, [4, 4, 30, 24], cat=7)]
+    img_dir, ann_file = write_dataset(tmp_path, [_img(1), _img(2)], anns)
+    out = tmp_path / "browse"
+    run_in_process(BROWSE, DEMO, "--out", str(out), "--images", "2", "--batches", "0",
+                   "--cfg-options", "data.synthetic=null", "model.num_classes=2",
+                   f"data.train.images={img_dir}", f"data.train.annotations={ann_file}",
+                   "data.train_short_side=[64,64]", "data.test_short_side=64",
+                   "data.max_size=96", "data.num_workers=0")
+    annotated = json.loads((out / "browse.json").read_text())["annotated"]
+    assert [a["title"] for a in annotated] == ["1.png (id 1), as annotated: 1 box + 2 crowd",
+                                               "2.png (id 2), as annotated: 1 box"]
+    assert annotated[0]["crowd"] == [[2, 2, 12, 10], [30, 20, 50, 40]]
+    assert annotated[0]["boxes"] == [[4, 4, 34, 28]] and annotated[1]["crowd"] == []
+    # Crowd boxes are drawn dashed in grey, the boxes training uses solid.
+    ax = Figure().subplots()
+    _load_tool(BROWSE).draw_panel(ax, np.zeros((48, 64, 3), np.uint8), np.array([[4, 4, 34, 28]]),
+                                  ["c3"], "t", [([2, 2, 12, 10], "c3")])
+    assert [(p.get_linestyle(), p.get_edgecolor()) for p in ax.patches] == [
+        ("-", to_rgba("tab:green")), ("--", to_rgba("tab:gray"))]
+
+
 # --------------------------------------------------------------------------- decode failures
 
 
@@ -637,11 +859,15 @@ def test_tool_exit_2_on_bad_config(tool_runs: dict) -> None:
     assert run.returncode == 2 and "batch_sise" in run.stderr and "batch_size" in run.stderr
 
 
-def _tool_module() -> Any:
-    spec = importlib.util.spec_from_file_location("check_dataset_tool", TOOL)
+def _load_tool(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"{Path(path).stem}_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _tool_module() -> Any:
+    return _load_tool(TOOL)
 
 
 def test_tool_no_images_skips_decoding(tmp_path: Path, capsys) -> None:
@@ -655,7 +881,7 @@ def test_tool_no_images_skips_decoding(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "category_id 99" in out  # the JSON is still checked ...
     assert "image files not decoded" in out and "truncated" not in out  # ... without decoding
-    assert "[val]" not in out and "1 boxes wholly outside the image dropped" in out
+    assert "[val]" not in out and "1 box wholly outside the image dropped" in out
 
 
 def test_tool_cross_checks_classes_and_splits(tmp_path: Path, capsys) -> None:

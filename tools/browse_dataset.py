@@ -5,11 +5,13 @@ augmentation exactly as the model receives them, boxes drawn.
                                    [--cfg-options KEY=VALUE ...]
 
 Writes into DIR (default outputs/browse_dataset):
-  annotated_NN.png  a training image as decoded, with its annotated boxes and class names;
+  annotated_NN.png  a training image as decoded, with its annotated boxes and class names, and
+                    its crowd boxes (iscrowd: 1, which training ignores) dashed in grey;
   batch_NN.png      one training batch of epoch --epoch: the padded uint8 images the loader yields
                     (before normalisation) with each image's target boxes and class names;
-  browse.json       what was drawn: per batch, per image, image_id, image_size and the boxes
-                    (x1, y1, x2, y2 in the batch's pixels) and labels.
+  browse.json       what was drawn: per annotated image, its title, boxes and crowd boxes
+                    (x1, y1, x2, y2 in its pixels); per batch, per image, image_id, image_size
+                    and the boxes (x1, y1, x2, y2 in the batch's pixels) and labels.
 The batches come from the trainer's own code (`build_dataset`, `build_dataloader`, the sampler's
 `set_epoch`), so they are the ones a run of this config trains on, on one process.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,27 +46,55 @@ def check_out_dir(out: Path) -> None:
                               "choose another --out folder")
 
 
-def draw_panel(ax, image: np.ndarray, boxes_xyxy: np.ndarray, names: list[str], title: str) -> None:
-    """`image` (uint8 [H, W, 3]) with boxes (x1, y1, x2, y2) and names on a matplotlib axis."""
+def draw_panel(ax, image: np.ndarray, boxes_xyxy: np.ndarray, names: list[str], title: str,
+               crowd: Sequence[tuple[list[float], str]] = ()) -> None:
+    """`image` (uint8 [H, W, 3]) with boxes (x1, y1, x2, y2) and names on a matplotlib axis, and
+    the `crowd` boxes ((x1, y1, x2, y2), name) dashed in grey."""
     ax.imshow(image)
     for (x1, y1, x2, y2), name in zip(boxes_xyxy.tolist(), names, strict=True):
         draw_box(ax, (x1, y1, x2 - x1, y2 - y1), "tab:green", "-", name, above=True)
+    for (x1, y1, x2, y2), name in crowd:
+        draw_box(ax, (x1, y1, x2 - x1, y2 - y1), "tab:gray", "--", f"{name} (crowd)", above=False)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
 
-def draw_annotated(dataset, count: int, out: Path) -> int:
-    """The first `count` training images as decoded, with their annotations."""
+def crowd_boxes(dataset, image_ids: set[int]) -> dict[int, list[tuple[list[float], str]]]:
+    """The crowd boxes (iscrowd: 1) of `image_ids` as ((x1, y1, x2, y2), class name), read from
+    the annotation file: the dataset's index holds only the boxes training uses."""
+    coco = json.loads(Path(dataset.ann_file).read_bytes())
+    out: dict[int, list[tuple[list[float], str]]] = defaultdict(list)
+    for a in coco["annotations"]:
+        label = dataset.cat_id_to_label.get(a["category_id"])
+        if a.get("iscrowd", 0) == 1 and a["image_id"] in image_ids and label is not None:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            out[a["image_id"]].append(([x, y, x + w, y + h], dataset.class_names[label]))
+    return out
+
+
+def draw_annotated(dataset, count: int, out: Path) -> list[dict]:
+    """The first `count` training images as decoded, with their annotations; returns what was
+    drawn."""
     names = dataset.class_names
-    for i in range(min(count, len(dataset))):
+    shown = range(min(count, len(dataset)))
+    crowd = crowd_boxes(dataset, {int(dataset.image_ids[i]) for i in shown}) if count else {}
+    drawn = []
+    for i in shown:
         record = dataset.index[i]
         image = load_image_rgb(dataset.image_dir / record.file_name, apply_exif=record.apply_exif)
         boxes, labels = dataset.get_annotations(i)
+        crowds = crowd.get(record.image_id, [])
+        title = (f"{record.file_name} (id {record.image_id}), as annotated: {len(labels)} "
+                 f"box{'' if len(labels) == 1 else 'es'}"
+                 + (f" + {len(crowds)} crowd" if crowds else ""))
         fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
         draw_panel(ax, image, np.asarray(boxes).reshape(-1, 4), [names[k] for k in labels],
-                   f"{record.file_name} (id {record.image_id}), as annotated: {len(labels)} boxes")
+                   title, crowds)
         save_figure(fig, out / f"annotated_{i:02d}.png")
-    return min(count, len(dataset))
+        drawn.append({"image_id": record.image_id, "title": title,
+                      "boxes": np.asarray(boxes).reshape(-1, 4).tolist(),
+                      "labels": np.asarray(labels).tolist(), "crowd": [b for b, _ in crowds]})
+    return drawn
 
 
 def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
@@ -136,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     annotated = draw_annotated(dataset, args.images, out)
     batches = draw_batches(cfg, dataset, args.batches, args.epoch, out)
     (out / MANIFEST).write_text(json.dumps(
-        {"config": str(args.config), "epoch": args.epoch, "batches": batches}, indent=1) + "\n")
-    print(f"{annotated} annotated image(s) and {len(batches)} batch(es) -> {out}")
+        {"config": str(args.config), "epoch": args.epoch, "annotated": annotated,
+         "batches": batches}, indent=1) + "\n")
+    print(f"{len(annotated)} annotated image(s) and {len(batches)} batch(es) -> {out}")
     return 0
 
 

@@ -5,8 +5,9 @@
 
 Checks the annotation JSON (structure, ids, categories, boxes) and, unless --no-images, fully
 decodes every image (truncated / corrupt files, sizes vs the JSON after EXIF rotation). Also
-checks that model.num_classes matches the categories and that train and val share them, and
-names each training image that training leaves out (no usable box, a side below data.min_size).
+checks that model.num_classes matches the categories and that train and val share them (and warns
+when val is the train file), and names each training image that training leaves out (no usable
+box, a side below data.min_size).
 Training with the same data fixes the fixable problems in memory (files are never modified);
 evaluation scores the val file as written, leaving out only its unreadable images.
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config_or_exit(args.config, args.cfg_options)
     # Imported only now: these pull in torch (seconds), which a bad config need not wait for.
-    from gfldet.data.checks import check_dataset, split_problems
+    from gfldet.data.checks import check_dataset, split_problems, split_warnings
     from gfldet.data.index import (
         describe_left_out,
         images_left_out_of_training,
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         report = check_dataset(
             paths.images, paths.annotations, fix=True, check_images=not args.no_images,
             max_bad_image_fraction=cfg.train.max_decode_failures,
-            max_image_pixels=args.max_image_pixels,
+            max_image_pixels=args.max_image_pixels, split=split, evaluation=split == "val",
         )
         reports[split] = report
-        print(f"[{split}] {report.summary(evaluation=split == 'val')}\n")
+        print(f"[{split}] {report.summary()}\n")
     problems = split_problems(cfg.model.num_classes, reports)
     train = reports.get("train")
     if train is not None and train.annotations is not None and cfg.data.filter_empty:
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[train] {describe_left_out(left_out, total, 'training')}\n")
         if len(left_out) == total:
             problems.append(no_training_images_left(train.ann_file, left_out, total))
+    remarks = split_warnings(reports)
+    if remarks:
+        print("warnings (train vs val):")
+        print("\n".join(f"  - {r}" for r in remarks) + "\n")
     if problems:
         print("FATAL (config vs data):")
         print("\n".join(f"  - {p}" for p in problems))

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from gfldet.data.checks import (
+    CHECK_ADVICE,
+    NOT_TRAINED,
     DatasetReport,
     ShardedCheck,
     cache_key,
@@ -32,10 +34,10 @@ from gfldet.data.index import CheckedSplit, ImageIndex, index_split
 
 log = logging.getLogger("gfldet")
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: the report's notes and evaluation flag
 # What a stored report keeps; the rest (decode counts, the annotation dicts) is the check's own.
-_REPORT_FIELDS = ("fixed", "fix_examples", "warnings", "num_images", "num_annotations", "kept",
-                  "categories", "unreadable")
+_REPORT_FIELDS = ("fixed", "fix_examples", "warnings", "notes", "evaluation", "num_images",
+                  "num_annotations", "kept", "categories", "unreadable")
 _SPLIT_FIELDS = ("left_out", "label_to_cat_id", "class_names", "num_images_in_file")
 
 
@@ -50,6 +52,9 @@ def load_checked_split(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     shard: ShardedCheck | None = None,
     cache: Path | None = None,
+    split: str | None = None,
+    not_done: str = NOT_TRAINED,
+    advice: str = CHECK_ADVICE,
 ) -> CheckedSplit:
     """Check a COCO split and index it; the summary is logged (at WARNING when something was
     fixed or is suspicious).
@@ -59,43 +64,44 @@ def load_checked_split(
     ``filter_empty``/``min_size``: see ``gfldet.data.index.index_split``. ``shard``: see
     ``ShardedCheck``. ``cache`` (a JSON file) keeps each image's decode result, and beside it the
     checked index, loaded when the annotation file, every image file and these options are
-    unchanged.
+    unchanged. ``split`` names the config keys in messages (``data.val.annotations``); a fatal
+    problem raises ``DatasetError`` saying ``not_done`` and ``advice`` (``raise_if_fatal``).
     """
     image_dir, ann_file = Path(image_dir), Path(ann_file)
     key = {"check": cache_key(ann_file, image_dir, max_image_pixels), "filter_empty": filter_empty,
            "min_size": min_size, "as_written": as_written,
            "max_decode_failures": max_decode_failures}
     stored = cache.with_name(f"{cache.stem}.index.npz") if cache is not None else None
-    split, why = _load(stored, key, image_dir) if stored is not None else (None, "")
+    checked, why = _load(stored, key, image_dir) if stored is not None else (None, "")
     # Under torchrun every rank checks, or none: the check's decoding is shared among them.
-    if shard is not None and shard.world > 1 and not all(shard.all_gather(split is not None)):
-        split = None
-    if split is None:
+    if shard is not None and shard.world > 1 and not all(shard.all_gather(checked is not None)):
+        checked = None
+    if checked is None:
         report = check_dataset(image_dir, ann_file, fix=True, check_images=True,
                                max_bad_image_fraction=max_decode_failures,
                                max_image_pixels=max_image_pixels,
-                               shard=shard, cache=cache)
+                               shard=shard, cache=cache, split=split, evaluation=as_written)
         _log_summary(report, as_written)
-        report.raise_if_fatal()
+        report.raise_if_fatal(not_done, advice)
         annotations = report.source if as_written else report.annotations
         # The index replaces the dicts; keeping them would keep the memory it saves.
         report.source = report.annotations = None
         unreadable = report.unreadable if as_written else {}
-        split = index_split(annotations, report.raw_orientation_ids, unreadable, filter_empty,
-                            min_size)
-        split.report = report
+        checked = index_split(annotations, report.raw_orientation_ids, unreadable,
+                              filter_empty, min_size)
+        checked.report = report
         if why:
             log.info("checked index not used: %s", why)
         if stored is not None and report.file_stamps is not None:
             try:
-                _store(stored, key, split, report.file_stamps)
+                _store(stored, key, checked, report.file_stamps)
             except OSError as err:
                 log.warning("could not write the checked index %s (%s); the next start checks "
                             "the annotation file again", stored, err)
     else:
-        _log_summary(split.report, as_written)
-    split.report.file_stamps = None
-    return split
+        _log_summary(checked.report, as_written)
+    checked.report.file_stamps = None
+    return checked
 
 
 def _log_summary(report: DatasetReport, as_written: bool) -> None:

@@ -12,7 +12,13 @@ outside the image dropped, boxes partly outside clipped; a few unreadable images
 their annotations; images whose recorded size is the stored pixels' but not the EXIF-rotated
 view's are decoded un-rotated (``raw_orientation_ids``: their boxes were drawn on the stored
 pixels). ``fix=False`` (a curated set used exactly as written) makes every fix fatal. An
-evaluation split scores its file as written (``source``) minus the unreadable images.
+evaluation split (``evaluation=True``) scores its file as written (``source``) minus the
+unreadable images: its box problems are found, not fixed, and the summary says so.
+
+Said, not fixed: crowd boxes (ignored in training, ignore regions in evaluation) and annotations
+without ``iscrowd`` / ``area`` (evaluation fills in ``coco_schema.fill_optional_keys``' values) in
+``notes``; in ``warnings``, among others, boxes that look like another box format, categories
+without a box, and (``split_warnings``) a val split that is the train split.
 
 Images are fully decoded in a thread pool (PIL releases the GIL) with
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` held False, so truncated files raise. With ``cache=FILE`` each
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -46,7 +53,8 @@ from gfldet.data.images import (
     upright_size,
 )
 
-__all__ = ["DatasetError", "DatasetReport", "ShardedCheck", "check_dataset", "split_problems"]
+__all__ = ["DatasetError", "DatasetReport", "ShardedCheck", "check_dataset", "split_problems",
+           "split_warnings"]
 
 MAX_LISTED = 20  # problems listed in an error before "... and N more"
 MAX_EXAMPLES = 5  # examples shown per kind of fix
@@ -59,6 +67,15 @@ FIX_BAD_IMAGE = "missing or unreadable images dropped (with their annotations)"
 FIX_BAD_IMAGE_ANNS = "annotations of dropped images removed"
 FIX_RAW_ORIENTATION = "EXIF-rotated images decoded without rotation (boxes drawn on stored pixels)"
 
+# A fix line of an evaluation split, which scores the boxes as written.
+_AS_WRITTEN = {
+    FIX_EMPTY_BOX: "boxes with zero or negative width/height found, scored as written",
+    FIX_CLIPPED: "boxes partly outside the image found, scored as written",
+    FIX_OUTSIDE: "boxes wholly outside the image found, scored as written",
+}
+# Kinds whose one example lists every item (ids), instead of one example per item.
+_LISTS_ALL = {FIX_BAD_IMAGE_ANNS}
+
 # What each box fix repairs, for the fatal message when fix=False.
 _BOX_PROBLEM = {
     FIX_EMPTY_BOX: "the box has zero or negative width/height",
@@ -66,8 +83,15 @@ _BOX_PROBLEM = {
     FIX_OUTSIDE: "the box lies wholly outside the image",
 }
 
-# More than this share of boxes needing a fix suggests a wrong box format, e.g. [x1, y1, x2, y2].
+# More than this share of boxes needing a fix suggests a wrong box format, e.g. [x1, y1, x2, y2];
+# this share of boxes under TINY_BOX_SIDE px wide and high, normalised (0..1) boxes.
 SUSPICIOUS_BOX_FIX_SHARE = 0.05
+TINY_BOX_SHARE = 0.9
+TINY_BOX_SIDE = 2.0
+
+# What a failed check says was not done, and where to look next (the caller may say otherwise).
+NOT_TRAINED = "nothing was trained"
+CHECK_ADVICE = "Run tools/check_dataset.py CONFIG for the full report."
 
 _NOT_FOUND = "file not found"
 _LOAD_TRUNCATED_LOCK = threading.Lock()
@@ -98,9 +122,12 @@ class DatasetReport:
     fixed: Counter[str] = field(default_factory=Counter)
     fix_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts worth knowing, nothing suspicious
+    evaluation: bool = False  # checked as a split that is scored as written, not trained on
     num_images: int = 0
     num_annotations: int = 0
-    images_decoded: int = 0
+    images_decoded: int = 0  # image files read (missing ones aside)
+    images_missing: int = 0
     images_from_cache: int = 0  # full-decode results reused from the check cache (files unchanged)
     cache_note: str = ""  # what the check cache gave, or why it was not used
     seconds: float = 0.0
@@ -127,9 +154,10 @@ class DatasetReport:
         if len(self.fix_examples[kind]) < examples:
             self.fix_examples[kind].append(example)
 
-    def summary(self, evaluation: bool = False) -> str:
-        """The report as text. `evaluation`: for a split scored as written (only unreadable
-        images are left out, nothing else is fixed)."""
+    def summary(self, evaluation: bool | None = None) -> str:
+        """The report as text. `evaluation` (default: as checked): for a split scored as written
+        (only unreadable images are left out, nothing else is fixed)."""
+        evaluation = self.evaluation if evaluation is None else evaluation
         kept = ""
         if self.kept is not None and not evaluation:
             kept = f" -> {self.kept[0]} images, {self.kept[1]} annotations after fixes"
@@ -137,6 +165,8 @@ class DatasetReport:
                    or self.images_from_cache else "; image files not decoded")
         if self.images_from_cache:
             decoded += f", {self.images_from_cache} unchanged since their last full decode"
+        if self.images_missing:
+            decoded += f", {self.images_missing} not found"
         if self.cache_note:
             decoded += f" ({self.cache_note})"
         lines = [
@@ -148,25 +178,31 @@ class DatasetReport:
                          "unreadable images):" if evaluation else
                          "fixed in memory (training uses the fixed data; the files are unchanged):")
             for kind, count in self.fixed.items():
-                examples = "; ".join(self.fix_examples[kind])
-                more = ", ..." if count > len(self.fix_examples[kind]) else ""
-                lines.append(f"  - {count} {kind}: {examples}{more}")
+                shown = self.fix_examples[kind]
+                more = ", ..." if count > len(shown) and kind not in _LISTS_ALL else ""
+                what = _AS_WRITTEN.get(kind, kind) if evaluation else kind
+                lines.append(f"  - {count} {_number(what, count)}: {'; '.join(shown)}{more}")
+        if self.notes:
+            lines.append("notes:")
+            lines.extend(f"  - {n}" for n in self.notes)
         if self.warnings:
             lines.append("warnings:")
             lines.extend(f"  - {w}" for w in self.warnings)
         if self.fatal:
-            lines.append(f"FATAL ({len(self.fatal)} problems; training would not start):")
+            lines.append(f"FATAL ({_count(len(self.fatal), 'problem')}; training would not "
+                         "start):")
             lines.extend(_listed(self.fatal))
         lines.append("result: " + ("usable" if self.ok else "NOT usable - fix the problems above"))
         return "\n".join(lines)
 
-    def raise_if_fatal(self) -> None:
+    def raise_if_fatal(self, not_done: str = NOT_TRAINED, advice: str = CHECK_ADVICE) -> None:
+        """``DatasetError`` listing the fatal problems, then what was not done because of them
+        and ``advice`` (an evaluation says its own)."""
         if self.fatal:
             raise DatasetError(
                 f"dataset {self.ann_file} (images in {self.image_dir}) has "
-                f"{len(self.fatal)} fatal problem(s); nothing was trained:\n"
-                + "\n".join(_listed(self.fatal))
-                + "\nRun tools/check_dataset.py CONFIG for the full report."
+                f"{_count(len(self.fatal), 'fatal problem')}; {not_done}:\n"
+                + "\n".join(_listed(self.fatal)) + f"\n{advice}"
             )
 
 
@@ -191,6 +227,37 @@ def split_problems(num_classes: int, reports: dict[str, DatasetReport]) -> list[
     return problems
 
 
+def split_warnings(reports: dict[str, DatasetReport]) -> list[str]:
+    """Remarks on the splits together that do not stop training: a val split that is the train
+    split (its AP would measure memory, not generalisation)."""
+    train, val = reports.get("train"), reports.get("val")
+    if train is None or val is None or not _same_file(train.ann_file, val.ann_file):
+        return []
+    return [f"val uses the train annotation file ({train.ann_file}): its AP measures images the "
+            "model was trained on, not how well it does on new ones; give data.val a held-out "
+            "split"]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is missing (already fatal)
+        return a.absolute() == b.absolute()
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def _number(kind: str, count: int) -> str:
+    """A kind of fix ("boxes with ...", "missing ... images dropped (with their annotations)")
+    in the singular when ``count`` is 1."""
+    if count != 1:
+        return kind
+    return re.sub(r"\b(box|image|annotation)(es|s)\b", r"\1", kind, count=1).replace(
+        "their", "its")
+
+
 def _listed(items: list[str]) -> list[str]:
     lines = [f"  - {item}" for item in items[:MAX_LISTED]]
     if len(items) > MAX_LISTED:
@@ -207,11 +274,27 @@ def _ids(values: Iterable[Any], limit: int = 5) -> str:
 # ---------------------------------------------------------------------------- annotation file
 
 
-def _load_json(ann_file: Path, report: DatasetReport) -> Any:
+def _config_key(split: str | None, key: str) -> str:
+    """Where a split's path is set: ``data.val.images`` and how to override it, or (split not
+    known) ``data.<split>.images``."""
+    if split is None:
+        return f"data.<split>.{key}"
+    return f"data.{split}.{key} (in the config, or --cfg-options data.{split}.{key}=PATH)"
+
+
+def _tried(path: Path) -> str:
+    """Where a relative path was looked for: from the current folder."""
+    if path.is_absolute():
+        return ""
+    return f" (looked for {path.absolute()}: a relative path is taken from the current folder)"
+
+
+def _load_json(ann_file: Path, report: DatasetReport, split: str | None) -> Any:
     """The parsed file; a fatal problem when it cannot be read as JSON."""
     if not ann_file.is_file():
-        what = "is a folder, not a file" if ann_file.is_dir() else "not found"
-        report.fatal.append(f"{ann_file}: annotation file {what}; check data.<split>.annotations")
+        what = "is a folder, not a file" if ann_file.is_dir() else "not found" + _tried(ann_file)
+        report.fatal.append(f"{ann_file}: annotation file {what}; check "
+                            f"{_config_key(split, 'annotations')}")
         return None
     try:
         return json.loads(ann_file.read_bytes())
@@ -290,32 +373,83 @@ def _check_references(data: dict[str, Any], bad: dict[str, set[int]], ann_file: 
 
 
 def _check_boxes(anns: list[dict], images: dict[int, dict], fix: bool, ann_file: Path,
-                 report: DatasetReport) -> list[dict]:
-    """Drop / clip boxes against the recorded image size; returns the kept annotations."""
+                 report: DatasetReport) -> tuple[list[dict], int]:
+    """Drop / clip boxes against the recorded image size. Returns the kept annotations and the
+    number of boxes that are not a crowd's (the ground truth evaluation scores against). Notes
+    crowd boxes and missing optional keys; warns about a likely wrong box format and categories
+    without a box."""
     kept = []
+    crowd = no_iscrowd = no_area = tiny = 0
+    box_cats: set[int] = set()  # categories with a box that is not a crowd's
     for ann in anns:
         x, y, w, h = (float(v) for v in ann["bbox"])
+        # Counted in the one pass over the annotations (COCO: 860k).
+        iscrowd = ann.get("iscrowd")  # 0 or 1 (coco_schema), None when missing
+        no_iscrowd += iscrowd is None
+        crowd += iscrowd == 1
+        if iscrowd != 1:
+            box_cats.add(ann["category_id"])
+        no_area += "area" not in ann
+        tiny += w < TINY_BOX_SIDE and h < TINY_BOX_SIDE
         im = images[ann["image_id"]]
         width, height = int(im["width"]), int(im["height"])
-        where = f"annotation id {ann['id']} (image id {ann['image_id']}, bbox {ann['bbox']})"
         if w <= 0 or h <= 0:
-            _fixable(report, fix, FIX_EMPTY_BOX, where, ann_file)
+            _fixable(report, fix, FIX_EMPTY_BOX, _where(ann), ann_file)
             continue
         x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
         if x2 <= x1 or y2 <= y1:
-            _fixable(report, fix, FIX_OUTSIDE, f"{where} vs image {width}x{height}", ann_file)
+            _fixable(report, fix, FIX_OUTSIDE, f"{_where(ann)} vs image {width}x{height}",
+                     ann_file)
             continue
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            _fixable(report, fix, FIX_CLIPPED, f"{where} vs image {width}x{height}", ann_file)
+            _fixable(report, fix, FIX_CLIPPED, f"{_where(ann)} vs image {width}x{height}",
+                     ann_file)
             ann = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1]}  # a copy: the caller's dict stays
         kept.append(ann)
+    _note_boxes(len(anns), crowd, no_iscrowd, no_area, report)
     box_fixes = sum(report.fixed[k] for k in (FIX_EMPTY_BOX, FIX_CLIPPED, FIX_OUTSIDE))
+    odd = []
     if anns and box_fixes > SUSPICIOUS_BOX_FIX_SHARE * len(anns):
+        odd.append(f"{box_fixes} of {len(anns)} boxes " + (
+            "are empty or (partly) outside the image" if report.evaluation
+            else "had to be dropped or clipped"))
+    if anns and tiny >= TINY_BOX_SHARE * len(anns):
+        odd.append(f"{tiny} of {len(anns)} boxes are under {TINY_BOX_SIDE:g} px wide and high")
+    if odd:
         report.warnings.append(
-            f"{box_fixes} of {len(anns)} boxes had to be dropped or clipped: COCO boxes are "
-            "[x, y, width, height] in pixels of the image as listed; if yours are [x1, y1, x2, y2] "
-            "or normalised, convert them")
-    return kept
+            "; ".join(odd) + ": COCO boxes are [x, y, width, height] in pixels of the image as "
+            "listed; if yours are [x1, y1, x2, y2] or normalised (0..1), convert them")
+    boxless = [f"{c.get('id')} {c.get('name')!r}" for c in report.categories
+               if c.get("id") not in box_cats]
+    # Not with no box at all (said elsewhere), nor beside fatal problems (which may explain it).
+    if boxless and len(anns) > crowd and not report.fatal:
+        them = "it" if len(boxless) == 1 else "them"
+        report.warnings.append(
+            f"{_count(len(boxless), 'category', 'categories')} without a box (crowd aside): "
+            f"{_ids(boxless)}; "
+            + (f"no AP can be computed for {them} (nan in the per-class table; the mean AP "
+               f"leaves {them} out)" if report.evaluation else f"the model cannot learn {them}"))
+    return kept, len(anns) - crowd
+
+
+def _where(ann: dict) -> str:
+    # Formatted only for a box that needs a fix: most boxes need none.
+    return f"annotation id {ann['id']} (image id {ann['image_id']}, bbox {ann['bbox']})"
+
+
+def _note_boxes(num: int, crowd: int, no_iscrowd: int, no_area: int,
+                report: DatasetReport) -> None:
+    if crowd:
+        report.notes.append(
+            f"crowd boxes (iscrowd: 1): {crowd} of {num} annotations; training ignores them and "
+            "evaluation treats them as ignore regions (a detection on one is neither a hit nor a "
+            "false positive)")
+    lacking = [f"{key!r}: {count} ({used})" for key, count, used in (
+        ("iscrowd", no_iscrowd, "0 is used: not a crowd"),
+        ("area", no_area, "evaluation uses the box's width * height, as COCO converters write "
+                          "it for a box without a mask")) if count]
+    if lacking:
+        report.notes.append("annotations without " + "; without ".join(lacking))
 
 
 def _fixable(report: DatasetReport, fix: bool, kind: str, where: str, ann_file: Path) -> None:
@@ -374,8 +508,10 @@ def _probe_files(files: list[str], check_images: bool, max_pixels: int | None,
     # Plain loops: a stat is microseconds, less than a thread pool spends handing out a task.
     paths = {name: report.image_dir / name for name in files}
     if not check_images:
-        return {name: _Probe() if path.is_file() else _Probe(error=_NOT_FOUND)
-                for name, path in paths.items()}
+        probes = {name: _Probe() if path.is_file() else _Probe(error=_NOT_FOUND)
+                  for name, path in paths.items()}
+        report.images_missing = sum(p.error == _NOT_FOUND for p in probes.values())
+        return probes
     stamps = {name: file_stamp(path) for name, path in paths.items()}
     report.file_stamps = stamps if cache else None
     key = cache_key(report.ann_file, report.image_dir, max_pixels)
@@ -401,7 +537,10 @@ def _probe_files(files: list[str], check_images: bool, max_pixels: int | None,
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True in this process (some imported code "
             "set it); the check ignored it, but training would decode truncated files as "
             "gray: find and remove the line that sets it")
-    report.images_decoded, report.images_from_cache = len(to_decode), len(files) - len(to_decode)
+    # Missing files are never cached (_write_cache), so all of them are among the decoded.
+    report.images_missing = sum(p.error == _NOT_FOUND for p in decoded)
+    report.images_decoded = len(to_decode) - report.images_missing
+    report.images_from_cache = len(files) - len(to_decode)
     return probes
 
 
@@ -412,11 +551,19 @@ def _check_files(images: dict[int, dict], probes: dict[str, _Probe], fix: bool,
     bad: dict[int, str] = {}
     raw_orientation: set[int] = set()
     flips = 0
+    listings: dict[Path, dict[str, str]] = {}  # folder -> lower-case name -> name
+    misnamed = 0  # missing files whose name has a hint
     for image_id, im in sorted(images.items()):
         probe = probes[im["file_name"]]
         where = f"{report.image_dir / im['file_name']} (image id {image_id})"
         if probe.too_large:
             report.fatal.append(f"image id {image_id}: {probe.error}")
+            continue
+        if probe.error == _NOT_FOUND:  # quoted: a space at the end of the name shows
+            path = report.image_dir / im["file_name"]
+            hint = _not_found_hint(im["file_name"], path, listings)
+            misnamed += bool(hint)
+            bad[image_id] = f"{str(path)!r} (image id {image_id}): {_NOT_FOUND}{hint}"
             continue
         if probe.error:
             bad[image_id] = f"{where}: {probe.error}"
@@ -457,14 +604,30 @@ def _check_files(images: dict[int, dict], probes: dict[str, _Probe], fix: bool,
         report.warnings.append(
             f"{flips} images have an EXIF flip or 180-degree rotation (orientation 2-4), which "
             "sizes cannot verify; gfldet applies it, so boxes must be drawn on the upright view")
-    return _judge_bad_images(bad, len(images), fix, max_bad_image_fraction,
+    return _judge_bad_images(bad, misnamed, len(images), fix, max_bad_image_fraction,
                              report), raw_orientation
 
 
-def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fraction: float,
-                      report: DatasetReport) -> dict[int, str]:
+def _not_found_hint(file_name: str, path: Path, listings: dict[Path, dict[str, str]]) -> str:
+    """Why ``file_name`` may not be found: a Windows separator, whitespace around a part of the
+    name, or another letter case on disk (one listing per folder, kept in ``listings``)."""
+    if "\\" in file_name:
+        return " (the name has a backslash: use / in file_name)"
+    if any(part != part.strip() for part in file_name.split("/")):
+        return " (the name has leading or trailing whitespace)"
+    if path.parent not in listings:
+        try:
+            listings[path.parent] = {name.lower(): name for name in os.listdir(path.parent)}
+        except OSError:
+            listings[path.parent] = {}
+    other = listings[path.parent].get(path.name.lower())
+    return f" ({other!r} exists: the letter case differs)" if other else ""
+
+
+def _judge_bad_images(bad: dict[int, str], misnamed: int, num_images: int, fix: bool,
+                      max_fraction: float, report: DatasetReport) -> dict[int, str]:
     """The bad files to drop (each listed): all of them within the budget, else none and a fatal
-    problem."""
+    problem. ``misnamed``: missing files whose message has a hint about the name."""
     allowed = max(1, math.floor(max_fraction * num_images)) if fix and max_fraction > 0 else 0
     missing = sum(_NOT_FOUND in msg for msg in bad.values())
     if len(bad) <= allowed:
@@ -472,7 +635,10 @@ def _judge_bad_images(bad: dict[int, str], num_images: int, fix: bool, max_fract
             report.add_fix(FIX_BAD_IMAGE, msg, examples=MAX_LISTED)
         return bad
     hint = ""
-    if missing == num_images:
+    if misnamed:
+        hint = (f" The names of {_count(misnamed, 'missing file')} look wrong: see the hint "
+                "after each.")
+    elif missing == num_images:
         hint = f" None of the files exists: is {report.image_dir} the right image folder?"
     elif missing > len(bad) / 2:
         hint = " Most are missing: was the image archive fully extracted?"
@@ -568,10 +734,13 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
                   check_images: bool = True, *, max_bad_image_fraction: float = 0.01,
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   shard: ShardedCheck | None = None,
-                  cache: str | Path | None = None) -> DatasetReport:
+                  cache: str | Path | None = None, split: str | None = None,
+                  evaluation: bool = False) -> DatasetReport:
     """Check a COCO-format dataset (the module docstring says what is fatal and what is fixed).
 
     ``check_images=False``: files are only checked to exist, not decoded or measured.
+    ``split`` ("train", "val"): named in messages about the config keys (``data.val.images``).
+    ``evaluation``: the split is scored as written, not trained on (the messages say so).
     ``max_bad_image_fraction`` (``train.max_decode_failures``): the share of image files that may
     be missing/unreadable and dropped; one is always tolerated unless it is 0. ``shard``: see
     ``ShardedCheck``. ``cache``: a JSON file of each image's decode result (module docstring).
@@ -581,8 +750,8 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
     image_dir, ann_file = Path(image_dir), Path(ann_file)
     cache = Path(cache) if cache is not None else None
     shard = shard or SINGLE_PROCESS
-    report = DatasetReport(ann_file=ann_file, image_dir=image_dir)
-    data = _load_json(ann_file, report)
+    report = DatasetReport(ann_file=ann_file, image_dir=image_dir, evaluation=evaluation)
+    data = _load_json(ann_file, report, split)
     problems, bad = structure_problems(data, ann_file) if not report.fatal else ([], None)
     report.fatal.extend(problems)
     if bad is None:
@@ -598,22 +767,28 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
     drop: dict[int, str] = {}
     raw_orientation: set[int] = set()
     if not image_dir.is_dir():
-        report.fatal.append(f"image directory {image_dir} not found; check data.<split>.images")
+        report.fatal.append(f"image directory {image_dir} not found{_tried(image_dir)}; check "
+                            f"{_config_key(split, 'images')}")
     else:
         files = sorted({im["file_name"] for im in images.values()})
         probes = _probe_files(files, check_images, max_image_pixels, report, shard, cache)
         drop, raw_orientation = _check_files(images, probes, fix, max_bad_image_fraction, report)
     dropped_anns = [a for a in anns if a["image_id"] in drop]
     if dropped_anns:
-        report.add_fix(FIX_BAD_IMAGE_ANNS, f"ids {_ids(a['id'] for a in dropped_anns)}",
+        ids = "id" if len(dropped_anns) == 1 else "ids"
+        report.add_fix(FIX_BAD_IMAGE_ANNS, f"{ids} {_ids(a['id'] for a in dropped_anns)}",
                        count=len(dropped_anns))
     # Boxes are judged against the recorded size, which is the frame of the decoded pixels for
     # every image that passed (un-rotated decoding keeps the recorded frame too).
-    anns = _check_boxes([a for a in anns if a["image_id"] not in drop], images, fix, ann_file,
-                        report)
+    anns, scored = _check_boxes([a for a in anns if a["image_id"] not in drop], images, fix,
+                                ann_file, report)
 
     if not report.fatal:
-        if not anns:
+        if evaluation and not scored:
+            report.warnings.append("no boxes to score against (crowd boxes aside): AP cannot be "
+                                   "computed, and evaluation reports -1; give the val split its "
+                                   "annotations")
+        elif not evaluation and not anns:
             report.warnings.append("no usable annotations remain: a training split needs boxes")
         report.annotations = {
             **data,  # keeps info / licenses, which pycocotools and evaluation may read

@@ -21,6 +21,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from gfldet.data.coco_schema import fill_optional_keys
 from gfldet.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetError, load_image_rgb
 from gfldet.data.index import (
     CheckedSplit,
@@ -143,9 +144,12 @@ class CocoDetection(Dataset):
 
     def ground_truth(self) -> COCO:
         """A pycocotools index of the annotation file as written: what evaluation scores against
-        (built when asked, so that no process holds it for the whole run)."""
+        (built when asked, so that no process holds it for the whole run). A missing ``iscrowd``
+        or ``area``, which COCOeval reads, is filled in (``fill_optional_keys``)."""
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(self.ann_file))
+            coco = COCO(str(self.ann_file))
+        fill_optional_keys(coco.dataset.get("annotations", []))  # the dicts in coco.anns too
+        return coco
 
     @property
     def num_classes(self) -> int:

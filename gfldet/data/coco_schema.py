@@ -2,20 +2,23 @@
 has to fix the file: the file, the record (``annotations[12]``, with its id when it has one), the
 key, the bad value and what it must be.
 
-Only structure is checked here: keys, types, finite numbers, positive sizes. Keys beyond these
-(``area``, ``iscrowd``, ``segmentation``, ``info``, ...) are allowed, as in COCO. What the records
-mean together (unique ids, references, boxes inside images) is ``checks.py``'s.
+Only structure is checked here: keys, types, finite numbers, positive sizes. An annotation's
+``iscrowd`` and ``area`` may be missing (script-written files often leave them out):
+``fill_optional_keys`` gives them COCO's values for a box without a mask. Other keys
+(``segmentation``, ``info``, ...) are allowed, as in COCO. What the records mean together (unique
+ids, references, boxes inside images) is ``checks.py``'s.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 # Some converters write 640.0; CocoDetection reads int(value), so integral floats are fine.
 _Size = Annotated[float, Field(gt=0, multiple_of=1)]
@@ -36,6 +39,9 @@ class CocoAnnotation(TypedDict):
     image_id: int
     category_id: int
     bbox: Annotated[list[float], Field(min_length=4, max_length=4)]  # [x, y, width, height]
+    # Strict: "0" is no int (it would be truthy, a crowd box, where tested as a bool).
+    iscrowd: NotRequired[Annotated[int, Field(ge=0, le=1)]]
+    area: NotRequired[Annotated[float, Field(ge=0)]]
 
 
 class CocoCategory(TypedDict):
@@ -59,6 +65,8 @@ _RULE = {
     "file_name": "a non-empty string", "width": "a positive integer",
     "height": "a positive integer",
     "bbox": "[x, y, width, height] with 4 finite numbers", "name": "a string",
+    "iscrowd": "0 or 1 (an integer; leave it out for 0)",
+    "area": "a finite number >= 0 (leave it out for the box's width * height)",
 }
 
 
@@ -69,6 +77,22 @@ def short(value: Any, limit: int = 80) -> str:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def fill_optional_keys(annotations: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """Give annotations without ``iscrowd`` 0 and without ``area`` their box's width * height
+    (what COCO converters write for a box without a mask; pycocotools' evaluation reads both).
+    The dicts are changed in place. Returns how many lacked (iscrowd, area)."""
+    no_crowd = no_area = 0
+    for ann in annotations:
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            no_crowd += 1
+        if "area" not in ann:
+            _, _, w, h = ann["bbox"]
+            ann["area"] = max(float(w), 0.0) * max(float(h), 0.0)
+            no_area += 1
+    return no_crowd, no_area
 
 
 def structure_problems(data: Any, ann_file: Path) -> tuple[list[str], dict[str, set[int]] | None]:

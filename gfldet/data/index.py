@@ -155,7 +155,8 @@ def build_index(
             continue
         positions.append(position)
         # Crowd regions are not instances; the detector never sees them as ground truth.
-        crowd = ann.get("iscrowd", 0) or ann.get("ignore", 0)
+        # `== 1`: a string "0" (which the dataset check refuses) is not a crowd.
+        crowd = ann.get("iscrowd", 0) == 1 or ann.get("ignore", 0)
         label = -1 if crowd else cat_id_to_label.get(int(ann["category_id"]), -1)
         labels.append(label)
         xywh.append([float(v) for v in ann["bbox"]] if label >= 0 else [0.0, 0.0, 0.0, 0.0])
@@ -216,8 +217,9 @@ def index_split(annotations: dict[str, Any], raw_orientation_ids: frozenset[int]
             elif count == 0:
                 reason = "no annotations"
             else:
-                reason = (f"no usable box (its {count} annotations are crowd/ignored, or under 1 "
-                          "px once clipped to the image)")
+                its = "its annotation is" if count == 1 else f"its {count} annotations are"
+                reason = (f"no usable box ({its} crowd/ignored, or under 1 px once clipped to "
+                          "the image)")
             left_out.append(f"{index.file_name(i)} (image id {int(index.image_ids[i])}): {reason}")
         index = index.select(~(small | empty))
     return CheckedSplit(index, None, left_out, label_to_cat_id,
