@@ -646,7 +646,8 @@ def _five_classes(path: Path) -> None:
 ckpt_kind("ckpt_missing", lambda p, w: None, "{ckpt}", "not found")
 ckpt_kind("ckpt_truncated", _copy_cut, "{ckpt}", "incomplete or corrupt")
 ckpt_kind("ckpt_zero_bytes", lambda p, w: p.write_bytes(b""), "{ckpt}", "incomplete or corrupt")
-ckpt_kind("ckpt_text_file", lambda p, w: p.write_text("hello\n"), "{ckpt}", "incomplete or corrupt")
+ckpt_kind("ckpt_text_file", lambda p, w: p.write_text("hello\n"), "{ckpt}",
+          "not a PyTorch checkpoint")
 ckpt_kind("ckpt_malicious_torch_zip", _evil_zip, "{ckpt}", "refused", "nothing in it was executed")
 ckpt_kind("ckpt_malicious_pickle", _evil_pickle, "{ckpt}", "refused", "nothing in it was executed")
 ckpt_kind("ckpt_is_a_folder", lambda p, w: p.mkdir(), "{ckpt}")

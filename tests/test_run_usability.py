@@ -252,6 +252,15 @@ def test_a_failed_evaluation_keeps_the_epochs_training(tiny_coco, tmp_path, monk
     assert load_checkpoint(work / "last.pth")["epoch"] == 2
 
 
+def test_training_warns_when_val_is_the_train_file(tiny_coco, tmp_path):
+    work = tmp_path / "run"
+    run_in_process(*tiny_args(tiny_coco, work), "schedule.epochs=1", "schedule.milestones=[]",
+                   f"data.val.images={tiny_coco['train_images']}",
+                   f"data.val.annotations={tiny_coco['train_ann']}")
+    log = (work / "train.log").read_text()
+    assert f"WARNING val uses the train annotation file ({tiny_coco['train_ann']})" in log
+
+
 def test_a_folder_without_a_checkpoint_is_refused_without_offering_resume(tmp_path):
     (tmp_path / "scalars.jsonl").write_text('{"iteration": 1}\n')  # a run that died in epoch 1
     with pytest.raises(RunDirError) as info:

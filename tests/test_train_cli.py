@@ -117,6 +117,18 @@ def test_eval_refuses_a_val_file_whose_classes_differ_from_the_checkpoints(train
         [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])])
 
 
+def test_eval_of_a_missing_val_file_says_nothing_was_evaluated_and_how_to_name_one(trained_run,
+                                                                                   tmp_path):
+    work, _ = trained_run
+    proc = run_in_process(EVAL, str(work / "last.pth"), "--cfg-options",
+                          "data.val.annotations=gone/val.json", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for words in ("data.val.annotations", "nothing was evaluated", "stored config",
+                  "--cfg-options data.val.images=DIR data.val.annotations=FILE"):
+        assert words in proc.stderr, words
+    assert "nothing was trained" not in proc.stderr and "check_dataset.py" not in proc.stderr
+
+
 def test_eval_with_faster_coco_eval_matches_pycocotools(trained_run, tmp_path):
     pytest.importorskip("faster_coco_eval")
     work, _ = trained_run

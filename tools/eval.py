@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(None)
         # A YAML config and its val split are checked before the (large) checkpoint is read.
         cfg = load_config(config_path, args.cfg_options) if config_path else None
-        dataset = build_dataset(cfg, "val") if cfg is not None else None
+        dataset = build_val_set(cfg, config_path) if cfg is not None else None
         state = load_checkpoint(checkpoint)
         if cfg is None:
             cfg = config_for_checkpoint(state, None, checkpoint, args.cfg_options)
-            dataset = build_dataset(cfg, "val")
+            dataset = build_val_set(cfg, f"{checkpoint}'s stored config")
         check_same_classes(state, checkpoint, dataset)
         precision = resolve_precision(cfg.train.amp, device)
         log.info("config: %s; precision: %s (%s)", config_path or f"{checkpoint} (stored config)",
@@ -139,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
                                  score_thr=args.report_score_thr, num_worst=args.report_images)
             print(f"report: {index}")
     return 0
+
+
+def build_val_set(cfg, source: str):
+    """The checked val set; a fatal problem says that nothing was evaluated and how to name
+    other files."""
+    return build_dataset(
+        cfg, "val", not_done="nothing was evaluated",
+        advice=f"The val paths come from {source} (relative ones from the current folder); give "
+               "others with --cfg-options data.val.images=DIR data.val.annotations=FILE.")
 
 
 def check_same_classes(state: dict, checkpoint: str, dataset) -> None:

@@ -60,12 +60,14 @@ def dataset_paths(cfg: DataConfig, split: str, generate: bool = True) -> SplitPa
     return SplitPaths(Path(paths[f"{split}_images"]), Path(paths[f"{split}_ann"]))
 
 
-def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
+def build_dataset(cfg: Config, split: str, check_cache: Path | None = None, *,
+                  not_done: str | None = None, advice: str | None = None):
     """The checked dataset of `split`: the check runs here (every image decoded; fatal problems
     raise), and the dataset indexes and loads its result. Training data is fixed in memory;
     validation data is scored against its file as written, only its unreadable images are left
     out (and named). `check_cache` (a JSON file) reuses the full-decode results of the image
-    files unchanged since the check that wrote it (see gfldet.data.checks)."""
+    files unchanged since the check that wrote it (see gfldet.data.checks). `not_done` and
+    `advice` end a fatal problem's message (default: training's wording)."""
     from gfldet.data import CocoDetection, build_transforms
     from gfldet.data.checked_split import load_checked_split
     from gfldet.data.checks import ShardedCheck
@@ -84,7 +86,8 @@ def build_dataset(cfg: Config, split: str, check_cache: Path | None = None):
     split_data = load_checked_split(
         paths.images, paths.annotations, filter_empty=filter_empty, min_size=min_size,
         as_written=not train, max_decode_failures=cfg.train.max_decode_failures,
-        cache=check_cache, shard=shard)
+        cache=check_cache, shard=shard, split=split,
+        **{k: v for k, v in (("not_done", not_done), ("advice", advice)) if v is not None})
     dataset = CocoDetection(paths.images, paths.annotations, transform, filter_empty, min_size,
                             split=split_data, max_decode_failures=cfg.train.max_decode_failures)
     if dataset.num_classes != cfg.model.num_classes:

@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gfldet.config import Config, ConfigError, config_to_dict, dump_config
 from gfldet.data import build_dataloader, normalize_batch
-from gfldet.data.checks import split_problems
+from gfldet.data.checks import split_problems, split_warnings
 from gfldet.data.images import DatasetError
 from gfldet.data.loader import freeze_heap_for_workers
 from gfldet.distributed import (
@@ -191,6 +191,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     sets = {s: build_dataset(cfg, s, work_dir / CHECK_CACHE_DIR / f"{s}.json") for s in splits}
     train_set, val_set = sets["train"], sets.get("val")
     reports = {s: sets[s].check_report for s in reversed(splits)}  # train's problems first
+    for warning in split_warnings(reports):
+        log.warning("%s", warning)
     problems = split_problems(cfg.model.num_classes, reports)
     if problems:
         raise DatasetError("the datasets do not fit together; nothing was trained:\n"
