@@ -909,3 +909,25 @@ def test_pil_png_reader_rejects_truncation_by_default() -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     with pytest.raises(OSError, match="truncated"):
         Image.open(io.BytesIO(buf.getvalue()[:800])).load()
+
+
+def test_an_error_with_loader_workers_alive_does_not_hang_the_exit(tmp_path: Path) -> None:
+    # Workers ignore SIGTERM (scancel and Ctrl-C must not kill them before the main process's
+    # checkpoint); multiprocessing's exit handler ends them with SIGTERM and waited forever when
+    # an uncaught error's traceback still held the loader.
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import torch\n"
+        "from gfldet.data import build_dataloader\n"
+        "class Images(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 8\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3, 4, 4, dtype=torch.uint8), {'image_size': (4, 4)}\n"
+        "loader = build_dataloader(Images(), 2, 2, train=False, seed=0, distributed=False,\n"
+        "                          size_divisor=4)\n"
+        "next(iter(loader))\n"
+        "raise RuntimeError('the loop failed')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 1 and "RuntimeError: the loop failed" in proc.stderr

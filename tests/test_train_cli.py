@@ -179,6 +179,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained_run, tiny
                 f"all {n} image files are unchanged") in resumed_log
 
 
+def test_a_diverged_run_with_loader_workers_exits_with_its_message(tiny_coco, tmp_path):
+    # Loader workers ignore SIGTERM (a scancel must not kill them before the checkpoint), and
+    # multiprocessing's exit handler waited forever for them when an error left the loop.
+    overrides = [o for o in tiny_overrides(tiny_coco) if not o.startswith("data.num_workers")]
+    proc = subprocess.run(
+        [sys.executable, TRAIN, DEMO, "--work-dir", str(tmp_path / "run"), "--cfg-options",
+         *overrides, "data.num_workers=2", "optim.lr=1e6", "train.max_bad_steps=2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: 2 consecutive non-finite steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_misspelt_key_is_named(tiny_coco, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"base: {DEMO}\noptim:\n  lrr: 0.1\n")

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:  # a message, no trace
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the run diverged: its message says what to change
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
         latest = find_latest_checkpoint(work_dir)
         where = (f"the last complete checkpoint is {latest} (continue with --resume)" if latest

@@ -5,9 +5,11 @@ Shape legend: B = batch size, H/W = per-image size, Hp/Wp = padded batch size, G
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import math
+import multiprocessing
 import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -199,6 +201,20 @@ def _worker_init(worker_id: int) -> None:
         transform.set_random_seed(info.seed % 2**32)
 
 
+@functools.cache  # registered once, after multiprocessing's exit handler: so it runs before it
+def _end_workers_at_exit() -> None:
+    atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    # Workers ignore SIGTERM (_worker_init), and multiprocessing's exit handler ends daemonic
+    # processes with SIGTERM and then waits for them: a loader still alive at exit (held by an
+    # exception's traceback) hung the interpreter. They only read, so SIGKILL is safe.
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+
+
 def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int,
                      distributed: bool, *, size_divisor: int, aspect_ratio_grouping: bool = True,
                      pin_memory: bool | None = None,
@@ -229,6 +245,8 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train:
         batch_sampler = BatchSampler(shard, batch_size, drop_last=False)
 
     # Worker base seeds come from this generator; offset by rank so ranks' workers differ.
+    if num_workers > 0:
+        _end_workers_at_exit()
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence([int(seed), rank]).generate_state(1)[0]))
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
