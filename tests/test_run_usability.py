@@ -225,8 +225,14 @@ def test_overwrite_removes_the_earlier_runs_report_and_keeps_other_folders(tmp_p
     (tmp_path / "exports" / "model.onnx").write_text("mine")
     (tmp_path / "last.pth.metrics.json").write_text("{}")  # tools/eval.py's, of the old last.pth
     (tmp_path / "notes.metrics.json").write_text("mine")
+    for name in ("epoch_12_backup.pth", "epoch_3.pth.bak", "metrics_epoch_x.json"):  # a user's
+        (tmp_path / name).write_text("mine")
+    (tmp_path / "epoch_3.pth").write_text("the run's")
     removed = remove_run_outputs(tmp_path)
-    assert removed == [tmp_path / "last.pth.metrics.json", tmp_path / "report"]
+    assert removed == [tmp_path / "epoch_3.pth", tmp_path / "last.pth.metrics.json",
+                       tmp_path / "report"]
+    for name in ("epoch_12_backup.pth", "epoch_3.pth.bak", "metrics_epoch_x.json"):
+        assert (tmp_path / name).read_text() == "mine"
     assert not (tmp_path / "report").exists() and (tmp_path / "notes.metrics.json").exists()
     assert (tmp_path / "exports" / "model.onnx").read_text() == "mine"
 

@@ -11,6 +11,7 @@ process killed mid-save leaves that temporary file behind, and the next start re
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -31,9 +32,19 @@ class RunDirError(RuntimeError):
     """The run folder holds an earlier run, and neither --resume nor --overwrite was given."""
 
 
+def _glob(work_dir: Path, pattern: str) -> list[Path]:
+    """`work_dir.glob(pattern)`, where `epoch_*` matches a number only: the names a run writes
+    (a user's epoch_12_backup.pth is not the run's)."""
+    found = list(work_dir.glob(pattern))
+    if "epoch_*" in pattern:
+        rule = re.escape(pattern).replace(r"epoch_\*", r"epoch_\d+").replace(r"\*", ".*")
+        found = [p for p in found if re.fullmatch(rule, p.name)]
+    return found
+
+
 def _files(work_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
     """The files in `work_dir` (none if it is not a folder) matching any of `patterns`, sorted."""
-    return sorted({p for pattern in patterns for p in work_dir.glob(pattern) if p.is_file()})
+    return sorted({p for pattern in patterns for p in _glob(work_dir, pattern) if p.is_file()})
 
 
 def remove_stale_temporaries(work_dir: Path) -> list[Path]:
@@ -46,7 +57,7 @@ def remove_stale_temporaries(work_dir: Path) -> list[Path]:
 
 def remove_run_outputs(work_dir: Path) -> list[Path]:
     """Delete what a run wrote into `work_dir` (RUN_OUTPUTS), nothing else; returns what went."""
-    removed = sorted({p for pattern in RUN_OUTPUTS for p in work_dir.glob(pattern)})
+    removed = sorted({p for pattern in RUN_OUTPUTS for p in _glob(work_dir, pattern)})
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path)
