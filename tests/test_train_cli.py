@@ -192,6 +192,14 @@ def test_a_diverged_run_with_loader_workers_exits_with_its_message(tiny_coco, tm
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("tool", ["eval.py", "export.py"])
+def test_usage_names_one_checkpoint(tool):
+    # argparse's own usage for nargs="+" read "[CONFIG] CHECKPOINT [[CONFIG] CHECKPOINT ...]".
+    proc = run_in_process(str(ROOT / "tools" / tool), "a.pth", "b.pth", "c.pth", check=False)
+    assert proc.returncode == 2
+    assert f"usage: {tool} [CONFIG] CHECKPOINT " in proc.stderr and "[[" not in proc.stderr
+
+
 def test_misspelt_key_is_named(tiny_coco, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"base: {DEMO}\noptim:\n  lrr: 0.1\n")

@@ -43,7 +43,8 @@ from gfldet.inference import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, usage="%(prog)s [CONFIG] CHECKPOINT "
+                                     "[options]  (one checkpoint; --help lists the options)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT",
                         help="a checkpoint, optionally preceded by a YAML config to use instead "

@@ -97,7 +97,9 @@ UNUSED_WHEN = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, usage="%(prog)s [CONFIG] CHECKPOINT "
+                                     "--format {weights,onnx,torchscript} [options]  (one "
+                                     "checkpoint; --help lists the options)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT",
                         help="checkpoint written by tools/train.py (or an exported .pth), "
