@@ -236,7 +236,7 @@ class TrainConfig:
     eval_interval: NonNegInt = 1  # epochs between evaluations; 0 = never
     report: Bool = True  # write the evaluation report into work_dir/report after the last eval
     checkpoint_interval: Count = 1  # epochs between checkpoints
-    keep_checkpoints: NonNegInt = 3  # epoch checkpoints kept besides last/best
+    keep_checkpoints: NonNegInt = 3  # newest epoch_N.pth kept besides last/best; 0 = all
     max_bad_steps: Count = 5  # consecutive non-finite steps before the run stops
     # fraction of images that may fail to decode before the run stops
     max_decode_failures: Fraction = 0.01

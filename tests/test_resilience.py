@@ -85,6 +85,11 @@ def test_sigterm_writes_a_mid_epoch_checkpoint_and_resume_matches(
     run(TRAIN, DEMO, "--work-dir", str(work), "--resume", "--cfg-options",
         *run_overrides(tiny_coco))
     assert same_weights(reference / "last.pth", work / "last.pth")
+    # The stop and the resume name the same position, the epoch counted from 1 in both.
+    where = f"at epoch 1, batch {state['batch']} of {iterations_per_epoch(work)}"
+    log = (work / "train.log").read_text()
+    assert f"stopped {where}: last.pth written" in log
+    assert f"resumed from {work / 'last.pth'} {where} (iteration {state['batch']})" in log
 
 
 def test_a_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(tiny_coco,
@@ -138,14 +143,16 @@ class FaultyModel(torch.nn.Module):
         return {"loss_cls": (self.weight**2).sum(), "loss_bbox": box}
 
 
-def make_loop(model: torch.nn.Module, max_bad_steps: int = 3) -> TrainLoop:
+def make_loop(model: torch.nn.Module, max_bad_steps: int = 3,
+              work_dir: Path | None = None) -> TrainLoop:
     cfg = Config()
     cfg.train.max_bad_steps = max_bad_steps
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     progress = Progress(100, 10, 1, torch.device("cpu"), scalars=None, bar=False)
-    return TrainLoop(model, None, opt, sched, scaler, None, torch.device("cpu"), cfg, progress)
+    return TrainLoop(model, None, opt, sched, scaler, None, torch.device("cpu"), cfg, progress,
+                     work_dir)
 
 
 def batch(image_id: int):
@@ -174,6 +181,19 @@ def test_consecutive_bad_steps_stop_the_run_with_names_iteration_and_images():
     loop.step(*batch(3), it=2)
     with pytest.raises(FloatingPointError, match=r"loss_bbox.*iteration 4.*images \[4\]"):
         loop.step(*batch(4), it=3)
+
+
+def test_the_stop_message_names_the_newest_checkpoint_or_none(tmp_path):
+    """"The last checkpoint is intact" was said in epoch 1 too, when none existed yet."""
+    loop = make_loop(FaultyModel(bad_calls={1}), max_bad_steps=1, work_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match="No checkpoint of this run was written yet"):
+        loop.step(*batch(1), it=0)
+    (tmp_path / "epoch_1.pth").write_bytes(b"x")
+    (tmp_path / "last.pth").write_bytes(b"x")
+    loop = make_loop(FaultyModel(bad_calls={1}), max_bad_steps=1, work_dir=tmp_path)
+    with pytest.raises(FloatingPointError) as err:
+        loop.step(*batch(1), it=0)
+    assert f"The newest checkpoint, {tmp_path / 'last.pth'}, is intact" in str(err.value)
 
 
 def test_stop_request_is_reported_by_the_step():

@@ -197,6 +197,46 @@ def test_changed_batch_size_mid_epoch_is_refused(grouped_run, tiny_coco, tmp_pat
     assert "epoch_N.pth" in msg  # no epoch checkpoint in that folder: named generically
 
 
+@pytest.mark.parametrize("epoch_file", [True, False], ids=["epoch-file", "none"])
+def test_mid_epoch_refusal_names_the_epoch_checkpoint_that_exists(grouped_run, tiny_coco,
+                                                                 tmp_path, epoch_file):
+    """The way on at an epoch boundary is the newest epoch_N.pth of the folder; without one (a
+    run stopped in its first epoch), the message says so and offers --overwrite instead."""
+    work0, _ = grouped_run
+    state = mid_epoch(load_checkpoint(work0 / "epoch_1.pth"), batch=2)
+    files = {"epoch_1": work0 / "epoch_1.pth"} if epoch_file else {}
+    work = folder_with(tmp_path, "mid", last=state, **files)
+    setup = RunSetup(1, 2, 2 * iterations_per_epoch(work0))
+    with pytest.raises(ConfigError) as err:
+        check_resumable(config(tiny_coco, *GROUPED_EXTRA), state, work / "last.pth", False, setup)
+    msg = str(err.value)
+    assert "the last epoch_N.pth of the run" not in msg
+    if epoch_file:
+        assert f"or resume from {work / 'epoch_1.pth'} (written at the end of an epoch" in msg
+    else:
+        assert f"{work} holds no epoch_N.pth" in msg and "--overwrite" in msg
+
+
+def test_changed_data_and_train_keys_are_logged_on_resume(grouped_run, tiny_coco, caplog,
+                                                          monkeypatch):
+    work0, _ = grouped_run
+    state = load_checkpoint(work0 / "epoch_1.pth")
+    setup = RunSetup(1, 4, iterations_per_epoch(work0))
+    log = gfldet_log(caplog, monkeypatch)
+    cfg = config(tiny_coco, *GROUPED_EXTRA, "train.amp=bf16", "data.train_short_side=[96,128]",
+                 "train.eval_interval=2", "data.num_workers=1")
+    assert check_resumable(cfg, state, work0 / "epoch_1.pth", False, setup) is False
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert warning.startswith(f"resume: the config differs from {work0 / 'epoch_1.pth'}'s in ")
+    for change in ("data.train_short_side: [128, 128] -> [96, 128]", "data.num_workers: 0 -> 1",
+                   "train.amp: 'none' -> 'bf16'", "train.eval_interval: 1 -> 2"):
+        assert change in warning, change
+    assert "model." not in warning and "optim." not in warning and "schedule." not in warning
+    caplog.clear()
+    check_resumable(config(tiny_coco, *GROUPED_EXTRA), state, work0 / "epoch_1.pth", False, setup)
+    assert "differs" not in log.text  # the same config: nothing to say
+
+
 def gfldet_log(caplog, monkeypatch):
     """caplog for the "gfldet" logger, which an in-process train() detaches from the root logger."""
     monkeypatch.setattr(logging.getLogger("gfldet"), "propagate", True)
@@ -414,7 +454,9 @@ def test_schedule_change_on_resume_applies_to_every_group(grouped_run, tiny_coco
           work, resume=True, allow_schedule_change=True)
     ipe = iterations_per_epoch(work)
     log = (work / "train.log").read_text()
-    assert f"lr schedule continues at iteration {2 * ipe} of {3 * ipe}" in log
+    # The lr the next step takes, 0.01 x 0.1 x 0.1 past both new milestones, and not the base.
+    assert (f"lr schedule continues at iteration {2 * ipe} of {3 * ipe} ({ipe} per epoch): base "
+            "lr 0.01, the next step's lr 1.000e-04 (each parameter group keeps its factor)") in log
     final = load_checkpoint(work / "last.pth")
     assert [f["milestones"] for f in final["scheduler"]["lr_lambdas"]] == [[ipe, 2 * ipe]] * 3
     # x0.01 after both new milestones (the old lr function would give x0.1)

@@ -7,18 +7,23 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_in_process, tiny_overrides
+from conftest import ROOT, build_from_options, run_in_process, tiny_overrides
 
-from gfldet.engine.checkpoint import load_checkpoint
+from gfldet.config import config_from_dict
+from gfldet.engine import progress as progress_module
+from gfldet.engine.build import build_model
+from gfldet.engine.checkpoint import load_checkpoint, prune_checkpoints
 from gfldet.engine.precision import cpu_bf16_support, resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
 from gfldet.engine.run_dir import RunDirError, check_run_dir
+from gfldet.engine.trainer import check_start, load_matching_weights
 
 TRAIN = str(ROOT / "tools" / "train.py")
 EVAL = str(ROOT / "tools" / "eval.py")
@@ -132,6 +137,39 @@ def test_progress_logs_after_the_first_iteration_then_every_interval(tmp_path, c
         assert (f"time: {record['train/time']:.3f} s/it "
                 f"(data {record['train/data_time']:.3f})") in line
         assert f"mem: {record['train/memory_mib']:.0f} MiB" in line and "eta: " in line
+
+
+class FakeClock:
+    """`time` for gfldet.engine.progress: perf_counter() is what the test sets."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_an_evaluation_between_log_lines_is_not_counted_as_training_time(tmp_path, monkeypatch):
+    """Epoch 1 ends with a log line, then a 100 s evaluation and checkpoint; the first line of
+    epoch 2 comes 2 iterations of 1 s later: 1 s/it (before: (100 + 2) / 2 = 51 s/it)."""
+    clock = FakeClock()
+    monkeypatch.setattr(progress_module, "time", clock)
+    scalars = ScalarLog(tmp_path)
+    progress = Progress(total_iters=8, interval=2, images_per_iter=4, device=CPU, scalars=scalars,
+                        bar=False)
+    logged = []
+    for it in range(8):
+        if it == 4:  # the trainer, at the start of epoch 2
+            clock.now += 100.0  # evaluation and checkpoint
+            progress.leave_out_pause()
+        clock.now += 1.0
+        progress.update({"loss": torch.tensor(1.0)}, torch.tensor(1.0))
+        out = progress.maybe_log(it, it // 4, 2, it % 4, 4, lr=0.1, force=it % 4 == 3)
+        if out is not None:
+            logged.append(out)
+    scalars.close()
+    assert [s["train/time"] for s in logged] == [1.0] * len(logged)
+    assert logged[-1]["train/images_per_s"] == 4.0
 
 
 # --------------------------------------------------------------------------- a tiny run
@@ -292,6 +330,112 @@ def test_a_stale_tmp_file_is_removed_at_the_next_start(tiny_run, tiny_coco, tmp_
     run_in_process(*tiny_args(tiny_coco, resumed, "--resume"))
     assert not stale.exists() and (resumed / "keep.tmp").exists()
     assert f"removed {stale.name}" in (resumed / "train.log").read_text()
+
+
+def test_resuming_an_earlier_epoch_replaces_the_later_records(tiny_run, tiny_coco, tmp_path):
+    """Resumed from epoch_1.pth of the finished 2-epoch run, epoch 2 is trained again: the first
+    epoch 2's records leave scalars.jsonl and TensorBoard, so each step is there once, in order,
+    and the log says what the run replaces."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run[0], work)
+    before = [json.loads(r) for r in (work / "scalars.jsonl").read_text().splitlines()]
+    run_in_process(*tiny_args(tiny_coco, work, "--resume", str(work / "epoch_1.pth")))
+    records = [json.loads(r) for r in (work / "scalars.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == sorted(set(steps)) == [r["step"] for r in before if "train/loss" in r]
+    assert [r["epoch"] for r in records if "val/bbox_mAP" in r] == [1, 2]
+    events = EventAccumulator(str(work / "tb"))
+    events.Reload()
+    assert len(list((work / "tb").iterdir())) == 2  # the first run's event file and this one's
+    for tag in ("train/loss", "val/bbox_mAP"):
+        tb_steps = [e.step for e in events.Scalars(tag)]
+        assert tb_steps == sorted(set(tb_steps)), (tag, tb_steps)
+    log = (work / "train.log").read_text()
+    per_epoch = iterations_per_epoch(log)
+    # epochs counted from 1, as in the progress lines and "stopped at epoch E, batch B"
+    assert f"epoch_1.pth at epoch 2, batch 0 of {per_epoch} (iteration {per_epoch})" in log
+    assert ("WARNING the run continues from epoch_1.pth at epoch 2, batch 0: 2 later records "
+            "removed from scalars.jsonl (and hidden in TensorBoard); its later outputs are "
+            "replaced as the run reaches them: epoch_2.pth, metrics_epoch_2.json, last.pth, "
+            "best.pth if an evaluation beats bbox AP ") in log
+
+
+def test_records_after_the_resumed_position_are_dropped(tmp_path):
+    from gfldet.engine.progress import drop_records_after
+
+    path = tmp_path / "scalars.jsonl"
+    rows = [{"step": 1, "epoch": 1}, {"step": 4, "epoch": 1}, {"step": 4, "epoch": 1, "val": 0.1},
+            {"step": 5, "epoch": 2}, {"step": 6, "epoch": 2}, {"step": 8, "epoch": 2},
+            {"step": 8, "epoch": 2, "val": 0.2}]
+    text = "".join(f"{json.dumps(r)}\n" for r in rows)
+    path.write_text(text + '{"step": 9, "epo')  # cut short by a kill
+    # In epoch 2 after 1 batch (iteration 5): the rest of epoch 2 and the cut line go.
+    assert drop_records_after(path, 1, 1, 5) == [*rows[4:], {}]
+    assert path.read_text() == "".join(f"{json.dumps(r)}\n" for r in rows[:4])
+    # At the end of epoch 1 on a setup with twice the iterations per epoch: epoch 2's old steps
+    # 5-8 are below the new iteration 8, and go all the same.
+    path.write_text(text)
+    assert drop_records_after(path, 1, 0, 8) == rows[3:]
+    assert [json.loads(r) for r in path.read_text().splitlines()] == rows[:3]
+    assert drop_records_after(path, 1, 0, 8) == [] and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_resuming_a_finished_run_is_refused_before_anything_is_written(tiny_run, tiny_coco,
+                                                                     tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run[0], work)
+    before = digests(work)
+    proc = run_in_process(*tiny_args(tiny_coco, work, "--resume"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--resume {work / 'last.pth'}: the run finished (epoch 2 of 2)" in proc.stderr
+    assert "raise schedule.epochs above 2 and pass --allow-schedule-change" in proc.stderr
+    assert digests(work) == before  # config.yaml and train.log as they were, no new tb/ file
+
+
+def test_resume_with_load_from_is_refused_as_contradictory(tiny_run, tiny_coco, tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copy(tiny_run[0] / "epoch_1.pth", work / "last.pth")
+    proc = run_in_process(*tiny_args(tiny_coco, work, "--resume", "--load-from",
+                                     str(tiny_run[0] / "last.pth")), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--resume and --load-from contradict each other" in proc.stderr
+    assert [p.name for p in work.iterdir()] == ["last.pth"]
+    with pytest.raises(RunDirError, match="pass one of them"):  # before anything is built
+        check_start(tmp_path / "nothing", True, False, "other.pth")
+
+
+def test_load_from_another_model_logs_counts_and_a_few_names(tiny_run, caplog):
+    path = tiny_run[0] / "last.pth"
+    state = load_checkpoint(path)
+    other = build_from_options("model.num_classes=6")  # R-50 and a 256-channel head, not R-18
+    missing = [k for k in other.state_dict() if k not in state["model"]]
+    unexpected = [k for k in state["model"] if k not in other.state_dict()]
+    with caplog.at_level(logging.INFO, logger="gfldet"):
+        load_matching_weights(other, str(path))
+        cfg = config_from_dict(state["config"])
+        load_matching_weights(build_model(cfg.model, size_divisor=cfg.data.size_divisor),
+                              str(path))
+    partial, full = (r.getMessage() for r in caplog.records)
+    assert len(missing) > 10 and len(partial) < 3000  # it was 11 KB
+    assert f"{len(missing)} missing in the checkpoint ({', '.join(missing[:10])}, ...)" in partial
+    assert re.search(r"; \d+ of another shape \(", partial)
+    assert ("unused: " in partial) == bool(unexpected)
+    n = len(state["model"])
+    assert full == f"loaded {n} of the model's {n} tensors from {path}"
+
+
+def test_a_pruned_epoch_checkpoint_is_logged(tmp_path, caplog):
+    for n in (1, 2, 3):
+        (tmp_path / f"epoch_{n}.pth").write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="gfldet"):
+        assert prune_checkpoints(tmp_path, keep=0) == []  # 0 keeps all
+        assert prune_checkpoints(tmp_path, keep=2) == [tmp_path / "epoch_1.pth"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "removed epoch_1.pth: train.keep_checkpoints=2 keeps the newest 2 epoch_N.pth besides "
+        "last.pth and best.pth (0 keeps all)"]
 
 
 # --------------------------------------------------------------------------- tools

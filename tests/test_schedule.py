@@ -1,5 +1,6 @@
 """The lr schedule of the recipe (mmdet LinearLR warmup + MultiStepLR) and linear lr scaling."""
 
+import logging
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from gfldet.config import OptimConfig, ScheduleConfig
 from gfldet.engine.build import build_lr_scheduler, scaled_lr
+from gfldet.engine.resume import continue_schedule
 
 
 def lrs(cfg: ScheduleConfig, iters_per_epoch: int, base_lr: float = 0.01) -> list[float]:
@@ -43,3 +45,18 @@ def test_linear_lr_scaling():
     assert scaled_lr(OptimConfig(), total_batch=16) == 0.01
     assert scaled_lr(OptimConfig(), total_batch=2) == pytest.approx(0.00125)
     assert scaled_lr(OptimConfig(scale_lr=False), total_batch=2) == 0.01
+
+
+def test_a_continued_schedule_logs_the_next_steps_lr(caplog):
+    """A finished 4-epoch cosine run (9 iterations per epoch) extended to 6 epochs continues at
+    iteration 36 of 54: lr 0.002 x 0.5 x (1 + cos(pi x 36/54)) = 0.0005, not the base 0.002."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+    old = ScheduleConfig(epochs=4, policy="cosine", warmup_iters=0)
+    sched = build_lr_scheduler(opt, old, iters_per_epoch=9)
+    longer = ScheduleConfig(epochs=6, policy="cosine", warmup_iters=0)
+    with caplog.at_level(logging.INFO, logger="gfldet"):
+        continue_schedule(opt, sched, [0.002], longer, iters_per_epoch=9, iteration=36)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0005)
+    assert caplog.records[0].getMessage() == (
+        "lr schedule continues at iteration 36 of 54 (9 per epoch): base lr 0.002, the next "
+        "step's lr 5.000e-04")

@@ -410,9 +410,11 @@ def find_latest_checkpoint(work_dir: str | Path, end_of_epoch: bool = False) -> 
 
 
 def prune_checkpoints(work_dir: str | Path, keep: int) -> list[Path]:
-    """Delete the oldest ``epoch_N.pth`` beyond the newest ``keep`` (keep<=0 keeps all);
-    ``last.pth`` and ``best.pth`` are never touched. Returns the deleted paths."""
+    """Delete the oldest ``epoch_N.pth`` beyond the newest ``keep`` (keep<=0 keeps all), each
+    with a log line; ``last.pth`` and ``best.pth`` are never touched. Returns the deleted paths."""
     removed = _epoch_checkpoints(work_dir)[:-keep] if keep > 0 else []
     for p in removed:
         p.unlink(missing_ok=True)
+        log.info("removed %s: train.keep_checkpoints=%d keeps the newest %d epoch_N.pth besides "
+                 "last.pth and best.pth (0 keeps all)", p.name, keep, keep)
     return removed

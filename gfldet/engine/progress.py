@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -32,12 +33,13 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class ScalarLog:
-    """TensorBoard events under `work_dir/tb` and `work_dir/scalars.jsonl`, written together."""
+    """TensorBoard events under `work_dir/tb` and `work_dir/scalars.jsonl`, written together.
+    `purge_step` (a resumed run): TensorBoard hides the earlier event files' steps from it on."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(work_dir / "tb"))
+        self.writer = SummaryWriter(str(work_dir / "tb"), purge_step=purge_step)
         self.path = work_dir / "scalars.jsonl"
         self.file = self.path.open("a", encoding="utf-8")
 
@@ -50,6 +52,34 @@ class ScalarLog:
     def close(self) -> None:
         self.writer.close()
         self.file.close()
+
+
+def drop_records_after(path: Path, epoch: int, batch: int, iteration: int) -> list[dict]:
+    """Remove from the scalars file `path` the records after a resumed position (`epoch` epochs
+    and `batch` batches done, `iteration` in all), and lines that are not JSON records (one cut
+    short by a kill, returned as {}); returns the removed records. The file is replaced atomically.
+
+    A record's "epoch" is the 1-based epoch it belongs to. Records of epochs up to `epoch` stay
+    whatever their step: a setup changed at that epoch boundary numbers steps anew."""
+    if not path.is_file():
+        return []
+    kept, dropped = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            later = record["epoch"] > epoch + 1 or (record["epoch"] == epoch + 1 and (
+                not batch or record["step"] > iteration))
+        except (ValueError, TypeError, KeyError):
+            record, later = {}, True  # cut short by a kill: unreadable, and no longer the last
+        if later:
+            dropped.append(record)
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")  # a stale-temporary name (run_dir removes it)
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 class Progress:
@@ -67,7 +97,7 @@ class Progress:
         self.count = 0  # steps taken since the last log line (skipped ones excluded)
         self.iters = 0  # iterations since the last log line
         self.data_time = 0.0
-        self.tic = time.perf_counter()
+        self.tic = self.last_tick = time.perf_counter()  # the clock: last log line, last iteration
         if bar is None:
             bar = scalars is not None and sys.stdout.isatty()
         # tqdm's default bar shows its own ETA and rate
@@ -80,6 +110,7 @@ class Progress:
                grad_norm: torch.Tensor | None) -> None:
         """Count one iteration; `losses` and `grad_norm` are None for a skipped step."""
         self.iters += 1
+        self.last_tick = time.perf_counter()
         if losses is not None:
             for name, value in {**losses, "grad_norm": grad_norm.float()}.items():
                 self.sums[name] = self.sums.get(name, 0) + value.detach()
@@ -119,8 +150,15 @@ class Progress:
         if self.scalars is not None:
             self.scalars.write(it + 1, epoch + 1, scalars)
         self.sums, self.count, self.iters, self.data_time = {}, 0, 0, 0.0
-        self.tic = time.perf_counter()
+        self.tic = self.last_tick = time.perf_counter()
         return scalars
+
+    def leave_out_pause(self) -> None:
+        """Leave the time since the last iteration (an evaluation, a checkpoint) out of the next
+        log line's s/it, ETA and images/s."""
+        now = time.perf_counter()
+        self.tic += now - self.last_tick
+        self.last_tick = now
 
     def close(self) -> None:
         if self.bar is not None:

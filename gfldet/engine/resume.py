@@ -3,7 +3,8 @@
 A resume continues the same run. So a config that changes the trained model or the optimizer is
 refused, naming the keys. Keys that never reach the trained weights may change, and are logged:
 the ImageNet weights path (the checkpoint's weights replace them) and test-time post-processing.
-A different schedule needs `--allow-schedule-change`.
+A different schedule needs `--allow-schedule-change`. Changed `data.*` and `train.*` keys are
+taken, with a warning naming each. A run that finished its schedule is not resumed.
 
 The position is (epoch, batch in the epoch). Which images make up an epoch's batches depends on
 the number of processes x images per process (`RunSetup`), so a run that stopped mid-epoch can
@@ -23,7 +24,7 @@ import torch
 
 from gfldet.config import Config, ConfigError, ScheduleConfig, config_from_dict, config_to_dict
 from gfldet.engine.build import LrFactor
-from gfldet.engine.checkpoint import find_latest_checkpoint
+from gfldet.engine.checkpoint import CheckpointError, find_latest_checkpoint
 
 log = logging.getLogger("gfldet")
 
@@ -106,6 +107,11 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
             f"with --load-from {path}")
     for key, why in free.items():
         log.info("resume: %s (%s)", _text({key: changes[key]}), why)
+    # data.* and train.* may change (the run goes on with the new values), but never unsaid.
+    loop = {k: v for s in ("data", "train") for k, v in config_changes(old[s], new[s], s).items()}
+    if loop:
+        log.warning("resume: the config differs from %s's in %s; the run continues with the new "
+                    "values", path, _text(loop))
 
     schedule = config_changes(old["schedule"], new["schedule"], "schedule")
     schedule.update({k: v for k, v in optim.items() if k in LR_KEYS})
@@ -147,14 +153,17 @@ def check_setup(state: dict, saved: Config, path: Path, setup: RunSetup) -> bool
                       else "without torchrun")
             same = f"{n} process(es) ({launch}) and data.batch_size={before.batch_size}"
         epoch_end = find_latest_checkpoint(path.parent, end_of_epoch=True)
+        why = ("written at the end of an epoch, where the number of processes, the batch size "
+               "and the data may change")
+        other = (f", or resume from {epoch_end} ({why})" if epoch_end else
+                 f"; or start it again on the new setup with --overwrite: {path.parent} holds no "
+                 f"epoch_N.pth ({why}) to resume from instead")
         raise ConfigError(
             f"{path} stopped in the middle of epoch {epoch + 1} (after {batch} batches) with {n} "
             f"process(es) x {before.batch_size} images; this run has {setup.world_size} x "
             f"{setup.batch_size} ({', '.join(changes)}). The rest of that epoch is made of the old "
-            "setup's batches, so the run cannot continue where it stopped. Continue it with "
-            f"{same}, or resume from {epoch_end or 'the last epoch_N.pth of the run'}, "
-            "written at the end of an epoch: there the number of processes, the batch size and "
-            "the data may change.")
+            f"setup's batches, so the run cannot continue where it stopped. Continue it with "
+            f"{same}{other}.")
     log.warning("resuming at the start of epoch %d with another setup: %s. The sampler starts the "
                 "epoch anew for this setup", epoch + 1, ", ".join(changes))
     return True
@@ -175,7 +184,25 @@ def continue_schedule(optimizer: torch.optim.Optimizer,
         group["initial_lr"] = base
         group["lr"] = base * factor(iteration)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    lr = f"lr {old[0]:g} -> {base_lrs[0]:g}" if old != base_lrs else f"lr {base_lrs[0]:g}"
-    log.info("lr schedule continues at iteration %d of %d (%d per epoch), %s%s", iteration,
-             factor.total_iters, iters_per_epoch, lr,
+    base = f"{old[0]:g} -> {base_lrs[0]:g}" if old != base_lrs else f"{base_lrs[0]:g}"
+    # The next step's lr, not only the base: a base lr alone reads as a restart at the peak.
+    log.info("lr schedule continues at iteration %d of %d (%d per epoch): base lr %s, the next "
+             "step's lr %.3e%s", iteration, factor.total_iters, iters_per_epoch, base,
+             optimizer.param_groups[0]["lr"],
              " (each parameter group keeps its factor)" if len(base_lrs) > 1 else "")
+
+
+def check_unfinished(cfg: Config, state: dict, path: Path) -> None:
+    """Raise `CheckpointError` when `state` is at or past the end of `cfg`'s schedule: such a
+    resume would train nothing (yet rewrite config.yaml and start a TensorBoard file)."""
+    epoch, batch, epochs = state["epoch"], state.get("batch", 0), cfg.schedule.epochs
+    if epoch < epochs:
+        return
+    saved = state.get("config", {}).get("schedule", {}).get("epochs")
+    where = (f"the run finished (epoch {epoch} of {epochs})" if saved == epochs and not batch
+             else f"it is at the end of epoch {epoch}{f', batch {batch}' if batch else ''}, and "
+             f"schedule.epochs is {epochs}")
+    raise CheckpointError(
+        f"--resume {path}: {where}; there is nothing left to train. To train longer, raise "
+        f"schedule.epochs above {epoch} and pass --allow-schedule-change (tools/eval.py {path} "
+        "evaluates it).")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -63,8 +64,8 @@ from gfldet.engine.coco_eval import STAT_NAMES, write_metrics_json
 from gfldet.engine.ema import build_ema
 from gfldet.engine.evaluator import evaluate
 from gfldet.engine.precision import resolve_precision
-from gfldet.engine.progress import Progress, ScalarLog
-from gfldet.engine.resume import RunSetup, check_resumable, continue_schedule
+from gfldet.engine.progress import Progress, ScalarLog, drop_records_after
+from gfldet.engine.resume import RunSetup, check_resumable, check_unfinished, continue_schedule
 from gfldet.engine.run_dir import (
     CHECK_CACHE_DIR,
     RunDirError,
@@ -173,6 +174,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     resume_from = check_start(work_dir, resume, overwrite, load_from)  # before anything is built
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
+    state = None
+    if resume_from is not None:  # a resume that would train nothing stops before any output
+        state = load_training_checkpoint(resume_from)
+        check_unfinished(cfg, state, resume_from)
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
     log.info("work dir %s, device %s, %d process(es)", work_dir, device, world)
     if folder_note:
@@ -229,8 +234,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
 
     run = RunState()
     setup = RunSetup(world, d.batch_size, iters_per_epoch)
-    if resume_from is not None:
-        state = load_training_checkpoint(resume_from)
+    if state is not None:
         rebuild_schedule = check_resumable(cfg, state, resume_from, allow_schedule_change, setup)
         base_lrs = list(scheduler.base_lrs)  # this run's, for its total batch
         load_model_weights(model, state["model"], strict=True)
@@ -248,21 +252,26 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
             restore_rng_state(rng)
         elif rank < len(rng):  # a process the checkpoint had not keeps its seed, train.seed + rank
             restore_rng_state(rng[rank])
-        log.info("resumed from %s at epoch %d, batch %d (iteration %d)", resume_from, run.epoch,
-                 run.batch, run.epoch * iters_per_epoch + run.batch)
+        # The epoch being trained, counted from 1, as the progress log and the stop message
+        log.info("resumed from %s at epoch %d, batch %d of %d (iteration %d)", resume_from,
+                 run.epoch + 1, run.batch, iters_per_epoch, run.epoch * iters_per_epoch + run.batch)
+    purge_step = None
     if is_main_process():  # only now: a refused resume leaves the run's config.yaml as it was
         dump_config(cfg, work_dir / "config.yaml")
+        if state is not None:
+            purge_step = forget_later_progress(work_dir, resume_from, run, iters_per_epoch)
 
     train_model = torch.compile(model, dynamic=True) if cfg.train.compile else model
     if is_distributed():
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(train_model, device_ids=device_ids)
 
-    scalars = ScalarLog(work_dir) if is_main_process() else None
+    scalars = ScalarLog(work_dir, purge_step) if is_main_process() else None
     epochs = cfg.schedule.epochs
     progress = Progress(epochs * iters_per_epoch, cfg.train.log_interval, total_batch, device,
                         scalars, start_iter=run.epoch * iters_per_epoch + run.batch)
-    loop = TrainLoop(train_model, ema, optimizer, scheduler, scaler, dtype, device, cfg, progress)
+    loop = TrainLoop(train_model, ema, optimizer, scheduler, scaler, dtype, device, cfg, progress,
+                     work_dir)
 
     def checkpoint(names: list[str]) -> None:
         # Every rank's RNG state, for a resume to restore each (a collective: every rank calls it).
@@ -299,12 +308,14 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
             while run.epoch < epochs:
                 train_loader.batch_sampler.set_epoch(run.epoch, skip_batches=run.batch)
+                progress.leave_out_pause()  # the evaluation and checkpoint since the last step
                 run.batch = loop.run_epoch(train_loader, run.epoch, run.batch)
                 if run.batch < iters_per_epoch:  # stopped by a signal
                     run.stopped_by = StopRequested.signum
                     checkpoint(["last.pth"])
-                    log.warning("stopped at epoch %d, batch %d: last.pth written; continue with "
-                                "--resume", run.epoch + 1, run.batch)
+                    log.warning("stopped at epoch %d, batch %d of %d: last.pth written; "
+                                "continue with --resume", run.epoch + 1, run.batch,
+                                iters_per_epoch)
                     break
                 run.epoch, run.batch = run.epoch + 1, 0
                 last_epoch = run.epoch == epochs
@@ -367,11 +378,15 @@ def write_run_report(work_dir: Path, cfg: Config, coco_eval, dataset) -> None:
 def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
                 load_from: str | None) -> Path | None:
     """What the command line names, checked before anything is built, written or removed: the
-    run folder is a folder, and the checkpoint to resume from or to load exists. Returns the
-    checkpoint to resume from."""
+    run folder is a folder, the checkpoint to resume from or to load exists, and --resume is not
+    given with --load-from. Returns the checkpoint to resume from."""
     if work_dir.exists() and not work_dir.is_dir():
         raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with "
                           "--work-dir DIR")
+    if resume and load_from is not None:  # the resume would replace the loaded weights at once
+        raise RunDirError("--resume and --load-from contradict each other: --resume continues the "
+                          "run with its checkpoint's weights, --load-from starts a new run from "
+                          "another checkpoint's weights; pass one of them")
     files = {}
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
         files["--resume"] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
@@ -399,8 +414,50 @@ def load_matching_weights(model: nn.Module, path: str) -> None:
             f"--load-from {path}: none of its tensors fits this model (different names or "
             f"shapes, e.g. {examples}); is it a gfldet checkpoint of this backbone? "
             "(tools/convert_mmdet.py converts MMDetection files)")
-    log.info("loaded %d tensors from %s; not loaded: %s", len(report["loaded"]), path,
-             {k: v for k, v in report.items() if k != "loaded" and v})
+    # Counts and at most 10 names per kind: another backbone misses hundreds of keys.
+    def some(kind: str, what: str) -> str:
+        keys = report[kind]
+        return f"{len(keys)} {what} ({', '.join(keys[:10])}{', ...' * (len(keys) > 10)})"
+
+    kept = [some(k, what) for k, what in (("missing", "missing in the checkpoint"),
+                                          ("mismatched", "of another shape")) if report[k]]
+    kept_text = f"; not loaded (the model keeps its initial values): {'; '.join(kept)}"
+    unused = report["unexpected"] and f"; unused: {some('unexpected', 'not in this model')}"
+    model_size = len(report["loaded"]) + len(report["missing"]) + len(report["mismatched"])
+    log.info("loaded %d of the model's %d tensors from %s%s%s", len(report["loaded"]), model_size,
+             path, kept_text if kept else "", unused or "")
+
+
+def forget_later_progress(work_dir: Path, resume_from: Path, run: RunState,
+                          iters_per_epoch: int) -> int:
+    """A resume from an earlier checkpoint (an epoch_N.pth, or last.pth after a kill) starts the
+    run's later part again: remove that part's records from scalars.jsonl, and say which later
+    outputs the run will replace. Returns the step from which TensorBoard hides the older event
+    files' values (`SummaryWriter`'s purge_step)."""
+    iteration = run.epoch * iters_per_epoch + run.batch
+    dropped = drop_records_after(work_dir / "scalars.jsonl", run.epoch, run.batch, iteration)
+    # The dropped records' steps too: a setup changed at the epoch boundary numbers steps anew.
+    steps = [r["step"] for r in dropped if isinstance(r.get("step"), int)]
+    purge_step = min([iteration + 1, *steps])
+    later = {}  # epoch checkpoints and metrics of later epochs, by (metrics?, epoch)
+    for path in work_dir.iterdir():
+        found = re.fullmatch(r"epoch_(\d+)\.pth|metrics_epoch_(\d+)\.json", path.name)
+        if found and int(found[1] or found[2]) > run.epoch and path.is_file():
+            later[found[2] is not None, int(found[1] or found[2])] = path.name
+    names = [later[key] for key in sorted(later)]
+    last = work_dir / "last.pth"
+    if last.is_file() and resume_from.resolve() != last.resolve():
+        names.append("last.pth")
+    if (work_dir / "best.pth").is_file() and run.best_ap >= 0 and names:
+        names.append(f"best.pth if an evaluation beats bbox AP {run.best_ap:.4f}")
+    parts = [f"{len(dropped)} later records removed from scalars.jsonl (and hidden in "
+             "TensorBoard)"] if dropped else []
+    if names:
+        parts.append(f"its later outputs are replaced as the run reaches them: {', '.join(names)}")
+    if parts:
+        log.warning("the run continues from %s at epoch %d, batch %d: %s", resume_from.name,
+                    run.epoch + 1, run.batch, "; ".join(parts))
+    return purge_step
 
 
 def prepare_work_dir(work_dir: Path, resume: bool,
@@ -429,10 +486,10 @@ class TrainLoop:
     """One optimisation step per batch, with the checks that keep a run alive."""
 
     def __init__(self, model, ema, optimizer, scheduler, scaler, dtype, device, cfg: Config,
-                 progress: Progress):
+                 progress: Progress, work_dir: Path | None = None):
         self.model, self.ema, self.optimizer, self.scheduler = model, ema, optimizer, scheduler
         self.scaler, self.dtype, self.device = scaler, dtype, device
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress, self.work_dir = cfg, progress, work_dir
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.bad_steps = 0
         self.overflow_steps = 0  # fp16 overflows in a row (not bad steps: the scaler calibrating)
@@ -505,9 +562,9 @@ class TrainLoop:
                     f"{self.overflow_steps} consecutive fp16 overflows (inf/NaN gradients with a "
                     f"finite loss) up to iteration {it + 1}, images "
                     f"{[t['image_id'] for t in targets]}: the gradient scale fell to "
-                    f"{self.scaler.get_scale():.3g} and they still overflow. The last checkpoint "
-                    "is intact; train with train.amp=bf16 or none, lower optim.lr, or set "
-                    "optim.grad_clip.")
+                    f"{self.scaler.get_scale():.3g} and they still overflow. "
+                    f"{self.checkpoint_note()}Train with train.amp=bf16 or none, lower optim.lr, "
+                    "or set optim.grad_clip.")
 
         # Every iteration ends the scaler's step, taken or not: after unscale_, only update()
         # readies it for the next one (else the next unscale_ raises). It backs the scale off on
@@ -540,6 +597,14 @@ class TrainLoop:
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise FloatingPointError(
                 f"{self.bad_steps} consecutive non-finite steps: {names} at iteration {it + 1}, "
-                f"images {ids}. The last checkpoint is intact; lower optim.lr, set "
-                "optim.grad_clip, or check these images."
+                f"images {ids}. {self.checkpoint_note()}Lower optim.lr, set optim.grad_clip, "
+                "or check these images."
             )
+
+    def checkpoint_note(self) -> str:
+        """What a run stopped by non-finite steps keeps: its newest checkpoint, if any."""
+        if self.work_dir is None:  # a loop outside a run folder
+            return ""
+        latest = find_latest_checkpoint(self.work_dir)
+        return (f"The newest checkpoint, {latest}, is intact. "
+                if latest is not None else "No checkpoint of this run was written yet. ")
