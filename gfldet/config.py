@@ -52,8 +52,7 @@ class BackboneConfig:
     """ResNetBackbone(**backbone) (gfldet.models.backbone)."""
 
     depth: Literal[18, 34, 50, 101] = 50  # ResNet depth: 18, 34, 50 or 101
-    # "torchvision" (ImageNet weights via torchvision's enum; needs internet), a local .pth path, or
-    # null (from scratch)
+    # "torchvision" (ImageNet weights, downloaded), a local .pth path, or null (from scratch)
     weights: Text | None = "torchvision"
     frozen_stages: Annotated[Int, Field(ge=-1, le=4)] = 1  # -1 none; 0 stem; 1 +layer1; <= 4
     norm_eval: Bool = True  # keep BatchNorm in eval mode (frozen statistics), as the recipe
@@ -86,9 +85,8 @@ class HeadConfig:
     reg_max: Count = 16  # box sides are distributions over reg_max + 1 bins (stride units)
     # a general distribution (GFL), or Dirac: 4 plain distances (ablation baseline, GFL Table 3)
     box_repr: Literal["distribution", "dirac"] = "distribution"
-    # "dirac" only: each side's initial distance in strides (the bias of the 4 ReLU outputs).
-    # Unset: model.priors.octave_base_scale / 2, every box at its ATSS anchor, as ATSS's own
-    # regression. 0 is torchvision FCOS's init (benchmarks/README.md, "accuracy.py").
+    # "dirac" only: each side's initial distance in strides (the 4 ReLU outputs' bias); unset:
+    # octave_base_scale / 2 (boxes at their ATSS anchor); 0 = FCOS's (benchmarks: accuracy.py)
     dirac_init_distance: NonNeg | None = None
     dgqp: DGQPConfig | None = None  # GFLv2's DGQP ({} = the paper's settings); null = GFLv1
 
@@ -170,8 +168,7 @@ class DataConfig:
     train: DatasetConfig = field(default_factory=DatasetConfig)  # training split
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(  # validation split
         "data/coco/val2017", "data/coco/annotations/instances_val2017.json"))
-    # when set, the bundled synthetic dataset is generated into `root` on first use and train/val
-    # point there (null it to name your own train/val files)
+    # the bundled demo set, generated into `root` on first use; null to name your own train/val
     synthetic: SyntheticConfig | None = None
     train_short_side: tuple[Count, Count] = (800, 800)  # sampled in [lo, hi] (multi-scale)
     test_short_side: Count = 800  # short side at test time
@@ -262,6 +259,7 @@ class Config:
         step, g, t = s.policy == "step", GN_GROUPS, TOP_STRIDE  # cosine ignores milestones
         dgqp = head.dgqp and dataclasses.asdict(head.dgqp)  # GFLv2's settings; GFLv1: None
         k = dgqp["topk"] if dgqp else 1
+        own = [f"data.{n}" for n in ("train", "val") if getattr(d, n) != getattr(DataConfig(), n)]
         small = [f"{key}={config_io.show(value)}" for key, value, side in (
             ("data.test_short_side", d.test_short_side, d.test_short_side),
             ("data.train_short_side", d.train_short_side, lo)) if side <= t]
@@ -284,6 +282,9 @@ class Config:
             (dgqp is None or loss.cls_loss == "qfl", "model.head.dgqp", dgqp,
              "null when model.loss.cls_loss is 'focal' (DGQP learns the IoU from QFL)"),
             (lo <= hi, "data.train_short_side", d.train_short_side, "[lo, hi] with lo <= hi"),
+            (not (d.synthetic and own), "data.synthetic", d.synthetic and dataclasses.asdict(
+                d.synthetic), f"null when {' and '.join(own)} name{'s' * (len(own) == 1)} your own "
+             "files: the demo set it generates would replace them"),
             (d.max_size >= max(hi, d.test_short_side), "data.max_size", d.max_size,
              f">= the largest short side ({max(hi, d.test_short_side)}); it caps the long side"),
             (not step or all(a < b for a, b in zip(ms, ms[1:])),  # noqa: B905
@@ -297,13 +298,6 @@ class Config:
              "torch refuses ('Expected more than 1 value per channel'). Set "
              f"model.head.feat_channels: {2 * g}, or the short sides above {t}, or norm: none"),
         ]
-        # The demo set replaces data.train/val; a config naming its own files as well (one based
-        # on the demo config, or an eval override) would otherwise train or score the demo set.
-        own = [f"data.{n}" for n in ("train", "val") if getattr(d, n) != getattr(DataConfig(), n)]
-        rules.append((d.synthetic is None or not own, "data.synthetic",
-                      d.synthetic and dataclasses.asdict(d.synthetic),
-                      f"null when {' and '.join(own)} name{'s' * (len(own) == 1)} your own files: "
-                      "the demo set it generates would replace them"))
         broken = [(key, value, allowed) for holds, key, value, allowed in rules if not holds]
         if broken:
             raise PydanticCustomError(config_io.RULES_ERROR, "rules", {"problems": broken})
@@ -326,9 +320,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 
 def config_from_dict(data: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
-    """Strictly convert and validate a plain mapping (e.g. a checkpoint's; keys it holds in their
-    old place are moved, and logged), ``a.b.c=value`` overrides merged on top; missing keys take
-    their defaults, ``base`` is not followed."""
+    """Strictly convert and validate a plain mapping (a checkpoint's: keys of the old layout are
+    moved, and logged) with ``a.b.c=value`` overrides on top; defaults fill in, no ``base``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a config must be a mapping, got {type(data).__name__}")
     data = config_io.migrate(data, source)
