@@ -11,6 +11,7 @@ import gc
 import math
 import multiprocessing
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -209,9 +210,15 @@ def _end_workers_at_exit() -> None:
 def _kill_daemonic_children() -> None:
     # Workers ignore SIGTERM (_worker_init), and multiprocessing's exit handler ends daemonic
     # processes with SIGTERM and then waits for them: a loader still alive at exit (held by an
-    # exception's traceback) hung the interpreter. They only read, so SIGKILL is safe.
-    for process in multiprocessing.active_children():
-        if process.daemon:
+    # exception's traceback) hung the interpreter. SIGTERM first, as multiprocessing would (other
+    # daemonic processes end as they always did); then SIGKILL what ignores it: ours only read.
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for process in children:
+        process.terminate()
+    deadline = time.monotonic() + 1.0
+    for process in children:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
             process.kill()
 
 
