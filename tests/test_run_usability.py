@@ -336,10 +336,7 @@ def test_resuming_an_earlier_epoch_replaces_the_later_records(tiny_run, tiny_coc
     """Resumed from epoch_1.pth of the finished 2-epoch run, epoch 2 is trained again: the first
     epoch 2's records leave scalars.jsonl and TensorBoard, so each step is there once, in order,
     and the log says what the run replaces."""
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except AttributeError:  # the floors' tensorboard 2.14 reads (not writes) with np.string_,
-        EventAccumulator = None  # gone in numpy 2: the events are checked where it imports
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     work = tmp_path / "run"
     shutil.copytree(tiny_run[0], work)
@@ -350,12 +347,11 @@ def test_resuming_an_earlier_epoch_replaces_the_later_records(tiny_run, tiny_coc
     assert steps == sorted(set(steps)) == [r["step"] for r in before if "train/loss" in r]
     assert [r["epoch"] for r in records if "val/bbox_mAP" in r] == [1, 2]
     assert len(list((work / "tb").iterdir())) == 2  # the first run's event file and this one's
-    if EventAccumulator is not None:
-        events = EventAccumulator(str(work / "tb"))
-        events.Reload()
-        for tag in ("train/loss", "val/bbox_mAP"):
-            tb_steps = [e.step for e in events.Scalars(tag)]
-            assert tb_steps == sorted(set(tb_steps)), (tag, tb_steps)
+    events = EventAccumulator(str(work / "tb"))
+    events.Reload()
+    for tag in ("train/loss", "val/bbox_mAP"):
+        tb_steps = [e.step for e in events.Scalars(tag)]
+        assert tb_steps == sorted(set(tb_steps)), (tag, tb_steps)
     log = (work / "train.log").read_text()
     per_epoch = iterations_per_epoch(log)
     # epochs counted from 1, as in the progress lines and "stopped at epoch E, batch B"
