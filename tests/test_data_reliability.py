@@ -243,7 +243,7 @@ def test_many_broken_boxes_warn_about_the_box_format(tmp_path: Path) -> None:
     assert any("[x1, y1, x2, y2]" in w for w in report.warnings)
 
 
-def test_unknown_category_is_fatal_with_ids(tmp_path: Path) -> None:
+def test_unknown_category_is_fatal_with_ids(tmp_path: Path, caplog) -> None:
     anns = [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 1, [1, 1, 5, 5], cat=99),
             _ann(3, 1, [2, 2, 5, 5], cat=99)]
     img_dir, ann_file = write_dataset(tmp_path, [_img(1)], anns)
@@ -252,8 +252,12 @@ def test_unknown_category_is_fatal_with_ids(tmp_path: Path) -> None:
     assert "2 annotations (ids 2, 3)" in msg and "ids: 3, 7" in msg
     with pytest.raises(DatasetError, match="category_id 99"):
         report.raise_if_fatal()
-    with pytest.raises(DatasetError, match="category_id 99"):
+    with caplog.at_level(logging.INFO, logger="gfldet"), pytest.raises(DatasetError,
+                                                                        match="category_id 99"):
         checked_dataset(img_dir, ann_file)
+    # The summary of an unusable split is logged as an error (train.log), not as information.
+    fatal = [r for r in caplog.records if "category_id 99" in r.getMessage()]
+    assert fatal and all(r.levelno == logging.ERROR for r in fatal)
 
 
 def test_duplicate_and_orphan_ids_are_fatal(tmp_path: Path) -> None:

@@ -105,7 +105,8 @@ def load_checked_split(
 
 
 def _log_summary(report: DatasetReport, as_written: bool) -> None:
-    level = logging.WARNING if (report.fixed or report.warnings) else logging.INFO
+    level = (logging.ERROR if report.fatal else
+             logging.WARNING if report.fixed or report.warnings else logging.INFO)
     for line in report.summary(evaluation=as_written).splitlines():
         log.log(level, "%s", line)
 
