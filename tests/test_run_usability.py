@@ -18,8 +18,8 @@ from conftest import ROOT, build_from_options, run_in_process, tiny_overrides
 
 from gfldet.config import config_from_dict
 from gfldet.engine import progress as progress_module
-from gfldet.engine.build import build_model
-from gfldet.engine.checkpoint import load_checkpoint, prune_checkpoints
+from gfldet.engine.build import LrFactor, build_model
+from gfldet.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from gfldet.engine.precision import cpu_bf16_support, resolve_precision
 from gfldet.engine.progress import Progress, ScalarLog
 from gfldet.engine.run_dir import RunDirError, check_run_dir
@@ -223,6 +223,12 @@ def test_scalars_jsonl_holds_the_log_lines_values(tiny_run):
         for name in ("loss_cls", "loss_bbox", "loss_dfl"):
             assert f"{name}: {record[f'train/{name}']:.4f}" in line
         assert f"lr: {record['train/lr']:.3e}" in line
+    # The lr logged for step s is the one iteration s - 1 trained with (warmup: each differs).
+    state = load_checkpoint(work / "last.pth")
+    factor = LrFactor(config_from_dict(state["config"]).schedule, per_epoch)
+    base = state["scheduler"]["base_lrs"][0]
+    assert [r["train/lr"] for r in train_records] == pytest.approx(
+        [base * factor(r["step"] - 1) for r in train_records], rel=1e-12)
     evals = [r for r in records if "val/bbox_mAP" in r]
     assert [r["epoch"] for r in evals] == [1, 2]
     metrics = json.loads((work / "metrics_epoch_2.json").read_text())
@@ -330,6 +336,25 @@ def test_a_stale_tmp_file_is_removed_at_the_next_start(tiny_run, tiny_coco, tmp_
     run_in_process(*tiny_args(tiny_coco, resumed, "--resume"))
     assert not stale.exists() and (resumed / "keep.tmp").exists()
     assert f"removed {stale.name}" in (resumed / "train.log").read_text()
+
+
+def test_resume_follows_the_configs_lr_curve_not_the_checkpoints_copy(tiny_run, tiny_coco,
+                                                                     tmp_path):
+    """The scheduler state stores the lr function's attributes; a resume computes the lr from
+    the config (which check_resumable holds equal), so a stale copy changes nothing."""
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run[0], work)
+    state = load_checkpoint(work / "epoch_1.pth")
+    for stored in state["scheduler"]["lr_lambdas"]:
+        stored.update(policy="step", milestones=[1], gamma=0.5, warmup_iters=0)
+    save_checkpoint(state, work / "epoch_1.pth")
+    run_in_process(*tiny_args(tiny_coco, work, "--resume", str(work / "epoch_1.pth")))
+    final = load_checkpoint(work / "last.pth")
+    per_epoch = iterations_per_epoch((work / "train.log").read_text())
+    factor = LrFactor(config_from_dict(final["config"]).schedule, per_epoch)
+    base = final["scheduler"]["base_lrs"][0]
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        base * factor(final["iteration"]), rel=1e-12)
 
 
 def test_resuming_an_earlier_epoch_replaces_the_later_records(tiny_run, tiny_coco, tmp_path):

@@ -2,12 +2,14 @@
 
 import logging
 import math
+import typing
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gfldet.config import OptimConfig, ScheduleConfig
-from gfldet.engine.build import build_lr_scheduler, scaled_lr
+from gfldet.engine.build import LrFactor, build_lr_scheduler, scaled_lr
 from gfldet.engine.resume import continue_schedule
 
 
@@ -39,6 +41,18 @@ def test_cosine_policy():
     assert values[0] == pytest.approx(0.01)
     assert values[50] == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
     assert values[-1] > 0.001 and values[-1] < 0.0011
+
+
+def test_every_policy_the_schema_allows_has_its_own_curve():
+    policies = typing.get_args(typing.get_type_hints(ScheduleConfig)["policy"])
+    curves = {p: lrs(ScheduleConfig(epochs=2, policy=p, warmup_iters=0), iters_per_epoch=10)
+              for p in policies}
+    assert len(curves) >= 2 and len({tuple(c) for c in curves.values()}) == len(curves)
+    # A policy added to the schema but not to LrFactor is an error, not another policy's curve.
+    fields = vars(ScheduleConfig(epochs=2, warmup_iters=0))
+    unknown = SimpleNamespace(**{**fields, "policy": "poly"})
+    with pytest.raises(ValueError, match="schedule.policy 'poly'"):
+        LrFactor(unknown, 10)(3)
 
 
 def test_linear_lr_scaling():

@@ -180,10 +180,12 @@ class LrFactor:
     def __call__(self, it: int) -> float:
         if self.policy == "step":
             decay = self.gamma ** sum(it >= m for m in self.milestones)
-        else:
+        elif self.policy == "cosine":
             progress = min(it / max(self.total_iters, 1), 1.0)
             decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
                 1 + math.cos(math.pi * progress))
+        else:  # a policy the schema allows but nothing here computes
+            raise ValueError(f"schedule.policy {self.policy!r} has no lr curve in LrFactor")
         if it < self.warmup_iters:
             decay *= self.warmup_ratio + (1 - self.warmup_ratio) * it / self.warmup_iters
         return decay

@@ -239,7 +239,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         base_lrs = list(scheduler.base_lrs)  # this run's, for its total batch
         load_model_weights(model, state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # The lr function stays the one built from this config (check_resumable held it equal to
+        # the saved one); the checkpoint's copy of its attributes is a record, not read back.
+        scheduler.load_state_dict({**state["scheduler"],
+                                   "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
         run = RunState(state["epoch"], state.get("batch", 0), state.get("best_ap", -1.0))
         if rebuild_schedule:  # the saved lr function is the old schedule's, batch or setup's
             continue_schedule(optimizer, scheduler, base_lrs, cfg.schedule, iters_per_epoch,
@@ -505,10 +508,10 @@ class TrainLoop:
         for images, targets in loader:
             self.progress.record_data_time(time.perf_counter() - tic)
             it = epoch * iters_per_epoch + batch
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's: step() moves the schedule on
             stop = self.step(images, targets, it)
             self.progress.maybe_log(it, epoch, self.cfg.schedule.epochs, batch, iters_per_epoch,
-                                    self.optimizer.param_groups[0]["lr"],
-                                    force=batch + 1 == iters_per_epoch)
+                                    lr, force=batch + 1 == iters_per_epoch)
             batch += 1
             if stop:
                 break
