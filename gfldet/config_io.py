@@ -406,7 +406,7 @@ def migrate(data: dict, source: str) -> dict:
         node[leaf] = value
     if done:
         log.warning("%s: config written before gfldet's keys moved to the parts that read them "
-                    "(issue 17); migrated: %s. tools/export.py CHECKPOINT --format weights "
+                    "; migrated: %s. tools/export.py CHECKPOINT --format weights "
                     "writes a copy that loads without this note", source, ", ".join(done))
     return data
 

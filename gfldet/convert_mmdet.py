@@ -87,13 +87,9 @@ def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str
     return tensors, meta
 
 
-def mmdet_class_names(meta: Mapping[str, Any]) -> list[str] | None:
-    """Class names from MMDetection 2.x (`meta.CLASSES`) or 3.x (`meta.dataset_meta.classes`)."""
-    return _class_names_and_key(meta)[0]
-
-
 def _class_names_and_key(meta: Mapping[str, Any]) -> tuple[list[str] | None, str]:
-    """(`mmdet_class_names`, the meta key they came from, "" when none)."""
+    """(class names from MMDetection 2.x `meta.CLASSES` or 3.x `meta.dataset_meta.classes`, the
+    meta key they came from, "" when none)."""
     if names := meta.get("CLASSES"):
         return [str(n) for n in names], "meta.CLASSES"
     dataset_meta = meta.get("dataset_meta")

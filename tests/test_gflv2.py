@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import ROOT, build_from_options, run_in_process, tiny_overrides
 from test_convert_mmdet import mmdet_gfl_state_dict
 
-from gfldet.config import DGQPConfig, load_config
+from gfldet.config import DGQPConfig, HeadConfig, load_config
 from gfldet.convert_mmdet import (
     ConversionError,
     config_from_settings,
@@ -81,18 +81,10 @@ def test_dgqp_without_mean_has_4k_inputs_and_checks_topk():
 
 def test_head_class_output_is_the_joint_logit():
     torch.manual_seed(0)
-    head = GFLHead(
-        3,
-        in_channels=32,
-        num_levels=1,
-        feat_channels=32,
-        stacked_convs=1,
-        norm="gn",
-        reg_max=4,
-        box_repr="distribution",
-        dirac_init_distance=None,
-        dgqp={"topk": 4, "channels": 8, "add_mean": True},
-    ).double()
+    options = {"feat_channels": 32, "stacked_convs": 1, "norm": "gn", "reg_max": 4,
+               "box_repr": "distribution", "dgqp": {"topk": 4, "channels": 8, "add_mean": True}}
+    head = GFLHead(3, in_channels=32, num_levels=1,
+                   **{**dataclasses.asdict(HeadConfig()), **options}).double()
     for p in head.reg_conf.parameters():  # away from init: a quality not ~0.5 everywhere
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 32, 3, 5, dtype=torch.float64)

@@ -75,4 +75,6 @@ def test_the_config_schema_stays_within_its_350_lines():
     # Issue 17: the schema is pydantic's work, and config.py holds only the keys, their one
     # default and the cross-field rules; the YAML side lives in config_io.py.
     lines = len((PACKAGE / "config.py").read_text(encoding="utf-8").splitlines())
-    assert lines <= 350, f"gfldet/config.py has {lines} lines; move what is not schema out"
+    assert lines <= 350, (
+        f"gfldet/config.py has {lines} lines, over the 350 issue 17 set: make room in it (a "
+        "shorter rule message or comment; YAML and message helpers belong in config_io.py)")

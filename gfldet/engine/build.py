@@ -1,6 +1,6 @@
-"""Turn a `Config` into the objects of a run: model, datasets, optimizer, lr schedule.
+"""Turn a `Config` into the objects of a run: model, datasets, optimizer, lr schedule (`LrFactor`).
 
-This is the only module that reads the config tree; everything it builds takes plain arguments.
+Everything it builds takes plain arguments; the trainer reads the `train.*` loop settings itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ log = logging.getLogger("gfldet")
 
 def build_model(cfg: ModelConfig, *, size_divisor: int) -> GFL:
     """The detector of `model` config `cfg`: each section is the keyword arguments of its part
-    (gfldet.config documents the keys and holds their defaults), passed as they are.
+    (gfldet.config documents the keys and holds their defaults), passed as they are, except
+    `head.dirac_init_distance: null`, which becomes half the ATSS anchor's side.
     `size_divisor` is `data.size_divisor`: the per-image padding that marks priors valid."""
     backbone = ResNetBackbone(**asdict(cfg.backbone))
     neck = FPN(backbone.out_channels, **asdict(cfg.fpn))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gfldet.config import GN_GROUPS  # the schema's feat_channels rules count these groups
+
 
 class ConvModule(nn.Module):
     """conv (k x k, 'same' padding) -> GroupNorm(32) if `norm == "gn"` -> ReLU if `relu`.
@@ -19,7 +21,7 @@ class ConvModule(nn.Module):
             raise ValueError(f"norm must be 'gn' or 'none', got {norm!r}")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
                               bias=norm == "none")
-        self.gn = nn.GroupNorm(32, out_channels) if norm == "gn" else None
+        self.gn = nn.GroupNorm(GN_GROUPS, out_channels) if norm == "gn" else None
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:

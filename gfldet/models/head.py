@@ -103,9 +103,9 @@ def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
 
 
 class GFLHead(nn.Module):
-    """Towers of `stacked_convs` x (3x3 conv, GroupNorm 32, ReLU) shared over the levels. The
-    keyword arguments are the config's `model.head` section (gfldet.config.HeadConfig documents
-    them and holds their defaults).
+    """Towers of `stacked_convs` x (3x3 conv, GroupNorm(32) if norm == "gn", ReLU) shared over
+    the levels. The keyword arguments are the config's `model.head` section
+    (gfldet.config.HeadConfig documents them and holds their defaults).
 
     Args:
         num_classes: C, sigmoid classes (no background channel).
