@@ -273,12 +273,20 @@ def convert_state_dict(mmdet_state: Mapping[str, Tensor], target_state: Mapping[
         else:
             missing.append(f"{key} {list(expected.shape)}")
     if unmapped or missing or reshaped:
-        raise ConversionError(_error_text(unmapped, missing, reshaped))
+        hint = ""
+        dgqp_in_file = any(k.startswith("bbox_head.reg_conf.") for k in mmdet_state)
+        if dgqp_in_file != any(k.startswith("head.reg_conf.") for k in target_state):
+            hint = ("This is a GFLv2 (DGQP: bbox_head.reg_conf.*) checkpoint and the config a "
+                    "GFLv1 one: use a configs/gflv2_*.yaml or set model.head.dgqp: {}."
+                    if dgqp_in_file else "This is a GFLv1 checkpoint (no bbox_head.reg_conf.*) "
+                    "and the config a GFLv2 one: use a configs/gfl_*.yaml or set "
+                    "model.head.dgqp: null.")
+        raise ConversionError(_error_text(unmapped, missing, reshaped, hint))
     report.mapped = len(out) - len(report.filled)
     return out, report
 
 
-def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str]) -> str:
+def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str], hint: str) -> str:
     parts = ["the MMDetection state dict does not map exactly onto gfldet's model:"]
     parts += [format_key_list(title, items) for title, items in [
         ("MMDetection keys with no place in gfldet's model (unmapped; other depth, levels?)",
@@ -291,7 +299,7 @@ def _error_text(unmapped: list[str], missing: list[str], reshaped: list[str]) ->
         "FPN P3-P7 and GFLHead (or GFLv2's GFocalHead) convert. If you passed --config, check "
         "that it describes the same model (depth, channels, stacked convs, classes) or leave it "
         "out to infer the model.")
-    return "\n".join(parts)
+    return "\n".join(parts + [hint] if hint else parts)
 
 
 # --------------------------------------------------------------------------- whole files

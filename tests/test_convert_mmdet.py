@@ -190,6 +190,16 @@ def test_unknown_key_is_refused(r50):
         infer_model_settings(broken)
 
 
+def test_a_gflv1_gflv2_mix_up_is_named(r50):
+    mmdet, target, _ = r50
+    gflv2 = {**mmdet, "bbox_head.reg_conf.0.weight": torch.zeros(64, 20, 1, 1)}
+    with pytest.raises(ConversionError, match=r"GFLv2 \(DGQP.*configs/gflv2_\*\.yaml"):
+        convert_state_dict(gflv2, target, reg_max=16)
+    gflv2_target = {**target, "head.reg_conf.0.weight": torch.zeros(64, 20, 1, 1)}
+    with pytest.raises(ConversionError, match=r"GFLv1 checkpoint.*dgqp: null"):
+        convert_state_dict(mmdet, gflv2_target, reg_max=16)
+
+
 def test_unexpected_project_bins_are_refused(r50):
     mmdet, target, _ = r50
     broken = {**mmdet, "bbox_head.integral.project": torch.linspace(0, 1, 17)}
