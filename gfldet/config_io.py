@@ -422,12 +422,12 @@ def migrate(data: dict, source: str) -> dict:
         node[leaf] = value
     # The callers name a checkpoint by its path; "<dict>" (config_from_dict's default) is a
     # mapping a user wrote, for whom the export advice makes no sense.
-    fix = ("use the new keys (a YAML file or --cfg-options refuses the old ones)"
+    fix = ("Use the new keys (a YAML file or --cfg-options refuses the old ones)"
            if source == "<dict>" else
            "tools/export.py CHECKPOINT --format weights writes a copy that loads without this note")
     if done:
-        log.warning("%s: config written before gfldet's keys moved to the parts that read them "
-                    "; migrated: %s. %s", source, ", ".join(done), fix)
+        log.warning("%s: config written before gfldet's keys moved to the parts that read them; "
+                    "migrated: %s. %s", source, ", ".join(done), fix)
     return data
 
 

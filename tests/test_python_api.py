@@ -139,7 +139,7 @@ def test_the_migration_note_gives_the_export_advice_only_for_a_checkpoint(caplog
     with caplog.at_level(logging.WARNING, logger="gfldet"):
         assert config_from_dict(old).model.head.dgqp == DGQPConfig()
     assert "model.head.dgqp: true -> {}" in caplog.text
-    assert "tools/export.py" not in caplog.text and "use the new keys" in caplog.text
+    assert "tools/export.py" not in caplog.text and "Use the new keys" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gfldet"):
         config_from_dict(old, "work_dirs/x/last.pth")
