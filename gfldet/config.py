@@ -10,7 +10,6 @@ chains, ``--cfg-options``, where each key was set, keys that moved) and words py
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -235,8 +234,7 @@ class TrainConfig:
     checkpoint_interval: Count = 1  # epochs between checkpoints
     keep_checkpoints: NonNegInt = 3  # newest epoch_N.pth kept besides last/best; 0 = all
     max_bad_steps: Count = 5  # consecutive non-finite steps before the run stops
-    # fraction of images that may fail to decode before the run stops
-    max_decode_failures: Fraction = 0.01
+    max_decode_failures: Fraction = 0.01  # fraction of images that may fail to decode, else stop
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     work_dir: Text | None = None  # null = work_dirs/<config name>
 
@@ -257,7 +255,7 @@ class Config:
         loss, head, d, s = self.model.loss, self.model.head, self.data, self.schedule
         dirac, (lo, hi), ms = head.box_repr == "dirac", d.train_short_side, s.milestones
         step, g, t = s.policy == "step", GN_GROUPS, TOP_STRIDE  # cosine ignores milestones
-        dgqp = head.dgqp and dataclasses.asdict(head.dgqp)  # GFLv2's settings; GFLv1: None
+        dgqp = head.dgqp and config_io.as_data(head.dgqp)  # GFLv2's settings; GFLv1: None
         k = dgqp["topk"] if dgqp else 1
         own = [f"data.{n}" for n in ("train", "val") if getattr(d, n) != getattr(DataConfig(), n)]
         small = [f"{key}={config_io.show(value)}" for key, value, side in (
@@ -282,7 +280,7 @@ class Config:
             (dgqp is None or loss.cls_loss == "qfl", "model.head.dgqp", dgqp,
              "null when model.loss.cls_loss is 'focal' (DGQP learns the IoU from QFL)"),
             (lo <= hi, "data.train_short_side", d.train_short_side, "[lo, hi] with lo <= hi"),
-            (not (d.synthetic and own), "data.synthetic", d.synthetic and dataclasses.asdict(
+            (not (d.synthetic and own), "data.synthetic", d.synthetic and config_io.as_data(
                 d.synthetic), f"null when {' and '.join(own)} name{'s' * (len(own) == 1)} your own "
              "files: the demo set it generates would replace them"),
             (d.max_size >= max(hi, d.test_short_side), "data.max_size", d.max_size,
@@ -304,13 +302,16 @@ class Config:
         return self
 
     def problems(self) -> list[tuple[str, str]]:
-        """Every problem as ``(dotted_key, message)``; empty when the config is valid."""
-        return config_io.check(Config, config_to_dict(self))[1]
+        """Every problem as ``(dotted_key, message)``, misspelt attributes too; [] when valid."""
+        return config_io.check(Config, config_io.as_data(self, extras=True))[1]
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` listing every problem (see :meth:`problems`)."""
-        if problems := self.problems():
+    def validate(self) -> Config:
+        """A checked copy, sections given as dicts (``dgqp = {}``) converted as YAML's, or
+        :class:`ConfigError` naming every problem. `train()` calls it: edits are checked on use."""
+        cfg, problems = config_io.check(Config, config_io.as_data(self, extras=True))
+        if problems:
             raise ConfigError(config_io.report("invalid config", [msg for _, msg in problems]))
+        return cfg
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
@@ -320,8 +321,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 
 def config_from_dict(data: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
-    """Strictly convert and validate a plain mapping (a checkpoint's: keys of the old layout are
-    moved, and logged) with ``a.b.c=value`` overrides on top; defaults fill in, no ``base``."""
+    """Strictly convert and validate a mapping (old keys moved, and logged; `source` names a
+    checkpoint by its path) with ``a.b.c=value`` overrides on top; defaults fill in, no ``base``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a config must be a mapping, got {type(data).__name__}")
     data = config_io.migrate(data, source)
@@ -339,8 +340,7 @@ def load_config_or_exit(path: str | os.PathLike, overrides: Sequence[str] = ()) 
 
 def config_to_dict(cfg: Config) -> dict:
     """The config as plain YAML-able types (tuples become lists), in schema order."""
-    return dataclasses.asdict(cfg, dict_factory=lambda items: {  # tuples are leaves here
-        key: list(value) if isinstance(value, tuple) else value for key, value in items})
+    return config_io.as_data(cfg)
 
 
 def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:

@@ -219,6 +219,21 @@ _Dumper.add_representer(list, _represent_list)
 _Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
 
 
+def as_data(obj: Any, extras: bool = False) -> Any:
+    """A config object as plain YAML-able types in schema order (tuples become lists). With
+    `extras`, also the attributes set on a section that are none of its keys (a typo such as
+    `cfg.schedule.epoch = 2`): validation then reports them as unknown keys."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = [f.name for f in dataclasses.fields(obj)]
+        names += [n for n in vars(obj) if n not in names] if extras else []
+        return {n: as_data(getattr(obj, n), extras) for n in names}
+    if isinstance(obj, list | tuple):
+        return [as_data(v, extras) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_data(v, extras) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
 def to_yaml(data: dict) -> str:
     """``data`` as block-style YAML in its own key order, readable by the loader above."""
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
@@ -389,7 +404,8 @@ def _pop_old_keys(data: dict) -> list[tuple[str, Any]]:
 
 
 def migrate(data: dict, source: str) -> dict:
-    """A copy of the stored config ``data`` with the keys of the old layout moved (logged)."""
+    """A copy of the stored config ``data`` with the keys of the old layout moved (logged);
+    ``source`` is a checkpoint's path, or "<dict>" for a mapping given in Python."""
     data, done, switch = copy.deepcopy(data), [], None
     for old, value in _pop_old_keys(data):
         new = MOVED.get(old, DGQP)
@@ -404,10 +420,14 @@ def migrate(data: dict, source: str) -> dict:
             done.append(f"{old} -> {new}")
         node, leaf = _parent(data, new, create=True)
         node[leaf] = value
+    # The callers name a checkpoint by its path; "<dict>" (config_from_dict's default) is a
+    # mapping a user wrote, for whom the export advice makes no sense.
+    fix = ("Use the new keys (a YAML file or --cfg-options refuses the old ones)"
+           if source == "<dict>" else
+           "tools/export.py CHECKPOINT --format weights writes a copy that loads without this note")
     if done:
-        log.warning("%s: config written before gfldet's keys moved to the parts that read them "
-                    "; migrated: %s. tools/export.py CHECKPOINT --format weights "
-                    "writes a copy that loads without this note", source, ", ".join(done))
+        log.warning("%s: config written before gfldet's keys moved to the parts that read them; "
+                    "migrated: %s. %s", source, ", ".join(done), fix)
     return data
 
 

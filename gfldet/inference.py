@@ -354,10 +354,14 @@ class Detector:
         config: a Config or YAML path; by default the config stored in the checkpoint.
         device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available); CUDA that is not
             available here is a ValueError.
-        score_thr: keep detections scoring above this (default: the config's model.test.score_thr).
+        score_thr: keep detections scoring above this, in 0..1 (default: the config's
+            model.test.score_thr).
         overrides: ``a.b=c`` items merged onto the YAML or stored config (as --cfg-options).
         """
         device = resolve_device(device)  # before the checkpoint is read
+        if score_thr is not None and not 0.0 <= float(score_thr) <= 1.0:  # also NaN
+            raise ValueError(f"score_thr={score_thr} is outside 0..1, the range of the scores "
+                             "(a percentage p is p / 100)")
         state = load_checkpoint(path)
         cfg = config_for_checkpoint(state, config, str(path), overrides)
         model = load_inference_model(cfg, state, path, use_ema)
@@ -423,6 +427,9 @@ def draw_detections(
 
     class_names: names by label; by default the detection dict's own `class_names`.
     """
+    if not isinstance(det, Mapping):  # e.g. the list that detector([a, b]) returns
+        raise TypeError(f"det must be one image's detections (a dict), got {type(det).__name__}: "
+                        "for dets = detector([a, b]), draw_detections(a, dets[0]) and so on")
     canvas = Image.fromarray(to_rgb_array(image))
     draw = ImageDraw.Draw(canvas)
     side = min(canvas.size)

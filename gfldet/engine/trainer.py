@@ -165,6 +165,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
     from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
     checkpoints. Build it after seeding if its initialisation should follow `train.seed`."""
+    cfg = cfg.validate()  # a Config edited in Python is checked as a YAML file is
     try:
         device = init_distributed(cfg.train.device)
     except RuntimeError as err:  # e.g. train.device: cuda without CUDA
@@ -220,6 +221,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         if resume:
             model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None))
         model = build_model(model_cfg, size_divisor=cfg.data.size_divisor)
+    if hasattr(model, "check_targets"):  # GFL's: the datasets are checked, and it would sync
+        model.check_targets = False
     model = model.to(device)
     if load_from is not None:
         load_matching_weights(model, load_from)

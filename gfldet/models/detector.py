@@ -29,7 +29,13 @@ class GFL(nn.Module):
     `model.test`), `octave_base_scale` (`model.priors`: prior side / stride), `topk`
     (`model.assigner`: ATSS candidates per level) and `size_divisor` (`data.size_divisor`: each
     image's padded extent, where its priors are valid); gfldet.engine.build.build_model passes them.
+
+    `check_targets`: check the training targets' values (labels in [0, C), finite boxes with
+    x2 > x1 and y2 > y1). Free on the CPU, a host sync on CUDA: the trainer, whose datasets are
+    checked when built, turns it off. Shapes, dtypes and keys are always checked.
     """
+
+    check_targets: bool = True
 
     def __init__(
         self,
@@ -83,6 +89,7 @@ class GFL(nn.Module):
         return cls_logits, reg_logits, priors, valid
 
     def forward(self, images: Tensor, targets: list[dict] | None = None):
+        check_inputs(images, targets, self.num_classes, self.training, self.check_targets)
         image_sizes = _sizes(targets, "image_size", images.device)
         if image_sizes is None:  # the padded input size
             image_sizes = torch.tensor(
@@ -90,10 +97,6 @@ class GFL(nn.Module):
             )
         cls_logits, reg_logits, priors, valid = self.head_outputs(images, image_sizes)
         if self.training:
-            if targets is None:
-                raise ValueError(
-                    "training mode needs targets (a dict with boxes and labels per image)"
-                )
             gt_boxes, gt_labels, gt_mask = pad_targets(targets, images.device)
             reg_max = self.head.reg_max if self.head.box_repr == "distribution" else None
             # The loss decodes boxes at the positives only (no dense Integral in training).
@@ -108,6 +111,54 @@ class GFL(nn.Module):
         return postprocess(
             cls_logits, distances, priors, valid, image_sizes, orig_sizes, self.test_settings
         )
+
+
+def check_inputs(images: Tensor, targets: list[dict] | None, num_classes: int, training: bool,
+                 values: bool) -> None:
+    """A ValueError naming what a caller passed wrong, rather than a torch error deep inside or
+    (labels >= C: the background sentinel) a silently wrong loss. `values`: check the targets'
+    values too, which reads them on the host (a sync for CUDA tensors)."""
+    if not (torch.is_tensor(images) and images.dim() == 4 and images.shape[1] == 3):
+        raise ValueError(f"images must be a tensor [B, 3, H, W], got {_got(images)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be normalised floats, got {images.dtype}: use "
+                         "gfldet.data.normalize_batch(images, image_sizes) on the uint8 batch")
+    if targets is None:
+        if training:
+            raise ValueError("training mode needs targets: a dict with boxes and labels per image")
+        return
+    if not isinstance(targets, list | tuple) or len(targets) != len(images):
+        got = f"{len(targets)}" if isinstance(targets, list | tuple) else type(targets).__name__
+        raise ValueError(f"targets must be a list of one dict per image ({len(images)}), got {got}")
+    for i, t in enumerate(targets if training else ()):
+        name = f"targets[{i}]"
+        if not (isinstance(t, dict) and "boxes" in t and "labels" in t):
+            got = f"keys {list(t)}" if isinstance(t, dict) else _got(t)
+            raise ValueError(f"{name} must be a dict with 'boxes' and 'labels', got {got}")
+        boxes, labels = t["boxes"], t["labels"]
+        if not (torch.is_tensor(boxes) and boxes.dim() == 2 and boxes.shape[1] == 4
+                and boxes.is_floating_point()):
+            raise ValueError(f'{name}["boxes"] must be a float tensor [G, 4] (x1, y1, x2, y2 '
+                             f"pixels; torch.zeros(0, 4) for none), got {_got(boxes)}")
+        if not (torch.is_tensor(labels) and labels.shape == boxes.shape[:1]
+                and labels.dtype in (torch.int64, torch.int32, torch.int16, torch.int8)):
+            raise ValueError(f'{name}["labels"] must be an int64 tensor [G] with G = '
+                             f"{len(boxes)} (one per box), got {_got(labels)}")
+        if not values or len(boxes) == 0:
+            continue
+        if (bad := (labels < 0) | (labels >= num_classes)).any():
+            raise ValueError(f'{name}["labels"] must be in [0, {num_classes}), got '
+                             f"{labels[bad][0].item()} (gfldet labels are 0-based; "
+                             "torchvision's 1-based labels need -1)")
+        wh = boxes[:, 2:] - boxes[:, :2]
+        if (bad := ~((wh > 0).all(1) & boxes.isfinite().all(1))).any():
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f'{name}["boxes"][{row}] = {boxes[row].tolist()} must be finite '
+                             "with x2 > x1 and y2 > y1 (x1, y1, x2, y2 pixels; drop empty boxes)")
+
+
+def _got(x: object) -> str:
+    return f"{x.dtype} {list(x.shape)}" if torch.is_tensor(x) else type(x).__name__
 
 
 def _sizes(targets: list[dict] | None, key: str, device: torch.device) -> Tensor | None:
