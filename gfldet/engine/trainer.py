@@ -9,6 +9,7 @@ A folder that holds an earlier run is refused unless the run resumes it or overw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -164,7 +166,38 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     `model`: a pre-built detector following gfldet's calling convention (see
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
     from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
-    checkpoints. Build it after seeding if its initialisation should follow `train.seed`."""
+    checkpoints. Build it after seeding if its initialisation should follow `train.seed`.
+
+    On return and on error, the SIGINT/SIGTERM handlers and the "gfldet" logger are as before."""
+    with _process_state_restored():
+        return _train(cfg, work_dir, resume, load_from, allow_schedule_change, model, overwrite)
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    """Put back what a run changes in the process: the signal handlers of `StopRequested` (else a
+    notebook's Ctrl-C or a job's SIGTERM after training is swallowed) and the logger of
+    `setup_logging` (else later log lines go into the run's train.log)."""
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers, level, propagate = log.handlers[:], log.level, log.propagate
+    try:
+        yield
+    finally:
+        for sig, handler in signals.items():
+            # None: a handler not set from Python, which signal.signal cannot reinstall.
+            if handler is not None and signal.getsignal(sig) != handler:
+                signal.signal(sig, handler)
+        for handler in log.handlers:
+            if handler not in handlers:
+                handler.close()
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: str | None,
+           allow_schedule_change: bool, model: nn.Module | None,
+           overwrite: bool) -> tuple[dict, RunState]:
     try:
         device = init_distributed(cfg.train.device)
     except RuntimeError as err:  # e.g. train.device: cuda without CUDA
