@@ -10,13 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_overrides
+import torch
+from conftest import ROOT, run_in_process, tiny_overrides
 
 import gfldet.engine.trainer as trainer
 from gfldet.config import load_config
 from gfldet.data.images import DatasetError
 from gfldet.engine.build import build_model
-from gfldet.engine.trainer import train
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
+from gfldet.engine.trainer import model_matches_config, train
+from gfldet.inference import Detector
 
 DEMO = ROOT / "configs" / "demo_synthetic_cpu.yaml"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -112,3 +115,67 @@ def test_after_train_raises_mid_run_the_process_is_as_before(tiny_coco, tmp_path
         train(config(tiny_coco, "schedule.epochs=1", "schedule.milestones=[]"), work)
     assert (work / "last.pth").is_file()
     assert_process_as_before(work, handlers)
+
+
+# --------------------------------------------------------------------------- finding 2
+
+
+def test_a_model_the_config_does_not_describe_is_warned_about_and_recorded(foreign_run,
+                                                                           tiny_coco):
+    work, _ = foreign_run
+    log = (work / "train.log").read_text()
+    assert "WARNING train(model=...): the model is not the one the config's model section" in log
+    assert "neck.lateral_convs.0.conv.weight (64, 128, 1, 1) vs the config's (32, 128, 1, 1)" in log
+    assert "load only into this model" in log and "torch.load(path)['model']" in log
+    for name in ("last.pth", "best.pth", "epoch_1.pth"):
+        assert load_checkpoint(work / name)["meta"]["model_matches_config"] is False
+    # What the warning says to do loads it.
+    foreign_model(config(tiny_coco)).load_state_dict(torch.load(work / "last.pth")["model"])
+
+
+@pytest.mark.parametrize("tool", ["eval", "predict"])
+def test_the_tools_say_the_checkpoint_came_from_train_with_a_model(foreign_run, tiny_coco,
+                                                                  tool):
+    work, _ = foreign_run
+    image = next(Path(tiny_coco["val_images"]).glob("*.jpg"))
+    args = [str(work / "last.pth")] + ([str(image)] if tool == "predict" else [])
+    proc = run_in_process(ROOT / "tools" / f"{tool}.py", *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"{work / 'last.pth'} was written by train(model=...) with a model its config does "
+            "not describe") in proc.stderr
+    assert "drop the override" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_detector_and_a_resume_without_the_model_say_the_same(foreign_run, tiny_coco):
+    work, _ = foreign_run
+    with pytest.raises(CheckpointError, match=r"written by train\(model=\.\.\.\)"):
+        Detector.from_checkpoint(work / "best.pth")
+    # The resume needs the model again; without it, the advice is not --load-from's.
+    with pytest.raises(CheckpointError) as err:
+        train(config(tiny_coco), work, resume=str(work / "epoch_1.pth"))
+    assert "resume: train(..., model=that model)" in str(err.value)
+    assert "--load-from" not in str(err.value)
+
+
+def test_model_matches_config_builds_nothing_real(tiny_coco, monkeypatch, caplog):
+    """The config's model is built on the meta device and without its ImageNet weights (the
+    config asks for torchvision's, which would be a download)."""
+    cfg = config(tiny_coco, "model.backbone.weights=torchvision")
+    built = []
+
+    def record(model_cfg, **kwargs):
+        built.append(build_model(model_cfg, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("gfldet.inference.build_model", record)
+    monkeypatch.setattr("gfldet.models.backbone.load_imagenet_weights",
+                        lambda *a: pytest.fail("ImageNet weights loaded"))
+    own = build_model(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)),
+                      size_divisor=cfg.data.size_divisor)
+    with caplog.at_level(logging.WARNING, "gfldet"):
+        assert model_matches_config(own, cfg)
+        assert not caplog.records  # a model the config describes: nothing to say
+        assert not model_matches_config(foreign_model(cfg), cfg)
+    assert "3 tensors differ" not in caplog.text and "tensors differ" in caplog.text
+    assert {p.device.type for m in built for p in m.state_dict().values()} == {"meta"}
+    assert cfg.model.backbone.weights == "torchvision"  # the caller's config is unchanged

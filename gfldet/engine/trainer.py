@@ -55,6 +55,7 @@ from gfldet.engine.checkpoint import (
     capture_rng_state,
     find_checkpoint_file,
     find_latest_checkpoint,
+    foreign_model_advice,
     load_checkpoint,
     load_model_weights,
     load_training_checkpoint,
@@ -74,7 +75,7 @@ from gfldet.engine.run_dir import (
     check_run_dir,
     remove_stale_temporaries,
 )
-from gfldet.inference import model_weights
+from gfldet.inference import build_inference_model, model_weights
 
 log = logging.getLogger("gfldet")
 
@@ -207,6 +208,7 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
     resume_from = check_start(work_dir, resume, overwrite, load_from)  # before anything is built
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
+    matches_config = model is None or model_matches_config(model, cfg)  # warns if it does not
     state = None
     if resume_from is not None:  # a resume that would train nothing stops before any output
         state = load_training_checkpoint(resume_from)
@@ -270,7 +272,8 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
     if state is not None:
         rebuild_schedule = check_resumable(cfg, state, resume_from, allow_schedule_change, setup)
         base_lrs = list(scheduler.base_lrs)  # this run's, for its total batch
-        load_model_weights(model, state["model"], strict=True)
+        load_model_weights(model, state["model"], strict=True, source=resume_from,
+                           advice=foreign_model_advice(state, resume_from))
         optimizer.load_state_dict(state["optimizer"])
         # The lr function stays the one built from this config (check_resumable held it equal to
         # the saved one); the checkpoint's copy of its attributes is a record, not read back.
@@ -329,7 +332,8 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
             "rng": rng_states,
             "config": config_to_dict(cfg),
             # What the labels mean, so predict/export need not find the annotation file again.
-            "meta": {"class_names": list(train_set.class_names)},
+            "meta": {"class_names": list(train_set.class_names),
+                     "model_matches_config": matches_config},  # False: the tools cannot load it
         }
         for name in names:
             save_checkpoint(state, work_dir / name)
@@ -438,6 +442,28 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
         except FileNotFoundError as err:
             raise CheckpointError(f"{option}: {err}") from None
     return files.get("--resume")
+
+
+def model_matches_config(model: nn.Module, cfg: Config) -> bool:
+    """train(model=...): whether `model`'s state-dict keys and shapes are those of the model
+    `cfg.model` describes, which the tools build to load a checkpoint; if not, a warning names
+    the first differences. The config's model is built on the meta device (no memory, no
+    ImageNet weights: `build_inference_model`)."""
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in build_inference_model(cfg).state_dict().items()}
+    given = {k: tuple(getattr(v, "shape", ())) for k, v in model.state_dict().items()}
+    differ = [f"{k} {shape} vs the config's {wanted[k]}" if k in wanted
+              else f"{k} (not in the config's model)"
+              for k, shape in given.items() if wanted.get(k) != shape]
+    differ += [f"{k} (only in the config's model)" for k in wanted if k not in given]
+    if differ and is_main_process():
+        log.warning(
+            "train(model=...): the model is not the one the config's model section describes "
+            "(%d tensors differ: %s%s). This run's checkpoints load only into this model, "
+            "model.load_state_dict(torch.load(path)['model']), not with tools/eval.py, "
+            "predict.py, export.py or Detector; for those, describe the model in cfg.model",
+            len(differ), "; ".join(differ[:3]), ", ..." * (len(differ) > 3))
+    return not differ
 
 
 def load_matching_weights(model: nn.Module, path: str) -> None:
