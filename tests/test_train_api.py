@@ -18,6 +18,7 @@ from gfldet.config import load_config
 from gfldet.data.images import DatasetError
 from gfldet.engine.build import build_model
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
+from gfldet.engine.run_dir import RunDirError
 from gfldet.engine.trainer import model_matches_config, train
 from gfldet.inference import Detector
 
@@ -179,3 +180,16 @@ def test_model_matches_config_builds_nothing_real(tiny_coco, monkeypatch, caplog
     assert "3 tensors differ" not in caplog.text and "tensors differ" in caplog.text
     assert {p.device.type for m in built for p in m.state_dict().values()} == {"meta"}
     assert cfg.model.backbone.weights == "torchvision"  # the caller's config is unchanged
+
+
+# --------------------------------------------------------------------------- finding 7
+
+
+def test_a_used_run_folder_names_the_keyword_arguments_too(foreign_run, tiny_coco):
+    work, _ = foreign_run
+    with pytest.raises(RunDirError) as err:
+        train(config(tiny_coco), work)
+    message = str(err.value)
+    assert "--resume (resume=True in train())" in message
+    assert "--overwrite (overwrite=True)" in message
+    assert "--work-dir DIR (train()'s work_dir)" in message

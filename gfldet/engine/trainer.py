@@ -422,18 +422,20 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
     given with --load-from. Returns the checkpoint to resume from."""
     if work_dir.exists() and not work_dir.is_dir():
         raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with "
-                          "--work-dir DIR")
+                          "--work-dir DIR (train()'s work_dir)")
     if resume and load_from is not None:  # the resume would replace the loaded weights at once
-        raise RunDirError("--resume and --load-from contradict each other: --resume continues the "
-                          "run with its checkpoint's weights, --load-from starts a new run from "
-                          "another checkpoint's weights; pass one of them")
+        raise RunDirError("--resume and --load-from contradict each other (resume= and "
+                          "load_from= in train()): --resume continues the run with its "
+                          "checkpoint's weights, --load-from starts a new run from another "
+                          "checkpoint's weights; pass one of them")
     files = {}
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
         files["--resume"] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
         if files["--resume"] is None:
             raise RunDirError(
                 f"--resume: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to continue; "
-                "start without --resume, or name the checkpoint: --resume PATH")
+                "start without --resume, or name the checkpoint: --resume PATH (resume=PATH in "
+                "train())")
     if load_from is not None:
         files["--load-from"] = load_from
     for option, path in files.items():
