@@ -167,7 +167,9 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     `model`: a pre-built detector following gfldet's calling convention (see
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
     from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
-    checkpoints. Build it after seeding if its initialisation should follow `train.seed`.
+    checkpoints. Build it after seeding if its initialisation should follow `train.seed`. The
+    tools and `Detector` load a checkpoint into the model `cfg.model` describes: for another
+    model, a warning says that its checkpoints load only into it.
 
     On return and on error, the SIGINT/SIGTERM handlers and the "gfldet" logger are as before."""
     with _process_state_restored():
