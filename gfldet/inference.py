@@ -32,6 +32,7 @@ from gfldet.data import build_transforms, collate, load_image_rgb, normalize_bat
 from gfldet.engine.build import build_model, dataset_paths
 from gfldet.engine.checkpoint import (
     CheckpointError,
+    foreign_model_advice,
     is_torch_file,
     load_checkpoint,
     load_model_weights,
@@ -180,7 +181,7 @@ def load_inference_model(cfg: Config, state: Mapping[str, Any], source: str | Pa
               "(--cfg-options, overrides=), or use the checkpoint's own config (no CONFIG "
               "argument, config=None).")
     load_model_weights(model, model_weights(state, use_ema, str(source)), strict=True,
-                       source=source, advice=advice)
+                       source=source, advice=foreign_model_advice(state, source) or advice)
     return model
 
 

@@ -316,7 +316,8 @@ def test_a_folder_without_a_checkpoint_is_refused_without_offering_resume(tmp_pa
     with pytest.raises(RunDirError) as info:
         check_run_dir(tmp_path, resume=False, overwrite=False)
     message = str(info.value)
-    assert "To keep it, give this run its own folder with --work-dir DIR; " in message
+    assert ("To keep it, give this run its own folder with --work-dir DIR (train()'s work_dir); "
+            in message)
     assert "--resume" not in message and "--overwrite" in message
 
 

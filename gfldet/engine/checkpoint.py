@@ -338,9 +338,20 @@ _LOAD_FROM_ADVICE = (
     "--load-from, which calls load_model_weights(..., strict=False).")
 
 
+def foreign_model_advice(state: Mapping[str, Any], source: str | Path) -> str | None:
+    """The load error's advice for a checkpoint that `train(model=...)` wrote with a model its
+    config does not describe (meta "model_matches_config": false); None for any other."""
+    meta = state.get("meta")
+    if not isinstance(meta, Mapping) or meta.get("model_matches_config") is not False:
+        return None
+    return (f"{source} was written by train(model=...) with a model its config does not "
+            "describe: load it into that model, model.load_state_dict(torch.load(path)['model']) "
+            "(resume: train(..., model=that model)), or give a YAML config that describes it.")
+
+
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
                        source: str | Path | None = None,
-                       advice: str = _LOAD_FROM_ADVICE) -> dict[str, list[str]]:
+                       advice: str | None = None) -> dict[str, list[str]]:
     """Load ``state_dict`` into ``model`` after checking keys and shapes (``source``: the file
     it came from, named in the error; ``advice``: the error's last line, by default training's
     --load-from).
@@ -381,7 +392,7 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: 
                 f"  hint: these are model format 1 names (gfldet's before format {MODEL_FORMAT}); "
                 "read the file with load_checkpoint, which maps them, or map them with "
                 "format_1_to_current.")
-        parts.append(advice)
+        parts.append(advice or _LOAD_FROM_ADVICE)
         raise CheckpointError("\n".join(parts))
 
     # strict=False here is safe: we already filtered to the exact matching keys/shapes.

@@ -70,10 +70,11 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
     """Refuse to start a new run over an earlier one; with `overwrite`, clear the earlier run.
 
     Returns a message describing what `overwrite` removed (None if nothing). Raises
-    `RunDirError` naming the files found, `--resume` and `--overwrite`."""
+    `RunDirError` naming the files found, `--resume` and `--overwrite` (with the keyword
+    arguments of `train()`, for a run started from Python)."""
     if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other: continue the run, or "
-                          "start it again")
+        raise RunDirError("--resume and --overwrite contradict each other (resume= and "
+                          "overwrite=True in train()): continue the run, or start it again")
     if resume:
         return None
     scalars = work_dir / "scalars.jsonl"  # an empty one: the run logged no step
@@ -85,10 +86,11 @@ def check_run_dir(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
         return (f"--overwrite: removed the earlier run's {len(removed)} outputs in {work_dir}: "
                 + ", ".join(p.name for p in removed))
     names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-    keep = "give this run its own folder with --work-dir DIR"
+    keep = "give this run its own folder with --work-dir DIR (train()'s work_dir)"
     if any(p.suffix == ".pth" for p in found):
-        keep = f"continue it with --resume, or {keep}"
+        keep = f"continue it with --resume (resume=True in train()), or {keep}"
     raise RunDirError(
         f"{work_dir} already holds a run ({names}); nothing was changed. To keep it, {keep}; to "
-        "delete that run's outputs and start again in the same folder, pass --overwrite."
+        "delete that run's outputs and start again in the same folder, pass --overwrite "
+        "(overwrite=True)."
     )

@@ -9,6 +9,7 @@ A folder that holds an earlier run is refused unless the run resumes it or overw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +55,7 @@ from gfldet.engine.checkpoint import (
     capture_rng_state,
     find_checkpoint_file,
     find_latest_checkpoint,
+    foreign_model_advice,
     load_checkpoint,
     load_model_weights,
     load_training_checkpoint,
@@ -72,7 +75,7 @@ from gfldet.engine.run_dir import (
     check_run_dir,
     remove_stale_temporaries,
 )
-from gfldet.inference import model_weights
+from gfldet.inference import build_inference_model, model_weights
 
 log = logging.getLogger("gfldet")
 
@@ -164,7 +167,40 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     `model`: a pre-built detector following gfldet's calling convention (see
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
     from `cfg` (data, optimizer, schedule, AMP, ...); its `state_dict()` goes into the
-    checkpoints. Build it after seeding if its initialisation should follow `train.seed`."""
+    checkpoints. Build it after seeding if its initialisation should follow `train.seed`. The
+    tools and `Detector` load a checkpoint into the model `cfg.model` describes: for another
+    model, a warning says that its checkpoints load only into it.
+
+    On return and on error, the SIGINT/SIGTERM handlers and the "gfldet" logger are as before."""
+    with _process_state_restored():
+        return _train(cfg, work_dir, resume, load_from, allow_schedule_change, model, overwrite)
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    """Put back what a run changes in the process: the signal handlers of `StopRequested` (else a
+    notebook's Ctrl-C or a job's SIGTERM after training is swallowed) and the logger of
+    `setup_logging` (else later log lines go into the run's train.log)."""
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers, level, propagate = log.handlers[:], log.level, log.propagate
+    try:
+        yield
+    finally:
+        for sig, handler in signals.items():
+            # None: a handler not set from Python, which signal.signal cannot reinstall.
+            if handler is not None and signal.getsignal(sig) != handler:
+                signal.signal(sig, handler)
+        for handler in log.handlers:
+            if handler not in handlers:
+                handler.close()
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: str | None,
+           allow_schedule_change: bool, model: nn.Module | None,
+           overwrite: bool) -> tuple[dict, RunState]:
     cfg = cfg.validate()  # a Config edited in Python is checked as a YAML file is
     try:
         device = init_distributed(cfg.train.device)
@@ -175,6 +211,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     resume_from = check_start(work_dir, resume, overwrite, load_from)  # before anything is built
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
+    matches_config = model is None or model_matches_config(model, cfg)  # warns if it does not
     state = None
     if resume_from is not None:  # a resume that would train nothing stops before any output
         state = load_training_checkpoint(resume_from)
@@ -240,7 +277,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     if state is not None:
         rebuild_schedule = check_resumable(cfg, state, resume_from, allow_schedule_change, setup)
         base_lrs = list(scheduler.base_lrs)  # this run's, for its total batch
-        load_model_weights(model, state["model"], strict=True)
+        load_model_weights(model, state["model"], strict=True, source=resume_from,
+                           advice=foreign_model_advice(state, resume_from))
         optimizer.load_state_dict(state["optimizer"])
         # The lr function stays the one built from this config (check_resumable held it equal to
         # the saved one); the checkpoint's copy of its attributes is a record, not read back.
@@ -299,7 +337,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
             "rng": rng_states,
             "config": config_to_dict(cfg),
             # What the labels mean, so predict/export need not find the annotation file again.
-            "meta": {"class_names": list(train_set.class_names)},
+            "meta": {"class_names": list(train_set.class_names),
+                     "model_matches_config": matches_config},  # False: the tools cannot load it
         }
         for name in names:
             save_checkpoint(state, work_dir / name)
@@ -388,18 +427,20 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
     given with --load-from. Returns the checkpoint to resume from."""
     if work_dir.exists() and not work_dir.is_dir():
         raise RunDirError(f"the run folder {work_dir} is a file; give the run a folder with "
-                          "--work-dir DIR")
+                          "--work-dir DIR (train()'s work_dir)")
     if resume and load_from is not None:  # the resume would replace the loaded weights at once
-        raise RunDirError("--resume and --load-from contradict each other: --resume continues the "
-                          "run with its checkpoint's weights, --load-from starts a new run from "
-                          "another checkpoint's weights; pass one of them")
+        raise RunDirError("--resume and --load-from contradict each other (resume= and "
+                          "load_from= in train()): --resume continues the run with its "
+                          "checkpoint's weights, --load-from starts a new run from another "
+                          "checkpoint's weights; pass one of them")
     files = {}
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
         files["--resume"] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
         if files["--resume"] is None:
             raise RunDirError(
                 f"--resume: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to continue; "
-                "start without --resume, or name the checkpoint: --resume PATH")
+                "start without --resume, or name the checkpoint: --resume PATH (resume=PATH in "
+                "train())")
     if load_from is not None:
         files["--load-from"] = load_from
     for option, path in files.items():
@@ -408,6 +449,28 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
         except FileNotFoundError as err:
             raise CheckpointError(f"{option}: {err}") from None
     return files.get("--resume")
+
+
+def model_matches_config(model: nn.Module, cfg: Config) -> bool:
+    """train(model=...): whether `model`'s state-dict keys and shapes are those of the model
+    `cfg.model` describes, which the tools build to load a checkpoint; if not, a warning names
+    the first differences. The config's model is built on the meta device (no memory, no
+    ImageNet weights: `build_inference_model`)."""
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in build_inference_model(cfg).state_dict().items()}
+    given = {k: tuple(getattr(v, "shape", ())) for k, v in model.state_dict().items()}
+    differ = [f"{k} {shape} vs the config's {wanted[k]}" if k in wanted
+              else f"{k} (not in the config's model)"
+              for k, shape in given.items() if wanted.get(k) != shape]
+    differ += [f"{k} (only in the config's model)" for k in wanted if k not in given]
+    if differ and is_main_process():
+        log.warning(
+            "train(model=...): the model is not the one the config's model section describes "
+            "(%d tensors differ: %s%s). This run's checkpoints load only into this model, "
+            "model.load_state_dict(torch.load(path)['model']), not with tools/eval.py, "
+            "predict.py, export.py or Detector; for those, describe the model in cfg.model",
+            len(differ), "; ".join(differ[:3]), ", ..." * (len(differ) > 3))
+    return not differ
 
 
 def load_matching_weights(model: nn.Module, path: str) -> None:

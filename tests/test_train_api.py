@@ -1,0 +1,195 @@
+"""`train()` called from Python: it leaves the process as it found it (signal handlers, the
+"gfldet" logger), says when a `model=` is not the one its config describes, and its run-folder
+errors name the keyword arguments as well as the command-line options (trial F: 2, 3, 7)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_in_process, tiny_overrides
+
+import gfldet.engine.trainer as trainer
+from gfldet.config import load_config
+from gfldet.data.images import DatasetError
+from gfldet.engine.build import build_model
+from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
+from gfldet.engine.run_dir import RunDirError
+from gfldet.engine.trainer import model_matches_config, train
+from gfldet.inference import Detector
+
+DEMO = ROOT / "configs" / "demo_synthetic_cpu.yaml"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def config(data, *extra: str):
+    return load_config(DEMO, [*tiny_overrides(data), *extra])
+
+
+def foreign_model(cfg):
+    """A detector the config does not describe: a wider FPN than tiny_overrides'."""
+    model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None),
+                        fpn=replace(cfg.model.fpn, out_channels=64))
+    return build_model(model_cfg, size_divisor=cfg.data.size_divisor)
+
+
+def _mine(signum, frame) -> None:  # a user's handler, which train() must put back
+    pass
+
+
+@pytest.fixture
+def own_handlers():
+    """SIGINT/SIGTERM set to a user's handler for the test, and put back after it."""
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _mine)
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def assert_process_as_before(work: Path, handlers_before: list) -> None:
+    """The user's signal handlers are back, and gfldet's later log lines stay out of train.log."""
+    assert [signal.getsignal(sig) for sig in STOP_SIGNALS] == [_mine, _mine]
+    gfldet_log = logging.getLogger("gfldet")
+    assert gfldet_log.handlers == handlers_before and gfldet_log.propagate
+    gfldet_log.warning("a line logged after train()")
+    assert "a line logged after train()" not in (work / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def foreign_run(tiny_coco, tmp_path_factory):
+    """Two epochs trained with train(model=...) of a model the config does not describe; the
+    state of the process as train() left it, observed at once."""
+    work = tmp_path_factory.mktemp("foreign") / "run"
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _mine)
+    handlers = logging.getLogger("gfldet").handlers[:]
+    try:
+        cfg = config(tiny_coco)
+        train(cfg, work, model=foreign_model(cfg))
+        observed = {"signals": [signal.getsignal(sig) for sig in STOP_SIGNALS],
+                    "handlers_back": logging.getLogger("gfldet").handlers == handlers}
+        logging.getLogger("gfldet").warning("a line logged after train()")
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return work, observed
+
+
+# --------------------------------------------------------------------------- finding 3
+
+
+def test_after_train_returns_the_signal_handlers_and_the_logger_are_as_before(foreign_run):
+    work, observed = foreign_run
+    assert observed["signals"] == [_mine, _mine]  # were StopRequested._handle: Ctrl-C swallowed
+    assert observed["handlers_back"]
+    assert "a line logged after train()" not in (work / "train.log").read_text()
+
+
+def test_after_train_raises_on_a_bad_dataset_the_process_is_as_before(tiny_coco, tmp_path,
+                                                                     own_handlers):
+    work = tmp_path / "run"
+    handlers = logging.getLogger("gfldet").handlers[:]
+    missing = tmp_path / "missing.json"
+    with pytest.raises(DatasetError, match="missing.json"):
+        train(config(tiny_coco, f"data.train.annotations={missing}"), work)
+    assert "work dir" in (work / "train.log").read_text()  # raised with the run's log set up
+    assert_process_as_before(work, handlers)
+
+
+def test_after_train_raises_mid_run_the_process_is_as_before(tiny_coco, tmp_path, own_handlers,
+                                                            monkeypatch):
+    # An error after the stop handlers are installed (the first evaluation's).
+    def broken(*args, **kwargs):
+        raise RuntimeError("the scorer broke")
+
+    monkeypatch.setattr(trainer, "evaluate", broken)
+    work = tmp_path / "run"
+    handlers = logging.getLogger("gfldet").handlers[:]
+    with pytest.raises(RuntimeError, match="the scorer broke"):
+        train(config(tiny_coco, "schedule.epochs=1", "schedule.milestones=[]"), work)
+    assert (work / "last.pth").is_file()
+    assert_process_as_before(work, handlers)
+
+
+# --------------------------------------------------------------------------- finding 2
+
+
+def test_a_model_the_config_does_not_describe_is_warned_about_and_recorded(foreign_run,
+                                                                           tiny_coco):
+    work, _ = foreign_run
+    log = (work / "train.log").read_text()
+    assert "WARNING train(model=...): the model is not the one the config's model section" in log
+    assert "neck.lateral_convs.0.conv.weight (64, 128, 1, 1) vs the config's (32, 128, 1, 1)" in log
+    assert "load only into this model" in log and "torch.load(path)['model']" in log
+    for name in ("last.pth", "best.pth", "epoch_1.pth"):
+        assert load_checkpoint(work / name)["meta"]["model_matches_config"] is False
+    # What the warning says to do loads it.
+    foreign_model(config(tiny_coco)).load_state_dict(torch.load(work / "last.pth")["model"])
+
+
+@pytest.mark.parametrize("tool", ["eval", "predict"])
+def test_the_tools_say_the_checkpoint_came_from_train_with_a_model(foreign_run, tiny_coco,
+                                                                  tool):
+    work, _ = foreign_run
+    image = next(Path(tiny_coco["val_images"]).glob("*.jpg"))
+    args = [str(work / "last.pth")] + ([str(image)] if tool == "predict" else [])
+    proc = run_in_process(ROOT / "tools" / f"{tool}.py", *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"{work / 'last.pth'} was written by train(model=...) with a model its config does "
+            "not describe") in proc.stderr
+    assert "drop the override" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_detector_and_a_resume_without_the_model_say_the_same(foreign_run, tiny_coco):
+    work, _ = foreign_run
+    with pytest.raises(CheckpointError, match=r"written by train\(model=\.\.\.\)"):
+        Detector.from_checkpoint(work / "best.pth")
+    # The resume needs the model again; without it, the advice is not --load-from's.
+    with pytest.raises(CheckpointError) as err:
+        train(config(tiny_coco), work, resume=str(work / "epoch_1.pth"))
+    assert "resume: train(..., model=that model)" in str(err.value)
+    assert "--load-from" not in str(err.value)
+
+
+def test_model_matches_config_builds_nothing_real(tiny_coco, monkeypatch, caplog):
+    """The config's model is built on the meta device and without its ImageNet weights (the
+    config asks for torchvision's, which would be a download)."""
+    cfg = config(tiny_coco, "model.backbone.weights=torchvision")
+    built = []
+
+    def record(model_cfg, **kwargs):
+        built.append(build_model(model_cfg, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("gfldet.inference.build_model", record)
+    monkeypatch.setattr("gfldet.models.backbone.load_imagenet_weights",
+                        lambda *a: pytest.fail("ImageNet weights loaded"))
+    own = build_model(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)),
+                      size_divisor=cfg.data.size_divisor)
+    with caplog.at_level(logging.WARNING, "gfldet"):
+        assert model_matches_config(own, cfg)
+        assert not caplog.records  # a model the config describes: nothing to say
+        assert not model_matches_config(foreign_model(cfg), cfg)
+    assert "3 tensors differ" not in caplog.text and "tensors differ" in caplog.text
+    assert {p.device.type for m in built for p in m.state_dict().values()} == {"meta"}
+    assert cfg.model.backbone.weights == "torchvision"  # the caller's config is unchanged
+
+
+# --------------------------------------------------------------------------- finding 7
+
+
+def test_a_used_run_folder_names_the_keyword_arguments_too(foreign_run, tiny_coco):
+    work, _ = foreign_run
+    with pytest.raises(RunDirError) as err:
+        train(config(tiny_coco), work)
+    message = str(err.value)
+    assert "--resume (resume=True in train())" in message
+    assert "--overwrite (overwrite=True)" in message
+    assert "--work-dir DIR (train()'s work_dir)" in message
