@@ -183,6 +183,7 @@ def time_step(cfg: Config, device: torch.device, steps: int, warmup: int,
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # also cudnn.benchmark, as train()
     dtype = resolve_precision(cfg.train.amp, device).dtype
     model = build_model(cfg.model, size_divisor=cfg.data.size_divisor).to(device)
+    model.check_targets = False  # as train() runs it (on CUDA the checks would sync)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)

@@ -87,6 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
     recipe = ModelConfig(num_classes=NUM_CLASSES, backbone=BackboneConfig(weights=None))
     gfl = build_model(recipe, size_divisor=DataConfig().size_divisor).train()
+    gfl.check_targets = False  # as train() runs it: its datasets are checked
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     gfl_images = (pixels * 255 - mean) / std  # what the data loader hands the model
