@@ -63,12 +63,15 @@ def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], pat
                     if key in series:
                         ax.plot(*series[key], style, color=colour, markersize=4,
                                 label=f"{name} {key.removeprefix('val/bbox_m')}")
-            elif panel in series:
-                ax.plot(*series[panel], color=colour, linewidth=1, label=name)
+            elif panel in series:  # a marker, or a run of one logged step shows nothing
+                ax.plot(*series[panel], color=colour, linewidth=1, label=name,
+                        marker="o" if len(series[panel][0]) == 1 else None)
         ax.set(title="AP per evaluation" if panel == "AP" else panel, xlabel="iteration")
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=7, loc="upper right")  # "best" searches the data: slow on long runs
+        if ax.has_data() and panel == "AP":  # below the panel: AP rises to the upper right
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+        elif ax.has_data():  # "best" searches the data: slow on long runs
+            ax.legend(fontsize=7, loc="upper right")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
