@@ -375,7 +375,10 @@ def tiny_run(tiny_coco, tmp_path_factory) -> Path:
 def test_training_and_eval_write_the_report(tiny_run: Path, tiny_coco, tmp_path: Path) -> None:
     page = (tiny_run / "report" / "index.html").read_text()
     assert "Training curves" in page and (tiny_run / "report" / "curves.png").is_file()
-    assert "worst_01.png" in page  # 4 val images, each drawn
+    # The 1-epoch tiny model detects nothing: the page says so instead of drawing its 4 val
+    # images with nothing found (the hand-built cases draw worst images).
+    assert "4 images, 0 detections (0 scoring at least 0.3" in page
+    assert "The model made no detection" in page and "worst_01.png" not in page
     out = tmp_path / "eval_report"
     proc = run_in_process(ROOT / "tools" / "eval.py", str(tiny_run / "last.pth"), "--report",
                           str(out), "--metrics", str(tmp_path / "m.json"))
@@ -402,7 +405,12 @@ def test_browse_dataset_draws_the_targets_the_trainer_trains_on(tiny_coco, tmp_p
     run_in_process(ROOT / "tools" / "browse_dataset.py", str(CONFIG), "--out",
                    str(tmp_path / "browse"), "--images", "1", "--batches", "2", "--cfg-options",
                    *overrides)
-    drawn = json.loads((tmp_path / "browse" / "browse.json").read_text())["batches"]
+    manifest = json.loads((tmp_path / "browse" / "browse.json").read_text())
+    drawn = manifest["batches"]
+    first = drawn[0]["images"][0]  # the title says w x h, image_size is [h, w]
+    assert manifest["image_size"] == "[height, width]"
+    assert (f"{first['image_size'][1]}x{first['image_size'][0]} (w x h) in "
+            in drawn[0]["titles"][0])
     assert {p.name for p in (tmp_path / "browse").iterdir()} == {
         "annotated_00.png", "batch_00.png", "batch_01.png", "browse.json"}
 
