@@ -284,7 +284,7 @@ def test_the_report_names_what_it_describes(hand_case, tmp_path: Path) -> None:
     written = json.loads((tmp_path / "r" / "report.json").read_text())["source"]
     assert written.pop("date").endswith("UTC")
     assert written == {"checkpoint": "run/epoch_1.pth", "epoch": 1, "epochs": 3, "batch": None,
-                       "config": "c.yaml", "val_annotations": "val.json"}
+                       "iteration": None, "config": "c.yaml", "val_annotations": "val.json"}
 
 
 def no_detections_eval(gt_file: Path):
@@ -352,13 +352,14 @@ def test_curves_show_one_point_runs_and_the_last_ap(tmp_path: Path, monkeypatch)
     ap = ([100, 200, 300], [0.1, 0.2, 0.3])  # rising: the last points are in the upper right
     curves.curves_figure({"one step": {"train/loss": ([1], [2.0]), "train/lr": ([1], [0.01])},
                           "run": {"val/bbox_mAP": ap, "val/bbox_mAP_50": ap,
-                                  "val/bbox_mAP_75": ap}}, tmp_path / "c.png")
+                                  "val/bbox_mAP_75": ap}}, tmp_path / "c.png", mark=200)
     fig = figures[0]
     fig.canvas.draw()
     loss, lr, ap_axis = fig.axes[:3]
     assert [line.get_marker() for line in loss.lines + lr.lines] == ["o", "o"]
+    assert list(ap_axis.lines[-1].get_xdata()) == [200, 200]  # the report's checkpoint
     legend = ap_axis.get_legend().get_window_extent()
-    for line in ap_axis.lines:
+    for line in ap_axis.lines[:-1]:
         for x, y in ap_axis.transData.transform(line.get_xydata()):
             assert not legend.contains(x, y), (line.get_label(), x, y)
 
@@ -385,6 +386,7 @@ def test_training_and_eval_write_the_report(tiny_run: Path, tiny_coco, tmp_path:
     assert f"report: {out / 'index.html'}" in proc.stdout
     page = (out / "index.html").read_text()
     assert "Training curves" in page  # the checkpoint's run folder
+    assert "dotted line at the checkpoint this report describes" in page
     assert (f"{tiny_run / 'last.pth'} (after epoch 1 of 1); config stored in the checkpoint; "
             f"val {tiny_coco['val_ann']}; written 20") in page
 

@@ -78,10 +78,11 @@ def per_class_table(coco_eval, class_names: Sequence[str]) -> list[list[object]]
 
 def source_of_checkpoint(state: Mapping, checkpoint: str | Path) -> dict[str, object]:
     """What a report of `checkpoint` (its loaded `state`) describes: the path, the epochs it
-    trained of its schedule's, and the batch reached when it was saved mid-epoch."""
+    trained of its schedule's, the batch reached when it was saved mid-epoch, its iteration."""
     schedule = (state.get("config") or {}).get("schedule") or {}
     return {"checkpoint": str(checkpoint), "epoch": state.get("epoch"),
-            "epochs": schedule.get("epochs"), "batch": state.get("batch") or None}
+            "epochs": schedule.get("epochs"), "batch": state.get("batch") or None,
+            "iteration": state.get("iteration")}
 
 
 def describe_source(source: Mapping[str, object]) -> str:
@@ -136,8 +137,8 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     detections (shown with the numbers). `score_thr`: detections drawn and counted in the
     confusion matrix and the worst-image score. `run_dir`: a training run folder whose
     `scalars.jsonl` gives the training curves. `source`: what was evaluated, shown under the
-    title and kept in report.json (keys checkpoint, epoch, epochs, batch, config,
-    val_annotations; `source_of_checkpoint` gives the first four); the date is added. Refuses
+    title and kept in report.json (keys checkpoint, epoch, epochs, batch, iteration, config,
+    val_annotations; `source_of_checkpoint` gives the first five); the date is added. Refuses
     (ReportDirError) a folder holding files it did not write."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -286,10 +287,13 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     # Training curves.
     if run_dir is not None:
         try:
-            curves_figure({Path(run_dir).name: read_scalars(run_dir)}, out_dir / "curves.png")
+            curves_figure({Path(run_dir).name: read_scalars(run_dir)}, out_dir / "curves.png",
+                          mark=source.get("iteration"))
             sections.append(("Training curves", (
                 f"<p>From {html.escape(str(Path(run_dir) / 'scalars.jsonl'))}: every logged loss "
-                "term, the learning rate, and AP / AP50 / AP75 at each evaluation.</p>"
+                "term, the learning rate, and AP / AP50 / AP75 at each evaluation"
+                + (", with a dotted line at the checkpoint this report describes"
+                   if source.get("iteration") is not None else "") + ".</p>"
                 + html.image("curves.png", "training curves"))))
         except CurvesError as err:
             log.warning("report: no training curves: %s", err)
