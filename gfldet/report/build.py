@@ -27,6 +27,7 @@ from gfldet.report.ranking import worst_images
 log = logging.getLogger("gfldet")
 
 SIZES = ("small", "medium", "large")
+FIGURES = ("pr_curves.png", "sizes.png", "confusion.png", "tide.png", "curves.png")
 
 
 class ReportDirError(FileExistsError):
@@ -148,8 +149,9 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     # First a placeholder page, so that a report that fails half-way can be written again.
     placeholder = [("Not finished", "<p>This report is being written.</p>")]
     index.write_text(html.page(title, placeholder), encoding="utf-8")
-    for old in out_dir.glob("*.png"):  # an earlier report's; this one may draw fewer
-        old.unlink()
+    # An earlier report's figures: this one may draw fewer.
+    for old in [*out_dir.glob("worst_*.png"), *(out_dir / name for name in FIGURES)]:
+        old.unlink(missing_ok=True)
     if len(class_names) != len(coco_eval.params.catIds):
         raise ValueError(f"{len(class_names)} class names for {len(coco_eval.params.catIds)} "
                          "categories")
@@ -164,20 +166,20 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     # A model that finds nothing (at the report's threshold) must say so, not draw empty charts.
     dt = coco_eval.cocoDt
     dets = dt.loadAnns(dt.getAnnIds(imgIds=coco_eval.params.imgIds))
-    num_dets = {"all": len(dets), "at_least_report_score_thr": sum(
-        a["score"] >= score_thr for a in dets)}
+    high = sum(a["score"] >= score_thr for a in dets)
+    num_dets = {"all": len(dets), "at_least_report_score_thr": high}
     data |= {"stats": stats, "per_class": rows, "images": len(coco_eval.params.imgIds),
              "detections": num_dets}
     setting = ", ".join(f"{k} {v}" for k, v in thresholds.items())
     below = (f"No detection scores at least {score_thr} (the report's score threshold, "
              "--report-score-thr), so there is nothing to draw here.")
     sections.append(("Numbers", (
-        f"<p>{len(coco_eval.params.imgIds)} images, {num_dets['all']} detections "
-        f"({num_dets['at_least_report_score_thr']} scoring at least {score_thr}, the threshold "
+        f"<p>{len(coco_eval.params.imgIds)} images, {len(dets)} detections "
+        f"({high} scoring at least {score_thr}, the threshold "
         "of the confusion matrix and the worst images), from post-processing with "
         f"{html.escape(setting)}. Published results are often measured with a lower score "
         "threshold (0.001) and more detections per image (300), which raises AP a little.</p>"
-        + ("" if num_dets["all"] else "<p><b>The model made no detection</b> on these images, "
+        + ("" if dets else "<p><b>The model made no detection</b> on these images, "
            "so every AP is 0: an untrained model's scores stay below the post-processing's "
            "score threshold.</p>")
         + without_ground_truth(rows, dets, coco_eval.params.catIds, score_thr)
@@ -190,8 +192,8 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     curves = {"all classes (mean)": {0.5: mean_valid(at50, axis=1), 0.75: mean_valid(at75, axis=1)}}
     curves |= {n: {0.5: at50[:, k], 0.75: at75[:, k]} for k, n in enumerate(class_names)}
     # With one class the mean is that class's curve: one panel.
-    figures.pr_curves_figure(recall, dict(list(curves.items())[len(class_names) == 1:]),
-                             out_dir / "pr_curves.png")
+    panels = dict(list(curves.items())[1:]) if len(class_names) == 1 else curves
+    figures.pr_curves_figure(recall, panels, out_dir / "pr_curves.png")
     data["pr_curves"] = {"recall": recall.tolist(),
                          **{str(iou): {n: c[iou].tolist() for n, c in curves.items()}
                             for iou in (0.5, 0.75)}}
@@ -227,8 +229,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     matches = image_matches(coco_eval, 0.5)
     confusion = confusion_matrix(matches, len(class_names), score_thr)
     data["confusion_matrix"] = confusion.tolist()
-    sections.append(("Confusion matrix (IoU 0.5)", f"<p>{below}</p>" if not num_dets[
-        "at_least_report_score_thr"] else (
+    sections.append(("Confusion matrix (IoU 0.5)", f"<p>{below}</p>" if not high else (
         f"<p>Detections scoring at least {score_thr}. Rows: the ground truth's class; columns: "
         "the class detected. A detection matched to a box of its class counts on the diagonal; "
         "one that is not takes the box of another class it overlaps most (IoU &ge; 0.5) that no "
@@ -243,7 +244,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     data["tide"] = {"ap50": tide.ap, "delta_ap": tide.delta_ap, "counts": tide.counts}
     sections.append(("Errors (TIDE)", (
         f"<p>No detections: all {len(anns)} boxes are missed, and there is no false positive "
-        "to break down.</p>") if not num_dets["all"] else (
+        "to break down.</p>") if not dets else (
         "<p>As in Bolya et al., <i>TIDE: A General Toolbox for Identifying Object Detection "
         f"Errors</i> (ECCV 2020): the AP50 ({100 * tide.ap:.1f} here) gained by fixing each error "
         "type alone, all detections counted (no score threshold). Each false positive gets one "
@@ -261,7 +262,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
     data["worst_images"] = [vars(s) for s in worst]
     by_id = {m.image_id: m for m in matches}
     gallery = []
-    for rank, s in enumerate(worst if num_dets["at_least_report_score_thr"] else [], start=1):
+    for rank, s in enumerate(worst if high else [], start=1):
         info = coco_eval.cocoGt.imgs[s.image_id]
         try:
             pixels = load_image_rgb(Path(image_dir) / info["file_name"])
@@ -281,8 +282,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
         "matches them, IoU 0.5); ties go to more errors. Ground truth: solid lines, name above "
         "(green found, orange missed). Detections: dashed, name and score below (blue correct, "
         "red false positive).</p>"
-        f'<div class="gallery">{"".join(gallery)}</div>') if gallery or num_dets[
-            "at_least_report_score_thr"] else f"<p>{below}</p>"))
+        f'<div class="gallery">{"".join(gallery)}</div>') if high else f"<p>{below}</p>"))
 
     # Training curves.
     if run_dir is not None:
@@ -300,8 +300,7 @@ def write_report(out_dir: str | Path, coco_eval, class_names: Sequence[str],
 
     write_metrics_json(data, out_dir / "report.json")  # strict JSON: nan -> null
     index.write_text(html.page(title, sections, describe_source(source)), encoding="utf-8")
-    log.log(logging.INFO if num_dets["at_least_report_score_thr"] else logging.WARNING,
+    log.log(logging.INFO if high else logging.WARNING,
             "report written to %s in %.1f s: %d detections, %d of them scoring at least %s",
-            index, time.perf_counter() - start, num_dets["all"],
-            num_dets["at_least_report_score_thr"], score_thr)
+            index, time.perf_counter() - start, len(dets), high, score_thr)
     return index
