@@ -180,6 +180,7 @@ def test_per_class_table_contains_names() -> None:
     assert "50.0" in table and "100.0" in table and "nan" in table and "12.3" in table
     lines = table.splitlines()
     assert lines[0].count("category") == 3  # three (name, AP) column pairs
+    assert lines[0].count("AP (%)") == 3  # percent, beside the fractions of "bbox AP 0.0334"
     assert len(lines) == 2 + 2  # header, rule, two data rows for four classes
 
 

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,122 @@ def test_report_page_shows_every_part_and_keeps_a_users_folder(hand_case, tmp_pa
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
 
 
+def test_sizes_are_the_annotations_area_with_both_ends_included(tmp_path: Path) -> None:
+    # g1: a 40x40 box whose object covers exactly 32² = 1024 px: small and medium, as pycocotools
+    # counts it. g2: a 100x100 box (large by w x h) whose object covers 5000 px: medium.
+    gt_file, dt_file = coco_files(tmp_path, [(1, 1, 1, [10, 10, 40, 40]),
+                                             (2, 1, 2, [60, 60, 100, 100])],
+                                  [(1, 1, 0.9, [10, 10, 40, 40])], {1: (200, 200)})
+    anns = json.loads(gt_file.read_text())
+    for a, area in zip(anns["annotations"], (1024, 5000), strict=True):
+        a["area"] = area
+    gt_file.write_text(json.dumps(anns))
+    index = write_report(tmp_path / "r", run_cocoeval(gt_file, dt_file), ["A", "B", "C"],
+                         tmp_path, thresholds={})
+    sizes = json.loads((tmp_path / "r" / "report.json").read_text())["sizes"]
+    assert [sizes[s]["boxes"] for s in ("small", "medium", "large")] == [1, 2, 0]
+    page = index.read_text()
+    assert "box area" not in page
+    for text in ("the annotations' <code>area</code>", "w &times; h where a file leaves it out",
+                 "both ends included", "exactly 32&sup2; or 96&sup2; counts in two sizes",
+                 "(1 box here)"):
+        assert text in page, text
+
+
+def test_the_report_names_what_it_describes(hand_case, tmp_path: Path) -> None:
+    from gfldet.report import source_of_checkpoint
+
+    gt_file, dt_file = hand_case
+    state = {"epoch": 1, "batch": 0, "config": {"schedule": {"epochs": 3}}}
+    source = source_of_checkpoint(state, "run/epoch_1.pth") | {
+        "config": "c.yaml", "val_annotations": "val.json"}
+    index = write_report(tmp_path / "r", run_cocoeval(gt_file, dt_file), ["A", "B", "C"],
+                         gt_file.parent, thresholds={}, source=source)
+    line = index.read_text().split("</h1>")[1].split("<ul>")[0]
+    assert "run/epoch_1.pth (after epoch 1 of 3); config c.yaml; val val.json; written 20" in line
+    written = json.loads((tmp_path / "r" / "report.json").read_text())["source"]
+    assert written.pop("date").endswith("UTC")
+    assert written == {"checkpoint": "run/epoch_1.pth", "epoch": 1, "epochs": 3, "batch": None,
+                       "iteration": None, "config": "c.yaml", "val_annotations": "val.json"}
+
+
+def no_detections_eval(gt_file: Path):
+    """gfldet's COCOeval of no detections at all (pycocotools' loadRes cannot take [])."""
+    from gfldet.engine.coco_eval import evaluate_coco
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return evaluate_coco(COCO(str(gt_file)), [], keep_eval=True)["coco_eval"]
+
+
+@pytest.mark.parametrize("case", ["no detections", "none above the threshold"])
+def test_a_report_without_detections_says_so(case, hand_case, tmp_path: Path, caplog) -> None:
+    gt_file, dt_file = hand_case
+    ev, thr = ((no_detections_eval(gt_file), 0.3) if case == "no detections"
+               else (run_cocoeval(gt_file, dt_file), 0.99))
+    with caplog.at_level("INFO", logger="gfldet"):
+        index = write_report(tmp_path / "r", ev, ["A", "B", "C"], gt_file.parent,
+                             thresholds={}, score_thr=thr)
+    page = index.read_text()
+    count = 0 if case == "no detections" else len(HAND_DT)
+    assert f"1 images, {count} detections (0 scoring at least {thr}" in page
+    assert f"{count} detections, 0 of them scoring at least {thr}" in caplog.text
+    assert page.count(f"No detection scores at least {thr}") == 2  # confusion, worst images
+    assert "Worst images (0)" in page
+    pngs = {p.name for p in (tmp_path / "r").glob("*.png")}
+    if case == "no detections":
+        assert "The model made no detection" in page and "all 8 boxes are missed" in page
+        assert pngs == {"pr_curves.png", "sizes.png"}
+    else:
+        assert pngs == {"pr_curves.png", "sizes.png", "tide.png"}
+
+
+def test_a_class_without_ground_truth_is_said_to_be_out_of_ap(tmp_path: Path) -> None:
+    # Class C has detections but no box; one class-C detection scores >= 0.3.
+    gt_file, dt_file = coco_files(tmp_path, [(1, 1, 1, [10, 10, 40, 40]),
+                                             (2, 1, 2, [100, 100, 40, 40])],
+                                  [(1, 1, 0.9, [10, 10, 40, 40]), (1, 3, 0.5, [60, 60, 30, 30]),
+                                   (1, 3, 0.1, [150, 10, 30, 30])], {1: (200, 200)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "No artists with labels"
+        index = write_report(tmp_path / "r", run_cocoeval(gt_file, dt_file), ["A", "B", "C"],
+                             tmp_path, thresholds={})
+    assert ("No ground truth in these images for C (2 detections, 1 scoring at least 0.3): "
+            "pycocotools leaves such a class out of AP") in index.read_text()
+
+
+def test_a_one_class_report_draws_one_pr_panel(tmp_path: Path) -> None:
+    gt_file, dt_file = coco_files(tmp_path, [(1, 1, 1, [10, 10, 40, 40])],
+                                  [(1, 1, 0.9, [10, 10, 40, 40])], {1: (200, 200)})
+    ev = run_cocoeval(gt_file, dt_file)
+    ev.params.catIds = [1]
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    write_report(tmp_path / "r", ev, ["A"], tmp_path, thresholds={})
+    assert Image.open(tmp_path / "r" / "pr_curves.png").size[0] < 400  # one 3.2-inch panel
+
+
+def test_curves_show_one_point_runs_and_the_last_ap(tmp_path: Path, monkeypatch) -> None:
+    from gfldet.report import curves
+
+    figures = []
+    monkeypatch.setattr(curves, "save_figure", lambda fig, path, tight=True: figures.append(fig))
+    ap = ([100, 200, 300], [0.1, 0.2, 0.3])  # rising: the last points are in the upper right
+    curves.curves_figure({"one step": {"train/loss": ([1], [2.0]), "train/lr": ([1], [0.01])},
+                          "run": {"val/bbox_mAP": ap, "val/bbox_mAP_50": ap,
+                                  "val/bbox_mAP_75": ap}}, tmp_path / "c.png", mark=200)
+    fig = figures[0]
+    fig.canvas.draw()
+    loss, lr, ap_axis = fig.axes[:3]
+    assert [line.get_marker() for line in loss.lines + lr.lines] == ["o", "o"]
+    assert list(ap_axis.lines[-1].get_xdata()) == [200, 200]  # the report's checkpoint
+    legend = ap_axis.get_legend().get_window_extent()
+    for line in ap_axis.lines[:-1]:
+        for x, y in ap_axis.transData.transform(line.get_xydata()):
+            assert not legend.contains(x, y), (line.get_label(), x, y)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_coco, tmp_path_factory) -> Path:
     """A 1-epoch tiny run with the report on (the suite's other runs turn it off)."""
@@ -256,15 +373,22 @@ def tiny_run(tiny_coco, tmp_path_factory) -> Path:
     return work
 
 
-def test_training_and_eval_write_the_report(tiny_run: Path, tmp_path: Path) -> None:
+def test_training_and_eval_write_the_report(tiny_run: Path, tiny_coco, tmp_path: Path) -> None:
     page = (tiny_run / "report" / "index.html").read_text()
     assert "Training curves" in page and (tiny_run / "report" / "curves.png").is_file()
-    assert "worst_01.png" in page  # 4 val images, each drawn
+    # The 1-epoch tiny model detects nothing: the page says so instead of drawing its 4 val
+    # images with nothing found (the hand-built cases draw worst images).
+    assert "4 images, 0 detections (0 scoring at least 0.3" in page
+    assert "The model made no detection" in page and "worst_01.png" not in page
     out = tmp_path / "eval_report"
     proc = run_in_process(ROOT / "tools" / "eval.py", str(tiny_run / "last.pth"), "--report",
                           str(out), "--metrics", str(tmp_path / "m.json"))
     assert f"report: {out / 'index.html'}" in proc.stdout
-    assert "Training curves" in (out / "index.html").read_text()  # the checkpoint's run folder
+    page = (out / "index.html").read_text()
+    assert "Training curves" in page  # the checkpoint's run folder
+    assert "dotted line at the checkpoint this report describes" in page
+    assert (f"{tiny_run / 'last.pth'} (after epoch 1 of 1); config stored in the checkpoint; "
+            f"val {tiny_coco['val_ann']}; written 20") in page
 
 
 def test_report_off_writes_none(tiny_coco, tmp_path: Path) -> None:
@@ -283,7 +407,12 @@ def test_browse_dataset_draws_the_targets_the_trainer_trains_on(tiny_coco, tmp_p
     run_in_process(ROOT / "tools" / "browse_dataset.py", str(CONFIG), "--out",
                    str(tmp_path / "browse"), "--images", "1", "--batches", "2", "--cfg-options",
                    *overrides)
-    drawn = json.loads((tmp_path / "browse" / "browse.json").read_text())["batches"]
+    manifest = json.loads((tmp_path / "browse" / "browse.json").read_text())
+    drawn = manifest["batches"]
+    first = drawn[0]["images"][0]  # the title says w x h, image_size is [h, w]
+    assert manifest["image_size"] == "[height, width]"
+    assert (f"{first['image_size'][1]}x{first['image_size'][0]} (w x h) in "
+            in drawn[0]["titles"][0])
     assert {p.name for p in (tmp_path / "browse").iterdir()} == {
         "annotated_00.png", "batch_00.png", "batch_01.png", "browse.json"}
 
@@ -356,6 +485,22 @@ def test_bad_input_exits_2_with_a_message(case: str, tiny_run: Path, tmp_path: P
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert (user / "notes.txt").read_text() == "keep" and afile.read_text() == "keep"
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(("options", "named", "not_named"), [
+    (["--report-images", "3"], "--report-images sets up the report", "--run-dir"),
+    (["--report-score-thr", "0.5"], "--report-score-thr sets up the report", "--report-images"),
+    (["--run-dir", "x"], "--run-dir sets up the report", "--report-images"),
+    (["--report", "r", "--report-images", "-1"], "--report-images must be >= 0, got -1",
+     "--report-score-thr"),
+    (["--report", "r", "--report-score-thr", "30"], "--report-score-thr must be in [0, 1]",
+     "--report-images")])
+def test_eval_refuses_report_options_it_would_ignore(options, named, not_named,
+                                                     tmp_path: Path) -> None:
+    proc = run_in_process(ROOT / "tools" / "eval.py", str(tmp_path / "any.pth"), *options,
+                          check=False)
+    assert proc.returncode == 2 and named in proc.stderr and not_named not in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
 
 
 def _screenshot_module():

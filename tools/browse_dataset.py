@@ -10,8 +10,10 @@ Writes into DIR (default outputs/browse_dataset):
   batch_NN.png      one training batch of epoch --epoch: the padded uint8 images the loader yields
                     (before normalisation) with each image's target boxes and class names;
   browse.json       what was drawn: per annotated image, its title, boxes and crowd boxes
-                    (x1, y1, x2, y2 in its pixels); per batch, per image, image_id, image_size
-                    and the boxes (x1, y1, x2, y2 in the batch's pixels) and labels.
+                    (x1, y1, x2, y2 in its pixels); per batch, its panels' titles and per image
+                    image_id, image_size ([height, width], the trainer's order) and the boxes
+                    (x1, y1, x2, y2 in the batch's pixels) and labels. Titles give sizes as
+                    width x height, as image viewers do, and say so.
 The batches come from the trainer's own code (`build_dataset`, `build_dataloader`, the sampler's
 `set_epoch`), so they are the ones a run of this config trains on, on one process.
 
@@ -117,13 +119,13 @@ def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
         fig, axes = plt.subplots(
             rows, columns, figsize=(3.5 * columns, 3.5 * rows * height / width), squeeze=False
         )
-        record = []
+        record, titles = [], []
         for ax, image, t in zip(axes.flat, images, targets, strict=False):
             boxes, labels = t["boxes"].numpy(), t["labels"].tolist()
+            titles.append(f"id {t['image_id']}, {t['image_size'][1]}x{t['image_size'][0]} "
+                          f"(w x h) in {width}x{height}")
             draw_panel(ax, image.permute(1, 2, 0).numpy(), boxes,
-                       [dataset.class_names[k] for k in labels],
-                       f"id {t['image_id']}, {t['image_size'][1]}x{t['image_size'][0]} "
-                       f"in {width}x{height}")
+                       [dataset.class_names[k] for k in labels], titles[-1])
             record.append({"image_id": t["image_id"], "image_size": list(t["image_size"]),
                            "boxes": boxes.tolist(), "labels": labels})
         for ax in list(axes.flat)[len(targets):]:
@@ -131,7 +133,7 @@ def draw_batches(cfg, dataset, count: int, epoch: int, out: Path) -> list[dict]:
         fig.suptitle(f"epoch {epoch}, batch {b}: "
                      "what the model receives (padded, before normalisation)", fontsize=9)
         save_figure(fig, out / f"batch_{b:02d}.png")
-        drawn.append({"batch": b, "images": record})
+        drawn.append({"batch": b, "titles": titles, "images": record})
     return drawn
 
 
@@ -168,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     annotated = draw_annotated(dataset, args.images, out)
     batches = draw_batches(cfg, dataset, args.batches, args.epoch, out)
     (out / MANIFEST).write_text(json.dumps(
-        {"config": str(args.config), "epoch": args.epoch, "annotated": annotated,
-         "batches": batches}, indent=1) + "\n")
+        {"config": str(args.config), "epoch": args.epoch, "image_size": "[height, width]",
+         "annotated": annotated, "batches": batches}, indent=1) + "\n")
     print(f"{len(annotated)} annotated image(s) and {len(batches)} batch(es) -> {out}")
     return 0
 

@@ -64,16 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir",
                         help="training run folder whose scalars.jsonl the report plots "
                              "(default: the checkpoint's folder, when it holds one)")
-    parser.add_argument("--report-score-thr", type=float, default=0.3,
+    parser.add_argument("--report-score-thr", type=float,
                         help="score of the detections the report draws and counts in its "
                              "confusion matrix and worst-image ranking (default 0.3; AP counts "
                              "every detection)")
-    parser.add_argument("--report-images", type=int, default=12,
+    parser.add_argument("--report-images", type=int,
                         help="worst images the report shows (default 12)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    if args.report_images < 0 or not 0.0 <= args.report_score_thr <= 1.0:
-        parser.error("--report-images must be >= 0 and --report-score-thr in [0, 1]")
+    report_options = {"--run-dir": args.run_dir, "--report-score-thr": args.report_score_thr,
+                      "--report-images": args.report_images}
+    for option, value in report_options.items():
+        if value is not None and not args.report:  # it would be ignored without a word
+            parser.error(f"{option} sets up the report: give it with --report DIR, or leave it out")
+    if args.report_images is not None and args.report_images < 0:
+        parser.error(f"--report-images must be >= 0, got {args.report_images}")
+    if args.report_score_thr is not None and not 0.0 <= args.report_score_thr <= 1.0:
+        parser.error(f"--report-score-thr must be in [0, 1] (the range of the scores), got "
+                     f"{args.report_score_thr}")
     if args.report and args.backend != "pycocotools":
         parser.error("--report reads pycocotools' matches; use it with --backend pycocotools "
                      "(the default)")
@@ -132,12 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics_json(metrics, metrics_path)
         print(f"bbox AP: {metrics['bbox_mAP']:.4f} (metrics in {metrics_path})")
         if args.report:
-            from gfldet.report import post_processing_settings, write_report
+            from gfldet.report import post_processing_settings, source_of_checkpoint, write_report
 
+            config = str(config_path or "stored in the checkpoint") + (
+                f" with --cfg-options {' '.join(args.cfg_options)}" if args.cfg_options else "")
+            source = source_of_checkpoint(state, checkpoint) | {
+                "config": config, "val_annotations": str(dataset.ann_file)}
+            given = {"score_thr": args.report_score_thr, "num_worst": args.report_images}
             index = write_report(args.report, coco_eval, dataset.class_names, dataset.image_dir,
                                  thresholds=post_processing_settings(cfg.model.test),
                                  run_dir=run_dir if (run_dir / "scalars.jsonl").is_file() else None,
-                                 score_thr=args.report_score_thr, num_worst=args.report_images)
+                                 source=source,
+                                 **{k: v for k, v in given.items() if v is not None})
             print(f"report: {index}")
     return 0
 

@@ -138,16 +138,17 @@ def evaluate_coco(coco_gt: COCO, detections: list[dict[str, Any]],
 
 
 def format_per_class_table(per_class: dict[str, float], num_columns: int = 3) -> str:
-    """Aligned table with ``num_columns`` (category, AP) pairs per row; AP as percentage."""
+    """Aligned table with ``num_columns`` (category, AP) pairs per row; AP in percent, as the
+    header says (the metrics and the report keep fractions)."""
     items = [(name, "nan" if math.isnan(ap) else f"{100.0 * ap:.1f}")
              for name, ap in per_class.items()]
     if not items:
         return "(no classes)"
     name_w = max(len("category"), *(len(n) for n, _ in items))
-    ap_w = max(len("AP"), *(len(a) for _, a in items))
+    ap_w = max(len("AP (%)"), *(len(a) for _, a in items))
     cell = f"{{:<{name_w}}} | {{:>{ap_w}}}"
     ncol = max(1, min(num_columns, len(items)))
-    lines = [" | ".join([cell.format("category", "AP")] * ncol),
+    lines = [" | ".join([cell.format("category", "AP (%)")] * ncol),
              "-+-".join(["-" * name_w + "-+-" + "-" * ap_w] * ncol)]
     for start in range(0, len(items), ncol):
         row = items[start : start + ncol]

@@ -9,7 +9,9 @@ from gfldet.report.build import (
     ReportDirError,
     check_report_dir,
     post_processing_settings,
+    source_of_checkpoint,
     write_report,
 )
 
-__all__ = ["ReportDirError", "check_report_dir", "post_processing_settings", "write_report"]
+__all__ = ["ReportDirError", "check_report_dir", "post_processing_settings",
+           "source_of_checkpoint", "write_report"]

@@ -42,9 +42,11 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     return dict(series)
 
 
-def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path) -> Path:
+def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path,
+                  mark: int | None = None) -> Path:
     """Panels: one per loss term, the learning rate, and AP / AP50 / AP75 per evaluation; each
-    run (name -> scalars) in its own colour, so that several runs overlay."""
+    run (name -> scalars) in its own colour, so that several runs overlay. `mark`: the
+    iteration of the checkpoint a report describes, a dotted line on the AP panel."""
     tags: list[str] = []  # the loss terms of every run, each run's total after its terms
     for series in runs.values():
         losses = sorted((t for t in series if t.startswith("train/loss")),
@@ -63,12 +65,17 @@ def curves_figure(runs: dict[str, dict[str, tuple[list[int], list[float]]]], pat
                     if key in series:
                         ax.plot(*series[key], style, color=colour, markersize=4,
                                 label=f"{name} {key.removeprefix('val/bbox_m')}")
-            elif panel in series:
-                ax.plot(*series[panel], color=colour, linewidth=1, label=name)
+            elif panel in series:  # a marker, or a run of one logged step shows nothing
+                ax.plot(*series[panel], color=colour, linewidth=1, label=name,
+                        marker="o" if len(series[panel][0]) == 1 else None)
+        if panel == "AP" and mark is not None:
+            ax.axvline(mark, color="grey", linestyle=":", label="this report's checkpoint")
         ax.set(title="AP per evaluation" if panel == "AP" else panel, xlabel="iteration")
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=7, loc="upper right")  # "best" searches the data: slow on long runs
+        if ax.has_data() and panel == "AP":  # below the panel: AP rises to the upper right
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        elif ax.has_data():  # "best" searches the data: slow on long runs
+            ax.legend(fontsize=7, loc="upper right")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()

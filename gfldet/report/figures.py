@@ -33,6 +33,7 @@ def pr_curves_figure(recall: np.ndarray, curves: dict[str, dict[float, np.ndarra
                      columns: int = 4) -> Path:
     """One panel per entry of `curves` (name -> {IoU: precision [R]}), first the overall one.
     Precision -1 (pycocotools: no ground truth) is not drawn."""
+    columns = min(columns, len(curves))
     rows = math.ceil(len(curves) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
     for ax, (name, by_iou) in zip(axes.flat, curves.items(), strict=False):
@@ -42,7 +43,10 @@ def pr_curves_figure(recall: np.ndarray, curves: dict[str, dict[float, np.ndarra
                 ax.plot(recall[valid], precision[valid], label=f"IoU {iou:.2f}")
         ax.set(title=name, xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower left")
+        else:  # pycocotools gives such a class no curve and no AP
+            ax.text(0.5, 0.5, "no ground truth\nin these images", ha="center", va="center")
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
     fig.tight_layout()

@@ -19,6 +19,7 @@ th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; }
 .gallery { display: flex; flex-wrap: wrap; gap: 8px; }
 .gallery figure { margin: 0; max-width: 340px; font-size: 0.8em; }
+.source { color: #555; }
 dt { font-weight: bold; } dd { margin: 0 0 0.4em 1.5em; }
 """
 
@@ -41,13 +42,16 @@ def image(src: str, alt: str) -> str:
     return f'<img src="{escape(src)}" alt="{escape(alt)}">'
 
 
-def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
-    """A whole page: `sections` are (heading, HTML body) pairs, with a table of contents."""
+def page(title: str, sections: Sequence[tuple[str, str]], subtitle: str = "") -> str:
+    """A whole page: `sections` are (heading, HTML body) pairs, with a table of contents;
+    `subtitle` (what the page describes) goes under the title."""
     toc = "".join(f'<li><a href="#s{i}">{escape(h)}</a></li>' for i, (h, _) in enumerate(sections))
     body = "".join(f'<h2 id="s{i}">{escape(h)}</h2>\n{b}\n' for i, (h, b) in enumerate(sections))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{MARKER}'
             f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n"
-            f"<body><h1>{escape(title)}</h1><ul>{toc}</ul>\n{body}</body></html>\n")
+            f"<body><h1>{escape(title)}</h1>"
+            + (f'<p class="source">{escape(subtitle)}</p>' if subtitle else "")
+            + f"<ul>{toc}</ul>\n{body}</body></html>\n")
 
 
 def definitions(terms: Mapping[str, str]) -> str:
