@@ -380,6 +380,10 @@ def test_training_and_eval_write_the_report(tiny_run: Path, tiny_coco, tmp_path:
     # images with nothing found (the hand-built cases draw worst images).
     assert "4 images, 0 detections (0 scoring at least 0.3" in page
     assert "The model made no detection" in page and "worst_01.png" not in page
+    assert (f"training run {tiny_run} (after epoch 1 of 1); config "
+            f"{tiny_run / 'config.yaml'}; val {tiny_coco['val_ann']}; written 20") in page
+    source = json.loads((tiny_run / "report" / "report.json").read_text())["source"]
+    assert (source["epoch"], source["epochs"]) == (1, 1) and source["iteration"] > 0
     out = tmp_path / "eval_report"
     proc = run_in_process(ROOT / "tools" / "eval.py", str(tiny_run / "last.pth"), "--report",
                           str(out), "--metrics", str(tmp_path / "m.json"))

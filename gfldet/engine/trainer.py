@@ -348,7 +348,7 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
     if cfg.data.num_workers > 0:
         freeze_heap_for_workers()  # the loader workers fork at the first iteration
     metrics: dict = {}
-    final_eval = None  # the last evaluation's COCOeval, for train.report
+    final_eval, final_epoch = None, 0  # the last evaluation's COCOeval and epoch, for train.report
     try:
         with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
             while run.epoch < epochs:
@@ -381,6 +381,7 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
                         raise failure or RuntimeError("the evaluation failed on another process")
                     metrics.pop("detections", None)
                     final_eval = metrics.pop("coco_eval", None)
+                    final_epoch = run.epoch
                     if is_main_process():
                         write_metrics_json({"epoch": run.epoch, **metrics},
                                            work_dir / f"metrics_epoch_{run.epoch}.json")
@@ -402,19 +403,23 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
         progress.close()
         if scalars is not None:
             scalars.close()
-    if final_eval is not None:
-        write_run_report(work_dir, cfg, final_eval, val_set)
+    if final_eval is not None:  # the weights of its epoch's end (last.pth may be later, if stopped)
+        source = {"checkpoint": f"training run {work_dir}", "epoch": final_epoch,
+                  "epochs": cfg.schedule.epochs, "iteration": final_epoch * iters_per_epoch,
+                  "config": str(work_dir / "config.yaml"), "val_annotations": str(val_set.ann_file)}
+        write_run_report(work_dir, cfg, final_eval, val_set, source)
     return metrics, run
 
 
-def write_run_report(work_dir: Path, cfg: Config, coco_eval, dataset) -> None:
+def write_run_report(work_dir: Path, cfg: Config, coco_eval, dataset, source: dict) -> None:
     """train.report: the final evaluation's report in work_dir/report, with the run's curves. A
     failure is logged, not raised: the run's checkpoints and metrics are written by then."""
     from gfldet.report import post_processing_settings, write_report
 
     try:
         write_report(work_dir / "report", coco_eval, dataset.class_names, dataset.image_dir,
-                     thresholds=post_processing_settings(cfg.model.test), run_dir=work_dir)
+                     thresholds=post_processing_settings(cfg.model.test), run_dir=work_dir,
+                     source=source)
     except Exception as err:  # a plotting or disk problem must not fail a finished run
         log.warning("evaluation report not written: %s: %s", type(err).__name__, err,
                     exc_info=True)
