@@ -535,7 +535,7 @@ def _probe_all(paths: list[Path], max_pixels: int | None, shard: ShardedCheck) -
     rank 0 reports its progress."""
     threads = min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
     share = paths[shard.rank::shard.world]
-    whose = f" by rank 0 (its 1/{shard.world} of {len(paths):,})" if shard.world > 1 else ""
+    whose = f" by rank 0, its 1/{shard.world} share of {len(paths):,}" if shard.world > 1 else ""
     mine: list[_Probe] = []
     with (ThreadPoolExecutor(max_workers=threads) as pool,
           _progress(mine, len(share), whose) if shard.rank == 0 else contextlib.nullcontext()):
