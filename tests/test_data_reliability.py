@@ -11,9 +11,11 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -26,7 +28,8 @@ from conftest import ROOT, checked_dataset, run_in_process
 from matplotlib.colors import to_rgba
 from PIL import Image, ImageFile
 
-from gfldet.data import CocoDetection, SeededIndex, build_dataloader, build_transforms
+from gfldet.data import CocoDetection, SeededIndex, build_dataloader, build_transforms, checks
+from gfldet.data.checked_split import load_checked_split
 from gfldet.data.checks import (
     FIX_BAD_IMAGE,
     FIX_BAD_IMAGE_ANNS,
@@ -35,6 +38,7 @@ from gfldet.data.checks import (
     FIX_OUTSIDE,
     FIX_RAW_ORIENTATION,
     DatasetError,
+    ShardedCheck,
     check_dataset,
 )
 from gfldet.data.images import (
@@ -729,6 +733,65 @@ def test_browse_dataset_counts_and_draws_crowd_boxes(tmp_path: Path) -> None:
         ("-", to_rgba("tab:green")), ("--", to_rgba("tab:gray"))]
 
 
+def _slow_check(monkeypatch, seconds: float = 0.05) -> None:
+    """Each decode takes `seconds` and progress comes every 10 ms: a COCO-scale check in small."""
+    probe = checks._probe
+    monkeypatch.setattr(checks, "_probe", lambda *a: (time.sleep(seconds), probe(*a))[1])
+    monkeypatch.setattr(checks, "PROGRESS_INTERVAL", 0.01)
+
+
+def _check_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("checking images")]
+
+
+def test_a_long_decode_says_what_it_decodes_then_how_far_it_is(tmp_path: Path, caplog,
+                                                               monkeypatch) -> None:
+    """COCO's 118k images take minutes to decode: one line first (how many, from where, how to
+    skip it), then every PROGRESS_INTERVAL seconds done/total, rate and time left; never a line
+    per image, and none at all for a check shorter than the interval (trial E, finding 6)."""
+    img_dir, ann_file = simple_dataset(tmp_path, n=12)
+    caplog.set_level(logging.INFO, logger="gfldet")
+    assert check_dataset(img_dir, ann_file).ok
+    assert _check_lines(caplog) == [  # the default interval: no progress line in a short check
+        f"checking images: decoding 12 image files in {img_dir}; tools/check_dataset.py "
+        "--no-images checks the JSON and that the files exist, without decoding them"]
+    caplog.clear()
+    _slow_check(monkeypatch)
+    assert check_dataset(img_dir, ann_file).ok
+    progress = _check_lines(caplog)[1:]
+    assert progress, "no progress line"
+    for line in progress:
+        assert re.fullmatch(r"checking images: \d+ of 12 decoded \(\d+/s(, about 0:00:\d\d "
+                            r"left)?\)", line), line
+
+
+def test_training_s_check_names_its_cache_and_only_rank_0_speaks(tmp_path: Path, caplog,
+                                                                monkeypatch) -> None:
+    img_dir, ann_file = simple_dataset(tmp_path, n=4)
+    cache = tmp_path / "run" / "dataset_check" / "train.json"
+    cache.parent.mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="gfldet")
+    load_checked_split(img_dir, ann_file, cache=cache)
+    assert _check_lines(caplog) == [
+        f"checking images: decoding 4 image files in {img_dir}; the results go to {cache}, so a "
+        "--resume decodes only changed files"]
+    caplog.clear()
+    load_checked_split(img_dir, ann_file, cache=cache)  # nothing to decode: nothing said
+    assert _check_lines(caplog) == []
+    _slow_check(monkeypatch, seconds=0.1)
+    # Two ranks in one process: each gets its own list twice over, as in a job of two.
+    for rank in (1, 0):
+        caplog.clear()
+        check_dataset(img_dir, ann_file, shard=ShardedCheck(rank, 2, lambda mine: [mine, mine]))
+        said = _check_lines(caplog)
+        if rank:
+            assert said == []
+            continue
+        assert said[0].endswith(", shared among 2 processes" + checks.NO_IMAGES_NOTE), said[0]
+        assert len(said) > 1 and all(" decoded by rank 0, its 1/2 share of 4 (" in line
+                                     for line in said[1:]), said
+
+
 # --------------------------------------------------------------------------- decode failures
 
 
@@ -861,6 +924,14 @@ def test_tool_exit_1_lists_fatal_problems(tool_runs: dict) -> None:
 def test_tool_exit_2_on_bad_config(tool_runs: dict) -> None:
     run = tool_runs["config"]
     assert run.returncode == 2 and "batch_sise" in run.stderr and "batch_size" in run.stderr
+
+
+def test_tool_says_on_stderr_what_it_decodes_and_that_no_images_skips_it(tool_runs) -> None:
+    run = tool_runs["good"]
+    said = [line for line in run.stderr.splitlines() if line.startswith("checking images")]
+    assert len(said) == 2 and all(  # train and val, the same files here
+        "decoding 4 image files in" in line and "tools/check_dataset.py --no-images" in line
+        for line in said), run.stderr
 
 
 def _load_tool(path: str) -> Any:

@@ -521,6 +521,12 @@ def test_graph_out_that_is_a_folder_is_refused(checkpoint, tmp_path, overwrite):
     (["--format", "onnx", "--dynamic", "--shape", "128", "128"], "--shape does nothing"),
     (["--format", "weights", "--nms", "--num-verify", "2"],
      "--nms, --num-verify: only for --format onnx or torchscript"),
+    # Trial E, finding 1: the export runs in fp32, whatever train.amp says.
+    (["--cfg-options", "model.test.nms_iou=0.5", "train.amp=bf16"],
+     "--cfg-options train.amp=bf16: export runs in fp32 and reads no train.* setting; train.amp "
+     "applies to training and tools/eval.py"),
+    (["--format", "weights", "--cfg-options", "train.ema=false"],
+     "--cfg-options train.ema=false: export runs in fp32"),
 ])
 def test_options_that_would_do_nothing_are_refused(checkpoint, tmp_path, args, message):
     """--format torchscript unless the case says otherwise (argparse takes the last)."""

@@ -13,11 +13,49 @@ from conftest import ROOT, build_from_options, tiny_overrides
 from gfldet.config import ConfigError, load_config
 from gfldet.engine.checkpoint import load_checkpoint, save_checkpoint
 from gfldet.engine.ema import build_ema, ema_decay
+from gfldet.engine.precision import resolve_precision
 from gfldet.engine.progress import Progress
 from gfldet.engine.trainer import TrainLoop, train
 from gfldet.models.head import Integral
 
 DEMO = ROOT / "configs" / "demo_synthetic_cpu.yaml"
+
+# ------------------------------------------------------------------ train.amp: auto on the CPU
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def amx_cpu(monkeypatch):
+    """A CPU with AVX512-BF16 and AMX whose torch kernels are capped at AVX2, as under
+    ATEN_CPU_CAPABILITY=avx2; no oneDNN cap unless a test sets one."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_aten_cpu_capability_alone_keeps_bf16_native(amx_cpu):
+    """oneDNN's convolutions ignore ATEN_CPU_CAPABILITY: bf16 ran 1.47x faster than fp32 there
+    (trial E, finding 2), so auto picks it, explicit bf16 does not warn, and the reason says why."""
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.name == "bf16" and chosen.warning is None
+    assert "ATEN_CPU_CAPABILITY" in chosen.reason and "not the convolutions" in chosen.reason
+    assert resolve_precision("bf16", CPU).warning is None
+
+
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_a_onednn_cap_without_bf16_gives_fp32_naming_the_variable_set(amx_cpu, variable):
+    amx_cpu.setenv(variable, "AVX2")  # with ATEN_CPU_CAPABILITY=avx2: the AVX2-only imitation
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.dtype is None and chosen.reason.endswith(f"oneDNN is capped at AVX2 ({variable})")
+    other = {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"} - {variable}
+    assert other.pop() not in chosen.reason
+    assert "emulated" in resolve_precision("bf16", CPU).warning
+    amx_cpu.setenv(variable, "avx512_core_amx")  # a cap that keeps AMX: native again
+    assert resolve_precision("auto", CPU).name == "bf16"
+
 
 # ------------------------------------------------------------------ fp16: the gradient scaler
 

@@ -241,3 +241,17 @@ def test_predict_score_thr_outside_0_1_is_an_argparse_error(value, capsys):
         load_tool("predict").main(["any.pth", "any.jpg", "--score-thr", value])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"--score-thr: {value} is outside 0..1" in err
+
+
+@pytest.mark.parametrize("option", ["train.amp=bf16", "train.ema=false"])
+def test_predict_refuses_train_options_it_would_ignore(run, tiny_coco, tmp_path, capsys, option):
+    """Trial E, finding 1: predict runs in fp32; train.amp=bf16 was accepted and did nothing."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("predict").main([str(run[0] / "last.pth"), str(tiny_coco["val_images"]),
+                                   "--out", str(out), "--cfg-options",
+                                   "model.test.score_thr=0.1", option])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and not out.exists()
+    assert (f"--cfg-options {option}: predict runs in fp32 and reads no train.* setting; "
+            "train.amp applies to training and tools/eval.py") in err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_in_process, tiny_overrides
+from conftest import ROOT, _tool_module, run_in_process, tiny_overrides
 from test_train_cli import DEMO, TRAIN, run, run_overrides, trained_run  # noqa: F401 (fixture)
 
 from gfldet.config import Config
@@ -237,3 +237,36 @@ def test_a_failing_rank_ends_the_job_and_its_error_is_shown(tiny_coco, tmp_path)
     assert proc.returncode != 0
     assert time.time() - started < 240, "the other rank hung"
     assert "injected failure on rank 1" in proc.stderr + proc.stdout
+
+
+def test_under_torchrun_a_sigint_prints_each_stop_line_once(tiny_coco, tmp_path):
+    """torchrun passes the signal to every rank; each rank stops after the iteration, but only
+    rank 0 says so (trial E, finding 4), as train.log has it."""
+    work = tmp_path / "w"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
+           "--master_port", str(32500 + os.getpid() % 1000), TRAIN, DEMO, "--work-dir", str(work),
+           "--cfg-options", *tiny_overrides(tiny_coco, epochs=3), "data.batch_size=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_log_lines(work, proc, 2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert out.count("received SIGINT: stopping after this iteration") == 1, out[-3000:]
+    assert out.count("last.pth written; continue with --resume") == 1, out[-3000:]
+    assert load_checkpoint(work / "last.pth")["batch"] >= 2
+    # torchrun's own exit code and traceback, as the README's "When things go wrong" says
+    assert proc.returncode == 1 and "SignalException" in out, out[-3000:]
+
+
+@pytest.mark.parametrize(("rank", "lines"), [("0", 1), ("1", 0)])
+def test_a_second_ctrl_c_is_reported_by_rank_0_only(monkeypatch, tiny_coco, tmp_path, rank,
+                                                    lines):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_tool_module(Path(TRAIN).resolve()), "train", interrupted)
+    monkeypatch.setenv("RANK", rank)  # as torchrun sets it, process group or not
+    proc = run_in_process(TRAIN, DEMO, "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                          *tiny_overrides(tiny_coco), check=False)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert proc.stderr.count("interrupted: a second Ctrl-C") == lines, proc.stderr

@@ -76,7 +76,10 @@ def test_the_avx2_imitation_counts_as_no_native_bf16(monkeypatch):
     assert cpu_bf16_support()[0] is False and resolve_precision("auto", CPU).dtype is None
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert cpu_bf16_support()[0] is True
-    fake_cpu(monkeypatch, "AVX2", avx512_bf16=True, amx=True)  # ATEN_CPU_CAPABILITY=avx2
+    # ATEN_CPU_CAPABILITY=avx2 alone: the convolutions still run on AMX (trial E, finding 2)
+    fake_cpu(monkeypatch, "AVX2", avx512_bf16=True, amx=True)
+    assert cpu_bf16_support()[0] is True
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the imitation: both variables
     assert cpu_bf16_support()[0] is False
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,32 @@ def test_ensure_generates_once_and_regenerates_on_change(tmp_path: Path) -> None
         ensure_synthetic_coco(out, bogus=1)
     with pytest.raises(TypeError, match="generator_version"):  # the code's, not a parameter
         ensure_synthetic_coco(out, generator_version=0)
+
+
+def test_a_caller_waiting_for_the_generating_process_says_it_is_generated(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under torchrun the rank that takes the lock and generates may not be rank 0, the one that
+    logs: the waiting callers say it too, while they wait (trial E, finding 5)."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "ds"
+    out.mkdir()
+    params = {k: v for k, v in SMALL.items() if k != "num_workers"}
+    caplog.set_level(logging.INFO, logger="gfldet")
+    with open(out / ".synthetic.lock", "w") as lock:  # another rank, generating
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=ensure_synthetic_coco, args=(out,), kwargs=params)
+        waiting.start()
+        deadline = time.monotonic() + 20
+        while "generating the synthetic" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"generating the synthetic demo dataset into {out} (8 train / 3 val" in caplog.text
+        assert waiting.is_alive()  # still waiting for the lock
+        generate_synthetic_coco(out, **SMALL)
+    waiting.join(60)
+    assert not waiting.is_alive() and caplog.text.count("generating the synthetic") == 1
+    caplog.clear()
+    ensure_synthetic_coco(out, **params)  # complete: no line, no wait
+    assert "generating" not in caplog.text
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

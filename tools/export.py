@@ -6,7 +6,8 @@
     python tools/export.py CONFIG CHECKPOINT --format ...   # a YAML config, not the checkpoint's
 
 The checkpoint's stored config is used unless a YAML CONFIG is given before it; --cfg-options
-apply to either. Export runs on the CPU (graphs traced there run anywhere).
+apply to either (train.* ones are refused: export runs in fp32). Export runs on the CPU (graphs
+traced there run anywhere).
 
 weights: drops optimizer/scheduler/RNG state (EMA weights become the model when the run kept
 an EMA), writes NAME-<sha256[:8]>.pth and the config as NAME-<sha256[:8]>.yaml beside it.
@@ -140,6 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     if args.shape is not None and any(s % 32 for s in args.shape):
         parser.error(f"--shape {args.shape[0]} {args.shape[1]}: both sides must be multiples of 32")
+    # The export and its verification run in fp32: a train.amp=bf16 here would do nothing.
+    train_options = [o for o in args.cfg_options if o.partition("=")[0].strip()
+                     .split(".")[0] == "train"]
+    if train_options:
+        parser.error(f"--cfg-options {' '.join(train_options)}: export runs in fp32 and reads "
+                     "no train.* setting; train.amp applies to training and tools/eval.py")
     given = [d for d in GRAPH_OPTIONS if getattr(args, d) != parser.get_default(d)]
     flags = ", ".join(f"--{d.replace('_', '-')}" for d in given)
     if args.format == "weights" and given:

@@ -16,6 +16,7 @@ of the original image), "score", "label", "class_name"}, ...]} ordered by score.
 Only files predict wrote (a NAME.ext with its NAME.json record beside it) are replaced: a DIR
 holding other files of those names, or one of the input images, is refused before anything is
 written. An image that cannot be read is skipped and named at the end (exit code 2).
+Predict runs in fp32: --cfg-options train.* (train.amp, ...) is refused.
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="use the raw weights even if EMA weights exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    # Predict runs in fp32 (as Detector does): a train.amp=bf16 here would be ignored silently.
+    train_options = [o for o in args.cfg_options if o.partition("=")[0].strip()
+                     .split(".")[0] == "train"]
+    if train_options:
+        parser.error(f"--cfg-options {' '.join(train_options)}: predict runs in fp32 and reads "
+                     "no train.* setting; train.amp applies to training and tools/eval.py")
     try:
         config, (checkpoint, *sources) = split_config_argument(
             [args.checkpoint, *args.inputs], ["CHECKPOINT", "INPUT"], repeat_last=True)

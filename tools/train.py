@@ -15,6 +15,7 @@ write last.pth first; a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         latest = find_latest_checkpoint(work_dir)
         where = (f"the last complete checkpoint is {latest} (continue with --resume)" if latest
                  else f"{work_dir} holds no checkpoint of it")
-        print("interrupted: a second Ctrl-C (or one before training started) stopped the run at "
-              f"once; {where}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line under torchrun, group or not
+            print("interrupted: a second Ctrl-C (or one before training started) stopped the run "
+                  f"at once; {where}", file=sys.stderr)
         return 128 + signal.SIGINT
     if run.stopped_by is not None:
         return 128 + run.stopped_by  # the shell's convention for "ended by signal N"

@@ -80,7 +80,8 @@ def load_checked_split(
         report = check_dataset(image_dir, ann_file, fix=True, check_images=True,
                                max_bad_image_fraction=max_decode_failures,
                                max_image_pixels=max_image_pixels,
-                               shard=shard, cache=cache, split=split, evaluation=as_written)
+                               shard=shard, cache=cache, split=split, evaluation=as_written,
+                               decode_note="")  # no --no-images here: every file is decoded
         _log_summary(report, as_written)
         report.raise_if_fatal(not_done, advice)
         annotations = report.source if as_written else report.annotations

@@ -29,16 +29,20 @@ changed); training keeps one per split in its run folder, so ``--resume`` decode
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,6 +99,12 @@ CHECK_ADVICE = "Run tools/check_dataset.py CONFIG for the full report."
 
 _NOT_FOUND = "file not found"
 _LOAD_TRUNCATED_LOCK = threading.Lock()
+
+log = logging.getLogger("gfldet")
+# A long decode (COCO's 118k images: minutes) says what it does, then how far it is, this often.
+PROGRESS_INTERVAL = 15.0  # seconds
+NO_IMAGES_NOTE = ("; tools/check_dataset.py --no-images checks the JSON and that the files "
+                  "exist, without decoding them")
 
 
 @dataclass(frozen=True)
@@ -489,11 +499,48 @@ def _probe(path: Path, max_pixels: int | None) -> _Probe:
         return _Probe(error=f"{type(err).__name__}: {err}")
 
 
+def _say(message: str) -> None:
+    """A line about a long check: into the "gfldet" log where logging is set up (training, eval),
+    else on stderr (tools/check_dataset.py, a notebook), which would drop an INFO record."""
+    if log.hasHandlers():
+        log.info("%s", message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(done: list, total: int, whose: str) -> Iterator[None]:
+    """Every PROGRESS_INTERVAL seconds, `len(done)` of `total` decoded, the rate and the time
+    left; a thread reads the list's length, so the decoding pays nothing per image."""
+    stop, start = threading.Event(), time.monotonic()
+
+    def report() -> None:
+        while not stop.wait(PROGRESS_INTERVAL):
+            n, seconds = len(done), time.monotonic() - start
+            left = (f", about {timedelta(seconds=round((total - n) * seconds / n))} left"
+                    if n else "")
+            _say(f"checking images: {n:,} of {total:,} decoded{whose} ({n / seconds:.0f}/s{left})")
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _probe_all(paths: list[Path], max_pixels: int | None, shard: ShardedCheck) -> list[_Probe]:
-    """Decode `paths` in a thread pool, dealt out round-robin over the processes of `shard`."""
+    """Decode `paths` in a thread pool, dealt out round-robin over the processes of `shard`;
+    rank 0 reports its progress."""
     threads = min(16, (os.cpu_count() or 1) * 2)  # I/O overlaps the decoding
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        mine = list(pool.map(lambda p: _probe(p, max_pixels), paths[shard.rank::shard.world]))
+    share = paths[shard.rank::shard.world]
+    whose = f" by rank 0, its 1/{shard.world} share of {len(paths):,}" if shard.world > 1 else ""
+    mine: list[_Probe] = []
+    with (ThreadPoolExecutor(max_workers=threads) as pool,
+          _progress(mine, len(share), whose) if shard.rank == 0 else contextlib.nullcontext()):
+        for probe in pool.map(lambda p: _probe(p, max_pixels), share):
+            mine.append(probe)
     pooled: list[_Probe] = [None] * len(paths)  # type: ignore[list-item]
     for rank, got in enumerate(shard.all_gather(mine)):
         pooled[rank::shard.world] = got
@@ -501,10 +548,10 @@ def _probe_all(paths: list[Path], max_pixels: int | None, shard: ShardedCheck) -
 
 
 def _probe_files(files: list[str], check_images: bool, max_pixels: int | None,
-                 report: DatasetReport, shard: ShardedCheck, cache: Path | None
-                 ) -> dict[str, _Probe]:
+                 report: DatasetReport, shard: ShardedCheck, cache: Path | None,
+                 decode_note: str) -> dict[str, _Probe]:
     """Each file's probe: whether it exists, or (`check_images`) its full decode, taken from
-    `cache` when the file is unchanged."""
+    `cache` when the file is unchanged. A decode is announced (with `decode_note` at the end)."""
     # Plain loops: a stat is microseconds, less than a thread pool spends handing out a task.
     paths = {name: report.image_dir / name for name in files}
     if not check_images:
@@ -520,6 +567,13 @@ def _probe_files(files: list[str], check_images: bool, max_pixels: int | None,
     # system that shows it changed, an unreadable cache) is decoded by all.
     stale = set().union(*shard.all_gather([f for f in files if f not in cached]))
     to_decode = [f for f in files if f in stale]
+    if to_decode and shard.rank == 0:
+        unchanged = len(files) - len(to_decode)
+        _say(f"checking images: decoding {len(to_decode):,} image files in {report.image_dir}"
+             + (f" ({unchanged:,} unchanged ones taken from {cache})" if unchanged else "")
+             + (f", shared among {shard.world} processes" if shard.world > 1 else "")
+             + (f"; the results go to {cache}, so a --resume decodes only changed files"
+                if cache else "") + decode_note)
     # The flag is a PIL global; a library imported by the user may have set it, which would
     # make truncated files decode silently (gray-filled). Hold it False while checking.
     with _LOAD_TRUNCATED_LOCK:
@@ -735,7 +789,7 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   shard: ShardedCheck | None = None,
                   cache: str | Path | None = None, split: str | None = None,
-                  evaluation: bool = False) -> DatasetReport:
+                  evaluation: bool = False, decode_note: str = NO_IMAGES_NOTE) -> DatasetReport:
     """Check a COCO-format dataset (the module docstring says what is fatal and what is fixed).
 
     ``check_images=False``: files are only checked to exist, not decoded or measured.
@@ -744,6 +798,8 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
     ``max_bad_image_fraction`` (``train.max_decode_failures``): the share of image files that may
     be missing/unreadable and dropped; one is always tolerated unless it is 0. ``shard``: see
     ``ShardedCheck``. ``cache``: a JSON file of each image's decode result (module docstring).
+    Rank 0 says before decoding how many files, where from and where the results go (ended by
+    ``decode_note``), then every ``PROGRESS_INTERVAL`` seconds how far it is.
     Never raises for bad data: call ``raise_if_fatal()`` on the report.
     """
     start = time.perf_counter()
@@ -771,7 +827,8 @@ def check_dataset(image_dir: str | Path, ann_file: str | Path, fix: bool = True,
                             f"{_config_key(split, 'images')}")
     else:
         files = sorted({im["file_name"] for im in images.values()})
-        probes = _probe_files(files, check_images, max_image_pixels, report, shard, cache)
+        probes = _probe_files(files, check_images, max_image_pixels, report, shard, cache,
+                              decode_note)
         drop, raw_orientation = _check_files(images, probes, fix, max_bad_image_fraction, report)
     dropped_anns = [a for a in anns if a["image_id"] in drop]
     if dropped_anns:

@@ -508,16 +508,19 @@ def ensure_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = None
     wanted = _params(params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    paths = dataset_layout(out)
+    if _is_complete(paths, wanted):  # the usual start: nothing to wait for
+        return paths
+    # Said before the lock by every caller: under torchrun the rank that takes the lock and
+    # generates may not be rank 0, the one that logs (trial E, finding 5).
+    log.info("generating the synthetic demo dataset into %s (%d train / %d val images; "
+             "reused while data.synthetic is unchanged)", out, wanted.num_train, wanted.num_val)
     # An exclusive lock (released when the file is closed): concurrent callers, e.g. several
     # ranks, generate only once.
     with open(out / ".synthetic.lock", "w") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        paths = dataset_layout(out)
         if not _is_complete(paths, wanted):
-            log.info("generating the synthetic demo dataset into %s (%d train / %d val images; "
-                     "reused while data.synthetic is unchanged)", out, wanted.num_train,
-                     wanted.num_val)
             paths = generate_synthetic_coco(out, num_workers=num_workers, **params)
     return paths
 

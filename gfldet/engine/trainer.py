@@ -141,8 +141,9 @@ class StopRequested:
         if cls.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         cls.signum = signum
-        log.warning("received %s: stopping after this iteration with a checkpoint",
-                    signal.Signals(signum).name)
+        if is_main_process():  # torchrun signals every rank: one line, as train.log has it
+            log.warning("received %s: stopping after this iteration with a checkpoint",
+                        signal.Signals(signum).name)
 
 
 @dataclass
@@ -358,9 +359,10 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
                 if run.batch < iters_per_epoch:  # stopped by a signal
                     run.stopped_by = StopRequested.signum
                     checkpoint(["last.pth"])
-                    log.warning("stopped at epoch %d, batch %d of %d: last.pth written; "
-                                "continue with --resume", run.epoch + 1, run.batch,
-                                iters_per_epoch)
+                    if is_main_process():  # the other ranks log warnings too: one line
+                        log.warning("stopped at epoch %d, batch %d of %d: last.pth written; "
+                                    "continue with --resume", run.epoch + 1, run.batch,
+                                    iters_per_epoch)
                     break
                 run.epoch, run.batch = run.epoch + 1, 0
                 last_epoch = run.epoch == epochs
