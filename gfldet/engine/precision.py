@@ -36,7 +36,7 @@ def cpu_bf16_support() -> tuple[bool, str]:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) for oneDNN, and what was found.
     The convolutions, most of a step's time, run in oneDNN: its cap (ONEDNN_MAX_CPU_ISA, or the
     older DNNL_MAX_CPU_ISA) decides. ATEN_CPU_CAPABILITY caps only torch's own kernels: with it
-    alone, bf16 still runs on AMX and trains faster than fp32 (trial E, finding 2)."""
+    alone, bf16 still runs on AMX and trains faster than fp32 (benchmarks/README.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
     avx512_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
