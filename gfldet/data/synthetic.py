@@ -512,7 +512,7 @@ def ensure_synthetic_coco(out_dir: str | Path, *, num_workers: int | None = None
     if _is_complete(paths, wanted):  # the usual start: nothing to wait for
         return paths
     # Said before the lock by every caller: under torchrun the rank that takes the lock and
-    # generates may not be rank 0, the one that logs (trial E, finding 5).
+    # generates may not be rank 0, the one that logs.
     log.info("generating the synthetic demo dataset into %s (%d train / %d val images; "
              "reused while data.synthetic is unchanged)", out, wanted.num_train, wanted.num_val)
     # An exclusive lock (released when the file is closed): concurrent callers, e.g. several
