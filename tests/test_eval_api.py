@@ -41,6 +41,9 @@ def test_evaluate_checkpoint_gives_tools_eval_metrics_bit_for_bit(checkpoint, tm
     assert result.detections == json.loads((tmp_path / "d.json").read_text())
     assert result.coco_eval is None and result.cfg.train.channels_last
     assert result.state["meta"]["class_names"] == result.dataset.class_names
+    # A Config object (as train() takes) evaluates as its YAML does.
+    again = evaluate_checkpoint(checkpoint, load_config(checkpoint.parent / "config.yaml"))
+    assert again.metrics == result.metrics
 
 
 def test_evaluate_checkpoint_of_a_wrong_path_names_it(checkpoint, tmp_path):
