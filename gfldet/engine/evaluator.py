@@ -122,8 +122,9 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config | str | Path | No
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device.
     how_to_override: how a fatal val set problem's message says to name other files.
 
-    Raises ConfigError, CheckpointError, or DatasetError (nothing was evaluated: the val set has
-    a fatal problem, or other classes than the checkpoint's). Sets up no logging and no process
+    Raises ConfigError, FileNotFoundError (no such checkpoint), CheckpointError, or DatasetError
+    (nothing was evaluated: the val set has a fatal problem, or other classes than the
+    checkpoint's). Sets up no logging and no process
     group: under torchrun, with one initialised, each rank predicts its share and rank 0 scores.
     """
     check_backend(backend)  # fail now, not after predicting the whole val set
@@ -160,8 +161,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config | str | Path | No
                               size_divisor=cfg.data.size_divisor)
     metrics = evaluate(model, loader, device, precision.dtype, backend=backend,
                        keep_coco_eval=keep_coco_eval)
-    return CheckpointEvaluation(metrics, metrics.pop("detections", []),
-                                metrics.pop("coco_eval", None), cfg, state, dataset)
+    detections, coco_eval = metrics.pop("detections", []), metrics.pop("coco_eval", None)
+    return CheckpointEvaluation(metrics, detections, coco_eval, cfg, state, dataset)
 
 
 def _val_set(cfg: Config, source: str, how_to_override: str):
