@@ -23,23 +23,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from gfldet.config import ConfigError, load_config
-from gfldet.data import build_dataloader
+from gfldet.config import ConfigError
 from gfldet.data.images import DatasetError
-from gfldet.distributed import is_distributed, is_main_process
-from gfldet.engine.build import build_dataset
-from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
+from gfldet.distributed import is_main_process
+from gfldet.engine.checkpoint import CheckpointError
 from gfldet.engine.coco_eval import check_backend, write_metrics_json
-from gfldet.engine.evaluator import evaluate
-from gfldet.engine.precision import resolve_precision
-from gfldet.engine.trainer import init_distributed, log, setup_logging
-from gfldet.inference import (
-    config_for_checkpoint,
-    load_inference_model,
-    split_config_argument,
-)
+from gfldet.engine.evaluator import evaluate_checkpoint
+from gfldet.engine.trainer import init_distributed, setup_logging
+from gfldet.inference import split_config_argument
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,38 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:  # e.g. --device cuda without CUDA
             raise ConfigError(f"--device {args.device}: {err}") from None
         setup_logging(None)
-        # A YAML config and its val split are checked before the (large) checkpoint is read.
-        cfg = load_config(config_path, args.cfg_options) if config_path else None
-        dataset = build_val_set(cfg, config_path) if cfg is not None else None
-        state = load_checkpoint(checkpoint)
-        if cfg is None:
-            cfg = config_for_checkpoint(state, None, checkpoint, args.cfg_options)
-            dataset = build_val_set(cfg, f"{checkpoint}'s stored config")
-        check_same_classes(state, checkpoint, dataset)
-        precision = resolve_precision(cfg.train.amp, device)
-        log.info("config: %s; precision: %s (%s)", config_path or f"{checkpoint} (stored config)",
-                 precision.name, precision.reason)
-        if precision.warning:
-            log.warning("%s", precision.warning)
-        # Every weight from the checkpoint: no ImageNet download.
-        model = load_inference_model(cfg, state, checkpoint, use_ema=not args.no_ema)
+        result = evaluate_checkpoint(
+            checkpoint, config_path, args.cfg_options, device=device, use_ema=not args.no_ema,
+            backend=args.backend, keep_coco_eval=bool(args.report),
+            how_to_override="--cfg-options data.val.images=DIR data.val.annotations=FILE")
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers,
-                              train=False, seed=cfg.train.seed, distributed=is_distributed(),
-                              size_divisor=cfg.data.size_divisor)
-    model = model.to(device)
-    if cfg.train.channels_last:  # the format training evaluated with: same bf16 round-off and AP
-        model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, loader, device, precision.dtype, backend=args.backend,
-                       keep_coco_eval=bool(args.report))
     if is_main_process():
-        detections = metrics.pop("detections")
-        coco_eval = metrics.pop("coco_eval", None)
+        metrics, dataset = result.metrics, result.dataset
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(detections))
+            Path(args.out).write_text(json.dumps(result.detections))
         metrics_path = Path(args.metrics or f"{checkpoint}.metrics.json")
         write_metrics_json(metrics, metrics_path)
         print(f"bbox AP: {metrics['bbox_mAP']:.4f} (metrics in {metrics_path})")
@@ -144,38 +115,17 @@ def main(argv: list[str] | None = None) -> int:
 
             config = str(config_path or "stored in the checkpoint") + (
                 f" with --cfg-options {' '.join(args.cfg_options)}" if args.cfg_options else "")
-            source = source_of_checkpoint(state, checkpoint) | {
+            source = source_of_checkpoint(result.state, checkpoint) | {
                 "config": config, "val_annotations": str(dataset.ann_file)}
             given = {"score_thr": args.report_score_thr, "num_worst": args.report_images}
-            index = write_report(args.report, coco_eval, dataset.class_names, dataset.image_dir,
-                                 thresholds=post_processing_settings(cfg.model.test),
+            index = write_report(args.report, result.coco_eval, dataset.class_names,
+                                 dataset.image_dir,
+                                 thresholds=post_processing_settings(result.cfg.model.test),
                                  run_dir=run_dir if (run_dir / "scalars.jsonl").is_file() else None,
                                  source=source,
                                  **{k: v for k, v in given.items() if v is not None})
             print(f"report: {index}")
     return 0
-
-
-def build_val_set(cfg, source: str):
-    """The checked val set; a fatal problem says that nothing was evaluated and how to name
-    other files."""
-    return build_dataset(
-        cfg, "val", not_done="nothing was evaluated",
-        advice=f"The val paths come from {source} (relative ones from the current folder); give "
-               "others with --cfg-options data.val.images=DIR data.val.annotations=FILE.")
-
-
-def check_same_classes(state: dict, checkpoint: str, dataset) -> None:
-    """The val file's classes (in label order: by category id) must be the ones the checkpoint
-    was trained on, as training requires of train and val: otherwise each label is scored as
-    another class, silently."""
-    trained = (state.get("meta") or {}).get("class_names")
-    if trained is not None and list(trained) != list(dataset.class_names):
-        raise DatasetError(
-            f"{checkpoint} was trained on the classes {list(trained)} but {dataset.ann_file} "
-            f"lists {list(dataset.class_names)} (in category id order); its labels would be "
-            "scored as other classes. Evaluate on annotations with the training categories (the "
-            "same names, in the same id order); nothing was evaluated")
 
 
 if __name__ == "__main__":

@@ -4,24 +4,37 @@ An image that cannot be read is left out of the score, not counted as missed: it
 is not scored (it is not among COCOeval's `params.imgIds`), and the log and the metrics
 (`images_left_out`) name it. Such images are found by the dataset check before evaluation
 (`CocoDetection.left_out`) or, when a file breaks later, by the decode that fails.
+
+`evaluate_checkpoint` is tools/eval.py from Python: a checkpoint in, its metrics out.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from gfldet.data import normalize_batch
+from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from gfldet.data import build_dataloader, normalize_batch
+from gfldet.data.images import DatasetError
 from gfldet.data.index import describe_left_out
-from gfldet.distributed import all_gather_objects, is_main_process
+from gfldet.distributed import all_gather_objects, is_distributed, is_main_process
+from gfldet.engine.build import build_dataset
+from gfldet.engine.checkpoint import load_checkpoint
 from gfldet.engine.coco_eval import (
     Backend,
+    check_backend,
     detections_to_coco,
     evaluate_coco,
     format_per_class_table,
 )
+from gfldet.engine.precision import resolve_precision
+from gfldet.inference import config_for_checkpoint, load_inference_model, resolve_device
 
 log = logging.getLogger("gfldet")
 
@@ -77,3 +90,98 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     metrics["images_left_out"] = left_out
     metrics["detections"] = all_detections
     return metrics
+
+
+OVERRIDES_ADVICE = "overrides=['data.val.images=DIR', 'data.val.annotations=FILE']"
+
+
+@dataclass
+class CheckpointEvaluation:
+    """What `evaluate_checkpoint` returns; under torchrun, ranks other than 0 get metrics {} and
+    detections []."""
+
+    metrics: dict[str, Any]  # bbox_mAP ... AR_100, per_class, images_left_out (as eval.py writes)
+    detections: list[dict]  # COCO result format
+    coco_eval: Any  # the scorer's COCOeval with keep_coco_eval (gfldet.report reads it), else None
+    cfg: Config  # the config evaluated, overrides applied
+    state: dict[str, Any]  # the loaded checkpoint
+    dataset: Any  # the checked val set (a CocoDetection)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, config: Config | str | Path | None = None,
+                        overrides: Sequence[str] = (), *, device: str | torch.device = "auto",
+                        use_ema: bool = True, backend: Backend = "pycocotools",
+                        keep_coco_eval: bool = False,
+                        how_to_override: str = OVERRIDES_ADVICE) -> CheckpointEvaluation:
+    """COCO box AP of `checkpoint` on its config's val set, computed as tools/eval.py does (which
+    calls this): the precision of `train.amp` (bf16 where training used it), `channels_last` as
+    configured, EMA weights unless `use_ema=False`.
+
+    config: a YAML path or a Config; by default the config stored in the checkpoint.
+    overrides: ``a.b=c`` items merged onto it (as --cfg-options), e.g. other val files.
+    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device.
+    how_to_override: how a fatal val set problem's message says to name other files.
+
+    Raises ConfigError, FileNotFoundError (no such checkpoint), CheckpointError, or DatasetError
+    (nothing was evaluated: the val set has a fatal problem, or other classes than the
+    checkpoint's). Sets up no logging and no process
+    group: under torchrun, with one initialised, each rank predicts its share and rank 0 scores.
+    """
+    check_backend(backend)  # fail now, not after predicting the whole val set
+    try:
+        device = resolve_device(device)
+    except ValueError as err:  # CUDA not here: a setting to change, as train() words it
+        raise ConfigError(str(err)) from None
+    checkpoint = str(checkpoint)
+    named = "the Config passed as config=" if isinstance(config, Config) else config
+    cfg = dataset = None
+    # A YAML config and its val split are checked before the (large) checkpoint is read.
+    if isinstance(config, Config):  # edits checked as train() checks them, overrides on top
+        cfg = config_from_dict(config_to_dict(config.validate()), named, overrides)
+    elif config is not None:
+        cfg = load_config(config, overrides)
+    if cfg is not None:
+        dataset = _val_set(cfg, str(named), how_to_override)
+    state = load_checkpoint(checkpoint)
+    if cfg is None:
+        cfg = config_for_checkpoint(state, None, checkpoint, overrides)
+        dataset = _val_set(cfg, f"{checkpoint}'s stored config", how_to_override)
+    check_same_classes(state, checkpoint, dataset)
+    precision = resolve_precision(cfg.train.amp, device)
+    log.info("config: %s; precision: %s (%s)", named or f"{checkpoint} (stored config)",
+             precision.name, precision.reason)
+    if precision.warning:
+        log.warning("%s", precision.warning)
+    # Every weight from the checkpoint: no ImageNet download.
+    model = load_inference_model(cfg, state, checkpoint, use_ema=use_ema).to(device)
+    if cfg.train.channels_last:  # the format training evaluated with: same bf16 round-off and AP
+        model = model.to(memory_format=torch.channels_last)
+    loader = build_dataloader(dataset, cfg.data.val_batch_size, cfg.data.num_workers,
+                              train=False, seed=cfg.train.seed, distributed=is_distributed(),
+                              size_divisor=cfg.data.size_divisor)
+    metrics = evaluate(model, loader, device, precision.dtype, backend=backend,
+                       keep_coco_eval=keep_coco_eval)
+    detections, coco_eval = metrics.pop("detections", []), metrics.pop("coco_eval", None)
+    return CheckpointEvaluation(metrics, detections, coco_eval, cfg, state, dataset)
+
+
+def _val_set(cfg: Config, source: str, how_to_override: str):
+    """The checked val set; a fatal problem says that nothing was evaluated and how to name
+    other files."""
+    return build_dataset(
+        cfg, "val", not_done="nothing was evaluated",
+        advice=f"The val paths come from {source} (relative ones from the current folder); give "
+               f"others with {how_to_override}.")
+
+
+def check_same_classes(state: dict, checkpoint: str, dataset) -> None:
+    """The val file's classes (in label order: by category id) must be the ones the checkpoint
+    was trained on, as training requires of train and val: otherwise each label is scored as
+    another class, silently."""
+    trained = (state.get("meta") or {}).get("class_names")
+    if trained is not None and list(trained) != list(dataset.class_names):
+        raise DatasetError(
+            f"{checkpoint} was trained on the classes {list(trained)} but {dataset.ann_file} "
+            f"lists {list(dataset.class_names)} (in category id order); its labels would be "
+            "scored as other classes. Evaluate on annotations with the training categories (the "
+            "same names, in the same id order); nothing was evaluated")
