@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
-from gfldet.config import Config, ConfigError, config_from_dict, load_config
+from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 from gfldet.data import build_transforms, collate, load_image_rgb, normalize_batch, pil_to_rgb_array
 from gfldet.engine.build import build_model, dataset_paths
 from gfldet.engine.checkpoint import (
@@ -71,10 +71,10 @@ def model_weights(state: Mapping[str, Any], use_ema: bool = True,
 
 def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path | None, source: str,
                           overrides: Sequence[str] = ()) -> Config:
-    """`config` if given (a Config, or a YAML path), else the config stored in the checkpoint;
-    `overrides` (``a.b=c``, as --cfg-options) are merged onto a YAML or stored config."""
+    """`config` if given (a Config, checked as train() checks it, or a YAML path), else the config
+    stored in the checkpoint; `overrides` (``a.b=c``, as --cfg-options) are merged onto it."""
     if isinstance(config, Config):
-        return config
+        return config_from_dict(config_to_dict(config.validate()), PYTHON_CONFIG, overrides)
     if config is not None:
         return load_config(config, overrides)
     if not isinstance(state.get("config"), dict):
@@ -86,6 +86,7 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     return config_from_dict(state["config"], f"{source} (stored config)", overrides)
 
 
+PYTHON_CONFIG = "the Config passed as config="  # where its problems come from, in messages
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
 CONFIG_SUFFIXES = (".yaml", ".yml")
 

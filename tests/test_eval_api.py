@@ -14,6 +14,7 @@ from gfldet.data.images import DatasetError
 from gfldet.engine.checkpoint import CheckpointError
 from gfldet.engine.evaluator import evaluate_checkpoint
 from gfldet.engine.trainer import train
+from gfldet.inference import Detector
 
 EVAL = str(ROOT / "tools" / "eval.py")
 DEMO = str(ROOT / "configs" / "demo_synthetic_cpu.yaml")
@@ -81,3 +82,12 @@ def test_evaluate_checkpoint_names_a_bad_override_and_how_to_name_val_files(chec
         evaluate_checkpoint(checkpoint, overrides=["data.val.annotations=gone/val.json"])
     assert "stored config" in str(err.value) and "overrides=['data.val.images=DIR'" in str(
         err.value) and "--cfg-options data.val.images=DIR" not in str(err.value)
+
+
+def test_a_config_object_takes_overrides_and_is_checked_in_detector_too(checkpoint):
+    cfg = load_config(checkpoint.parent / "config.yaml")
+    detector = Detector.from_checkpoint(checkpoint, cfg, overrides=["model.test.score_thr=0.75"])
+    assert detector.score_thr == 0.75  # not silently the Config's 0.0
+    cfg.schedule.epoch = 2  # a misspelt attribute is named, as train() names it
+    with pytest.raises(ConfigError, match="did you mean 'schedule.epochs'"):
+        Detector.from_checkpoint(checkpoint, cfg)

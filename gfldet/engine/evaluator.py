@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gfldet.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from gfldet.config import Config, ConfigError
 from gfldet.data import build_dataloader, normalize_batch
 from gfldet.data.images import DatasetError
 from gfldet.data.index import describe_left_out
@@ -34,7 +34,12 @@ from gfldet.engine.coco_eval import (
     format_per_class_table,
 )
 from gfldet.engine.precision import resolve_precision
-from gfldet.inference import config_for_checkpoint, load_inference_model, resolve_device
+from gfldet.inference import (
+    PYTHON_CONFIG,
+    config_for_checkpoint,
+    load_inference_model,
+    resolve_device,
+)
 
 log = logging.getLogger("gfldet")
 
@@ -133,14 +138,11 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config | str | Path | No
     except ValueError as err:  # CUDA not here: a setting to change, as train() words it
         raise ConfigError(str(err)) from None
     checkpoint = str(checkpoint)
-    named = "the Config passed as config=" if isinstance(config, Config) else config
+    named = PYTHON_CONFIG if isinstance(config, Config) else config
     cfg = dataset = None
     # A YAML config and its val split are checked before the (large) checkpoint is read.
-    if isinstance(config, Config):  # edits checked as train() checks them, overrides on top
-        cfg = config_from_dict(config_to_dict(config.validate()), named, overrides)
-    elif config is not None:
-        cfg = load_config(config, overrides)
-    if cfg is not None:
+    if config is not None:
+        cfg = config_for_checkpoint({}, config, checkpoint, overrides)
         dataset = _val_set(cfg, str(named), how_to_override)
     state = load_checkpoint(checkpoint)
     if cfg is None:
