@@ -62,6 +62,50 @@ def test_a_wrong_training_call_is_a_value_error_naming_what_to_fix(model, images
         model(images, targets)
 
 
+@pytest.mark.parametrize("images, targets, message", [
+    # trial G finding 2: orig_size alone rescaled from the padded size (boxes silently off)
+    (IMAGE, [{"orig_size": (480, 640)}], r"targets\[0\] has 'orig_size' but no 'image_size': "
+     r"boxes are rescaled from image_size \(h, w\) of the resized image before padding"),
+    (IMAGE.repeat(2, 1, 1, 1), [{"image_size": (64, 48)}, {}],
+     r"targets\[1\] has no 'image_size' while targets\[0\] has one"),
+    (IMAGE[..., :48], [{"image_size": (48, 64)}],  # (w, h) swapped: w > W
+     r"targets\[0\]\['image_size'\] = \(48, 64\) must be \(h, w\) .* within the input's "
+     r"\(h, w\) = \(64, 48\)"),
+    (IMAGE, [{"image_size": (1000, 1500)}], r"= \(1000, 1500\) must be \(h, w\)"),
+    (IMAGE.repeat(2, 1, 1, 1), [None, None], r"targets\[0\] must be a dict, got NoneType"),
+    (IMAGE.double(), None, r"images must be float32 \(or float16/bfloat16 under autocast\), "
+     "got torch.float64"),
+])
+def test_a_wrong_eval_call_is_a_value_error_not_silently_wrong_boxes(model, images, targets,
+                                                                     message):
+    model.eval()
+    try:
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            model(images, targets)
+        # the training call checks image_size too (it changes which priors are valid)
+        if targets and isinstance(targets[0], dict) and "orig_size" not in targets[0]:
+            model.train()
+            with pytest.raises(ValueError, match=message):
+                model(images, [{**t, **target()[0]} for t in targets])
+    finally:
+        model.train()
+
+
+def test_eval_sizes_rescale_boxes_and_tensor_sizes_are_not_read(model):
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = model(IMAGE)[0]["boxes"]
+            same = model(IMAGE, [{"image_size": (64, 64), "orig_size": (128, 64)}])[0]["boxes"]
+            # tensors are not read on the host (a sync on CUDA): not checked, still used
+            sizes = {"image_size": torch.tensor([64, 64]), "orig_size": torch.tensor([128, 64])}
+            tensors = model(IMAGE, [sizes])[0]["boxes"]
+    finally:
+        model.train()
+    torch.testing.assert_close(same, plain * torch.tensor([1.0, 2.0, 1.0, 2.0]))
+    torch.testing.assert_close(tensors, same)
+
+
 def test_valid_targets_train_and_the_value_checks_can_be_switched_off(model):
     losses = model(IMAGE, target(labels=(2,)))
     assert all(torch.isfinite(v) for v in losses.values())

@@ -6,7 +6,8 @@ Calling convention (torchvision's detection contract, with batching done by the 
   (optionally `image_size` (h, w) of the unpadded image) -> dict of named scalar losses.
 - eval: `model(images)` or `model(images, targets)` -> one dict per image with `boxes` [N, 4],
   `scores` [N], `labels` [N]. When the target dicts carry `image_size` and `orig_size` (h, w),
-  boxes are clipped to the former and rescaled to the latter; otherwise they are in input pixels.
+  boxes are clipped to the former and rescaled to the latter; otherwise they are in input pixels
+  (`orig_size` alone is refused: the rescale needs both).
 
 Shape legend: `B` images, `A` priors, `C` classes.
 """
@@ -123,6 +124,9 @@ def check_inputs(images: Tensor, targets: list[dict] | None, num_classes: int, t
     if not images.is_floating_point():
         raise ValueError(f"images must be normalised floats, got {images.dtype}: use "
                          "gfldet.data.normalize_batch(images, image_sizes) on the uint8 batch")
+    if images.dtype == torch.float64:  # the backbone's weights are float32
+        raise ValueError("images must be float32 (or float16/bfloat16 under autocast), got "
+                         "torch.float64: use images.float()")
     if targets is None:
         if training:
             raise ValueError("training mode needs targets: a dict with boxes and labels per image")
@@ -155,6 +159,33 @@ def check_inputs(images: Tensor, targets: list[dict] | None, num_classes: int, t
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f'{name}["boxes"][{row}] = {boxes[row].tolist()} must be finite '
                              "with x2 > x1 and y2 > y1 (x1, y1, x2, y2 pixels; drop empty boxes)")
+    if bad := [i for i, t in enumerate(targets) if not isinstance(t, dict)]:  # eval mode
+        raise ValueError(f"targets[{bad[0]}] must be a dict, got {_got(targets[bad[0]])} "
+                         "(pass targets=None for none)")
+    _check_sizes(images, targets)
+
+
+def _check_sizes(images: Tensor, targets: list[dict] | tuple[dict, ...]) -> None:
+    """`image_size` on all targets or none (a partial set used to be ignored for all), within
+    the input, and present wherever `orig_size` is: boxes are rescaled from it (from the padded
+    size without it, silently wrong). Values are read only from Python sequences (the loader's
+    and preprocess's): a tensor would be a host sync."""
+    has = [("image_size" in t) for t in targets]
+    if any(has) and not all(has):
+        raise ValueError(f"targets[{has.index(False)}] has no 'image_size' while "
+                         f"targets[{has.index(True)}] has one: give it on every target or none")
+    for i, t in enumerate(targets):
+        if "orig_size" in t and "image_size" not in t:
+            raise ValueError(f"targets[{i}] has 'orig_size' but no 'image_size': boxes are "
+                             "rescaled from image_size (h, w) of the resized image before "
+                             "padding to orig_size (h, w), so both are needed")
+        size = t.get("image_size")
+        if isinstance(size, list | tuple) and not (
+                len(size) == 2 and 0 < size[0] <= images.shape[-2]
+                and 0 < size[1] <= images.shape[-1]):
+            raise ValueError(f"targets[{i}]['image_size'] = {tuple(size)} must be (h, w) of the "
+                             "resized image before padding, within the input's (h, w) = "
+                             f"{tuple(images.shape[-2:])}")
 
 
 def _got(x: object) -> str:
@@ -162,7 +193,8 @@ def _got(x: object) -> str:
 
 
 def _sizes(targets: list[dict] | None, key: str, device: torch.device) -> Tensor | None:
-    """[B, 2] (h, w) per image from the target dicts' `key`; None if a dict lacks it."""
+    """[B, 2] (h, w) per image from the target dicts' `key`; None if they lack it
+    (check_inputs: all or none)."""
     if targets is None or not all(key in t for t in targets):
         return None
     return torch.tensor([tuple(t[key]) for t in targets], device=device, dtype=torch.long)
