@@ -73,6 +73,7 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
                           overrides: Sequence[str] = ()) -> Config:
     """`config` if given (a Config, checked as train() checks it, or a YAML path), else the config
     stored in the checkpoint; `overrides` (``a.b=c``, as --cfg-options) are merged onto it."""
+    refuse_mmdet_checkpoint(state, source)
     if isinstance(config, Config):
         return config_from_dict(config_to_dict(config.validate()), PYTHON_CONFIG, overrides)
     if config is not None:
@@ -80,10 +81,21 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     if not isinstance(state.get("config"), dict):
         raise ConfigError(
             f"{source} stores no config; pass the YAML config it was trained with "
-            "(tools: before the checkpoint; Python: "
-            "Detector.from_checkpoint(path, config='configs/....yaml'))"
+            "(tools: before the checkpoint; Python: config='configs/....yaml')"
         )
     return config_from_dict(state["config"], f"{source} (stored config)", overrides)
+
+
+def refuse_mmdet_checkpoint(state: Mapping[str, Any], source: str | Path) -> None:
+    """A CheckpointError saying to convert an unconverted MMDetection checkpoint (head keys
+    `bbox_head.*`, gfldet's `head.*`, under `state_dict` or bare): its keys and missing config
+    would otherwise get advice about configs that cannot help. Here, not in convert_mmdet.py,
+    which imports this module."""
+    weights = state.get("state_dict", state) if "model" not in state else {}
+    if any(isinstance(k, str) and k.removeprefix("module.").startswith("bbox_head.")
+           for k in weights):
+        raise CheckpointError(f"{source} is an MMDetection checkpoint: convert it first: "
+                              f"python tools/convert_mmdet.py {source} OUT.pth")
 
 
 PYTHON_CONFIG = "the Config passed as config="  # where its problems come from, in messages
@@ -175,6 +187,7 @@ def load_inference_model(cfg: Config, state: Mapping[str, Any], source: str | Pa
                          use_ema: bool = True) -> GFL:
     """`build_inference_model(cfg)` with the weights of checkpoint `state` (`model_weights`);
     every weight must fit, else a CheckpointError naming `source`."""
+    refuse_mmdet_checkpoint(state, source)
     model = build_inference_model(cfg)
     # Partly loaded weights are no detector: the config, not the weights, is what to change.
     advice = (f"The config does not describe the model of {source} (its num_classes, reg_max, "

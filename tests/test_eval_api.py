@@ -91,3 +91,25 @@ def test_a_config_object_takes_overrides_and_is_checked_in_detector_too(checkpoi
     cfg.schedule.epoch = 2  # a misspelt attribute is named, as train() names it
     with pytest.raises(ConfigError, match="did you mean 'schedule.epochs'"):
         Detector.from_checkpoint(checkpoint, cfg)
+
+
+def test_an_mmdetection_checkpoint_is_told_to_be_converted_everywhere(checkpoint, tmp_path):
+    """Trial G finding 5: an unconverted MMDetection file got "stores no config", and with a
+    config "drop the override": advice in a circle, never naming MMDetection."""
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    layout = {("bbox_" + k if k.startswith("head.") else k): v for k, v in state["model"].items()}
+    mmdet = tmp_path / "gfl_mmdet.pth"
+    torch.save({"state_dict": layout, "meta": {"CLASSES": ("a", "b")}}, mmdet)
+    advice = f"{mmdet} is an MMDetection checkpoint: convert it first: python " \
+             f"tools/convert_mmdet.py {mmdet} OUT.pth"
+    yaml = checkpoint.parent / "config.yaml"
+    for call in (lambda: Detector.from_checkpoint(mmdet), lambda: evaluate_checkpoint(mmdet),
+                 lambda: Detector.from_checkpoint(mmdet, config=yaml),
+                 lambda: evaluate_checkpoint(mmdet, config=yaml)):
+        with pytest.raises(CheckpointError, match=advice.replace(".", r"\.")):
+            call()
+    proc = run_in_process(EVAL, str(yaml), str(mmdet), check=False)
+    assert proc.returncode == 2 and advice in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
