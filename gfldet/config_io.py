@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import numbers
 import os
 import re
 import types
@@ -219,10 +220,20 @@ _Dumper.add_representer(list, _represent_list)
 _Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
 
 
+class _Foreign:
+    """A value of no YAML type (a torch tensor, ...) on its way to validation, which refuses it:
+    pydantic's float would take anything with __float__. `_explain` names the value inside."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 def as_data(obj: Any, extras: bool = False) -> Any:
     """A config object as plain YAML-able types in schema order (tuples become lists). With
-    `extras`, also the attributes set on a section that are none of its keys (a typo such as
-    `cfg.schedule.epoch = 2`): validation then reports them as unknown keys."""
+    `extras` (for validation), also the attributes set on a section that are none of its keys (a
+    typo such as `cfg.schedule.epoch = 2`), reported then as unknown keys; and Python's values
+    converted as their YAML would be: os.PathLike -> str, numpy integers -> int, numpy floats ->
+    float, any other non-YAML value (a tensor) refused."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         names = [f.name for f in dataclasses.fields(obj)]
         names += [n for n in vars(obj) if n not in names] if extras else []
@@ -231,7 +242,13 @@ def as_data(obj: Any, extras: bool = False) -> Any:
         return [as_data(v, extras) for v in obj]
     if isinstance(obj, dict):
         return {k: as_data(v, extras) for k, v in obj.items()}
-    return copy.deepcopy(obj)
+    if not extras or obj is None or isinstance(obj, str | bool | int | float):
+        return copy.deepcopy(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, numbers.Integral | numbers.Real):  # numpy scalars; not np.bool_
+        return int(obj) if isinstance(obj, numbers.Integral) else float(obj)
+    return _Foreign(obj)
 
 
 def to_yaml(data: dict) -> str:
@@ -335,6 +352,7 @@ def _unknown(root: type, loc: tuple) -> str:
 def _explain(err: Any, root: type) -> list[tuple[str, str]]:
     """(dotted key, message) for one pydantic error (several for RULES_ERROR)."""
     loc, kind, value = tuple(err["loc"]), err["type"], err["input"]
+    value = value.value if isinstance(value, _Foreign) else value
     if kind == RULES_ERROR:
         return [(k, f"{k}={show(v)} is invalid: must be {a}") for k, v, a in err["ctx"]["problems"]]
     if kind in ("missing", "too_long") and loc and isinstance(loc[-1], int):

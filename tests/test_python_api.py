@@ -138,6 +138,26 @@ def test_python_edits_are_checked_by_validate_as_yaml_would_be():
     assert sorted(key for key, _ in cfg.problems()) == ["schedule.epoch", "schedule.epochs"]
 
 
+def test_python_values_are_taken_as_their_yaml_and_a_tensor_is_refused():
+    """Trial G finding 8: a Path was refused for path keys, a numpy int for int keys, while a
+    numpy float and a tensor (with torch's warning) were taken."""
+    from pathlib import Path
+
+    cfg = demo_config()
+    cfg.data.val.annotations, cfg.train.work_dir = Path("val.json"), Path("work_dirs/x")
+    cfg.model.backbone.weights = Path("r50.pth")
+    cfg.train.seed, cfg.optim.lr = np.arange(3)[2], np.float32(0.5)
+    checked = cfg.validate()
+    assert (checked.data.val.annotations, checked.train.work_dir) == ("val.json", "work_dirs/x")
+    assert checked.model.backbone.weights == "r50.pth"
+    assert type(checked.train.seed) is int and checked.train.seed == 2
+    assert type(checked.optim.lr) is float and checked.optim.lr == 0.5
+    cfg.optim.lr = torch.tensor(0.01, requires_grad=True)
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got "
+                       r"tensor\(0\.0100, requires_grad=True\) \(Tensor\)"):
+        cfg.validate()
+
+
 def test_validate_returns_the_config_with_sections_given_as_dicts_converted():
     cfg = demo_config()
     cfg.model.head.dgqp = {}  # GFLv2 as the README's YAML writes it
