@@ -306,8 +306,8 @@ class Config:
         return config_io.check(Config, config_io.as_data(self, extras=True))[1]
 
     def validate(self) -> Config:
-        """A checked copy, sections given as dicts (``dgqp = {}``) converted as YAML's, or
-        :class:`ConfigError` naming every problem. `train()` calls it: edits are checked on use."""
+        """A checked copy, or ConfigError naming every problem (train() calls it). A dict replaces
+        a section: optional ones get defaults (dgqp = {}); required ones need every key (optim)."""
         cfg, problems = config_io.check(Config, config_io.as_data(self, extras=True))
         if problems:
             raise ConfigError(config_io.report("invalid config", [msg for _, msg in problems]))

@@ -237,7 +237,14 @@ def as_data(obj: Any, extras: bool = False) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         names = [f.name for f in dataclasses.fields(obj)]
         names += [n for n in vars(obj) if n not in names] if extras else []
-        return {n: as_data(getattr(obj, n), extras) for n in names}
+        data = {n: as_data(getattr(obj, n), extras) for n in names}
+        for name, tp in typing.get_type_hints(type(obj)).items() if extras else ():
+            base, _, nullable = _unwrap(tp)
+            given = getattr(obj, name, None)
+            if isinstance(given, dict) and dataclasses.is_dataclass(base) and not nullable and (
+                    lacks := _lacking(base, given)):  # `_explain` words it
+                data[name][_PARTIAL] = (lacks, next(iter(given.items()), None))
+        return data
     if isinstance(obj, list | tuple):
         return [as_data(v, extras) for v in obj]
     if isinstance(obj, dict):
@@ -249,6 +256,21 @@ def as_data(obj: Any, extras: bool = False) -> Any:
     if isinstance(obj, numbers.Integral | numbers.Real):  # numpy scalars; not np.bool_
         return int(obj) if isinstance(obj, numbers.Integral) else float(obj)
     return _Foreign(obj)
+
+
+_PARTIAL = "<partial section>"  # as_data's mark on a section given as a dict lacking keys
+
+
+def _lacking(section: type, given: dict, prefix: str = "") -> list[str]:
+    """The keys of `section` (with those of its required sections) that dict `given` lacks."""
+    lacks = []
+    for name, tp in typing.get_type_hints(section).items():
+        base, _, nullable = _unwrap(tp)
+        if name not in given:
+            lacks.append(prefix + name)
+        elif isinstance(given[name], dict) and dataclasses.is_dataclass(base) and not nullable:
+            lacks += _lacking(base, given[name], f"{prefix}{name}.")
+    return lacks
 
 
 def to_yaml(data: dict) -> str:
@@ -358,6 +380,12 @@ def _explain(err: Any, root: type) -> list[tuple[str, str]]:
     if kind in ("missing", "too_long") and loc and isinstance(loc[-1], int):
         loc = loc[:-1]  # a tuple of the wrong length: name the whole key
     key = _dotted(loc)
+    if loc and loc[-1] == _PARTIAL:  # a dict cannot merge onto the section it replaced
+        (lacks, item), key = value, _dotted(loc[:-1])
+        fix = f"cfg.{key}.{item[0]} = {item[1]!r}" if item else f"cfg.{key}.KEY = VALUE"
+        return [(key, f"{key}: a dict replaces the whole section, and this one lacks "
+                      f"{', '.join(lacks)} (the schema's defaults would replace the config's "
+                      f"values): set keys one by one ({fix}) or give all of them")]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         return [(key, _unknown(root, loc))]
     if kind == "invalid_key":  # the location ends with the key itself

@@ -11,7 +11,7 @@ import torch
 from conftest import build_from_options
 from test_export import training_checkpoint
 
-from gfldet.config import Config, ConfigError, DGQPConfig, config_from_dict
+from gfldet.config import Config, ConfigError, DGQPConfig, config_from_dict, config_to_dict
 from gfldet.engine.build import build_model
 from gfldet.engine.trainer import train
 from gfldet.inference import Detector, draw_detections
@@ -156,6 +156,24 @@ def test_python_values_are_taken_as_their_yaml_and_a_tensor_is_refused():
     with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got "
                        r"tensor\(0\.0100, requires_grad=True\) \(Tensor\)"):
         cfg.validate()
+
+
+def test_a_partial_dict_for_a_required_section_is_refused_not_filled_from_defaults():
+    """Trial G finding 9: `cfg.optim = {"lr": 0.01}` made the demo's adamw the schema's sgd."""
+    cfg = config_from_dict({"optim": {"name": "adamw", "weight_decay": 0.05}})
+    cfg.optim = {"lr": 0.01}
+    with pytest.raises(ConfigError, match=r"optim: a dict replaces the whole section, and this "
+                       r"one lacks name, reference_batch_size, .*grad_clip \(the schema's defaults "
+                       r"would replace the config's values\): set keys one by one "
+                       r"\(cfg\.optim\.lr = 0\.01\) or give all of them"):
+        cfg.validate()
+    assert [key for key, _ in cfg.problems()] == ["optim"]
+    cfg.model = {**config_to_dict(cfg)["model"], "fpn": {}}  # nested sections are checked too
+    assert "model: a dict replaces the whole section, and this one lacks fpn.out_channels" in (
+        dict(cfg.problems())["model"])
+    cfg.optim = config_to_dict(config_from_dict({}))["optim"]  # every key: taken as given
+    cfg.model = config_to_dict(config_from_dict({}))["model"]
+    assert cfg.validate().optim.name == "sgd"
 
 
 def test_validate_returns_the_config_with_sections_given_as_dicts_converted():
