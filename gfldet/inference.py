@@ -76,6 +76,13 @@ def config_for_checkpoint(state: Mapping[str, Any], config: Config | str | Path 
     refuse_mmdet_checkpoint(state, source)
     if isinstance(config, Config):
         return config_from_dict(config_to_dict(config.validate()), PYTHON_CONFIG, overrides)
+    if config is not None and not isinstance(config, str | Path):
+        raise ConfigError(f"config= takes a YAML path, a Config or None, got "
+                          f"{type(config).__name__}" + (": for a dict, pass "
+                          "gfldet.config.config_from_dict(it)" if isinstance(config, dict) else ""))
+    if config is not None and _is_checkpoint(str(config)):  # as the tools: never read as YAML
+        raise ConfigError(f"{config} is a checkpoint, not a YAML config: the checkpoint goes "
+                          "first, config= a YAML path or a Config (None: the one it stores)")
     if config is not None:
         return load_config(config, overrides)
     if not isinstance(state.get("config"), dict):
@@ -164,7 +171,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`default_device` as a torch.device; CUDA that is not available here (or a cuda:N beyond
     its devices) is a ValueError naming it, as the tools' --device check, rather than torch's
     driver error at the first tensor moved."""
-    dev = torch.device(default_device(device) if isinstance(device, str) else device)
+    try:
+        dev = torch.device(default_device(device) if isinstance(device, str) else device)
+    except (RuntimeError, TypeError):  # torch's list of a dozen backends gfldet does not run on
+        raise ValueError(f"device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto' "
+                         "(CUDA when available), lower case") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -252,6 +263,10 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
     ValueError saying what to change for any other array, and for an image without pixels."""
     if isinstance(image, str | Path):
         path = Path(image)
+        if path.is_dir() or (not path.exists() and glob.has_magic(str(image))):
+            raise ValueError(f"{image} is a {'folder' if path.is_dir() else 'glob'}: Detector "
+                             "takes image files, arrays or PIL images (list_images(source) lists "
+                             "a folder's or glob's; tools/predict.py takes both)")
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
         array, what = load_image_rgb(path), f"image {path}"
@@ -374,6 +389,8 @@ class Detector:
         overrides: ``a.b=c`` items merged onto the YAML or stored config (as --cfg-options).
         """
         device = resolve_device(device)  # before the checkpoint is read
+        if isinstance(score_thr, bool):  # float(True) would be 1.0
+            raise ValueError(f"score_thr={score_thr}: expected a number in 0..1")
         if score_thr is not None and not 0.0 <= float(score_thr) <= 1.0:  # also NaN
             raise ValueError(f"score_thr={score_thr} is outside 0..1, the range of the scores "
                              "(a percentage p is p / 100)")

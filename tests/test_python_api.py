@@ -207,6 +207,36 @@ def test_detector_score_thr_outside_0_1_is_refused_as_predict_does(tmp_path, sco
     assert Detector.from_checkpoint(tmp_path / "last.pth", score_thr=1.0).score_thr == 1.0
 
 
+def test_detector_arguments_a_python_caller_gets_wrong_are_named(tmp_path):
+    """Trial G finding 12: torch's RuntimeError for device="gpu", "image not found" for an
+    existing folder, score_thr=True as 1.0, a checkpoint or a dict as config= read as YAML."""
+    from gfldet.engine.evaluator import evaluate_checkpoint
+
+    ck = tmp_path / "last.pth"
+    training_checkpoint(ck)
+    for device in ("gpu", "CPU"):
+        with pytest.raises(ValueError, match=f"device '{device}': expected 'cpu', 'cuda', "
+                           "'cuda:N' or 'auto'"):
+            Detector.from_checkpoint(ck, device=device)
+        with pytest.raises(ConfigError, match=f"device '{device}': expected 'cpu'"):
+            evaluate_checkpoint(ck, device=device)
+    with pytest.raises(ValueError, match=r"score_thr=True: expected a number in 0\.\.1"):
+        Detector.from_checkpoint(ck, score_thr=True)
+    for call in (Detector.from_checkpoint, evaluate_checkpoint):
+        with pytest.raises(ConfigError, match=f"{ck} is a checkpoint, not a YAML config"):
+            call(ck, config=ck)
+        with pytest.raises(ConfigError, match="config= takes a YAML path, a Config or None, got "
+                           r"dict: for a dict, pass gfldet\.config\.config_from_dict\(it\)"):
+            call(ck, config={"model": {}})
+    detector = Detector.from_checkpoint(ck)
+    for source, kind in ((tmp_path, "folder"), (tmp_path / "*.jpg", "glob")):
+        with pytest.raises(ValueError, match=f"is a {kind}: Detector takes image files, arrays "
+                           r"or PIL images \(list_images\(source\)"):
+            detector(source)
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        detector(tmp_path / "missing.jpg")
+
+
 def test_draw_detections_of_a_list_says_to_pass_one_images_dict():
     image = np.zeros((32, 32, 3), np.uint8)
     det = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64),
