@@ -113,3 +113,6 @@ def test_an_mmdetection_checkpoint_is_told_to_be_converted_everywhere(checkpoint
     proc = run_in_process(EVAL, str(yaml), str(mmdet), check=False)
     assert proc.returncode == 2 and advice in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+    # As load_from= (MMDetection's fine-tuning habit) it left the whole head at its init.
+    with pytest.raises(CheckpointError, match=advice.replace(".", r"\.")):
+        train(load_config(yaml), tmp_path / "finetune", load_from=str(mmdet))

@@ -75,7 +75,7 @@ from gfldet.engine.run_dir import (
     check_run_dir,
     remove_stale_temporaries,
 )
-from gfldet.inference import build_inference_model, model_weights
+from gfldet.inference import build_inference_model, model_weights, refuse_mmdet_checkpoint
 
 log = logging.getLogger("gfldet")
 
@@ -482,7 +482,9 @@ def model_matches_config(model: nn.Module, cfg: Config) -> bool:
 
 def load_matching_weights(model: nn.Module, path: str) -> None:
     """--load-from: the checkpoint's model weights whose names and shapes match (fine-tuning)."""
-    weights = model_weights(load_checkpoint(path), use_ema=False, source=path)
+    state = load_checkpoint(path)
+    refuse_mmdet_checkpoint(state, path)  # its bbox_head.* keys would leave the head untrained
+    weights = model_weights(state, use_ema=False, source=path)
     report = load_model_weights(model, weights, strict=False)
     if not report["loaded"]:
         examples = (report["mismatched"] + report["unexpected"])[:5]
