@@ -287,3 +287,21 @@ def test_train_without_a_run_folder_or_with_a_model_of_other_classes_is_refused(
     assert (f"the model has {cfg.model.num_classes - 1} classes but cfg.model.num_classes is "
             f"{cfg.model.num_classes}") in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_messages_name_the_keyword_arguments_too(foreign_run, tiny_coco, tmp_path):
+    """G7: a Python caller passed resume=/load_from=/allow_schedule_change=, not the options."""
+    work, _ = foreign_run
+    with pytest.raises(CheckpointError) as err:
+        train(config(tiny_coco), work, resume=True)  # the run finished
+    assert "pass --allow-schedule-change (allow_schedule_change=True in train())" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"^--resume \(resume=PATH\): checkpoint not found"):
+        train(config(tiny_coco), tmp_path / "a", resume="True")
+    with pytest.raises(CheckpointError, match=r"^--load-from \(load_from=\): checkpoint not found"):
+        train(config(tiny_coco), tmp_path / "b", load_from=str(tmp_path / "nope.pth"))
+    # A run stopped before its first checkpoint: the advice must not loop back to resume.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "scalars.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError) as err:
+        train(config(tiny_coco), tmp_path / "c", resume=True)
+    assert "--overwrite (overwrite=True) if it holds a stopped run's logs" in str(err.value)

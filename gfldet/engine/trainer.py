@@ -432,7 +432,7 @@ def _train(cfg: Config, work_dir: Path | str | None, resume: str | bool | None,
                         checkpoint(["last.pth"])
                         log.error("the evaluation after epoch %d failed; last.pth holds the "
                                   "epoch's training: fix the cause, then continue with --resume "
-                                  "(tools/eval.py last.pth scores it)", run.epoch)
+                                  "(resume=True); tools/eval.py last.pth scores it", run.epoch)
                         raise failure or RuntimeError("the evaluation failed on another process")
                     metrics.pop("detections", None)
                     final_eval = metrics.pop("coco_eval", None)
@@ -493,22 +493,23 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
                           "load_from= in train()): --resume continues the run with its "
                           "checkpoint's weights, --load-from starts a new run from another "
                           "checkpoint's weights; pass one of them")
-    files = {}
+    # Named as both spellings, the option's and train()'s keyword.
+    files, resume_key = {}, f"--resume (resume={'True' if resume is True else 'PATH'})"
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
-        files["--resume"] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
-        if files["--resume"] is None:
+        files[resume_key] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
+        if files[resume_key] is None:  # --overwrite: else a stopped run's logs refuse the start
             raise RunDirError(
-                f"--resume: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to continue; "
-                "start without --resume, or name the checkpoint: --resume PATH (resume=PATH in "
-                "train())")
+                f"{resume_key}: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to "
+                "continue; start without --resume, with --overwrite (overwrite=True) if it holds "
+                "a stopped run's logs, or name the checkpoint: --resume PATH (resume=PATH)")
     if load_from is not None:
-        files["--load-from"] = load_from
+        files["--load-from (load_from=)"] = load_from
     for option, path in files.items():
         try:
             find_checkpoint_file(path)
         except FileNotFoundError as err:
             raise CheckpointError(f"{option}: {err}") from None
-    return files.get("--resume")
+    return files.get(resume_key)
 
 
 def model_matches_config(model: nn.Module, cfg: Config) -> bool:
