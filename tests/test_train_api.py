@@ -5,21 +5,25 @@ errors name the keyword arguments as well as the command-line options (trial F: 
 from __future__ import annotations
 
 import logging
+import os
+import random
 import signal
+import threading
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_in_process, tiny_overrides
 
 import gfldet.engine.trainer as trainer
-from gfldet.config import load_config
+from gfldet.config import ConfigError, load_config
 from gfldet.data.images import DatasetError
 from gfldet.engine.build import build_model
 from gfldet.engine.checkpoint import CheckpointError, load_checkpoint
 from gfldet.engine.run_dir import RunDirError
-from gfldet.engine.trainer import model_matches_config, train
+from gfldet.engine.trainer import TrainingStopped, model_matches_config, train
 from gfldet.inference import Detector
 
 DEMO = ROOT / "configs" / "demo_synthetic_cpu.yaml"
@@ -193,3 +197,111 @@ def test_a_used_run_folder_names_the_keyword_arguments_too(foreign_run, tiny_coc
     assert "--resume (resume=True in train())" in message
     assert "--overwrite (overwrite=True)" in message
     assert "--work-dir DIR (train()'s work_dir)" in message
+
+
+# --------------------------------------------------------------------------- trial G
+
+
+def _process_globals() -> dict:
+    """What a run may change in the process besides signals and the logger (trial G: 3a, 4)."""
+    return {"det": (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()),
+            "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic),
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "rng": (random.getstate(), np.random.get_state()[1].tolist(),
+                    torch.get_rng_state().tolist())}
+
+
+def test_a_signal_raises_training_stopped_and_the_process_is_as_before(tiny_coco, tmp_path,
+                                                                      own_handlers, monkeypatch):
+    """G1: a SIGTERM (a preempted job) or Ctrl-C writes last.pth, then train() raises, so a loop
+    over seeds stops; G3a/G4: a deterministic run leaves torch's settings, the RNGs and the
+    model's target checks as they were; G10: the work_dir argument wins over train.work_dir."""
+    original = trainer.TrainLoop.step
+
+    def step(self, images, targets, it):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by StopRequested during the step
+        return original(self, images, targets, it)
+
+    monkeypatch.setattr(trainer.TrainLoop, "step", step)
+    cfg = config(tiny_coco, "train.deterministic=true", f"train.work_dir={tmp_path / 'other'}")
+    model = build_model(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)),
+                        size_divisor=cfg.data.size_divisor)
+    before, work = _process_globals(), tmp_path / "run"
+    with pytest.raises(TrainingStopped) as err:
+        try:
+            train(cfg, work, model=model)
+        except Exception:  # a script's broad handler does not swallow it, as with a Ctrl-C
+            pytest.fail("TrainingStopped caught by except Exception")
+    stop = err.value
+    assert isinstance(stop, KeyboardInterrupt) and stop.signum == signal.SIGTERM
+    assert stop.checkpoint == work / "last.pth" and stop.checkpoint.is_file()
+    assert (stop.run.epoch, stop.run.batch, stop.run.stopped_by) == (0, 2, signal.SIGTERM)
+    assert f"{work / 'last.pth'} written" in str(stop) and "resume=True" in str(stop)
+    assert _process_globals() == before
+    assert model.check_targets is True
+    assert [signal.getsignal(sig) for sig in STOP_SIGNALS] == [_mine, _mine]
+    log = (work / "train.log").read_text()
+    assert f"train.work_dir {tmp_path / 'other'} is not used" in log
+    assert not (tmp_path / "other").exists()
+
+
+def test_train_in_a_thread_trains_without_stop_handlers(tiny_coco, tmp_path, own_handlers):
+    """G6: signal.signal works in the main thread only; a thread's run trains, without Ctrl-C
+    handling, and says so. G10: no work_dir argument: cfg.train.work_dir."""
+    cfg = config(tiny_coco, "schedule.epochs=1", "schedule.milestones=[]")
+    cfg.train.work_dir = str(tmp_path / "from_cfg")
+    before, result = _process_globals(), {}
+
+    def worker() -> None:
+        try:
+            result["run"] = train(cfg)[1]
+        except BaseException as err:  # reported to the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert "error" not in result, result
+    assert result["run"].epoch == 1 and result["run"].stopped_by is None
+    log = (tmp_path / "from_cfg" / "train.log").read_text()
+    assert "outside the main thread: Ctrl-C and SIGTERM do not stop it" in log
+    assert [signal.getsignal(sig) for sig in STOP_SIGNALS] == [_mine, _mine]
+    assert _process_globals() == before
+
+
+def test_train_without_a_run_folder_or_with_a_model_of_other_classes_is_refused(tiny_coco,
+                                                                                tmp_path):
+    """G10: train(cfg) with no train.work_dir; G3b: the datasets are checked against
+    cfg.model.num_classes, so a model= with other classes would train some as background."""
+    cfg = config(tiny_coco)
+    with pytest.raises(ConfigError, match=r"pass train\(cfg, work_dir\) or set "
+                                          r"cfg.train.work_dir"):
+        train(cfg)
+    other = build_model(replace(cfg.model, num_classes=cfg.model.num_classes - 1,
+                                backbone=replace(cfg.model.backbone, weights=None)),
+                        size_divisor=cfg.data.size_divisor)
+    with pytest.raises(ConfigError) as err:
+        train(cfg, tmp_path / "run", model=other)
+    assert (f"the model has {cfg.model.num_classes - 1} classes but cfg.model.num_classes is "
+            f"{cfg.model.num_classes}") in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_messages_name_the_keyword_arguments_too(foreign_run, tiny_coco, tmp_path):
+    """G7: a Python caller passed resume=/load_from=/allow_schedule_change=, not the options."""
+    work, _ = foreign_run
+    with pytest.raises(CheckpointError) as err:
+        train(config(tiny_coco), work, resume=True)  # the run finished
+    assert "pass --allow-schedule-change (allow_schedule_change=True in train())" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"^--resume \(resume=PATH\): checkpoint not found"):
+        train(config(tiny_coco), tmp_path / "a", resume="True")
+    with pytest.raises(CheckpointError, match=r"^--load-from \(load_from=\): checkpoint not found"):
+        train(config(tiny_coco), tmp_path / "b", load_from=str(tmp_path / "nope.pth"))
+    # A run stopped before its first checkpoint: the advice must not loop back to resume.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "scalars.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError) as err:
+        train(config(tiny_coco), tmp_path / "c", resume=True)
+    assert "--overwrite (overwrite=True) if it holds a stopped run's logs" in str(err.value)

@@ -26,7 +26,7 @@ from gfldet.config import ConfigError, load_config_or_exit
 from gfldet.data.images import DatasetError
 from gfldet.engine.checkpoint import CheckpointError, find_latest_checkpoint
 from gfldet.engine.run_dir import RunDirError
-from gfldet.engine.trainer import train
+from gfldet.engine.trainer import TrainingStopped, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_or_exit(args.config, args.cfg_options)
     work_dir = work_dir_for(args.config, args.work_dir, cfg.train.work_dir)
     try:
-        metrics, run = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change,
-                             overwrite=args.overwrite)
+        metrics, _ = train(cfg, work_dir, args.resume, args.load_from, args.allow_schedule_change,
+                           overwrite=args.overwrite)
     except (ConfigError, DatasetError, CheckpointError, RunDirError) as err:  # a message, no trace
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # the run diverged: its message says what to change
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingStopped as stop:  # last.pth written; the log said so
+        return 128 + stop.signum  # the shell's convention for "ended by signal N"
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
         latest = find_latest_checkpoint(work_dir)
         where = (f"the last complete checkpoint is {latest} (continue with --resume)" if latest
@@ -80,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: a second Ctrl-C (or one before training started) stopped the run "
                   f"at once; {where}", file=sys.stderr)
         return 128 + signal.SIGINT
-    if run.stopped_by is not None:
-        return 128 + run.stopped_by  # the shell's convention for "ended by signal N"
     if metrics:
         print(f"final bbox AP: {metrics['bbox_mAP']:.4f}")
     return 0

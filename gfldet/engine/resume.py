@@ -98,13 +98,13 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
         raise ConfigError(
             f"{path} was trained with another model: {_text(fixed_model)}. A resume continues the "
             "same run: use the checkpoint's values, or start a new run from its weights with "
-            f"--load-from {path}")
+            f"--load-from {path} (load_from= in train())")
     fixed = {k: v for k, v in optim.items() if k not in free and k not in LR_KEYS}
     if fixed:
         raise ConfigError(
             f"{path} was trained with another optimizer: {_text(fixed)}. The optimizer state in "
             "the checkpoint was built with these values: resume with them, or start a new run "
-            f"with --load-from {path}")
+            f"with --load-from {path} (load_from= in train())")
     for key, why in free.items():
         log.info("resume: %s (%s)", _text({key: changes[key]}), why)
     # data.* and train.* may change (the run goes on with the new values), but never unsaid.
@@ -120,7 +120,7 @@ def check_resumable(cfg: Config, state: dict, path: Path, allow_schedule_change:
             raise ConfigError(
                 f"the config's schedule differs from the one {path} was trained with "
                 f"({_text(schedule)}). Resume with the same schedule, or pass "
-                "--allow-schedule-change to continue on the new one.")
+                "--allow-schedule-change (allow_schedule_change=True) to continue on the new one.")
         log.warning("schedule changed on resume (--allow-schedule-change): %s", _text(schedule))
     return check_setup(state, saved, path, setup) or bool(schedule)
 
@@ -204,5 +204,5 @@ def check_unfinished(cfg: Config, state: dict, path: Path) -> None:
              f"schedule.epochs is {epochs}")
     raise CheckpointError(
         f"--resume {path}: {where}; there is nothing left to train. To train longer, raise "
-        f"schedule.epochs above {epoch} and pass --allow-schedule-change (tools/eval.py {path} "
-        "evaluates it).")
+        f"schedule.epochs above {epoch} and pass --allow-schedule-change "
+        f"(allow_schedule_change=True in train()); tools/eval.py {path} evaluates it.")

@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -156,14 +157,28 @@ class RunState:
     stopped_by: int | None = None  # signal number when the run stopped early
 
 
-def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
+class TrainingStopped(KeyboardInterrupt):
+    """`train()` stopped by SIGINT/SIGTERM after writing `checkpoint`. A KeyboardInterrupt, so
+    `except Exception` lets it through as it does a Ctrl-C, and a loop over runs stops."""
+
+    def __init__(self, signum: int, run: RunState, checkpoint: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} stopped training at epoch "
+                         f"{run.epoch + 1}, batch {run.batch}; {checkpoint} written: continue "
+                         "with train(..., resume=True) (tools/train.py --resume)")
+        self.signum, self.run, self.checkpoint = signum, run, checkpoint
+
+
+def train(cfg: Config, work_dir: Path | str | None = None, resume: str | bool | None = None,
           load_from: str | None = None, allow_schedule_change: bool = False,
           model: nn.Module | None = None,
           overwrite: bool = False) -> tuple[dict, RunState]:
-    """Train `cfg` into `work_dir`. `resume=True` continues from the folder's latest checkpoint,
-    a path from that checkpoint. A `work_dir` that holds an earlier run raises `RunDirError`
-    unless `resume`, or `overwrite` (which deletes that run's outputs first). Returns the last
-    evaluation's metrics (rank 0) and where the run stopped.
+    """Train `cfg` into `work_dir` (None: `cfg.train.work_dir`). `resume=True` continues from the
+    folder's latest checkpoint, a path from that checkpoint. A `work_dir` that holds an earlier
+    run raises `RunDirError` unless `resume`, or `overwrite` (which deletes that run's outputs
+    first). Returns the last evaluation's metrics (rank 0) and where the run stopped. A SIGINT
+    (Ctrl-C) or SIGTERM writes last.pth, then raises `TrainingStopped` (a KeyboardInterrupt); a
+    second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread there is no such
+    handling (Python delivers signals to the main thread only).
 
     `model`: a pre-built detector following gfldet's calling convention (see
     `gfldet.models.detector`), trained instead of `build_model(cfg.model)` with everything else
@@ -172,18 +187,31 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     tools and `Detector` load a checkpoint into the model `cfg.model` describes: for another
     model, a warning says that its checkpoints load only into it.
 
-    On return and on error, the SIGINT/SIGTERM handlers and the "gfldet" logger are as before."""
-    with _process_state_restored():
-        return _train(cfg, work_dir, resume, load_from, allow_schedule_change, model, overwrite)
+    On return and on error, the process is as before: the SIGINT/SIGTERM handlers, the "gfldet"
+    logger, the RNG states, torch's determinism settings and `model.check_targets`."""
+    with _process_state_restored(model):
+        metrics, run = _train(cfg, work_dir, resume, load_from, allow_schedule_change, model,
+                              overwrite)
+    if run.stopped_by is not None:  # raised after the handlers are back: the caller's Ctrl-C
+        raise TrainingStopped(run.stopped_by, run, Path(work_dir or cfg.train.work_dir)
+                              / "last.pth")
+    return metrics, run
 
 
 @contextlib.contextmanager
-def _process_state_restored() -> Iterator[None]:
+def _process_state_restored(model: nn.Module | None) -> Iterator[None]:
     """Put back what a run changes in the process: the signal handlers of `StopRequested` (else a
-    notebook's Ctrl-C or a job's SIGTERM after training is swallowed) and the logger of
-    `setup_logging` (else later log lines go into the run's train.log)."""
+    notebook's Ctrl-C or a job's SIGTERM after training is swallowed), the logger of
+    `setup_logging` (else later log lines go into the run's train.log), what `seed_everything`
+    sets (else `deterministic: true` outlives its run, and every run leaves the same random
+    numbers) and the `model=`'s target checks, which the run switches off."""
     signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     handlers, level, propagate = log.handlers[:], log.level, log.propagate
+    rng, cublas = capture_rng_state(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    determinism = (torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    check_targets = getattr(model, "check_targets", None)
     try:
         yield
     finally:
@@ -197,10 +225,19 @@ def _process_state_restored() -> Iterator[None]:
         log.handlers[:] = handlers
         log.setLevel(level)
         log.propagate = propagate
+        restore_rng_state(rng)
+        torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        if check_targets is not None:
+            model.check_targets = check_targets
 
 
-def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: str | None,
-           allow_schedule_change: bool, model: nn.Module | None,
+def _train(cfg: Config, work_dir: Path | str | None, resume: str | bool | None,
+           load_from: str | None, allow_schedule_change: bool, model: nn.Module | None,
            overwrite: bool) -> tuple[dict, RunState]:
     cfg = cfg.validate()  # a Config edited in Python is checked as a YAML file is
     try:
@@ -208,7 +245,18 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
     except RuntimeError as err:  # e.g. train.device: cuda without CUDA
         raise ConfigError(str(err)) from None
     rank, world = get_rank(), get_world_size()
-    work_dir = Path(work_dir)
+    if work_dir is None and cfg.train.work_dir is None:  # work_dirs/<config name> needs a file
+        raise ConfigError("train(cfg): no run folder: pass train(cfg, work_dir) or set "
+                          "cfg.train.work_dir")
+    if model is not None and getattr(model, "num_classes", cfg.model.num_classes) != (
+            cfg.model.num_classes):  # the datasets are checked against the config's classes
+        raise ConfigError(f"train(model=...): the model has {model.num_classes} classes but "
+                          f"cfg.model.num_classes is {cfg.model.num_classes}, which the "
+                          "datasets are checked against: make them equal")
+    work_note = (f"work_dir {work_dir} given: train.work_dir {cfg.train.work_dir} is not used"
+                 if work_dir is not None and cfg.train.work_dir is not None
+                 and Path(work_dir) != Path(cfg.train.work_dir) else None)
+    work_dir = Path(work_dir if work_dir is not None else cfg.train.work_dir)
     resume_from = check_start(work_dir, resume, overwrite, load_from)  # before anything is built
     folder_note, stale = prepare_work_dir(work_dir, bool(resume), overwrite)
     setup_logging(work_dir)
@@ -219,8 +267,9 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
         check_unfinished(cfg, state, resume_from)
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
     log.info("work dir %s, device %s, %d process(es)", work_dir, device, world)
-    if folder_note:
-        log.info("%s", folder_note)
+    for note in (folder_note, work_note):
+        if note:
+            log.info("%s", note)
     for path in stale:
         log.info("removed %s, left by a process that stopped while saving a checkpoint", path.name)
     precision = resolve_precision(cfg.train.amp, device)
@@ -345,7 +394,11 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
             save_checkpoint(state, work_dir / name)
         prune_checkpoints(work_dir, cfg.train.keep_checkpoints)
 
-    StopRequested.install()
+    if threading.current_thread() is threading.main_thread():
+        StopRequested.install()
+    else:  # signal.signal works in the main thread only, where Python delivers the signals
+        StopRequested.signum = None
+        log.info("train() runs outside the main thread: Ctrl-C and SIGTERM do not stop it")
     if cfg.data.num_workers > 0:
         freeze_heap_for_workers()  # the loader workers fork at the first iteration
     metrics: dict = {}
@@ -361,8 +414,8 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
                     checkpoint(["last.pth"])
                     if is_main_process():  # the other ranks log warnings too: one line
                         log.warning("stopped at epoch %d, batch %d of %d: last.pth written; "
-                                    "continue with --resume", run.epoch + 1, run.batch,
-                                    iters_per_epoch)
+                                    "continue with --resume (resume=True)", run.epoch + 1,
+                                    run.batch, iters_per_epoch)
                     break
                 run.epoch, run.batch = run.epoch + 1, 0
                 last_epoch = run.epoch == epochs
@@ -379,7 +432,7 @@ def _train(cfg: Config, work_dir: Path, resume: str | bool | None, load_from: st
                         checkpoint(["last.pth"])
                         log.error("the evaluation after epoch %d failed; last.pth holds the "
                                   "epoch's training: fix the cause, then continue with --resume "
-                                  "(tools/eval.py last.pth scores it)", run.epoch)
+                                  "(resume=True); tools/eval.py last.pth scores it", run.epoch)
                         raise failure or RuntimeError("the evaluation failed on another process")
                     metrics.pop("detections", None)
                     final_eval = metrics.pop("coco_eval", None)
@@ -440,22 +493,23 @@ def check_start(work_dir: Path, resume: str | bool | None, overwrite: bool,
                           "load_from= in train()): --resume continues the run with its "
                           "checkpoint's weights, --load-from starts a new run from another "
                           "checkpoint's weights; pass one of them")
-    files = {}
+    # Named as both spellings, the option's and train()'s keyword.
+    files, resume_key = {}, f"--resume (resume={'True' if resume is True else 'PATH'})"
     if resume and not overwrite:  # with --overwrite as well, prepare_work_dir refuses the pair
-        files["--resume"] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
-        if files["--resume"] is None:
+        files[resume_key] = find_latest_checkpoint(work_dir) if resume is True else Path(resume)
+        if files[resume_key] is None:  # --overwrite: else a stopped run's logs refuse the start
             raise RunDirError(
-                f"--resume: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to continue; "
-                "start without --resume, or name the checkpoint: --resume PATH (resume=PATH in "
-                "train())")
+                f"{resume_key}: {work_dir} holds no checkpoint (last.pth or epoch_N.pth) to "
+                "continue; start without --resume, with --overwrite (overwrite=True) if it holds "
+                "a stopped run's logs, or name the checkpoint: --resume PATH (resume=PATH)")
     if load_from is not None:
-        files["--load-from"] = load_from
+        files["--load-from (load_from=)"] = load_from
     for option, path in files.items():
         try:
             find_checkpoint_file(path)
         except FileNotFoundError as err:
             raise CheckpointError(f"{option}: {err}") from None
-    return files.get("--resume")
+    return files.get(resume_key)
 
 
 def model_matches_config(model: nn.Module, cfg: Config) -> bool:
