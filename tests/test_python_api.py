@@ -73,8 +73,8 @@ def test_a_wrong_training_call_is_a_value_error_naming_what_to_fix(model, images
      r"\(h, w\) = \(64, 48\)"),
     (IMAGE, [{"image_size": (1000, 1500)}], r"= \(1000, 1500\) must be \(h, w\)"),
     (IMAGE.repeat(2, 1, 1, 1), [None, None], r"targets\[0\] must be a dict, got NoneType"),
-    (IMAGE.double(), None, r"images must be float32 \(or float16/bfloat16 under autocast\), "
-     "got torch.float64"),
+    (IMAGE.double(), None, r"images are torch.float64 but the model's weights torch.float32: "
+     r"use images.to\(torch.float32\), or autocast"),
 ])
 def test_a_wrong_eval_call_is_a_value_error_not_silently_wrong_boxes(model, images, targets,
                                                                      message):

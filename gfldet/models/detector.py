@@ -90,7 +90,8 @@ class GFL(nn.Module):
         return cls_logits, reg_logits, priors, valid
 
     def forward(self, images: Tensor, targets: list[dict] | None = None):
-        check_inputs(images, targets, self.num_classes, self.training, self.check_targets)
+        check_inputs(images, targets, self.num_classes, self.training, self.check_targets,
+                     next(self.parameters()).dtype)
         image_sizes = _sizes(targets, "image_size", images.device)
         if image_sizes is None:  # the padded input size
             image_sizes = torch.tensor(
@@ -115,18 +116,20 @@ class GFL(nn.Module):
 
 
 def check_inputs(images: Tensor, targets: list[dict] | None, num_classes: int, training: bool,
-                 values: bool) -> None:
+                 values: bool, weight_dtype: torch.dtype | None = None) -> None:
     """A ValueError naming what a caller passed wrong, rather than a torch error deep inside or
     (labels >= C: the background sentinel) a silently wrong loss. `values`: check the targets'
-    values too, which reads them on the host (a sync for CUDA tensors)."""
+    values too, which reads them on the host (a sync for CUDA tensors). `weight_dtype`: the
+    model's, which images must have unless autocast casts them."""
     if not (torch.is_tensor(images) and images.dim() == 4 and images.shape[1] == 3):
         raise ValueError(f"images must be a tensor [B, 3, H, W], got {_got(images)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be normalised floats, got {images.dtype}: use "
                          "gfldet.data.normalize_batch(images, image_sizes) on the uint8 batch")
-    if images.dtype == torch.float64:  # the backbone's weights are float32
-        raise ValueError("images must be float32 (or float16/bfloat16 under autocast), got "
-                         "torch.float64: use images.float()")
+    if (weight_dtype is not None and images.dtype != weight_dtype
+            and not torch.is_autocast_enabled(images.device.type)):
+        raise ValueError(f"images are {images.dtype} but the model's weights {weight_dtype}: "
+                         f"use images.to({weight_dtype}), or autocast")
     if targets is None:
         if training:
             raise ValueError("training mode needs targets: a dict with boxes and labels per image")
